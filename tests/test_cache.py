@@ -511,3 +511,11 @@ def test_no_pickle_or_unsafe_loading_in_the_package():
     text = "\n".join(p.read_text() for p in root.glob("*.py"))
     assert "import pickle" not in text and "allow_pickle=True" not in text
     assert "torch.load(" not in text
+
+
+def test_lookup_when_keys_share_the_high_hash_word():
+    index = CacheIndex("/nonexistent", {"num_samples": 4, "teachers": {}, "keys": {}})
+    # columns: (high word sorted, low word, row)
+    index._index = np.array([[1, 5, 5, 9], [7, 2, 8, 1], [3, 0, 2, 1]], dtype=np.uint64)
+    queries = np.array([[5, 8], [5, 2], [5, 3], [9, 1], [1, 7], [0, 0], [10, 1]], dtype=np.uint64)
+    assert index._rows_of_hashes(queries).tolist() == [2, 0, -1, 1, 3, -1, -1]

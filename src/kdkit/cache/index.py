@@ -132,18 +132,17 @@ class CacheIndex:
         if n == 0 or len(hashes) == 0:
             return out
         high = index[0]
-        left = np.searchsorted(high, hashes[:, 0], side="left")
-        right = np.searchsorted(high, hashes[:, 0], side="right")
-        single = right - left == 1
-        pos = np.minimum(left, n - 1)
-        hit = single & (index[1][pos] == hashes[:, 1])
+        pos = np.minimum(np.searchsorted(high, hashes[:, 0]), n - 1)
+        hit = (high[pos] == hashes[:, 0]) & (index[1][pos] == hashes[:, 1])
         out[hit] = index[2][pos[hit]].astype(np.int64)
-        # Rare: several keys share the high word; compare the low word among them.
-        for i in np.nonzero(right - left > 1)[0]:
-            lows = np.asarray(index[1][left[i] : right[i]])
+        # Rare: another key shares the high word; compare the low word among all of them.
+        shared = ~hit & (high[pos] == hashes[:, 0])
+        for i in np.nonzero(shared)[0]:
+            stop = int(np.searchsorted(high, hashes[i, 0], side="right"))
+            lows = np.asarray(index[1][pos[i] : stop])
             match = np.nonzero(lows == hashes[i, 1])[0]
             if match.size:
-                out[i] = int(index[2][left[i] + match[0]])
+                out[i] = int(index[2][pos[i] + match[0]])
         return out
 
     def __contains__(self, key: object) -> bool:
