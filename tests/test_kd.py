@@ -10,13 +10,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import (
-    ref_confidence,
-    ref_kd_loss,
-    ref_kd_per_sample,
-    ref_kd_weight,
-    ref_student_loss,
-)
 
 import kdkit
 from kdkit.losses.kd import (
@@ -29,6 +22,13 @@ from kdkit.losses.kd import (
     compute_kd_weight,
     compute_student_loss,
     kd_loss,
+)
+from reference import (
+    ref_confidence,
+    ref_kd_loss,
+    ref_kd_per_sample,
+    ref_kd_weight,
+    ref_student_loss,
 )
 
 SHAPES = [(1, 1), (3, 47), (8, 10), (2, 5, 13)]
@@ -195,7 +195,9 @@ def test_kd_loss_mean_equals_batchmean_for_2d_and_not_torch_mean():
     mean = kd_loss(s, t, temperature=1.0, reduction="mean")
     torch.testing.assert_close(mean, kd_loss(s, t, temperature=1.0, reduction="batchmean"))
     with pytest.warns(UserWarning):
-        torch_mean = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="mean", log_target=True)
+        torch_mean = F.kl_div(
+            F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="mean", log_target=True
+        )
     torch.testing.assert_close(mean / 8, torch_mean)  # torch's 'mean' divides by B*C
 
 
@@ -380,7 +382,9 @@ def test_threshold_is_strict():
 
 
 def test_confidence_weights_spec_example_and_empty_batch():
-    weights, stats = compute_confidence_weights(logits(32, 10), weighting="threshold", threshold=0.7)
+    weights, stats = compute_confidence_weights(
+        logits(32, 10), weighting="threshold", threshold=0.7
+    )
     assert weights.shape == (32,)
     assert f"{stats['coverage']:.1%}".endswith("%")
     w, stats = compute_confidence_weights(torch.zeros(0, 4))
@@ -420,7 +424,10 @@ def test_confidence_weights_non_finite_teacher():
 
 
 def test_schedule_reproduces_spec_table():
-    table = {e: f"{compute_kd_weight(e, warmup_epochs=5, kd_ramp_epochs=10, target_alpha=0.7):.3f}" for e in range(20)}
+    table = {
+        e: f"{compute_kd_weight(e, warmup_epochs=5, kd_ramp_epochs=10, target_alpha=0.7):.3f}"
+        for e in range(20)
+    }
     assert table[0] == "0.000"
     assert table[5] == "0.000"
     assert table[10] == "0.350"
@@ -555,7 +562,14 @@ def test_student_loss_matches_reference(overrides, use_mask):
     if mask is not None:
         w = w * mask
     T = config.temperature
-    per = T * T * (torch.softmax(t / T, -1) * (torch.log_softmax(t / T, -1) - torch.log_softmax(s2 / T, -1))).sum(-1)
+    per = (
+        T
+        * T
+        * (
+            torch.softmax(t / T, -1)
+            * (torch.log_softmax(t / T, -1) - torch.log_softmax(s2 / T, -1))
+        ).sum(-1)
+    )
     if config.loss_type == "soft_ce":
         per = -T * T * (torch.softmax(t / T, -1) * torch.log_softmax(s2 / T, -1)).sum(-1)
     kd = (w * per).sum() / w.sum() if w.sum() > 0 else per.sum() * 0
@@ -583,7 +597,9 @@ def test_weighted_kd_scale_does_not_depend_on_coverage():
     _, full = compute_student_loss(s, t, y, config)
     s2, t2 = torch.cat([s, logits(4, 5, seed=3)]), torch.cat([t, logits(4, 5, seed=4)])
     mask = torch.tensor([True] * 4 + [False] * 4)
-    _, half = compute_student_loss(s2, t2, torch.zeros(8, dtype=torch.long), config, domain_mask=mask)
+    _, half = compute_student_loss(
+        s2, t2, torch.zeros(8, dtype=torch.long), config, domain_mask=mask
+    )
     assert half["kd_loss"] == pytest.approx(full["kd_loss"], rel=1e-12)
     assert half["coverage"] == 0.5 and full["coverage"] == 1.0
 
@@ -594,7 +610,9 @@ def test_no_sample_receives_kd_gives_exact_zero_that_backpropagates(case):
     s = logits(6, 4, seed=1).requires_grad_()
     t = logits(6, 4, seed=2)
     mask = torch.zeros(6, dtype=torch.bool) if case == "mask" else None
-    loss, stats = compute_student_loss(s, t, torch.zeros(6, dtype=torch.long), config, domain_mask=mask)
+    loss, stats = compute_student_loss(
+        s, t, torch.zeros(6, dtype=torch.long), config, domain_mask=mask
+    )
     assert loss.item() == 0.0 and stats["kd_loss"] == 0.0 and stats["coverage"] == 0.0
     loss.backward()
     assert torch.equal(s.grad, torch.zeros_like(s))
@@ -623,7 +641,9 @@ def test_student_loss_spec_schedule_epoch_15():
     y = torch.randint(0, 10, (32,))
     loss, stats = compute_student_loss(s, t, y, config, current_epoch=15)
     assert stats["kd_weight"] == pytest.approx(0.7) and stats["ce_weight"] == pytest.approx(0.3)
-    assert stats["total_loss"] == pytest.approx(0.3 * stats["ce_loss"] + 0.7 * stats["kd_loss"], rel=1e-6)
+    assert stats["total_loss"] == pytest.approx(
+        0.3 * stats["ce_loss"] + 0.7 * stats["kd_loss"], rel=1e-6
+    )
     assert loss.dtype == torch.float32 and loss.shape == ()
 
 
@@ -642,7 +662,9 @@ def test_student_loss_half_precision_student():
 
 def test_student_loss_empty_batch():
     s = torch.zeros(0, 3, requires_grad=True)
-    loss, stats = compute_student_loss(s, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), KDLossConfig())
+    loss, stats = compute_student_loss(
+        s, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), KDLossConfig()
+    )
     assert loss.item() == 0.0 and stats["coverage"] == 0.0
     loss.backward()
 

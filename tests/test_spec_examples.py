@@ -29,7 +29,9 @@ def test_kd_loss_example():
 
 def test_confidence_weights_example(capsys):
     _, teacher_logits, _ = batch()
-    weights, stats = compute_confidence_weights(teacher_logits, weighting="threshold", threshold=0.7)
+    weights, stats = compute_confidence_weights(
+        teacher_logits, weighting="threshold", threshold=0.7
+    )
     print(f"Coverage: {stats['coverage']:.1%}")
     print(f"Avg confidence: {stats['avg_confidence']:.3f}")
     out = capsys.readouterr().out
