@@ -519,3 +519,11 @@ def test_lookup_when_keys_share_the_high_hash_word():
     index._index = np.array([[1, 5, 5, 9], [7, 2, 8, 1], [3, 0, 2, 1]], dtype=np.uint64)
     queries = np.array([[5, 8], [5, 2], [5, 3], [9, 1], [1, 7], [0, 0], [10, 1]], dtype=np.uint64)
     assert index._rows_of_hashes(queries).tolist() == [2, 0, -1, 1, 3, -1, -1]
+
+
+def test_readme_cache_example_runs(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Teacher-logit cache", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    assert "torch.Size([32, 4])" in capsys.readouterr().out
