@@ -527,3 +527,14 @@ def test_readme_cache_example_runs(capsys):
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "README.md", "exec"), {})
     assert "torch.Size([32, 4])" in capsys.readouterr().out
+
+
+def test_manifest_cannot_point_outside_the_cache(tmp_path):
+    _dumped(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entry = manifest["files"].pop(manifest["teachers"]["a"]["file"])
+    manifest["teachers"]["a"]["file"] = "../outside.bin"
+    manifest["files"]["../outside.bin"] = entry
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"invalid data file '\.\./outside\.bin'"):
+        load_cache_index(tmp_path)

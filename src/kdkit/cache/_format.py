@@ -32,6 +32,7 @@ KEY_NORMALIZATION = {
     "then posixpath.normpath; keys must not contain '\\n' or '\\r'",
 }
 _TEACHER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _READ_BLOCK = 1 << 22
 
 
@@ -172,6 +173,16 @@ def read_manifest(cache_dir: Path) -> dict[str, Any]:
     for field in ("num_samples", "teachers", "files", "keys"):
         if field not in manifest:
             raise CacheError(f"{MANIFEST} in {cache_dir} lacks the field {field!r}")
+    for name in manifest["files"]:
+        if not isinstance(name, str) or not _FILE_NAME.match(name):
+            raise CacheError(f"{MANIFEST} in {cache_dir} names an invalid data file {name!r}")
+    named = [manifest["keys"].get("file"), manifest["keys"].get("index")]
+    named += [t.get("file") for t in manifest["teachers"].values()]
+    unlisted = [n for n in named if n not in manifest["files"]]
+    if unlisted:
+        raise CacheError(
+            f"{MANIFEST} in {cache_dir} uses files without a checksum entry: {unlisted!r}"
+        )
     for name, info in manifest["teachers"].items():
         check_teacher_name(name)
         if info.get("dtype") not in DTYPES:

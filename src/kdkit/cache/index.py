@@ -171,9 +171,10 @@ class CacheIndex:
         info = self.manifest["keys"]
         keys = read_keys_text(self.path / info["file"], self.num_samples)
         if self.num_samples:
-            order = np.lexsort((hash_keys(keys)[:, 1], hash_keys(keys)[:, 0]))
+            hashes = hash_keys(keys)
+            order = np.lexsort((hashes[:, 1], hashes[:, 0]))
             index = np.asarray(self._key_index())
-            expected = hash_keys(keys)[order]
+            expected = hashes[order]
             if not (
                 np.array_equal(index[0], expected[:, 0])
                 and np.array_equal(index[1], expected[:, 1])
