@@ -287,6 +287,15 @@ def test_fusion_at_load_and_dump(tmp_path):
     )
 
 
+def test_fused_unknown_member_refused_before_running(tmp_path):
+    teacher = Counting(make_teacher(0))
+    with pytest.raises(ValueError, match=r"fused\['ens'\] uses \['b'\]"):
+        dump_teacher_logits(
+            {"a": teacher}, make_items(4), tmp_path, fused={"ens": {"teachers": ["a", "b"]}}
+        )
+    assert teacher.rows == 0
+
+
 def test_fused_class_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"teacher 'a' has 5 classes but 'b' has 7"):
         dump_teacher_logits(

@@ -419,6 +419,14 @@ def dump_teacher_logits(
                     f"(fingerprint {fingerprints[name][:19]}... vs {info['fingerprint'][:19]}...); "
                     "use another teacher name or cache_dir"
                 )
+    base_names = set(models) | {n for n, t in old_teachers.items() if not t.get("fused")}
+    for name, spec in fused_defs.items():
+        unknown = [m for m in spec["teachers"] if m not in base_names]
+        if unknown:
+            raise ValueError(
+                f"fused[{name!r}] uses {unknown!r}, which are neither passed in teachers nor "
+                f"cached; available: {sorted(base_names)!r}"
+            )
     new_teachers = [n for n in models if n not in old_teachers]
     unrequested = sorted(
         n for n, t in old_teachers.items() if not t.get("fused") and n not in models
