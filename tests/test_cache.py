@@ -547,3 +547,8 @@ def test_manifest_cannot_point_outside_the_cache(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match=r"invalid data file '\.\./outside\.bin'"):
         load_cache_index(tmp_path)
+
+
+def test_teacher_on_another_device_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"teacher 'teacher' is on cpu but device='meta'"):
+        dump_teacher_logits(make_teacher(0), make_items(2), tmp_path, device="meta")

@@ -196,7 +196,6 @@ class _Journal:
         self._pending_rows = 0
         self.prior_hashes = np.zeros((0, 2), dtype=np.uint64)
         self.prior_hit = np.zeros(0, dtype=bool)
-        self.run_hashes: list[np.ndarray] = []
         path = root / JOURNAL
         if path.is_file():
             try:
@@ -295,7 +294,6 @@ class _Journal:
                 write_bytes_durably(
                     self.root / chunk["files"][name], [np.ascontiguousarray(arr).tobytes()]
                 )
-        self.run_hashes.append(hash_keys(keys))
         write_json_durably(
             self.root / JOURNAL, {"config": self.config, "chunks": [*self.chunks, chunk]}
         )
@@ -388,6 +386,14 @@ def dump_teacher_logits(
     """
     models = _check_teachers(teachers)
     check_choice("dtype", dtype, tuple(DTYPES))
+    dev = torch.device(device)
+    for name, model in models.items():
+        param = next(model.parameters(), None)
+        if param is not None and param.device.type != dev.type:
+            raise ValueError(
+                f"teacher {name!r} is on {param.device} but device={str(dev)!r}; move it first "
+                "with teacher.to(device)"
+            )
     fused_defs = _check_fused(fused, list(models))
     default = _check_default_fusion(default_fusion)
     for name, value in (("batch_size", batch_size), ("checkpoint_rows", checkpoint_rows)):
@@ -450,7 +456,6 @@ def dump_teacher_logits(
         else DataLoader(data, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     )
     modes = {m: m.training for model in models.values() for m in model.modules()}
-    dev = torch.device(device)
     try:
         for model in models.values():
             model.eval()
