@@ -265,6 +265,8 @@ def test_fusion_at_load_and_dump(tmp_path):
     )
     with pytest.raises(ValueError, match="pass fusion="):
         load_cached_logits(keys, index, teacher=["a", "b"])
+    with pytest.raises(ValueError, match="need fusion='weighted_mean'"):
+        load_cached_logits(keys, index, teacher=["a", "b"], weights=[1, 2])
     with pytest.raises(KeyError, match="teacher 'c' is not in the cache"):
         load_cached_logits(keys, index, teacher="c")
     # record a default fusion (no teacher re-run: only the manifest changes)

@@ -242,6 +242,8 @@ def resolve_selection(
 ) -> tuple[list[str], str | None, list[float] | None]:
     """Validate ``teacher``/``fusion``/``weights`` against ``index``: (teachers, strategy, weights)."""
     available = index.teachers
+    if fusion is None and weights is not None:
+        raise ValueError(f"weights={weights!r} need fusion='weighted_mean' (got fusion=None)")
     if teacher is None:
         if fusion is not None:
             names = [n for n in available if not index.manifest["teachers"][n].get("fused")]
