@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -142,6 +142,31 @@ def test_normalize_key_is_idempotent(key):
     once = normalize_key(key)
     assert normalize_key(once) == once
     assert "\\" not in once
+
+
+@settings(max_examples=10)
+@given(
+    st.lists(
+        st.text(
+            st.characters(blacklist_characters="\n\r", blacklist_categories=["Cs"]), max_size=12
+        ),
+        min_size=1,
+        max_size=12,
+        unique_by=normalize_key,
+    ),
+    st.sampled_from(["float16", "float32"]),
+    st.randoms(use_true_random=False),
+)
+def test_round_trip_any_keys(tmp_path_factory, keys, dtype, rnd):
+    root = tmp_path_factory.mktemp("any")
+    items = [{"features": torch.full((FEATURES,), float(i)), "path": k} for i, k in enumerate(keys)]
+    teacher = make_teacher(0)
+    index = dump_teacher_logits(teacher, items, root, dtype=dtype, batch_size=5, progress=False)
+    order = list(range(len(keys)))
+    rnd.shuffle(order)
+    got = load_cached_logits([keys[i] for i in order], index)
+    want = expected(teacher, [items[i] for i in order])
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
 def test_dataloader_input_and_key_fn(tmp_path):
