@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="lookup batch size")
     parser.add_argument("--repeats", type=int, default=30, help="timed batches per case")
     parser.add_argument("--workdir", type=Path, default=None, help="where temp files go")
+    parser.add_argument(
+        "--only", default=None, help="run only the lookup cases 'N:C' (comma-separated), no dump"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         cases = [(20_000, 10, "float32"), (20_000, 1000, "float16")]
@@ -177,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             (1_000_000, 1000, "float16"),
         ]
         dump_n = 200_000
+    if args.only:
+        wanted = {tuple(int(x) for x in case.split(":")) for case in args.only.split(",")}
+        cases = [c for c in cases if (c[0], c[1]) in wanted]
+        dump_n = 0
     work = Path(tempfile.mkdtemp(prefix="kdkit-bench-cache-", dir=args.workdir))
     try:
         print(
@@ -200,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {r['cache_ms']:.3f} | {r['per_sample_ms'] / r['cache_ms']:.0f}x |",
                 flush=True,
             )
+        if not dump_n:
+            return 0
         d = bench_dump(work, dump_n, 256)
         print()
         print(
