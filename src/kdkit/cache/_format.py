@@ -54,6 +54,15 @@ def normalize_key(key: object) -> str:
         '7'
     """
     if isinstance(key, str):
+        if (
+            key
+            and "\\" not in key
+            and "//" not in key
+            and "/." not in key
+            and key[0] != "."
+            and key[-1] != "/"
+        ):
+            return key  # already normal: normpath would return it unchanged
         text = key
     elif isinstance(key, os.PathLike):
         text = os.fspath(key)
