@@ -581,3 +581,21 @@ def test_manifest_cannot_point_outside_the_cache(tmp_path):
 def test_teacher_on_another_device_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"teacher 'teacher' is on cpu but device='meta'"):
         dump_teacher_logits(make_teacher(0), make_items(2), tmp_path, device="meta")
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 40), st.integers(0, 3)), min_size=1, max_size=80, unique=True
+    ),
+    st.lists(st.tuples(st.integers(0, 41), st.integers(0, 4)), min_size=1, max_size=30),
+)
+def test_index_search_matches_brute_force(entries, queries):
+    # Small ranges force runs of equal high words across the fence windows.
+    entries = sorted(entries)
+    index = CacheIndex("/nonexistent", {"num_samples": len(entries), "teachers": {}, "keys": {}})
+    rows = np.random.default_rng(0).permutation(len(entries))
+    index._index = np.array(
+        [[h for h, _ in entries], [lo for _, lo in entries], rows.tolist()], dtype=np.uint64
+    )
+    want = [next((int(rows[i]) for i, e in enumerate(entries) if e == q), -1) for q in queries]
+    assert index._rows_of_hashes(np.array(queries, dtype=np.uint64)).tolist() == want

@@ -31,6 +31,8 @@ from kdkit.fusion import FUSION_STRATEGIES, fuse_teacher_logits
 
 __all__ = ["CacheIndex", "load_cache_index", "load_cached_logits", "verify_cache"]
 
+_FENCE = 16
+
 
 class CacheIndex:
     """An opened teacher-logit cache (the specification's ``cache_index``).
@@ -52,6 +54,7 @@ class CacheIndex:
         self.manifest = manifest
         self._maps: dict[str, np.ndarray] = {}
         self._index: np.ndarray | None = None
+        self._fence: np.ndarray | None = None
 
     # -- descriptive attributes -----------------------------------------------------------
     @property
@@ -132,7 +135,15 @@ class CacheIndex:
         if n == 0 or len(hashes) == 0:
             return out
         high = index[0]
-        pos = np.minimum(np.searchsorted(high, hashes[:, 0]), n - 1)
+        if self._fence is None:  # every _FENCE-th high word, in RAM: N/2 bytes
+            self._fence = np.ascontiguousarray(high[::_FENCE])
+        # The fence narrows each search to one window of _FENCE sorted entries, read at once:
+        # far fewer cache/TLB misses than a binary search over the whole memory map.
+        query = hashes[:, 0]
+        start = np.maximum(np.searchsorted(self._fence, query, side="left") - 1, 0) * _FENCE
+        window = np.minimum(start[:, None] + np.arange(_FENCE), n - 1)
+        below = (high[window] < query[:, None]).sum(axis=1)
+        pos = np.minimum(start + below, n - 1)  # leftmost entry >= query (if any)
         hit = (high[pos] == hashes[:, 0]) & (index[1][pos] == hashes[:, 1])
         out[hit] = index[2][pos[hit]].astype(np.int64)
         # Rare: another key shares the high word; compare the low word among all of them.
