@@ -187,6 +187,7 @@ def _read_capped(path: Path, limit: int) -> bytes:
     with open(path, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
+        del data  # not kept alive by the traceback
         raise CacheError(
             f"{path.name} in {path.parent} is larger than {limit} bytes: not a kdkit manifest "
             "(refusing to read it)"
@@ -212,8 +213,12 @@ def read_manifest(cache_dir: Path) -> dict[str, Any]:
         )
     check_inside(cache_dir, MANIFEST)
     try:
-        manifest = json.loads(_read_capped(path, MAX_MANIFEST_BYTES).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        data = _read_capped(path, MAX_MANIFEST_BYTES)
+    except OSError as e:
+        raise CacheError(f"cannot read {MANIFEST} in {cache_dir}: {e}") from e
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CacheError(f"{MANIFEST} in {cache_dir} is not valid UTF-8 JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{MANIFEST} in {cache_dir} is not a {FORMAT_NAME!r} manifest")
