@@ -269,7 +269,7 @@ def _check_manifest_fields(m: dict[str, Any], where: str) -> None:
             raise CacheError(f"{where} names an invalid teacher {name!r}")
         if not isinstance(info, dict):
             raise bad(f"teachers[{name!r}]", info, "an object")
-        if info.get("dtype") not in DTYPES:
+        if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
             raise CacheError(f"{where}: teacher {name!r} has unknown dtype {info.get('dtype')!r}")
         if not _is_int(info.get("num_classes"), 1, MAX_CLASSES):
             raise bad(
