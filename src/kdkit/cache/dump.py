@@ -183,6 +183,12 @@ def _batch_keys(batch: Any, key_field: str, key_fn: Callable[[Any], Any] | None)
 # ---------------------------------------------------------------------------------------
 
 
+def _base_generation(state: dict[str, Any]) -> int:
+    config = state.get("config")
+    value = config.get("base_generation") if isinstance(config, dict) else None
+    return value if isinstance(value, int) else -1
+
+
 class _Journal:
     """Chunks committed by this and earlier (interrupted) runs of the same dump."""
 
@@ -210,6 +216,15 @@ class _Journal:
                 keys = [k for chunk in self.chunks for k in self.chunk_keys(chunk)]
                 self.prior_hashes = hash_keys(keys)
                 self.prior_hit = np.zeros(len(keys), dtype=bool)
+            elif isinstance(state, dict) and _base_generation(state) < config["base_generation"]:
+                # Left by a dump onto an older generation: normally a dump that committed
+                # and then crashed before deleting .partial, so nothing is lost.
+                warnings.warn(
+                    f"removing the leftovers of a dump in {root} made on generation "
+                    f"{_base_generation(state)} of the cache, now at generation "
+                    f"{config['base_generation']}",
+                    stacklevel=3,
+                )
             elif state is not None:
                 warnings.warn(
                     f"discarding the unfinished dump in {root}: it was made with other teachers, "
