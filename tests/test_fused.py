@@ -50,7 +50,7 @@ def _atol(temperature: float, shape: tuple[int, ...], reduction: str) -> float:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force several chunks (and a ragged last one) on the small test inputs."""
-    monkeypatch.setattr(fused_module, "DEFAULT_CHUNK_ELEMENTS", 200)
+    monkeypatch.setattr(fused_module, "CHUNK_ELEMENTS", 200)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

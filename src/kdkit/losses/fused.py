@@ -8,8 +8,9 @@ to the student logits,
 .. math:: \frac{\partial \ell}{\partial s} = T \, (p_s - p_t),
 
 so :class:`FusedDivergence` computes the per-row loss *and* this gradient in its forward
-pass, over row chunks of at most ``chunk_elements`` elements (the working set stays in
-cache), writing the gradient once into a buffer of the logits' shape and dtype.  That
+pass, over row chunks (about 1/64 of the logits, see :func:`chunk_elements_for`: few
+enough chunks that the per-op overhead stays small, small enough that the reused scratch
+buffers stay ~5% of the logits), writing the gradient once into a buffer of the logits' shape and dtype.  That
 buffer is the only ``[N, C]`` tensor kept for the backward pass, which scales it in place
 by the incoming per-row gradient and returns it.
 
@@ -24,13 +25,29 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "FUSED_LOSS_TYPES", "FusedDivergence", "fused_divergence"]
+__all__ = ["FUSED_LOSS_TYPES", "FusedDivergence", "chunk_elements_for", "fused_divergence"]
 
 FUSED_LOSS_TYPES: tuple[str, ...] = ("kldiv", "soft_ce")
 """Loss types with a fused implementation (they share the gradient ``T (p_s - p_t)``)."""
 
-DEFAULT_CHUNK_ELEMENTS: int = 1 << 16
-"""Elements per row chunk: five float32 scratch buffers of this size (~1.3 MB) fit in L2."""
+CHUNK_ELEMENTS: int | None = None
+"""Elements per row chunk; ``None`` (default) sizes chunks by :func:`chunk_elements_for`."""
+
+CHUNKS_PER_CALL: int = 64
+"""Target number of chunks: the scratch (13 bytes per chunk element in float32) stays
+about 5% of float32 logits (10% of half logits)."""
+
+MIN_CHUNK_ELEMENTS: int = 1 << 16
+MAX_CHUNK_ELEMENTS: int = 1 << 22
+"""Chunk size bounds: at least ~1 MB of scratch (the per-op overhead of a chunk is paid
+~10 times), at most ~50 MB."""
+
+
+def chunk_elements_for(numel: int) -> int:
+    """Elements per chunk for ``numel`` logits (a whole number of rows is used)."""
+    if CHUNK_ELEMENTS is not None:
+        return CHUNK_ELEMENTS
+    return max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, numel // CHUNKS_PER_CALL))
 
 
 class FusedDivergence(torch.autograd.Function):
@@ -63,39 +80,43 @@ class FusedDivergence(torch.autograd.Function):
         )
         rows_per_chunk = max(1, min(num_rows, chunk_elements // num_classes))
         shape = (rows_per_chunk, num_classes)
-        scaled = student.new_empty(shape, dtype=dtype)  # x / T
-        log_ps = torch.empty_like(scaled)
-        log_pt = torch.empty_like(scaled)
-        pt = torch.empty_like(scaled)
+        # Three scratch buffers and a mask, reused by every chunk (13 bytes per element
+        # in float32): x / T, then the loss terms, then the float32 gradient of half
+        # inputs; log p_s; log p_t, then p_t in place.
+        scratch = student.new_empty(shape, dtype=dtype)
+        log_ps = torch.empty_like(scratch)
+        log_pt = torch.empty_like(scratch)
         zero = torch.empty(shape, dtype=torch.bool, device=student.device)
-        scale = temperature * temperature if loss_type == "kldiv" else -temperature * temperature
         for start in range(0, num_rows, rows_per_chunk):
             stop = min(start + rows_per_chunk, num_rows)
             n = stop - start
-            x, lps, lpt, p, z = scaled[:n], log_ps[:n], log_pt[:n], pt[:n], zero[:n]
+            x, lps, lpt, z = scratch[:n], log_ps[:n], log_pt[:n], zero[:n]
             _scaled_log_softmax(student[start:stop], temperature, x, lps)
             _scaled_log_softmax(teacher[start:stop], temperature, x, lpt)
-            torch.exp(lpt, out=p)
-            # Loss terms p_t * (log p_t - log p_s) or p_t * log p_s, zero where p_t == 0.
+            # Loss terms p_t * (log p_t - log p_s) or p_t * log p_s, zero where p_t == 0
+            # (there 0 * inf would give NaN when a class is masked with -inf).
             if loss_type == "kldiv":
                 torch.sub(lpt, lps, out=x)
-                x.mul_(p)
+            pt = lpt.exp_()
+            if loss_type == "kldiv":
+                x.mul_(pt)
             else:
-                torch.mul(lps, p, out=x)
-            torch.eq(p, 0, out=z)
+                torch.mul(lps, pt, out=x)
+            torch.eq(pt, 0, out=z)
             x.masked_fill_(z, 0.0)
-            out_rows = per_row[start:stop]
-            torch.sum(x, dim=-1, out=out_rows)
-            out_rows.mul_(scale)
+            torch.sum(x, dim=-1, out=per_row[start:stop])
             if grad is not None:
-                # d loss / d s = T * (p_s - p_t), written once into the gradient buffer.
+                # d loss / d s = T * (p_s - p_t): p_s - p_t is written once into the
+                # gradient buffer and the factor T is applied in backward.
                 g = grad[start:stop] if grad.dtype == dtype else x
                 torch.exp(lps, out=g)
-                g.sub_(p).mul_(temperature)
+                g.sub_(pt)
                 if g is x:
                     grad[start:stop].copy_(x)
+        per_row.mul_(temperature * temperature if loss_type == "kldiv" else -(temperature**2))
         if grad is not None:
             ctx.save_for_backward(grad)
+            ctx.temperature = temperature
         return per_row
 
     @staticmethod
@@ -107,7 +128,7 @@ class FusedDivergence(torch.autograd.Function):
             )
         (grad,) = ctx.saved_tensors
         # In place: the buffer is not needed after this (single-use backward, see class doc).
-        grad.mul_(grad_rows.unsqueeze(-1))
+        grad.mul_((grad_rows * ctx.temperature).unsqueeze(-1))
         return grad, None, None, None, None, None, None
 
 
@@ -135,10 +156,10 @@ def fused_divergence(
 
     ``student`` and ``teacher`` keep their own dtypes (no full-size cast is made); the
     computation runs chunk by chunk in ``dtype`` and the gradient buffer has the
-    student's dtype.  ``chunk_elements`` defaults to :data:`DEFAULT_CHUNK_ELEMENTS`.
+    student's dtype.  ``chunk_elements`` defaults to :func:`chunk_elements_for`.
     """
     if chunk_elements is None:
-        chunk_elements = DEFAULT_CHUNK_ELEMENTS
+        chunk_elements = chunk_elements_for(student.numel())
     num_classes = student.shape[-1]
     flat_student = student.reshape(-1, num_classes)
     flat_teacher = teacher.detach().reshape(-1, num_classes)
