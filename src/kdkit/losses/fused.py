@@ -8,9 +8,9 @@ to the student logits,
 .. math:: \frac{\partial \ell}{\partial s} = T \, (p_s - p_t),
 
 so :class:`FusedDivergence` computes the per-row loss *and* this gradient in its forward
-pass, over row chunks (about 1/64 of the logits, see :func:`chunk_elements_for`: few
-enough chunks that the per-op overhead stays small, small enough that the reused scratch
-buffers stay ~5% of the logits), writing the gradient once into a buffer of the logits' shape and dtype.  That
+pass, over row chunks (see :func:`chunk_elements_for`: as few as possible, since each op
+of a chunk costs a parallel region, with the reused scratch buffers kept ~6% of the
+logits), writing the gradient once into a buffer of the logits' shape and dtype.  That
 buffer is the only ``[N, C]`` tensor kept for the backward pass, which scales it in place
 by the incoming per-row gradient and returns it.
 
@@ -31,23 +31,23 @@ FUSED_LOSS_TYPES: tuple[str, ...] = ("kldiv", "soft_ce")
 """Loss types with a fused implementation (they share the gradient ``T (p_s - p_t)``)."""
 
 CHUNK_ELEMENTS: int | None = None
-"""Elements per row chunk; ``None`` (default) sizes chunks by :func:`chunk_elements_for`."""
+"""Elements per chunk; ``None`` (default) sizes chunks by :func:`chunk_elements_for`."""
 
-CHUNKS_PER_CALL: int = 64
-"""Target number of chunks: the scratch (13 bytes per chunk element in float32) stays
-about 5% of float32 logits (10% of half logits)."""
+SCRATCH_FRACTION: float = 0.06
+"""Scratch budget as a fraction of the logits' bytes.  Chunks are as large as this allows:
+each op of a chunk costs a parallel region, which is expensive on a loaded CPU."""
 
 MIN_CHUNK_ELEMENTS: int = 1 << 16
-MAX_CHUNK_ELEMENTS: int = 1 << 22
-"""Chunk size bounds: at least ~1 MB of scratch (the per-op overhead of a chunk is paid
-~10 times), at most ~50 MB."""
+MAX_CHUNK_ELEMENTS: int = 1 << 23
+"""Chunk size bounds (~1 MB and ~100 MB of float32 scratch)."""
 
 
-def chunk_elements_for(numel: int) -> int:
+def chunk_elements_for(numel: int, logits_itemsize: int, scratch_bytes_per_element: int) -> int:
     """Elements per chunk for ``numel`` logits (a whole number of rows is used)."""
     if CHUNK_ELEMENTS is not None:
         return CHUNK_ELEMENTS
-    return max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, numel // CHUNKS_PER_CALL))
+    budget = int(numel * logits_itemsize * SCRATCH_FRACTION / scratch_bytes_per_element)
+    return max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, budget))
 
 
 class FusedDivergence(torch.autograd.Function):
@@ -80,17 +80,19 @@ class FusedDivergence(torch.autograd.Function):
         )
         rows_per_chunk = max(1, min(num_rows, chunk_elements // num_classes))
         shape = (rows_per_chunk, num_classes)
-        # Three scratch buffers and a mask, reused by every chunk (13 bytes per element
-        # in float32): x / T, then the loss terms, then the float32 gradient of half
-        # inputs; log p_s; log p_t, then p_t in place.
-        scratch = student.new_empty(shape, dtype=dtype)
-        log_ps = torch.empty_like(scratch)
-        log_pt = torch.empty_like(scratch)
+        # Scratch reused by every chunk: x / T, then the loss terms (the gradient buffer's
+        # own rows when it has the compute dtype, else a buffer that also holds the float32
+        # gradient of half inputs); log p_s; log p_t, then p_t in place; a mask.
+        in_grad = grad is not None and grad.dtype == dtype
+        scratch = None if in_grad else student.new_empty(shape, dtype=dtype)
+        log_ps = student.new_empty(shape, dtype=dtype)
+        log_pt = torch.empty_like(log_ps)
         zero = torch.empty(shape, dtype=torch.bool, device=student.device)
         for start in range(0, num_rows, rows_per_chunk):
             stop = min(start + rows_per_chunk, num_rows)
             n = stop - start
-            x, lps, lpt, z = scratch[:n], log_ps[:n], log_pt[:n], zero[:n]
+            x = grad[start:stop] if in_grad else scratch[:n]
+            lps, lpt, z = log_ps[:n], log_pt[:n], zero[:n]
             _scaled_log_softmax(student[start:stop], temperature, x, lps)
             _scaled_log_softmax(teacher[start:stop], temperature, x, lpt)
             # Loss terms p_t * (log p_t - log p_s) or p_t * log p_s, zero where p_t == 0
@@ -108,10 +110,9 @@ class FusedDivergence(torch.autograd.Function):
             if grad is not None:
                 # d loss / d s = T * (p_s - p_t): p_s - p_t is written once into the
                 # gradient buffer and the factor T is applied in backward.
-                g = grad[start:stop] if grad.dtype == dtype else x
-                torch.exp(lps, out=g)
-                g.sub_(pt)
-                if g is x:
+                torch.exp(lps, out=x)
+                x.sub_(pt)
+                if not in_grad:
                     grad[start:stop].copy_(x)
         per_row.mul_(temperature * temperature if loss_type == "kldiv" else -(temperature**2))
         if grad is not None:
@@ -158,12 +159,17 @@ def fused_divergence(
     computation runs chunk by chunk in ``dtype`` and the gradient buffer has the
     student's dtype.  ``chunk_elements`` defaults to :func:`chunk_elements_for`.
     """
+    need_grad = torch.is_grad_enabled() and student.requires_grad
     if chunk_elements is None:
-        chunk_elements = chunk_elements_for(student.numel())
+        # Scratch per element: log p_s, log p_t and a mask, plus x when the gradient buffer
+        # (student dtype) cannot hold the compute-dtype loss terms.
+        item = torch.empty((), dtype=dtype).element_size()
+        x_in_grad = need_grad and student.dtype == dtype
+        per_element = 2 * item + 1 + (0 if x_in_grad else item)
+        chunk_elements = chunk_elements_for(student.numel(), student.element_size(), per_element)
     num_classes = student.shape[-1]
     flat_student = student.reshape(-1, num_classes)
     flat_teacher = teacher.detach().reshape(-1, num_classes)
-    need_grad = torch.is_grad_enabled() and student.requires_grad
     per_row = FusedDivergence.apply(
         flat_student, flat_teacher, temperature, loss_type, dtype, chunk_elements, need_grad
     )
