@@ -150,7 +150,13 @@ def _per_position_divergence(
         pt = log_pt.exp()
         divergence = -(pt * torch.where(pt > 0, log_ps, 0.0)).sum(dim=-1)
     else:  # jsd, 0 < beta < 1: log m = logsumexp(log beta + log p_t, log(1 - beta) + log p_s)
-        log_m = torch.logaddexp(log_pt + math.log(jsd_beta), log_ps + math.log1p(-jsd_beta))
+        # Where both are -inf (class masked in both) m = 0 and both KL terms are masked;
+        # 0 there keeps logaddexp's gradient from becoming NaN.
+        either = (log_pt > -math.inf) | (log_ps > -math.inf)
+        log_m = torch.logaddexp(
+            torch.where(either, log_pt, 0.0) + math.log(jsd_beta),
+            torch.where(either, log_ps, 0.0) + math.log1p(-jsd_beta),
+        )
         divergence = jsd_beta * _kl(log_pt, log_m) + (1.0 - jsd_beta) * _kl(log_ps, log_m)
     return divergence * (temperature * temperature)
 
