@@ -13,7 +13,6 @@ import torch
 
 from kdkit import KDLossConfig, compute_student_loss, kd_loss
 
-
 pytestmark = pytest.mark.skipif(
     not (os.environ.get("CI") or os.environ.get("KDKIT_SLOW_TESTS")),
     reason="slow torch.compile tests: set CI=1 or KDKIT_SLOW_TESTS=1",
