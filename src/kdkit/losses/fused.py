@@ -118,6 +118,7 @@ class FusedDivergence(torch.autograd.Function):
         if grad is not None:
             ctx.save_for_backward(grad)
             ctx.temperature = temperature
+            ctx.rows_per_chunk = rows_per_chunk
         return per_row
 
     @staticmethod
@@ -129,7 +130,15 @@ class FusedDivergence(torch.autograd.Function):
             )
         (grad,) = ctx.saved_tensors
         # In place: the buffer is not needed after this (single-use backward, see class doc).
-        grad.mul_((grad_rows * ctx.temperature).unsqueeze(-1))
+        scale = (grad_rows * ctx.temperature).unsqueeze(-1)
+        if grad.dtype == scale.dtype:
+            grad.mul_(scale)
+        else:
+            # Half gradient, float32 scale: an in-place op with type promotion computes into
+            # a full-size float32 temporary, so go chunk by chunk (one rounding, O(chunk)).
+            step = ctx.rows_per_chunk
+            for start in range(0, grad.shape[0], step):
+                grad[start : start + step].mul_(scale[start : start + step])
         return grad, None, None, None, None, None, None
 
 
