@@ -161,13 +161,21 @@ def _per_position_divergence(
     return divergence * (temperature * temperature)
 
 
+def _is_compiling() -> bool:
+    """True while torch.compile traces (``torch.compiler.is_compiling`` needs torch >= 2.3)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if is_compiling is None:  # torch 2.1/2.2
+        return bool(torch._dynamo.is_compiling())
+    return bool(is_compiling())
+
+
 def _use_fused(student: torch.Tensor, loss_type: str, implementation: str) -> bool:
     if implementation == "reference" or loss_type not in FUSED_LOSS_TYPES:
         return False
     if implementation == "fused":
         return True
     # auto: the plain path is faster on tiny inputs, and torch.compile fuses it itself.
-    return student.numel() >= FUSED_MIN_ELEMENTS and not torch.compiler.is_compiling()
+    return student.numel() >= FUSED_MIN_ELEMENTS and not _is_compiling()
 
 
 def _divergence(
