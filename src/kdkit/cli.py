@@ -222,6 +222,8 @@ def _train(args: argparse.Namespace, student: bool) -> int:
         config = build_config(args, student)
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
+    if config.manifest is None:
+        args._parser.error("no training data: give --manifest (or manifest in --config)")
     _setup_logging()
     run = train_student if student else train_teacher
     try:

@@ -29,7 +29,7 @@ import numpy as np
 
 from kdkit.data import ArrayDataset, ManifestRecord, write_manifest
 
-__all__ = ["DOMAIN_NAMES", "DemoData", "distort", "make_demo_data"]
+__all__ = ["DOMAIN_NAMES", "DemoData", "distort", "load_digits_arrays", "make_demo_data"]
 
 DOMAIN_NAMES: dict[int, str] = {
     0: "source",
@@ -60,6 +60,27 @@ def distort(
         shifted[1:, 1:] = image[:-1, :-1]
         return np.clip(1.6 * shifted, 0.0, 1.0)
     return image
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """``(pixels [1797, 64] in 0..16, labels [1797])`` of scikit-learn's bundled digits.
+
+    Reads the ``digits.csv.gz`` file that ships inside scikit-learn directly (importing
+    scikit-learn itself takes seconds); falls back to ``sklearn.datasets.load_digits``.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise ImportError("the demo needs scikit-learn's digits (pip install 'kdkit[demo]')")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if csv.is_file():
+        table = np.loadtxt(csv, delimiter=",")
+        return table[:, :-1], table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # pragma: no cover - other layouts
+
+    digits = load_digits()  # pragma: no cover
+    return digits.data, digits.target.astype(np.int64)  # pragma: no cover
 
 
 @dataclass
@@ -101,11 +122,8 @@ def make_demo_data(seed: int = 0, target_label_fraction: float = 0.1) -> DemoDat
         >>> data.features.shape, sorted(set(data.domains.tolist()))
         ((1797, 8, 8), [0, 1, 2, 3])
     """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float64)
-    labels = digits.target.astype(np.int64)
+    pixels, labels = load_digits_arrays()
+    images = (pixels.reshape(-1, 8, 8) / 16.0).astype(np.float64)
     rng = np.random.default_rng(seed)
     n = len(labels)
     domains = rng.integers(0, len(DOMAIN_NAMES), n)
