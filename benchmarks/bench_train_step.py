@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kdkit.data import ArrayDataset  # noqa: E402
-from kdkit.losses.kd import KDLossConfig, compute_student_loss  # noqa: E402
-from kdkit.models import mlp  # noqa: E402
+from kdkit.data import ArrayDataset
+from kdkit.losses.kd import KDLossConfig, compute_student_loss
+from kdkit.models import mlp
 
 
 def main(argv: list[str] | None = None) -> int:
