@@ -16,8 +16,10 @@ def ref_log_softmax(row: list[float], temperature: float = 1.0) -> list[float]:
     scaled = [v / temperature for v in row]
     finite = [v for v in scaled if v != -math.inf]
     m = max(finite)
-    log_z = m + math.log(sum(math.exp(v - m) for v in finite))
-    return [v - log_z if v != -math.inf else -math.inf for v in scaled]
+    # (v - m) - log(sum): subtracting m first keeps ties at the maximum exact even when
+    # |v| is so large that m + log(k) would round back to m.
+    log_sum = math.log(sum(math.exp(v - m) for v in finite))
+    return [(v - m) - log_sum if v != -math.inf else -math.inf for v in scaled]
 
 
 def ref_divergence_row(

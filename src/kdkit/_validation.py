@@ -23,6 +23,7 @@ __all__ = [
     "check_same_shape",
     "compute_dtype",
     "is_real_number",
+    "result_dtype",
 ]
 
 
@@ -113,11 +114,25 @@ def check_same_shape(student: torch.Tensor, teacher: torch.Tensor) -> None:
         )
 
 
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+FLOAT64_ABOVE_TEMPERATURE = 100.0
+"""Above this temperature the KL between the nearly uniform softened distributions is a
+small difference of large terms; float32 then loses more than 1e-4 relative (about
+7e-9 * T**2), so kdkit computes in float64 (and returns the input's result dtype)."""
+
+
+def compute_dtype(*tensors: torch.Tensor, temperature: float | None = None) -> torch.dtype:
     """The dtype kdkit computes in: float64 if any input is float64, else float32.
 
-    Half-precision inputs (float16, bfloat16) are always computed in float32.
+    Half-precision inputs (float16, bfloat16) are always computed in float32.  With a
+    ``temperature`` above :data:`FLOAT64_ABOVE_TEMPERATURE`, float64 is used as well.
     """
     if any(t.dtype == torch.float64 for t in tensors):
         return torch.float64
+    if temperature is not None and temperature > FLOAT64_ABOVE_TEMPERATURE:
+        return torch.float64
     return torch.float32
+
+
+def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype of a returned loss: float64 if any input is float64, else float32."""
+    return compute_dtype(*tensors)

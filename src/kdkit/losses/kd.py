@@ -22,6 +22,7 @@ Conventions (each is explained in ``docs/decisions.md`` and pinned by a test):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from kdkit._validation import (
     check_same_shape,
     compute_dtype,
     is_real_number,
+    result_dtype,
 )
 
 __all__ = [
@@ -95,6 +97,17 @@ def _raise_bad_rows(name: str, logits: torch.Tensor) -> None:
         f"{name} has {len(rows)} row(s) with NaN, +inf or no finite entry "
         f"(rows, flattened over the leading dimensions: {shown}); "
         "only -inf is allowed, to mask a class"
+    )
+
+
+def _raise_infinite_kd(infinite: torch.Tensor) -> None:
+    """Raise for rows whose KD loss is +inf (error path only)."""
+    rows = infinite.reshape(-1).nonzero().flatten().tolist()
+    shown = ", ".join(str(r) for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
+    raise ValueError(
+        "student_logits is -inf where the teacher has probability > 0, so the KD loss is "
+        f"infinite in {len(rows)} row(s) (rows, flattened over the leading dimensions: "
+        f"{shown}); mask a class with -inf in teacher_logits too"
     )
 
 
@@ -194,8 +207,10 @@ def kd_loss(
         temperature: Softening temperature ``T > 0``.
         loss_type: ``'kldiv'`` or ``'soft_ce'``.
         reduction: ``'batchmean'``, ``'mean'``, ``'sum'`` or ``'none'``.
-        check_finite: Raise if a row holds NaN or +inf, or has no finite entry.  This
-            costs one device-to-host transfer; pass ``False`` in tight GPU loops.
+        check_finite: Raise if a row holds NaN or +inf, or has no finite entry, or if
+            the loss of a row is infinite (the student is ``-inf`` where the teacher has
+            probability > 0).  This costs one device-to-host transfer; pass ``False`` in
+            tight GPU loops.
 
     Shape:
         - student_logits, teacher_logits: ``[B, C]`` or ``[..., C]``, identical shapes.
@@ -223,19 +238,26 @@ def kd_loss(
     temperature = _check_temperature(temperature)
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("reduction", reduction, REDUCTIONS)
-    if check_finite:
-        flags = torch.stack([_bad_rows(student_logits).any(), _bad_rows(teacher_logits).any()])
-        bad_student, bad_teacher = flags.tolist()
-        if bad_student:
-            _raise_bad_rows("student_logits", student_logits)
-        if bad_teacher:
-            _raise_bad_rows("teacher_logits", teacher_logits)
 
-    dtype = compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits, temperature=temperature)
     student = student_logits.to(dtype)
     teacher = teacher_logits.detach().to(dtype)
     per_position = _per_position_divergence(student, teacher, temperature, loss_type)
-    return _reduce(per_position, reduction)
+    if check_finite:
+        flags = torch.stack(
+            [
+                _bad_rows(student_logits).any(),
+                _bad_rows(teacher_logits).any(),
+                torch.isinf(per_position.detach()).any(),
+            ]
+        ).tolist()  # the one device-to-host transfer
+        if flags[0]:
+            _raise_bad_rows("student_logits", student_logits)
+        if flags[1]:
+            _raise_bad_rows("teacher_logits", teacher_logits)
+        if flags[2]:
+            _raise_infinite_kd(torch.isinf(per_position.detach()))
+    return _reduce(per_position, reduction).to(result_dtype(student_logits, teacher_logits))
 
 
 def compute_confidence_weights(
@@ -520,7 +542,7 @@ def compute_student_loss(
     alpha = compute_kd_weight(
         current_epoch, config.warmup_epochs, config.kd_ramp_epochs, config.kd_alpha
     )
-    dtype = compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits, temperature=config.temperature)
     student = student_logits.to(dtype)
     teacher = teacher_logits.detach().to(dtype)
     num_classes = student.shape[-1]
@@ -551,15 +573,19 @@ def compute_student_loss(
         )
         numerator = torch.where(selected, weights * per_sample, 0.0).sum()
         kd = numerator / weights.sum().clamp_min(torch.finfo(dtype).tiny)
+        infinite_kd = (torch.isinf(per_sample.detach()) & selected).any()
     else:
         kd = student.new_zeros(())
+        infinite_kd = torch.zeros((), dtype=torch.bool, device=device)
 
+    ce_weight_used = alpha < 1
     if alpha == 0:
         total = ce
     elif alpha == 1:
         total = kd
     else:
         total = (1.0 - alpha) * ce + alpha * kd
+    total = total.to(result_dtype(student_logits, teacher_logits))
 
     if tensor_stats:
         stats: dict[str, Any] = {
@@ -583,6 +609,7 @@ def compute_student_loss(
             bad_targets.to(dtype),
             _bad_rows(student).any().to(dtype),
             _bad_rows(teacher).any().to(dtype),
+            infinite_kd.to(dtype),
         ]
     ).tolist()  # the one device-to-host transfer: stats and value checks together
     if values[5]:
@@ -596,6 +623,13 @@ def compute_student_loss(
         _raise_bad_rows("student_logits", student_logits)
     if values[7]:
         _raise_bad_rows("teacher_logits", teacher_logits)
+    if values[8]:
+        _raise_infinite_kd(torch.isinf(per_sample.detach()) & selected)
+    if ce_weight_used and not math.isfinite(values[1]):
+        raise ValueError(
+            "student_logits is -inf at the target class of some sample, so the "
+            "cross-entropy is infinite"
+        )
     stats = {
         "total_loss": values[0],
         "ce_loss": values[1],
