@@ -347,7 +347,7 @@ def _run(
                         index,
                         teacher_arg,
                         fusion=config.fusion if len(teacher_names) > 1 else None,
-                        weights=config.fusion_weights,
+                        weights=config.fusion_weights if len(teacher_names) > 1 else None,
                     ).to(device)
                     mask = None
                     if config.kd_on == "target":
