@@ -268,3 +268,24 @@ def test_config_files_toml_and_yaml(tmp_path):
     (tmp_path / "c.ini").write_text("")
     with pytest.raises(ValueError, match="must end in"):
         load_config_file(tmp_path / "c.ini")
+
+
+# --- optional sinks --------------------------------------------------------------------
+
+
+def test_tensorboard_is_optional(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install 'kdkit\[tensorboard\]'"):
+            train_teacher(tiny(tmp_path, tensorboard=True), train_data=TRAIN)
+        return
+    result = train_teacher(tiny(tmp_path, tensorboard=True), train_data=TRAIN)
+    assert any((result.output_dir / "tensorboard").iterdir())
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = train_teacher(tiny(tmp_path, wandb=True, wandb_mode="offline"), train_data=TRAIN)
+    assert (result.output_dir / "wandb").is_dir()

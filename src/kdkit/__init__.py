@@ -27,3 +27,8 @@ __all__ = [
     "compute_student_loss",
     "kd_loss",
 ]
+
+# Training (kdkit.train: torch only; tqdm, safetensors and friends load when used).
+from kdkit.train import TrainConfig, TrainResult, train_student, train_teacher
+
+__all__ += ["TrainConfig", "TrainResult", "train_student", "train_teacher"]

@@ -79,12 +79,18 @@ class MetricsLogger:
             )
 
     def log(self, record: dict[str, Any]) -> None:
-        """Write one record; scalar values also go to TensorBoard/W&B under ``kind/name``."""
+        """Write one record; its numbers also go to TensorBoard/W&B.
+
+        Names there: ``train/<stat>`` for step records (``train/kd_weight``,
+        ``train/coverage``, ... as in the spec's monitoring example), ``epoch/<stat>`` for
+        epoch means and ``eval/<metric>`` for the evaluation.
+        """
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         step = record.get("global_step", 0)
+        prefix = "train" if record.get("kind") == "step" else "epoch"
         scalars = {
-            f"{record['kind']}/{k}": float(v)
+            (k if k.startswith("eval/") else f"{prefix}/{k}"): float(v)
             for k, v in record.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "kind"
         }
