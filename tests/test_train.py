@@ -289,3 +289,9 @@ def test_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     result = train_teacher(tiny(tmp_path, wandb=True, wandb_mode="offline"), train_data=TRAIN)
     assert (result.output_dir / "wandb").is_dir()
+
+
+def test_resume_with_changed_settings_warns(tmp_path):
+    train_teacher(tiny(tmp_path, epochs=3, stop_after_epoch=1), train_data=TRAIN)
+    with pytest.warns(UserWarning, match=r"changed setting\(s\) \['lr'\]"):
+        train_teacher(tiny(tmp_path, epochs=3, lr=0.5, resume=True), train_data=TRAIN)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +235,26 @@ def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
+_RESUME_FREE = ("resume", "stop_after_epoch", "progress", "log_every", "num_workers")
+
+
+def _warn_if_config_changed(config: TrainConfig, saved_path: Path) -> None:
+    """Warn when a resumed run changes settings that shape training."""
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    current = config.to_dict()
+    changed = sorted(
+        k for k in current if k not in _RESUME_FREE and saved.get(k, current[k]) != current[k]
+    )
+    if changed:
+        warnings.warn(
+            f"resuming {saved_path.parent} with changed setting(s) {changed}; the result will "
+            "differ from an uninterrupted run",
+            stacklevel=4,
+        )
+
+
 def _run(
     config: TrainConfig,
     *,
@@ -297,6 +318,7 @@ def _run(
     start_epoch, best_value, best_epoch, best_metrics = 0, -math.inf, None, {}
     history: list[dict[str, Any]] = []
     if config.resume:
+        _warn_if_config_changed(config, out / "config.json")
         state = load_training_state(state_path)
         load_weights(model, ckpt_dir / "last.safetensors")
         optimizer.load_state_dict(state["optimizer"])
