@@ -90,6 +90,8 @@ def test_teacher_run_writes_config_metrics_and_checkpoints(tmp_path):
     )
     for name in ("best.safetensors", "best.json", "last.safetensors", "last_state.pt"):
         assert (out / "checkpoints" / name).is_file()
+    rows = (out / "epochs.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,global_step,lr,total_loss")
     results = json.loads((out / "results.json").read_text())
     assert results["completed"] and results["epochs_run"] == 2
     # The last checkpoint rebuilds the trained model from its recorded factory.
@@ -295,3 +297,10 @@ def test_resume_with_changed_settings_warns(tmp_path):
     train_teacher(tiny(tmp_path, epochs=3, stop_after_epoch=1), train_data=TRAIN)
     with pytest.warns(UserWarning, match=r"changed setting\(s\) \['lr'\]"):
         train_teacher(tiny(tmp_path, epochs=3, lr=0.5, resume=True), train_data=TRAIN)
+
+
+def test_progress_bar_on_a_terminal(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    train_teacher(tiny(tmp_path, progress=True, epochs=1), train_data=TRAIN)
+    assert "epoch 1/1" in capsys.readouterr().err

@@ -3,19 +3,21 @@
 ``metrics.jsonl`` holds one JSON object per line: ``{"kind": "step", ...}`` every
 ``log_every`` steps (the stats of :func:`~kdkit.losses.kd.compute_student_loss`, the
 learning rate, the KD epoch used by the schedule) and ``{"kind": "epoch", ...}`` once
-per epoch (means of the step stats and the per-domain evaluation).  TensorBoard
+per epoch (means of the step stats and the per-domain evaluation); ``epochs.csv`` holds
+the epoch records as a table.  TensorBoard
 (``torch.utils.tensorboard``, needs ``tensorboard``) and Weights & Biases (``wandb``,
 offline by default) are imported only when enabled.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "progress_bar", "read_metrics"]
+__all__ = ["MetricsLogger", "progress_bar", "read_metrics", "write_epochs_csv"]
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -117,3 +119,16 @@ def progress_bar(total: int, description: str, enabled: bool):
     except ModuleNotFoundError:
         return None
     return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
+
+
+def write_epochs_csv(path: str | Path, history: list[dict[str, Any]]) -> Path:
+    """Write the per-epoch records as CSV (one row per epoch, one column per metric)."""
+    path = Path(path)
+    columns: list[str] = []
+    for record in history:
+        columns += [k for k in record if k not in columns]
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    return path

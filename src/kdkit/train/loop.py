@@ -2,7 +2,7 @@
 :func:`train_teacher` (cross-entropy only), plus :func:`evaluate` per domain.
 
 Outputs in ``config.output_dir``: ``config.json`` (the resolved config),
-``metrics.jsonl``, ``results.json``, ``checkpoints/{best,last}.safetensors`` with their
+``metrics.jsonl``, ``epochs.csv``, ``results.json``, ``checkpoints/{best,last}.safetensors`` with their
 ``.json`` metadata and ``checkpoints/last_state.pt`` (optimiser, scheduler, RNG states,
 read back with ``weights_only=True``).
 """
@@ -35,7 +35,7 @@ from kdkit.train.checkpoints import (
     save_weights,
 )
 from kdkit.train.config import TrainConfig
-from kdkit.train.logging import MetricsLogger, progress_bar
+from kdkit.train.logging import MetricsLogger, progress_bar, write_epochs_csv
 
 __all__ = ["TrainResult", "evaluate", "train_student", "train_teacher"]
 
@@ -437,6 +437,7 @@ def _run(
                 epoch_record.update({f"eval/{k}": v for k, v in metrics.items()})
             sink.log(epoch_record)
             history.append({k: v for k, v in epoch_record.items() if k != "kind"})
+            write_epochs_csv(out / "epochs.csv", history)
             logger.info(
                 "epoch %d/%d: loss %.4f, train acc %.3f%s",
                 epoch + 1,
