@@ -304,3 +304,10 @@ def test_progress_bar_on_a_terminal(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
     train_teacher(tiny(tmp_path, progress=True, epochs=1), train_data=TRAIN)
     assert "epoch 1/1" in capsys.readouterr().err
+
+
+def test_labels_beyond_the_cache_classes_fail_early(tmp_path, cache_dir):
+    data = ArrayDataset(TRAIN.features, [5, *TRAIN.labels[1:]], TRAIN.domains, TRAIN.paths)
+    config = tiny(tmp_path, cache=cache_dir, teacher=["a"], num_classes=None)
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\), got 0\.\.5"):
+        train_student(config, train_data=data)

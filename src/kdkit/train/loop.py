@@ -271,15 +271,24 @@ def _run(
     train_data, eval_data = _resolve_data(config, train_data, eval_data)
     first = _check_item(train_data, "train_data")
     labels, _, keys = _sample_fields(train_data)
-    num_classes = config.num_classes or (max(labels) + 1)
-    if min(labels) < 0 or max(labels) >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {min(labels)}..{max(labels)}")
     if distil and config.cache is None:
         logger.info("no teacher cache: training with cross-entropy only")
     index, teacher_names = None, []
+    num_classes = config.num_classes
     if distil and config.cache is not None:
-        index, teacher_names = _open_teacher(config, keys, config.num_classes or None)
-        num_classes = config.num_classes or index.num_classes
+        needed = ["path"] + (["domain"] if config.kd_on == "target" else [])
+        missing = [k for k in needed if k not in first]
+        if missing:
+            raise KeyError(
+                f"train_data items lack field(s) {missing} needed for KD; got {sorted(first)}"
+            )
+        index, teacher_names = _open_teacher(config, keys, num_classes)
+        num_classes = num_classes or index.num_classes
+    num_classes = num_classes or (max(labels) + 1)
+    if min(labels) < 0 or max(labels) >= num_classes:
+        raise ValueError(
+            f"labels must be class indices in [0, {num_classes}), got {min(labels)}..{max(labels)}"
+        )
 
     out = Path(config.output_dir)
     ckpt_dir = out / "checkpoints"
