@@ -182,3 +182,22 @@ def test_dump_teacher_usage_errors(tmp_path, manifest, capsys):
     assert "expected NAME=RUN_DIR" in one_line_error(capsys)
     assert main([*argv, "--teacher", f"a={tmp_path}"]) == 2
     assert "no 'best' checkpoint" in one_line_error(capsys)
+
+
+def test_dump_teacher_from_a_weights_file(tmp_path, manifest, capsys):
+    cache = pytest.importorskip("kdkit.cache")
+    from safetensors.torch import save_model
+
+    from kdkit.models import mlp
+
+    teacher = mlp((5,), 2, hidden=(4,))
+    save_model(teacher, str(tmp_path / "w.safetensors"))
+    argv = ["dump-teacher", "--manifest", str(manifest), "--cache", str(tmp_path / "c")]
+    argv += ["--teacher", f"mine={tmp_path / 'w.safetensors'}", "--model", "kdkit.models:mlp"]
+    assert main([*argv, "--model_kwargs", '{"hidden": [4]}', "--no-progress"]) == 0
+    index = cache.load_cache_index(tmp_path / "c")
+    x = torch.from_numpy(np.load(manifest.parent / "x" / "7.npy"))
+    expected = teacher(x[None]).detach()
+    assert torch.allclose(cache.load_cached_logits(["x/7.npy"], index, "mine"), expected)
+    assert main([*argv, "--no-progress"]) == 2  # hidden size differs from the weights
+    assert "does not fit the model" in one_line_error(capsys)

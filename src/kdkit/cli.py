@@ -266,7 +266,7 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
     import torch
 
     from kdkit.data import ManifestDataset
-    from kdkit.models import build_model
+    from kdkit.models import build_model, load_factory, resolve_model_kwargs
     from kdkit.train.checkpoints import load_model_from_run, load_weights
 
     try:
@@ -284,8 +284,13 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
             else:
                 if args.model is None:
                     raise ValueError(f"--teacher {name}={location}: a weights file needs --model")
-                model = build_model(args.model, args.model_kwargs or {})
-                teachers[name] = load_weights(model, location)
+                kwargs = resolve_model_kwargs(
+                    load_factory(args.model),
+                    args.model_kwargs or {},
+                    input_shape=tuple(dataset[0]["features"].shape),
+                    num_classes=max(r.label for r in dataset.records) + 1,
+                )
+                teachers[name] = load_weights(build_model(args.model, kwargs), location)
         fused = dict(args.fused) if args.fused else None
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
@@ -325,7 +330,11 @@ def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
         help="NAME=RUN_DIR (a kdkit train-teacher output) or NAME=WEIGHTS.safetensors (with --model); repeatable",
     )
     parser.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    parser.add_argument("--model", help="factory for NAME=WEIGHTS.safetensors teachers")
+    parser.add_argument(
+        "--model",
+        help="factory for NAME=WEIGHTS.safetensors teachers (given input_shape from the data "
+        "and num_classes = largest label + 1 unless --model_kwargs sets them)",
+    )
     parser.add_argument("--model_kwargs", type=_json_dict, help="factory arguments as JSON")
     parser.add_argument("--split", action="append", help="only these splits (default: all samples)")
     parser.add_argument(

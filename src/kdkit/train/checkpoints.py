@@ -65,11 +65,20 @@ def save_weights(model: nn.Module, directory: str | Path, name: str, meta: dict[
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load safetensors weights into ``model`` (strict: every key must match)."""
+    """Load safetensors weights into ``model`` (strict: every key and shape must match).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: missing, unexpected or differently shaped tensors (named).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    missing, unexpected = _safetensors().load_model(model, str(path), strict=False)
+    try:
+        missing, unexpected = _safetensors().load_model(model, str(path), strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        details = "; ".join(line.strip() for line in str(exc).splitlines()[1:4])
+        raise ValueError(f"checkpoint {path} does not fit the model: {details}") from None
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not fit the model: missing keys {sorted(missing)[:5]}, "
