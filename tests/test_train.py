@@ -226,6 +226,9 @@ def test_two_teacher_fusion_runs(tmp_path, cache_dir):
 
 def test_config_defaults_are_the_spec_recommendation():
     kd = TrainConfig().kd
+    # A partial kd dict keeps the recommended values for the fields it does not set.
+    assert TrainConfig(kd={"temperature": 4.0}).kd == kd
+    assert TrainConfig.from_dict({"kd": {}}).kd == kd
     assert kd == KDLossConfig(
         temperature=4.0, kd_alpha=0.7, kd_weighting="pmax", warmup_epochs=5, kd_ramp_epochs=10
     )

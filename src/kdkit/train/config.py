@@ -131,8 +131,8 @@ class TrainConfig:
     wandb_mode: str = "offline"
 
     def __post_init__(self) -> None:
-        if isinstance(self.kd, dict):
-            self.kd = KDLossConfig.from_dict(self.kd)
+        if isinstance(self.kd, dict):  # fields not given keep the recommended values
+            self.kd = _kd_from_dict(self.kd)
         if isinstance(self.teacher, str):
             self.teacher = [t for t in self.teacher.split(",") if t]
         if is_real_number(self.source_domain) or isinstance(self.source_domain, str):
@@ -215,15 +215,6 @@ class TrainConfig:
             raise KeyError(
                 f"unknown TrainConfig field(s) {unknown}" + (f" ({hint})" if hint else "")
             )
-        values = dict(values)
-        if isinstance(values.get("kd"), dict):
-            kd_known = [f.name for f in dataclasses.fields(KDLossConfig)]
-            kd_unknown = sorted(set(values["kd"]) - set(kd_known))
-            if kd_unknown:
-                raise KeyError(
-                    f"unknown kd field(s) {kd_unknown}; expected some of {sorted(kd_known)}"
-                )
-            values["kd"] = KDLossConfig(**{**recommended_kd().to_dict(), **values["kd"]})
         return cls(**values)
 
     def save(self, path: str | Path) -> Path:
@@ -232,6 +223,14 @@ class TrainConfig:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return path
+
+
+def _kd_from_dict(values: dict[str, Any]) -> KDLossConfig:
+    known = [f.name for f in dataclasses.fields(KDLossConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise KeyError(f"unknown kd field(s) {unknown}; expected some of {sorted(known)}")
+    return KDLossConfig(**{**recommended_kd().to_dict(), **values})
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
