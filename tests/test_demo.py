@@ -38,7 +38,7 @@ def test_demo_quick(tmp_path, capsys):
     assert "target mean" in printed
     report = (out / "report.md").read_text()
     assert "## Results" in report and "T = 4, alpha = 0.7, pmax" in report
-    for png in ("accuracy_curves.png", "kd_schedule.png", "coverage_confidence.png"):
+    for png in ("accuracy_curves.png", "kd_schedule.png", "coverage_confidence.png", "losses.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "data" / "manifest.jsonl").is_file()
     assert (out / "students" / "kd-mlp-teacher-seed0" / "metrics.jsonl").is_file()
