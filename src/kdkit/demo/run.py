@@ -362,11 +362,24 @@ def _report(
         "target-device labels), Adam lr 3e-3, batch 32, cosine schedule.",
         "* KD settings: T = 4, alpha = 0.7, pmax weighting, "
         f"{_student_kd(config).warmup_epochs:g} warmup + {_student_kd(config).kd_ramp_epochs:g} "
-        "ramp epochs (the spec's recommendation).",
+        + (
+            "ramp epochs (shortened for --quick)."
+            if config.quick
+            else "ramp epochs (the spec's recommendation)."
+        ),
         "* Accuracies are those of the last epoch on `test` (no model selection on the test split).",
         "",
         "## Results",
         "",
+        *(
+            [
+                "**--quick**: a few epochs to exercise the pipeline in CI; these numbers are not "
+                "meaningful. Run `kdkit demo` for the real comparison.",
+                "",
+            ]
+            if config.quick
+            else []
+        ),
         table,
         "",
         f"KD from the MLP teacher vs CE only, mean target-domain accuracy: {100 * ce:.1f} % -> "
