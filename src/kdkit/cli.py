@@ -360,7 +360,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
     _setup_logging()
-    result = run_demo(config)
+    try:
+        result = run_demo(config)
+    except ImportError as exc:  # an optional dependency of the demo is missing
+        print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
+        return 1
     print(result.table)
     print(f"\nreport: {result.report_path} (wall time {result.wall_time_s:.1f} s)")
     return 0
