@@ -6,6 +6,14 @@ The loss API of the specification is importable from here and from
     from kdkit import kd_loss, compute_student_loss, KDLossConfig
 """
 
+from kdkit.cache import (
+    TeacherLogitsDataset,
+    dump_teacher_logits,
+    load_cache_index,
+    load_cached_logits,
+)
+from kdkit.domains import create_domain_mask
+from kdkit.fusion import fuse_teacher_logits
 from kdkit.losses.kd import (
     KDLossConfig,
     compute_confidence_weights,
@@ -21,11 +29,17 @@ __all__ = [
     "KDLoss",
     "KDLossConfig",
     "StudentLoss",
+    "TeacherLogitsDataset",
     "__version__",
     "compute_confidence_weights",
     "compute_kd_weight",
     "compute_student_loss",
+    "create_domain_mask",
+    "dump_teacher_logits",
+    "fuse_teacher_logits",
     "kd_loss",
+    "load_cache_index",
+    "load_cached_logits",
 ]
 
 # Training (kdkit.train: torch only; tqdm, safetensors and friends load when used).
