@@ -137,3 +137,78 @@ def ref_student_loss(
         "avg_confidence": float(conf.sum()) / n,
     }
     return total, stats
+
+
+# ---------------------------------------------------------------------------------------
+# Fused path and further divergences (reverse KL, generalized JSD) and the KD gradient.
+# ---------------------------------------------------------------------------------------
+
+
+def ref_kl_row(log_p: list[float], log_q: list[float]) -> float:
+    """KL(p || q) of one row from log-probabilities; terms with p == 0 are 0."""
+    total = 0.0
+    for lp, lq in zip(log_p, log_q):
+        p = math.exp(lp)
+        if p == 0.0:
+            continue
+        total += p * (lp - lq)  # +inf when q == 0 < p
+    return total
+
+
+def ref_any_divergence_row(
+    student: list[float], teacher: list[float], temperature: float, loss_type: str, beta: float
+) -> float:
+    """One row of any kdkit divergence: kldiv, soft_ce, reverse_kl, jsd (with beta).
+
+    The generalized JSD is beta * KL(p_t || m) + (1 - beta) * KL(p_s || m) with
+    m = beta * p_t + (1 - beta) * p_s, and by convention (TRL's GKD) exactly
+    KL(p_t || p_s) at beta = 0 and KL(p_s || p_t) at beta = 1; all times T**2.
+    """
+    if loss_type in ("kldiv", "soft_ce"):
+        return ref_divergence_row(student, teacher, temperature, loss_type)
+    log_ps = ref_log_softmax(student, temperature)
+    log_pt = ref_log_softmax(teacher, temperature)
+    if loss_type == "reverse_kl" or (loss_type == "jsd" and beta == 1.0):
+        value = ref_kl_row(log_ps, log_pt)
+    elif loss_type == "jsd" and beta == 0.0:
+        value = ref_kl_row(log_pt, log_ps)
+    elif loss_type == "jsd":
+        pm = [beta * math.exp(a) + (1 - beta) * math.exp(b) for a, b in zip(log_pt, log_ps)]
+        log_m = [math.log(v) if v > 0 else -math.inf for v in pm]
+        value = beta * ref_kl_row(log_pt, log_m) + (1 - beta) * ref_kl_row(log_ps, log_m)
+    else:
+        raise ValueError(loss_type)
+    return temperature * temperature * value
+
+
+def ref_any_per_sample(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    loss_type: str,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-position loss of any divergence, ``[..., C] -> [...]`` in float64."""
+    s = student.detach().double().reshape(-1, student.shape[-1]).tolist()
+    t = teacher.detach().double().reshape(-1, teacher.shape[-1]).tolist()
+    out = [ref_any_divergence_row(a, b, temperature, loss_type, beta) for a, b in zip(s, t)]
+    return torch.tensor(out, dtype=torch.float64).reshape(student.shape[:-1])
+
+
+def ref_kd_grad(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, row_weights: torch.Tensor
+) -> torch.Tensor:
+    """Gradient wrt the student of ``sum_i w_i * l_i`` for 'kldiv' and 'soft_ce'.
+
+    Both have d l_i / d s_i = T * (p_s - p_t) (softmax at temperature T), float64.
+    """
+    num_classes = student.shape[-1]
+    s = student.detach().double().reshape(-1, num_classes).tolist()
+    t = teacher.detach().double().reshape(-1, num_classes).tolist()
+    w = row_weights.detach().double().reshape(-1).tolist()
+    rows = []
+    for a, b, wi in zip(s, t, w):
+        ps = [math.exp(v) for v in ref_log_softmax(a, temperature)]
+        pt = [math.exp(v) for v in ref_log_softmax(b, temperature)]
+        rows.append([wi * temperature * (x - y) for x, y in zip(ps, pt)])
+    return torch.tensor(rows, dtype=torch.float64).reshape(student.shape)

@@ -41,3 +41,8 @@ __all__ = [
     "load_cache_index",
     "load_cached_logits",
 ]
+
+# Training (kdkit.train: torch only; tqdm, safetensors and friends load when used).
+from kdkit.train import TrainConfig, TrainResult, train_student, train_teacher
+
+__all__ += ["TrainConfig", "TrainResult", "train_student", "train_teacher"]

@@ -39,8 +39,10 @@ from kdkit._validation import (
     is_real_number,
     result_dtype,
 )
+from kdkit.losses.fused import FUSED_LOSS_TYPES, fused_divergence
 
 __all__ = [
+    "IMPLEMENTATIONS",
     "LOSS_TYPES",
     "REDUCTIONS",
     "STUDENT_LOSS_STATS",
@@ -52,8 +54,17 @@ __all__ = [
     "kd_loss",
 ]
 
-LOSS_TYPES: tuple[str, ...] = ("kldiv", "soft_ce")
+LOSS_TYPES: tuple[str, ...] = ("kldiv", "soft_ce", "reverse_kl", "jsd")
 """Accepted values of ``loss_type``."""
+
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "fused", "reference")
+"""Accepted values of ``implementation``: ``'fused'`` is the single-pass chunked path of
+:mod:`kdkit.losses.fused` (``'kldiv'`` and ``'soft_ce'`` only), ``'reference'`` the plain
+autograd formula, ``'auto'`` picks the fused path where it is faster."""
+
+FUSED_MIN_ELEMENTS: int = 1 << 15
+"""``'auto'`` uses the fused path from this many logits on (below it the plain path's
+few large kernels beat the per-chunk overhead)."""
 
 REDUCTIONS: tuple[str, ...] = ("batchmean", "mean", "sum", "none")
 """Accepted values of ``reduction``."""
@@ -81,10 +92,11 @@ STUDENT_LOSS_STATS: tuple[str, ...] = (
 def _bad_rows(logits: torch.Tensor) -> torch.Tensor:
     """Boolean ``[...]``: rows holding NaN or +inf, or no finite entry at all.
 
-    ``-inf`` alone marks a masked class and is allowed.
+    ``-inf`` alone marks a masked class and is allowed.  One reduction, no ``[..., C]``
+    temporary: the row maximum is NaN if the row holds a NaN, +inf if it holds +inf and
+    -inf if every entry is -inf.
     """
-    bad_entry = torch.isnan(logits) | torch.isposinf(logits)
-    return bad_entry.any(dim=-1) | ~torch.isfinite(logits).any(dim=-1)
+    return ~torch.isfinite(logits.detach().amax(dim=-1))
 
 
 def _raise_bad_rows(name: str, logits: torch.Tensor) -> None:
@@ -100,38 +112,134 @@ def _raise_bad_rows(name: str, logits: torch.Tensor) -> None:
     )
 
 
-def _raise_infinite_kd(infinite: torch.Tensor) -> None:
-    """Raise for rows whose KD loss is +inf (error path only)."""
+def _raise_infinite_kd(infinite: torch.Tensor, loss_type: str) -> None:
+    """Raise for rows whose KD loss is +inf (error path only).
+
+    Forward KL and soft CE are infinite where the student is -inf and the teacher is
+    not; reverse KL the other way round (JSD with 0 < beta < 1 is bounded).
+    """
     rows = infinite.reshape(-1).nonzero().flatten().tolist()
     shown = ", ".join(str(r) for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
+    if loss_type in ("reverse_kl", "jsd"):
+        zero, other, fix = "teacher_logits", "student", "student_logits"
+    else:
+        zero, other, fix = "student_logits", "teacher", "teacher_logits"
     raise ValueError(
-        "student_logits is -inf where the teacher has probability > 0, so the KD loss is "
+        f"{zero} is -inf where the {other} has probability > 0, so the KD loss is "
         f"infinite in {len(rows)} row(s) (rows, flattened over the leading dimensions: "
-        f"{shown}); mask a class with -inf in teacher_logits too"
+        f"{shown}); mask a class with -inf in {fix} too"
     )
 
 
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` over the last dimension from log-probabilities, ``[..., C] -> [...]``.
+
+    Terms where ``p`` is exactly zero contribute zero, in value and in gradient: both
+    logs are replaced by 0 there *before* the product, so no ``0 * inf`` NaN reaches
+    the backward pass.
+    """
+    p = log_p.exp()
+    support = p > 0
+    log_p = torch.where(support, log_p, 0.0)
+    log_q = torch.where(support, log_q, 0.0)
+    return (p * (log_p - log_q)).sum(dim=-1)
+
+
 def _per_position_divergence(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, loss_type: str
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    loss_type: str,
+    jsd_beta: float = 0.5,
 ) -> torch.Tensor:
-    """``T**2 * D(p_t, p_s)`` for every position: ``[..., C] -> [...]``.
+    """``T**2 * D`` for every position with the plain autograd formula: ``[..., C] -> [...]``.
 
     ``student`` and ``teacher`` are already in the compute dtype and the teacher is
-    detached.  Terms where the teacher probability is exactly zero contribute zero.
+    detached.  Terms where the first argument's probability is exactly zero contribute
+    zero.  ``'jsd'`` at ``jsd_beta`` 0 and 1 is exactly ``'kldiv'`` and ``'reverse_kl'``.
     """
     log_ps = F.log_softmax(student / temperature, dim=-1)
     log_pt = F.log_softmax(teacher / temperature, dim=-1)
-    pt = log_pt.exp()
+    if loss_type == "jsd" and jsd_beta in (0.0, 1.0):
+        loss_type = "kldiv" if jsd_beta == 0.0 else "reverse_kl"
     if loss_type == "kldiv":
-        terms = pt * (log_pt - log_ps)
-    else:  # soft_ce
-        terms = -pt * log_ps
-    terms = torch.where(pt > 0, terms, 0.0)
-    return terms.sum(dim=-1) * (temperature * temperature)
+        divergence = _kl(log_pt, log_ps)
+    elif loss_type == "reverse_kl":
+        divergence = _kl(log_ps, log_pt)
+    elif loss_type == "soft_ce":
+        pt = log_pt.exp()
+        divergence = -(pt * torch.where(pt > 0, log_ps, 0.0)).sum(dim=-1)
+    else:  # jsd, 0 < beta < 1: log m = logsumexp(log beta + log p_t, log(1 - beta) + log p_s)
+        # Where both are -inf (class masked in both) m = 0 and both KL terms are masked;
+        # 0 there keeps logaddexp's gradient from becoming NaN.
+        either = (log_pt > -math.inf) | (log_ps > -math.inf)
+        log_m = torch.logaddexp(
+            torch.where(either, log_pt, 0.0) + math.log(jsd_beta),
+            torch.where(either, log_ps, 0.0) + math.log1p(-jsd_beta),
+        )
+        divergence = jsd_beta * _kl(log_pt, log_m) + (1.0 - jsd_beta) * _kl(log_ps, log_m)
+    return divergence * (temperature * temperature)
 
 
-def _reduce(per_position: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Apply ``reduction`` to per-position losses ``[B, ...]``; empty input gives 0."""
+def _is_compiling() -> bool:
+    """True while torch.compile traces (``torch.compiler.is_compiling`` needs torch >= 2.3)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if is_compiling is None:  # torch 2.1/2.2
+        return bool(torch._dynamo.is_compiling())
+    return bool(is_compiling())
+
+
+def _use_fused(student: torch.Tensor, loss_type: str, implementation: str) -> bool:
+    if implementation == "reference" or loss_type not in FUSED_LOSS_TYPES:
+        return False
+    if implementation == "fused":
+        return True
+    # auto: the plain path is faster on tiny inputs, and torch.compile fuses it itself.
+    return student.numel() >= FUSED_MIN_ELEMENTS and not _is_compiling()
+
+
+def _divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    loss_type: str,
+    jsd_beta: float,
+    implementation: str,
+) -> torch.Tensor:
+    """Per-position divergence ``[..., C] -> [...]`` by the fused or the plain path.
+
+    Takes the logits in their own dtypes (the fused path never makes a full-size cast)
+    and returns the compute dtype.  The teacher is detached here.
+    """
+    dtype = compute_dtype(student_logits, teacher_logits, temperature=temperature)
+    teacher = teacher_logits.detach()
+    if _use_fused(student_logits, loss_type, implementation):
+        return fused_divergence(student_logits, teacher, temperature, loss_type, dtype)
+    return _per_position_divergence(
+        student_logits.to(dtype), teacher.to(dtype), temperature, loss_type, jsd_beta
+    )
+
+
+def _check_implementation(implementation: object, loss_type: str) -> str:
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
+    if implementation == "fused" and loss_type not in FUSED_LOSS_TYPES:
+        raise ValueError(
+            f"implementation='fused' supports loss_type {FUSED_LOSS_TYPES}, got {loss_type!r}; "
+            "use implementation='auto' or 'reference'"
+        )
+    return implementation  # type: ignore[return-value]
+
+
+def _reduce(
+    per_position: torch.Tensor, reduction: str, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Apply ``reduction`` to per-position losses ``[B, ...]``; empty input gives 0.
+
+    With a boolean ``mask`` of valid positions, invalid positions count as exact zeros
+    (also in the gradient) and ``'mean'`` divides by the number of valid positions.
+    """
+    if mask is not None:
+        per_position = torch.where(mask, per_position, 0.0)
     if reduction == "none":
         return per_position
     total = per_position.sum()
@@ -139,6 +247,8 @@ def _reduce(per_position: torch.Tensor, reduction: str) -> torch.Tensor:
         return total
     if reduction == "batchmean":
         count = per_position.shape[0] if per_position.ndim > 0 else 1
+    elif mask is not None:  # mean over the valid positions, without a host transfer
+        return total / mask.sum().clamp_min(1).to(total.dtype)
     else:  # mean over every position
         count = per_position.numel()
     return total / max(count, 1)
@@ -176,6 +286,9 @@ def kd_loss(
     reduction: str = "batchmean",
     *,
     check_finite: bool = True,
+    mask: torch.Tensor | None = None,
+    jsd_beta: float = 0.5,
+    implementation: str = "auto",
 ) -> torch.Tensor:
     r"""Knowledge-distillation loss between student and teacher logits.
 
@@ -185,9 +298,23 @@ def kd_loss(
     * ``'kldiv'``: :math:`\ell = T^2 \, \mathrm{KL}(p_t \,\|\, p_s)
       = T^2 \sum_c p_{t,c} (\log p_{t,c} - \log p_{s,c})`
     * ``'soft_ce'``: :math:`\ell = T^2 \, H(p_t, p_s) = -T^2 \sum_c p_{t,c} \log p_{s,c}`
+    * ``'reverse_kl'``: :math:`\ell = T^2 \, \mathrm{KL}(p_s \,\|\, p_t)`
+      (mode seeking; infinite where the student puts mass on a class the teacher masks)
+    * ``'jsd'``: the generalized Jensen-Shannon divergence with
+      :math:`\beta` = ``jsd_beta`` and mixture :math:`m = \beta p_t + (1 - \beta) p_s`
+      (computed in log space as
+      :math:`\log m = \mathrm{logsumexp}(\log\beta + \log p_t, \log(1-\beta) + \log p_s)`),
+      :math:`\ell = T^2 [\beta \, \mathrm{KL}(p_t \| m) + (1 - \beta) \, \mathrm{KL}(p_s \| m)]`
+      for :math:`0 < \beta < 1`.  The endpoints are special-cased to the two KLs
+      (the convention of TRL's GKD): ``jsd_beta=0`` is exactly ``'kldiv'``
+      (forward :math:`\mathrm{KL}(p_t \| p_s)`) and ``jsd_beta=1`` exactly
+      ``'reverse_kl'`` (:math:`\mathrm{KL}(p_s \| p_t)`).  Note that the interior
+      formula tends to 0, not to these KLs, as :math:`\beta \to 0` or 1 (it behaves like
+      :math:`\beta \, \mathrm{KL}(p_t \| p_s)` near 0).
 
     so ``soft_ce - kldiv = T**2 * H(p_t)`` (the teacher entropy, constant in the student).
-    Both have the student gradient :math:`T (p_s - p_t)`.
+    Both have the student gradient :math:`T (p_s - p_t)`, which the fused path computes
+    in its forward pass (see ``implementation``).
 
     Reductions over the per-sample losses :math:`\ell`:
 
@@ -199,21 +326,35 @@ def kd_loss(
     * ``'sum'``: the sum over positions.
     * ``'none'``: the per-sample losses, shape ``[B]`` (``shape[:-1]`` in general).
 
+    With ``mask`` (True = valid position), masked-out positions contribute exactly 0 to
+    the value and the gradient, ``'mean'`` divides by the number of valid positions
+    (0 valid positions give an exact 0 that still backpropagates), ``'batchmean'`` still
+    divides by ``B`` and ``'none'`` holds 0 at masked positions.
+
     An empty batch gives a loss of exactly 0 (``'none'``: an empty tensor).
 
     Args:
         student_logits: Student logits.
         teacher_logits: Teacher logits; always detached (no gradient reaches the teacher).
         temperature: Softening temperature ``T > 0``.
-        loss_type: ``'kldiv'`` or ``'soft_ce'``.
+        loss_type: ``'kldiv'``, ``'soft_ce'``, ``'reverse_kl'`` or ``'jsd'``.
         reduction: ``'batchmean'``, ``'mean'``, ``'sum'`` or ``'none'``.
         check_finite: Raise if a row holds NaN or +inf, or has no finite entry, or if
             the loss of a row is infinite (the student is ``-inf`` where the teacher has
             probability > 0).  This costs one device-to-host transfer; pass ``False`` in
             tight GPU loops.
+        mask: Optional boolean tensor of valid positions, shape ``shape[:-1]``.
+        jsd_beta: :math:`\beta \in [0, 1]` of ``'jsd'`` (ignored by the other types).
+        implementation: ``'auto'`` (default), ``'fused'`` or ``'reference'``.  The fused
+            path (``'kldiv'``/``'soft_ce'``) computes loss and gradient in one chunked
+            pass and keeps only the gradient (one tensor of the logits' shape and dtype)
+            for backward; ``'auto'`` uses it from :data:`FUSED_MIN_ELEMENTS` logits on,
+            outside ``torch.compile``.  Its backward is single use: for double backward
+            (``create_graph=True``) or ``retain_graph=True`` pass ``'reference'``.
 
     Shape:
         - student_logits, teacher_logits: ``[B, C]`` or ``[..., C]``, identical shapes.
+        - mask: ``[B]`` (``shape[:-1]``), bool.
         - output: ``[]``, or ``[B]`` (``shape[:-1]``) for ``reduction='none'``.
 
     Returns:
@@ -221,8 +362,9 @@ def kd_loss(
 
     Raises:
         TypeError: non-tensor or non-floating logits, non-numeric temperature.
-        ValueError: shape or device mismatch, unknown ``loss_type``/``reduction``,
-            ``temperature`` not finite and > 0, non-finite rows (``check_finite``).
+        ValueError: shape or device mismatch, unknown ``loss_type``/``reduction``/
+            ``implementation``, ``temperature`` not finite and > 0, ``jsd_beta`` outside
+            [0, 1], non-finite rows (``check_finite``).
 
     Example:
         >>> s = torch.tensor([[2.0, 0.0, -1.0]])
@@ -231,6 +373,12 @@ def kd_loss(
         0.034678
         >>> kd_loss(torch.randn(5, 10), torch.randn(5, 10), reduction="none").shape
         torch.Size([5])
+        >>> round(kd_loss(s, t, temperature=1.0, loss_type="jsd", jsd_beta=0.0).item(), 6)
+        0.034678
+        >>> s, t = torch.randn(2, 7, 50), torch.randn(2, 7, 50)  # [B, T, V] sequences
+        >>> valid = torch.arange(7) < torch.tensor([[5], [7]])  # lengths 5 and 7
+        >>> kd_loss(s, t, reduction="mean", mask=valid).shape
+        torch.Size([])
     """
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits)
@@ -238,26 +386,29 @@ def kd_loss(
     temperature = _check_temperature(temperature)
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("reduction", reduction, REDUCTIONS)
+    jsd_beta = check_fraction("jsd_beta", jsd_beta)
+    _check_implementation(implementation, loss_type)
+    if mask is not None:
+        _check_mask("mask", mask, student_logits.shape[:-1], student_logits.device)
 
-    dtype = compute_dtype(student_logits, teacher_logits, temperature=temperature)
-    student = student_logits.to(dtype)
-    teacher = teacher_logits.detach().to(dtype)
-    per_position = _per_position_divergence(student, teacher, temperature, loss_type)
+    per_position = _divergence(
+        student_logits, teacher_logits, temperature, loss_type, jsd_beta, implementation
+    )
     if check_finite:
+        infinite = torch.isinf(per_position.detach())
+        if mask is not None:
+            infinite = infinite & mask
         flags = torch.stack(
-            [
-                _bad_rows(student_logits).any(),
-                _bad_rows(teacher_logits).any(),
-                torch.isinf(per_position.detach()).any(),
-            ]
+            [_bad_rows(student_logits).any(), _bad_rows(teacher_logits).any(), infinite.any()]
         ).tolist()  # the one device-to-host transfer
         if flags[0]:
             _raise_bad_rows("student_logits", student_logits)
         if flags[1]:
             _raise_bad_rows("teacher_logits", teacher_logits)
         if flags[2]:
-            _raise_infinite_kd(torch.isinf(per_position.detach()))
-    return _reduce(per_position, reduction).to(result_dtype(student_logits, teacher_logits))
+            _raise_infinite_kd(infinite, loss_type)
+    loss = _reduce(per_position, reduction, mask)
+    return loss.to(result_dtype(student_logits, teacher_logits))
 
 
 def compute_confidence_weights(
@@ -373,6 +524,7 @@ _CONFIG_CHECKS = {
     "confidence_threshold": check_fraction,
     "warmup_epochs": check_non_negative,
     "kd_ramp_epochs": check_non_negative,
+    "jsd_beta": check_fraction,
 }
 
 
@@ -387,11 +539,12 @@ class KDLossConfig:
     Attributes:
         temperature: Softening temperature ``T > 0``.
         kd_alpha: Target KD weight in [0, 1]; the CE weight is ``1 - kd_alpha``.
-        loss_type: ``'kldiv'`` or ``'soft_ce'``.
+        loss_type: ``'kldiv'``, ``'soft_ce'``, ``'reverse_kl'`` or ``'jsd'``.
         kd_weighting: ``'none'``, ``'pmax'`` or ``'threshold'``.
         confidence_threshold: Threshold in [0, 1] for ``'threshold'`` weighting.
         warmup_epochs: Epochs (>= 0) of CE only.
         kd_ramp_epochs: Epochs (>= 0) of the linear ramp of the KD weight.
+        jsd_beta: beta in [0, 1] of ``loss_type="jsd"`` (see :func:`kd_loss`).
 
     Example:
         >>> config = KDLossConfig(temperature=3.0, kd_alpha=0.5)
@@ -408,6 +561,7 @@ class KDLossConfig:
     confidence_threshold: float = 0.0
     warmup_epochs: int = 0
     kd_ramp_epochs: int = 0
+    jsd_beta: float = 0.5
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = _CONFIG_CHECKS.get(name)
@@ -454,17 +608,18 @@ def _check_targets(targets: object, batch_shape: torch.Size, device: torch.devic
         raise ValueError(f"targets (on {targets.device}) must be on the logits' device {device}")
 
 
-def _check_domain_mask(mask: object, batch_shape: torch.Size, device: torch.device) -> None:
+def _check_mask(name: str, mask: object, batch_shape: torch.Size, device: torch.device) -> None:
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"domain_mask must be a boolean torch.Tensor, got {type(mask).__name__}")
+        raise TypeError(f"{name} must be a boolean torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"domain_mask must have dtype torch.bool, got {mask.dtype}")
+        raise TypeError(f"{name} must have dtype torch.bool, got {mask.dtype}")
     if mask.shape != batch_shape:
         raise ValueError(
-            f"domain_mask must have shape {tuple(batch_shape)}, got {tuple(mask.shape)}"
+            f"{name} must have shape {tuple(batch_shape)} (the logits' shape without the "
+            f"class dimension), got {tuple(mask.shape)}"
         )
     if mask.device != device:
-        raise ValueError(f"domain_mask (on {mask.device}) must be on the logits' device {device}")
+        raise ValueError(f"{name} (on {mask.device}) must be on the logits' device {device}")
 
 
 def compute_student_loss(
@@ -476,12 +631,15 @@ def compute_student_loss(
     domain_mask: torch.Tensor | None = None,
     *,
     tensor_stats: bool = False,
+    ignore_index: int = -100,
+    implementation: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     r"""Combined student loss ``(1 - alpha) * CE + alpha * KD`` with schedule and weighting.
 
     * ``alpha = compute_kd_weight(current_epoch, config.warmup_epochs,
       config.kd_ramp_epochs, config.kd_alpha)``.
-    * ``CE`` is the mean cross-entropy of the student over **all** samples (at T = 1).
+    * ``CE`` is the mean cross-entropy of the student (at T = 1) over all **valid**
+      positions: those whose target is not ``ignore_index``.
     * ``KD`` is the weighted mean of the per-sample KD losses
       :math:`\ell_i` (:func:`kd_loss` with ``reduction='none'``) over the samples that
       receive KD:
@@ -489,20 +647,30 @@ def compute_student_loss(
       .. math:: \mathrm{KD} = \frac{\sum_i w_i m_i \ell_i}{\sum_i w_i m_i}
 
       with :math:`w_i` from :func:`compute_confidence_weights` and :math:`m_i` the
-      domain mask (1 without a mask).  Its scale does not depend on how many samples
-      receive KD.  When none does, ``KD`` is an exact 0 that still backpropagates.
+      domain mask (1 without a mask), both 0 at positions whose target is
+      ``ignore_index``.  Its scale does not depend on how many samples receive KD.  When
+      none does, ``KD`` is an exact 0 that still backpropagates.
+    * Sequences: logits ``[B, T, V]`` with targets and masks ``[B, T]`` (any leading
+      shape) treat every position as a sample.  ``coverage`` and ``avg_confidence`` are
+      normalised by the number of valid positions; an all-ignored batch gives an exact
+      0 loss that still backpropagates.
     * During warmup (``alpha == 0``) the KD divergence is not computed at all.
 
     Args:
-        student_logits: Student logits ``[B, C]``.
-        teacher_logits: Teacher logits ``[B, C]`` (detached).
-        targets: Ground-truth class indices ``[B]`` in ``[0, C)``.
+        student_logits: Student logits ``[B, C]`` (or ``[..., C]``, e.g. ``[B, T, V]``).
+        teacher_logits: Teacher logits, same shape (detached).
+        targets: Ground-truth class indices ``[B]`` (``shape[:-1]``) in ``[0, C)``, or
+            ``ignore_index``.
         config: A :class:`KDLossConfig`.
         current_epoch: Current (possibly fractional) epoch for the schedule.
-        domain_mask: Optional boolean ``[B]``: True for samples that receive KD (e.g.
-            target-domain samples).
+        domain_mask: Optional boolean ``[B]`` (``shape[:-1]``): True for samples that
+            receive KD (e.g. target-domain samples).
         tensor_stats: Return ``stats`` as detached 0-d tensors and skip the value checks,
             so the call makes no device-to-host transfer at all.
+        ignore_index: Target value marking positions excluded from both CE and KD
+            (padding), as in :func:`torch.nn.functional.cross_entropy`.
+        implementation: ``'auto'``, ``'fused'`` or ``'reference'`` for the KD term, as in
+            :func:`kd_loss`.
 
     Returns:
         ``(loss, stats)``: the scalar loss (float32, or float64 for float64 logits) and a
@@ -524,6 +692,11 @@ def compute_student_loss(
         >>> sorted(stats)
         ['avg_confidence', 'ce_loss', 'ce_weight', 'coverage', 'kd_loss', 'kd_weight', 'total_loss']
         >>> loss.backward()
+        >>> s, t = torch.randn(2, 4, 9), torch.randn(2, 4, 9)  # [B, T, V] with padding
+        >>> y = torch.tensor([[1, 2, -100, -100], [3, 4, 5, 6]])
+        >>> loss, stats = compute_student_loss(s, t, y, config)
+        >>> stats["coverage"]
+        1.0
     """
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits)
@@ -535,9 +708,12 @@ def compute_student_loss(
     device = student_logits.device
     _check_targets(targets, batch_shape, device)
     if domain_mask is not None:
-        _check_domain_mask(domain_mask, batch_shape, device)
+        _check_mask("domain_mask", domain_mask, batch_shape, device)
     if not is_real_number(current_epoch):
         raise TypeError(f"current_epoch must be a real number, got {type(current_epoch).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_implementation(implementation, config.loss_type)
 
     alpha = compute_kd_weight(
         current_epoch, config.warmup_epochs, config.kd_ramp_epochs, config.kd_alpha
@@ -546,30 +722,43 @@ def compute_student_loss(
     student = student_logits.to(dtype)
     teacher = teacher_logits.detach().to(dtype)
     num_classes = student.shape[-1]
-    count = max(targets.numel(), 1)
+    valid = targets != ignore_index
+    # Number of valid positions as a tensor (no host transfer), at least 1.
+    count = valid.sum().clamp_min(1).to(dtype)
 
-    # Cross-entropy over all samples.  Out-of-range targets are clamped for the
+    # Cross-entropy over the valid positions.  Out-of-range targets are clamped for the
     # computation (a device-side assert on GPU would kill the process) and reported
     # after the one host transfer below.
-    bad_targets = ((targets < 0) | (targets >= num_classes)).any()
-    safe_targets = targets.clamp(0, num_classes - 1).long()
+    out_of_range = valid & ((targets < 0) | (targets >= num_classes))
+    bad_targets = out_of_range.any()
+    safe_targets = torch.where(valid, targets.clamp(0, num_classes - 1), ignore_index).long()
     ce = (
-        F.cross_entropy(student.reshape(-1, num_classes), safe_targets.reshape(-1), reduction="sum")
+        F.cross_entropy(
+            student.reshape(-1, num_classes),
+            safe_targets.reshape(-1),
+            reduction="sum",
+            ignore_index=ignore_index,
+        )
         / count
     )
 
     # Confidence weights and the KD selection (cheap: teacher only).
     confidence = _confidence(teacher)
     weights = _weights_from_confidence(confidence, config.kd_weighting, config.confidence_threshold)
-    if domain_mask is not None:
-        weights = weights * domain_mask.to(dtype)
+    keep = valid if domain_mask is None else valid & domain_mask
+    weights = torch.where(keep, weights, 0.0)
     selected = weights > 0
     coverage = selected.to(dtype).sum() / count
-    avg_confidence = confidence.sum() / count
+    avg_confidence = torch.where(valid, confidence, 0.0).sum() / count
 
     if alpha > 0:
-        per_sample = _per_position_divergence(
-            student, teacher, config.temperature, config.loss_type
+        per_sample = _divergence(
+            student_logits,
+            teacher_logits,
+            config.temperature,
+            config.loss_type,
+            config.jsd_beta,
+            implementation,
         )
         numerator = torch.where(selected, weights * per_sample, 0.0).sum()
         kd = numerator / weights.sum().clamp_min(torch.finfo(dtype).tiny)
@@ -613,18 +802,18 @@ def compute_student_loss(
         ]
     ).tolist()  # the one device-to-host transfer: stats and value checks together
     if values[5]:
-        bad = ((targets < 0) | (targets >= num_classes)).reshape(-1)
+        bad = out_of_range.reshape(-1)
         first = targets.reshape(-1)[bad][:8].tolist()
         raise ValueError(
-            f"targets must be class indices in [0, {num_classes}); got {int(bad.sum())} "
-            f"out of range, e.g. {first}"
+            f"targets must be class indices in [0, {num_classes}) or ignore_index="
+            f"{ignore_index}; got {int(bad.sum())} out of range, e.g. {first}"
         )
     if values[6]:
         _raise_bad_rows("student_logits", student_logits)
     if values[7]:
         _raise_bad_rows("teacher_logits", teacher_logits)
     if values[8]:
-        _raise_infinite_kd(torch.isinf(per_sample.detach()) & selected)
+        _raise_infinite_kd(torch.isinf(per_sample.detach()) & selected, config.loss_type)
     if ce_weight_used and not math.isfinite(values[1]):
         raise ValueError(
             "student_logits is -inf at the target class of some sample, so the "

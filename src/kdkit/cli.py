@@ -1,0 +1,446 @@
+"""The ``kdkit`` command line: argument parsing only; the work is done by library functions.
+
+Subcommands::
+
+    kdkit train-teacher --manifest data/manifest.jsonl --model kdkit.models:cnn --output_dir runs/t
+    kdkit dump-teacher  --manifest data/manifest.jsonl --teacher big=runs/t --cache cache/
+    kdkit train-student --manifest data/manifest.jsonl --cache cache/ --teacher big \\
+                        --temperature 4 --kd_alpha 0.7 --kd_weighting pmax \\
+                        --warmup_epochs 5 --kd_ramp_epochs 10 --output_dir runs/s
+    kdkit cache info|verify CACHE_DIR
+    kdkit demo [--quick] [--output_dir ./kdkit-demo]
+
+Settings flow: ``--config FILE`` (TOML or YAML) -> flags given on the command line ->
+one validated :class:`~kdkit.train.config.TrainConfig` -> ``train_student`` /
+``train_teacher``; the resolved config is saved as ``OUTPUT_DIR/config.json``.  A bad
+flag or value exits with status 2 and a one-line message; a failure of the run itself
+(e.g. teacher logits missing from the cache) exits with status 1 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["entrypoint", "main"]
+
+_CONFIG_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError)
+
+
+def _message(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(text).split())  # one line
+
+
+class _Parser(argparse.ArgumentParser):
+    """``error`` prints one line (with a did-you-mean hint for mistyped flags) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        if message.startswith("unrecognized arguments:"):
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                flag = word.split("=", 1)[0]
+                if flag.startswith("--"):
+                    close = difflib.get_close_matches(flag, known, n=1)
+                    if close:
+                        hints.append(f"{flag} -> {close[0]}?")
+            if hints:
+                message += f" (did you mean: {', '.join(hints)})"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
+# Flags that map to TrainConfig fields: (flag, kwargs); dest is the field name.
+_COMMON_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--manifest", {"help": "dataset manifest (JSONL or CSV: path, label, domain, split)"}),
+    ("--train_split", {"help": "manifest split to train on (default: train)"}),
+    ("--eval_split", {"help": "manifest split evaluated per domain each epoch (default: test)"}),
+    ("--model", {"help": "model factory 'package.module:function' (default: kdkit.models:mlp)"}),
+    (
+        "--model_kwargs",
+        {"type": _json_dict, "help": "factory arguments as JSON, e.g. '{\"hidden\": [64]}'"},
+    ),
+    ("--num_classes", {"type": int, "help": "number of classes (default: from data/cache)"}),
+    ("--epochs", {"type": int, "help": "total number of epochs (default: 10)"}),
+    (
+        "--stop_after_epoch",
+        {"type": int, "help": "end this invocation after this epoch (continue with --resume)"},
+    ),
+    ("--batch_size", {"type": int, "help": "batch size (default: 64)"}),
+    ("--lr", {"type": float, "help": "learning rate (default: 1e-3)"}),
+    ("--weight_decay", {"type": float, "help": "weight decay (default: 0)"}),
+    ("--optimizer", {"help": "adam, adamw or sgd (default: adam)"}),
+    ("--lr_schedule", {"help": "constant or cosine (default: cosine)"}),
+    ("--seed", {"type": int, "help": "random seed (default: 0)"}),
+    ("--device", {"help": "torch device (default: cpu)"}),
+    ("--num_workers", {"type": int, "help": "DataLoader workers (default: 0)"}),
+    ("--output_dir", {"help": "where config, metrics and checkpoints go"}),
+    ("--best_metric", {"help": "acc, source_acc or target_acc (default: acc)"}),
+    ("--log_every", {"type": int, "help": "write step metrics every N steps (default: 1)"}),
+    ("--source_domain", {"type": _ints, "help": "source domain id(s), e.g. 0 or 0,1 (default: 0)"}),
+    (
+        "--resume",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "continue from OUTPUT_DIR's last checkpoint",
+        },
+    ),
+    (
+        "--progress",
+        {"action": argparse.BooleanOptionalAction, "help": "tqdm progress bars (on a terminal)"},
+    ),
+    (
+        "--tensorboard",
+        {"action": argparse.BooleanOptionalAction, "help": "also log to TensorBoard"},
+    ),
+    ("--wandb", {"action": argparse.BooleanOptionalAction, "help": "also log to Weights & Biases"}),
+    ("--wandb_mode", {"help": "offline (default), online or disabled"}),
+]
+_STUDENT_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--cache", {"help": "teacher-logit cache directory (omit for a CE-only baseline)"}),
+    ("--teacher", {"type": _names, "help": "cached teacher name(s), comma-separated: a,b"}),
+    (
+        "--fusion",
+        {"help": "fusion of several teachers: mean, weighted_mean, prob_mean, max_confidence"},
+    ),
+    ("--fusion_weights", {"type": _floats, "help": "weights for weighted_mean, e.g. 0.7,0.3"}),
+    ("--kd_on", {"help": "all (default) or target: KD only on non-source-domain samples"}),
+    (
+        "--schedule_per_step",
+        {"action": argparse.BooleanOptionalAction, "help": "advance warmup/ramp per step"},
+    ),
+]
+_KD_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--temperature", {"type": float, "help": "softening temperature T (default: 4.0)"}),
+    ("--kd_alpha", {"type": float, "help": "target KD weight alpha (default: 0.7)"}),
+    ("--loss_type", {"help": "kldiv (default) or soft_ce"}),
+    (
+        "--kd_weighting",
+        {"choices": ["none", "pmax", "threshold"], "help": "confidence weighting (default: pmax)"},
+    ),
+    ("--confidence_threshold", {"type": float, "help": "threshold for 'threshold' weighting"}),
+    ("--warmup_epochs", {"type": int, "help": "epochs of CE only (default: 5)"}),
+    ("--kd_ramp_epochs", {"type": int, "help": "epochs of linear KD ramp (default: 10)"}),
+]
+
+
+def _add(group: argparse._ArgumentGroup, flags: list[tuple[str, dict[str, Any]]]) -> None:
+    for flag, kwargs in flags:
+        group.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+
+
+def _add_train_parser(subparsers, name: str, student: bool) -> argparse.ArgumentParser:
+    help_text = (
+        "train a student with CE + KD from cached teacher logits"
+        if student
+        else "train a model with cross-entropy (a teacher or a baseline)"
+    )
+    parser = subparsers.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+    parser.add_argument("--config", help="TOML or YAML config file; flags given here override it")
+    _add(parser.add_argument_group("data, model and loop"), _COMMON_FLAGS)
+    if student:
+        _add(parser.add_argument_group("teacher"), _STUDENT_FLAGS)
+        _add(parser.add_argument_group("KD loss (the spec's flags)"), _KD_FLAGS)
+    parser.set_defaults(func=_cmd_train_student if student else _cmd_train_teacher)
+    return parser
+
+
+def build_config(args: argparse.Namespace, student: bool):
+    """Config file -> CLI flags -> validated TrainConfig (raises the library's errors)."""
+    from kdkit.train.config import TrainConfig, load_config_file
+
+    values: dict[str, Any] = {}
+    if args.config:
+        values = load_config_file(args.config)
+    kd = dict(values.get("kd") or {})
+    for flag, _ in _COMMON_FLAGS + (_STUDENT_FLAGS if student else []):
+        dest = flag[2:]
+        if hasattr(args, dest):
+            values[dest] = getattr(args, dest)
+    for flag, _ in _KD_FLAGS if student else []:
+        dest = flag[2:]
+        if hasattr(args, dest):
+            kd[dest] = getattr(args, dest)
+    if kd:
+        values["kd"] = kd
+    if not student:
+        values.pop("cache", None)
+    return TrainConfig.from_dict(values)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _train(args: argparse.Namespace, student: bool) -> int:
+    from kdkit.train import train_student, train_teacher
+
+    try:
+        config = build_config(args, student)
+    except _CONFIG_ERRORS as exc:
+        args._parser.error(_message(exc))
+    if config.manifest is None:
+        args._parser.error("no training data: give --manifest (or manifest in --config)")
+    _setup_logging()
+    run = train_student if student else train_teacher
+    try:
+        result = run(config)
+    except _CONFIG_ERRORS as exc:
+        print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
+        return 1
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items() if "/" not in k)
+    state = "finished" if result.completed else f"stopped after epoch {len(result.history)}"
+    print(f"{state}: {metrics or 'no evaluation split'}; outputs in {result.output_dir}")
+    return 0
+
+
+def _cmd_train_student(args: argparse.Namespace) -> int:
+    return _train(args, student=True)
+
+
+def _cmd_train_teacher(args: argparse.Namespace) -> int:
+    return _train(args, student=False)
+
+
+def _teacher_spec(text: str) -> tuple[str, str]:
+    name, sep, location = text.partition("=")
+    if not sep or not name or not location:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=RUN_DIR or NAME=WEIGHTS.safetensors, got {text!r}"
+        )
+    return name, location
+
+
+def _fused_spec(text: str) -> tuple[str, dict[str, Any]]:
+    name, sep, rest = text.partition("=")
+    members, _, strategy = rest.partition(":")
+    if not sep or not name or not members:
+        raise argparse.ArgumentTypeError(f"expected NAME=a,b[:strategy], got {text!r}")
+    return name, {"teachers": _names(members), "strategy": strategy or "mean"}
+
+
+def _cmd_dump_teacher(args: argparse.Namespace) -> int:
+    import torch
+
+    from kdkit.data import ManifestDataset
+    from kdkit.models import build_model, load_factory, resolve_model_kwargs
+    from kdkit.train.checkpoints import load_model_from_run, load_weights
+
+    try:
+        from kdkit.cache import dump_teacher_logits
+    except ImportError as exc:
+        args._parser.error(f"the teacher-logit cache (kdkit.cache) is not available: {exc}")
+    try:
+        dataset = ManifestDataset(args.manifest, split=args.split)
+        teachers: dict[str, torch.nn.Module] = {}
+        for name, location in args.teacher:
+            if name in teachers:
+                raise ValueError(f"teacher name {name!r} given twice")
+            if Path(location).is_dir():
+                teachers[name] = load_model_from_run(location, which=args.checkpoint)
+            else:
+                if args.model is None:
+                    raise ValueError(f"--teacher {name}={location}: a weights file needs --model")
+                kwargs = resolve_model_kwargs(
+                    load_factory(args.model),
+                    args.model_kwargs or {},
+                    input_shape=tuple(dataset[0]["features"].shape),
+                    num_classes=max(r.label for r in dataset.records) + 1,
+                )
+                teachers[name] = load_weights(build_model(args.model, kwargs), location)
+        fused = dict(args.fused) if args.fused else None
+    except _CONFIG_ERRORS as exc:
+        args._parser.error(_message(exc))
+    _setup_logging()
+    try:
+        index = dump_teacher_logits(
+            teachers,
+            dataset,
+            args.cache,
+            batch_size=args.batch_size,
+            device=args.device,
+            fused=fused,
+            progress=args.progress and sys.stderr.isatty(),
+        )
+    except Exception as exc:  # the cache's own errors (CacheError) included
+        if not isinstance(exc, (*_CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
+            raise
+        print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
+        return 1
+    print(
+        f"cached {index.num_samples} samples x {index.num_classes} classes for teachers "
+        f"{list(index.teachers)} in {index.path}"
+    )
+    return 0
+
+
+def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
+    text = "run trained teachers over a manifest and cache their logits"
+    parser = subparsers.add_parser("dump-teacher", help=text, description=text, allow_abbrev=False)
+    parser.add_argument("--manifest", required=True, help="dataset manifest (JSONL or CSV)")
+    parser.add_argument("--cache", required=True, help="cache directory to write")
+    parser.add_argument(
+        "--teacher",
+        type=_teacher_spec,
+        action="append",
+        required=True,
+        help="NAME=RUN_DIR (a kdkit train-teacher output) or NAME=WEIGHTS.safetensors (with --model); repeatable",
+    )
+    parser.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    parser.add_argument(
+        "--model",
+        help="factory for NAME=WEIGHTS.safetensors teachers (given input_shape from the data "
+        "and num_classes = largest label + 1 unless --model_kwargs sets them)",
+    )
+    parser.add_argument("--model_kwargs", type=_json_dict, help="factory arguments as JSON")
+    parser.add_argument("--split", action="append", help="only these splits (default: all samples)")
+    parser.add_argument(
+        "--fused",
+        type=_fused_spec,
+        action="append",
+        help="also store NAME=a,b[:strategy] fused logits",
+    )
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.set_defaults(func=_cmd_dump_teacher)
+    return parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kdkit.demo import DemoConfig, run_demo
+
+    try:
+        config = DemoConfig(
+            output_dir=args.output_dir, quick=args.quick, seeds=args.seeds, progress=args.progress
+        )
+    except _CONFIG_ERRORS as exc:
+        args._parser.error(_message(exc))
+    _setup_logging()
+    try:
+        result = run_demo(config)
+    except ImportError as exc:  # an optional dependency of the demo is missing
+        print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
+        return 1
+    print(result.table)
+    print(f"\nreport: {result.report_path} (wall time {result.wall_time_s:.1f} s)")
+    return 0
+
+
+def _add_demo_parser(subparsers) -> argparse.ArgumentParser:
+    text = "the end-to-end demo on built-in data: teachers, cache, CE vs KD students, report"
+    parser = subparsers.add_parser("demo", help=text, description=text, allow_abbrev=False)
+    parser.add_argument("--output_dir", default="kdkit-demo", help="default: ./kdkit-demo")
+    parser.add_argument("--quick", action="store_true", help="tiny settings for CI (one seed)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default: 3; --quick: 1)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _add_cache_parser(subparsers) -> None:
+    try:
+        from kdkit.cache.cli import add_subcommands
+    except ImportError:
+        text = "inspect and verify teacher-logit caches (not available in this install)"
+        parser = subparsers.add_parser("cache", help=text, description=text)
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+
+        def _missing(args: argparse.Namespace) -> int:
+            args._parser.error("the cache subcommands (kdkit.cache.cli) are not available")
+
+        parser.set_defaults(func=_missing)
+        return
+    add_subcommands(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kdkit`` parser with every subcommand."""
+    from kdkit import __version__
+
+    parser = _Parser(
+        prog="kdkit",
+        description="Knowledge distillation for PyTorch: train teachers, cache logits, distil students.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"kdkit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train_parser(subparsers, "train-teacher", student=False)
+    _add_dump_parser(subparsers)
+    _add_train_parser(subparsers, "train-student", student=True)
+    _add_cache_parser(subparsers)
+    _add_demo_parser(subparsers)
+    return parser
+
+
+def _find_subparser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices.get(getattr(args, "command", None) or "")
+            if sub is not None:
+                return sub
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kdkit`` command line; return the exit status (2 for bad usage)."""
+    parser = build_parser()
+    try:
+        args, extras = parser.parse_known_args(argv)
+        args._parser = _find_subparser(parser, args)
+        if extras:
+            args._parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        func: Callable[[argparse.Namespace], int] = args.func
+        return int(func(args) or 0)
+    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else 1
+
+
+def entrypoint() -> None:
+    """Console-script entry point: ``sys.exit(main())``."""
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Datasets of dict samples: a manifest (JSONL or CSV) of feature files, or arrays in memory.
+
+Every kdkit training function takes any :class:`torch.utils.data.Dataset` whose items are
+dicts with these fields (the collated batch has the same keys):
+
+* ``features``: a float tensor (any shape; one sample, without the batch dimension);
+* ``label``: an ``int`` class index;
+* ``domain``: an ``int`` domain id (e.g. 0 = source device, 1, 2, ... = target devices);
+* ``path``: a ``str`` key identifying the sample (the teacher-logit cache is keyed by it).
+
+A *manifest* lists one sample per line with ``path``, ``label``, ``domain`` and ``split``
+(``domain`` defaults to 0 and ``split`` to ``"train"``).  Features are read from ``path``
+(``.npy`` with ``np.load(allow_pickle=False)``, or ``.npz`` holding a single array); a
+relative path is resolved against the manifest's directory, while the item's ``path``
+field keeps the string as written in the manifest, so cache keys do not depend on where
+the data set is mounted.
+
+JSONL::
+
+    {"path": "feats/0001.npy", "label": 3, "domain": 0, "split": "train"}
+
+CSV (header required)::
+
+    path,label,domain,split
+    feats/0001.npy,3,0,train
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "ArrayDataset",
+    "ManifestDataset",
+    "ManifestRecord",
+    "read_manifest",
+    "write_manifest",
+]
+
+_REQUIRED = ("path", "label")
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    """One manifest line: the sample's key/path, label, domain and split."""
+
+    path: str
+    label: int
+    domain: int = 0
+    split: str = "train"
+
+
+def _as_int(value: Any, field: str, where: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: {field} must be an integer, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {field} must be an integer, got {value!r}") from None
+    if not number.is_integer():
+        raise ValueError(f"{where}: {field} must be an integer, got {value!r}")
+    return int(number)
+
+
+def _record(row: dict[str, Any], where: str) -> ManifestRecord:
+    missing = [f for f in _REQUIRED if row.get(f) in (None, "")]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}; each sample needs path and label")
+    domain = row.get("domain")
+    split = row.get("split")
+    return ManifestRecord(
+        path=str(row["path"]),
+        label=_as_int(row["label"], "label", where),
+        domain=0 if domain in (None, "") else _as_int(domain, "domain", where),
+        split="train" if split in (None, "") else str(split),
+    )
+
+
+def read_manifest(path: str | Path) -> list[ManifestRecord]:
+    """Read a JSONL (``.jsonl``/``.json``/``.ndjson``) or CSV (``.csv``) manifest.
+
+    Raises:
+        FileNotFoundError: the manifest does not exist.
+        ValueError: an unknown extension, a malformed line (named by line number), a
+            missing ``path``/``label``, a non-integer label or domain, duplicate paths.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    records: list[ManifestRecord] = []
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{where}: each line must be a JSON object")
+                records.append(_record(row, where))
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not set(_REQUIRED) <= set(reader.fieldnames):
+                raise ValueError(
+                    f"{path}: the CSV header must name at least {list(_REQUIRED)}, "
+                    f"got {reader.fieldnames}"
+                )
+            for number, row in enumerate(reader, start=2):
+                records.append(_record(row, f"{path}:{number}"))
+    else:
+        raise ValueError(f"manifest {str(path)!r} must end in .jsonl, .json, .ndjson or .csv")
+    seen: set[str] = set()
+    for record in records:
+        if record.path in seen:
+            raise ValueError(f"{path}: duplicate path {record.path!r}")
+        seen.add(record.path)
+    return records
+
+
+def write_manifest(path: str | Path, records: Iterable[ManifestRecord]) -> Path:
+    """Write ``records`` as JSONL (or CSV when ``path`` ends in ``.csv``); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"path": r.path, "label": r.label, "domain": r.domain, "split": r.split} for r in records
+    ]
+    if path.suffix.lower() == ".csv":
+        with path.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["path", "label", "domain", "split"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _load_features(file: Path) -> np.ndarray:
+    if file.suffix.lower() == ".npz":
+        with np.load(file, allow_pickle=False) as archive:
+            names = list(archive.keys())
+            if len(names) != 1:
+                raise ValueError(f"{file}: an .npz feature file must hold one array, got {names}")
+            return archive[names[0]]
+    return np.load(file, allow_pickle=False)
+
+
+class ManifestDataset(Dataset):
+    """Samples listed in a manifest, features loaded lazily from ``.npy``/``.npz`` files.
+
+    Args:
+        manifest: Path of the JSONL or CSV manifest.
+        split: Keep only samples of this split (``None``: all); a sequence keeps several.
+        domains: Keep only samples of these domains (``None``: all).
+
+    Items are dicts ``{"features": float32 tensor, "label": int, "domain": int,
+    "path": str}``.
+
+    Raises:
+        ValueError: no sample matches ``split``/``domains`` (the message lists the splits
+            present), or see :func:`read_manifest`.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> root = Path(tempfile.mkdtemp())
+        >>> np.save(root / "a.npy", np.ones(3, dtype=np.float32))
+        >>> _ = write_manifest(root / "m.jsonl", [ManifestRecord("a.npy", 1, 0, "train")])
+        >>> item = ManifestDataset(root / "m.jsonl", split="train")[0]
+        >>> item["features"], item["label"], item["path"]
+        (tensor([1., 1., 1.]), 1, 'a.npy')
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        split: str | Sequence[str] | None = None,
+        domains: Iterable[int] | None = None,
+    ) -> None:
+        self.manifest = Path(manifest)
+        self.root = self.manifest.resolve().parent
+        records = read_manifest(self.manifest)
+        splits = None if split is None else ({split} if isinstance(split, str) else set(split))
+        keep_domains = None if domains is None else set(domains)
+        self.records = [
+            r
+            for r in records
+            if (splits is None or r.split in splits)
+            and (keep_domains is None or r.domain in keep_domains)
+        ]
+        if not self.records:
+            present = sorted({r.split for r in records})
+            raise ValueError(
+                f"{self.manifest}: no sample with split {split!r} and domains {domains!r} "
+                f"(splits present: {present})"
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        file = Path(record.path)
+        if not file.is_absolute():
+            file = self.root / file
+        features = torch.from_numpy(np.asarray(_load_features(file), dtype=np.float32))
+        return {
+            "features": features,
+            "label": record.label,
+            "domain": record.domain,
+            "path": record.path,
+        }
+
+
+class ArrayDataset(Dataset):
+    """Samples held in memory: ``features[i]``, ``labels[i]``, ``domains[i]``, ``paths[i]``.
+
+    Args:
+        features: ``[N, ...]`` array or tensor (stored as float32).
+        labels: ``[N]`` integer class indices.
+        domains: ``[N]`` integer domain ids (default: all 0).
+        paths: ``N`` unique keys (default: ``"sample-{i}"``).
+
+    Example:
+        >>> ds = ArrayDataset(np.zeros((2, 4)), [0, 1], domains=[0, 1])
+        >>> ds[1]["domain"], ds[1]["path"], tuple(ds[1]["features"].shape)
+        (1, 'sample-1', (4,))
+    """
+
+    def __init__(
+        self,
+        features: np.ndarray | torch.Tensor,
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        domains: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        paths: Sequence[str] | None = None,
+    ) -> None:
+        self.features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        n = self.features.shape[0]
+        self.labels = [int(x) for x in np.asarray(labels).reshape(-1)]
+        self.domains = [0] * n if domains is None else [int(x) for x in np.asarray(domains)]
+        self.paths = [f"sample-{i}" for i in range(n)] if paths is None else list(paths)
+        lengths = {len(self.labels), len(self.domains), len(self.paths)}
+        if lengths != {n}:
+            raise ValueError(
+                f"features has {n} samples but labels/domains/paths have lengths "
+                f"{len(self.labels)}/{len(self.domains)}/{len(self.paths)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {
+            "features": self.features[index],
+            "label": self.labels[index],
+            "domain": self.domains[index],
+            "path": self.paths[index],
+        }

@@ -1,0 +1,20 @@
+"""Training: :func:`train_student`, :func:`train_teacher`, :class:`TrainConfig`.
+
+Imports only torch and kdkit; tqdm, safetensors, TensorBoard and W&B are imported when
+used.
+"""
+
+from kdkit.train.checkpoints import load_model_from_run, load_weights
+from kdkit.train.config import TrainConfig, load_config_file
+from kdkit.train.loop import TrainResult, evaluate, train_student, train_teacher
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "load_config_file",
+    "load_model_from_run",
+    "load_weights",
+    "train_student",
+    "train_teacher",
+]

@@ -1,0 +1,323 @@
+"""The validated configuration of :func:`kdkit.train.train_student` and ``train_teacher``.
+
+Flow (as in the CLI): a TOML or YAML file (:func:`load_config_file`) -> overrides (CLI
+flags) -> :meth:`TrainConfig.from_dict` (validated, unknown keys rejected) -> library
+function; the resolved config is written next to the outputs as ``config.json``.
+
+File layout: :class:`TrainConfig` fields at the top level and the KD loss fields of
+:class:`~kdkit.losses.kd.KDLossConfig` in a ``kd`` table::
+
+    manifest = "data/manifest.jsonl"
+    model = "kdkit.models:mlp"
+    model_kwargs = { hidden = [64] }
+    cache = "cache/"
+    teacher = ["big", "cnn"]
+    fusion = "mean"
+    epochs = 30
+
+    [kd]
+    temperature = 4.0
+    kd_alpha = 0.7
+    kd_weighting = "pmax"
+    warmup_epochs = 5
+    kd_ramp_epochs = 10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from kdkit._validation import check_choice, is_real_number
+from kdkit.losses.kd import KDLossConfig
+
+__all__ = [
+    "FUSIONS",
+    "KD_ON",
+    "LR_SCHEDULES",
+    "OPTIMIZERS",
+    "TrainConfig",
+    "load_config_file",
+]
+
+KD_ON: tuple[str, ...] = ("all", "target")
+"""``'all'``: KD on every sample; ``'target'``: KD only on non-source-domain samples."""
+FUSIONS: tuple[str, ...] = ("mean", "weighted_mean", "prob_mean", "max_confidence")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+BEST_METRICS: tuple[str, ...] = ("acc", "source_acc", "target_acc")
+
+
+def recommended_kd() -> KDLossConfig:
+    """The specification's recommended KD settings (its ``train_student.py`` defaults)."""
+    return KDLossConfig(
+        temperature=4.0, kd_alpha=0.7, kd_weighting="pmax", warmup_epochs=5, kd_ramp_epochs=10
+    )
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; validated on construction (:meth:`validate`).
+
+    Data: ``manifest`` (JSONL/CSV, see :mod:`kdkit.data`), trained on ``train_split`` and
+    evaluated per domain on ``eval_split`` every epoch (``None``: no evaluation); both
+    may name several splits separated by commas (``"train,extra"``).  The
+    Python API may pass datasets instead of a manifest.
+
+    Model: ``model`` is an import string ``package.module:factory`` called with
+    ``model_kwargs`` (plus ``input_shape``/``num_classes`` from the data when accepted).
+
+    Teacher: ``cache`` is a teacher-logit cache directory; ``teacher`` names the cached
+    teacher(s) to distil from (``None``: the cache's only teacher); several are fused
+    with ``fusion`` (and ``fusion_weights`` for ``'weighted_mean'``).  Without a cache
+    the run is a plain cross-entropy baseline.  ``kd_on='target'`` applies KD only to
+    samples whose domain is not in ``source_domain``.  ``schedule_per_step`` advances the
+    warmup/ramp schedule per step (fractional epoch ``epoch + step / steps_per_epoch``)
+    instead of per epoch.
+
+    Loop: ``epochs`` in total; ``stop_after_epoch`` ends this invocation early (resume
+    later with ``resume=True``).  ``best_metric`` selects the best checkpoint.
+
+    Defaults of ``kd`` are the specification's recommended settings: T = 4, alpha = 0.7,
+    pmax weighting, 5 warmup epochs, 10 ramp epochs.
+
+    Example:
+        >>> config = TrainConfig.from_dict({"epochs": 3, "kd": {"kd_alpha": 0.5}})
+        >>> config.kd.kd_alpha, config.kd.temperature, config.epochs
+        (0.5, 4.0, 3)
+        >>> TrainConfig.from_dict({"epoch": 3})
+        Traceback (most recent call last):
+        ...
+        KeyError: "unknown TrainConfig field(s) ['epoch'] (did you mean 'epochs'?)"
+    """
+
+    manifest: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = "test"
+    model: str = "kdkit.models:mlp"
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_classes: int | None = None
+    cache: str | None = None
+    teacher: list[str] | None = None
+    fusion: str = "mean"
+    fusion_weights: list[float] | None = None
+    kd: KDLossConfig = dataclasses.field(default_factory=recommended_kd)
+    kd_on: str = "all"
+    source_domain: list[int] = dataclasses.field(default_factory=lambda: [0])
+    schedule_per_step: bool = False
+    epochs: int = 10
+    stop_after_epoch: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    lr_schedule: str = "cosine"
+    seed: int = 0
+    device: str = "cpu"
+    num_workers: int = 0
+    output_dir: str = "runs/student"
+    resume: bool = False
+    progress: bool = True
+    log_every: int = 1
+    best_metric: str = "acc"
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "kdkit"
+    wandb_mode: str = "offline"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kd, dict):  # fields not given keep the recommended values
+            self.kd = _kd_from_dict(self.kd)
+        if isinstance(self.teacher, str):
+            self.teacher = [t for t in self.teacher.split(",") if t]
+        if is_real_number(self.source_domain) or isinstance(self.source_domain, str):
+            self.source_domain = _int_list("source_domain", self.source_domain)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ``TypeError``/``ValueError`` naming field and value."""
+        _check_int("epochs", self.epochs, minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("num_workers", self.num_workers, minimum=0)
+        _check_int("log_every", self.log_every, minimum=1)
+        if self.stop_after_epoch is not None:
+            _check_int("stop_after_epoch", self.stop_after_epoch, minimum=1)
+        if self.num_classes is not None:
+            _check_int("num_classes", self.num_classes, minimum=2)
+        _check_float("lr", self.lr, positive=True)
+        _check_float("weight_decay", self.weight_decay)
+        _check_float("momentum", self.momentum)
+        for name in ("manifest", "cache", "eval_split"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string or None, got {value!r}")
+        for name in ("train_split", "model", "device", "output_dir", "wandb_project"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if not isinstance(self.model_kwargs, dict):
+            raise TypeError(f"model_kwargs must be a dict, got {self.model_kwargs!r}")
+        if not isinstance(self.kd, KDLossConfig):
+            raise TypeError(f"kd must be a KDLossConfig or dict, got {type(self.kd).__name__}")
+        self.kd.validate()
+        check_choice("kd_on", self.kd_on, KD_ON)
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("best_metric", self.best_metric, BEST_METRICS)
+        check_choice("wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        if self.teacher is not None and (
+            not isinstance(self.teacher, list)
+            or not self.teacher
+            or not all(isinstance(t, str) and t for t in self.teacher)
+        ):
+            raise TypeError(
+                f"teacher must be a non-empty list of names or None, got {self.teacher!r}"
+            )
+        if self.fusion_weights is not None:
+            if not isinstance(self.fusion_weights, list) or not all(
+                is_real_number(w) and math.isfinite(w) and w >= 0 for w in self.fusion_weights
+            ):
+                raise ValueError(
+                    f"fusion_weights must be a list of finite numbers >= 0, got {self.fusion_weights!r}"
+                )
+            if self.teacher is None or len(self.fusion_weights) != len(self.teacher):
+                raise ValueError(
+                    f"fusion_weights ({self.fusion_weights!r}) needs one weight per teacher "
+                    f"({self.teacher!r})"
+                )
+        self.source_domain = _int_list("source_domain", self.source_domain)
+        for name in ("schedule_per_step", "resume", "progress", "tensorboard", "wandb"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/TOML-friendly dict (``kd`` as a nested dict)."""
+        values = dataclasses.asdict(self)
+        values["kd"] = self.kd.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict; unknown keys raise ``KeyError`` naming them (with a hint)."""
+        if not isinstance(values, dict):
+            raise TypeError(f"a config must be a mapping, got {type(values).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            hints = [difflib.get_close_matches(u, known, n=1) for u in unknown]
+            hint = "; ".join(f"did you mean {h[0]!r}?" for h in hints if h)
+            raise KeyError(
+                f"unknown TrainConfig field(s) {unknown}" + (f" ({hint})" if hint else "")
+            )
+        return cls(**values)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved config as JSON; return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def _kd_from_dict(values: dict[str, Any]) -> KDLossConfig:
+    known = [f.name for f in dataclasses.fields(KDLossConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise KeyError(f"unknown kd field(s) {unknown}; expected some of {sorted(known)}")
+    return KDLossConfig(**{**recommended_kd().to_dict(), **values})
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: object, positive: bool = False) -> None:
+    if not is_real_number(value):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    x = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(x) or x < 0 or (positive and x == 0):
+        raise ValueError(
+            f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}"
+        )
+
+
+def _int_list(name: str, value: object) -> list[int]:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            return [int(p) for p in parts] or _raise_empty(name)
+        except ValueError:
+            raise ValueError(
+                f"{name} must be integers separated by commas, got {value!r}"
+            ) from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return list(value)
+    raise TypeError(f"{name} must be an integer or a non-empty list of integers, got {value!r}")
+
+
+def _raise_empty(name: str) -> list[int]:
+    raise ValueError(f"{name} must name at least one domain")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a ``.toml`` or ``.yaml``/``.yml`` config file into a dict (not yet validated).
+
+    TOML uses :mod:`tomllib` (Python >= 3.11) or the ``tomli`` package; YAML needs
+    ``pyyaml`` (``pip install kdkit[train]``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unknown extension, a parse error, or a top level that is not a table.
+        ImportError: the parser for the format is not installed (says what to install).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ModuleNotFoundError:
+                raise ImportError(
+                    "reading TOML on Python 3.10 needs the 'tomli' package (pip install tomli), "
+                    "or use a YAML config"
+                ) from None
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: invalid TOML: {exc}") from None
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            raise ImportError(
+                "reading YAML configs needs pyyaml (pip install 'kdkit[train]')"
+            ) from None
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: invalid YAML: {exc}") from None
+        values = {} if values is None else values
+    else:
+        raise ValueError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: the top level must be a table of settings")
+    return values
