@@ -66,7 +66,7 @@ class CacheIndex:
         """Map every file of the manifest now: the maps keep this generation readable even
         if a later dump deletes its files (sizes are checked on the way)."""
         for name in sorted(self.manifest["files"]):
-            self._file(name)
+            self._file(name, reopened=False)
 
     def copy(self) -> CacheIndex:
         """A new index over the same files, sharing this one's pinned maps."""
@@ -74,12 +74,15 @@ class CacheIndex:
         other._raw = dict(self._raw)
         return other
 
-    def _file(self, name: str) -> np.ndarray:
+    def _file(self, name: str, *, reopened: bool = True) -> np.ndarray:
+        """The map of file ``name``; mapped now if it was not pinned (e.g. after unpickling)."""
         if name not in self._raw:
             sizes = file_sizes(self.manifest)
             try:
                 self._raw[name] = map_file(self.path, name, sizes[name])
             except MissingFileError as e:
+                if not reopened:
+                    raise
                 raise MissingFileError(
                     f"{e} (a later dump may have replaced generation "
                     f"{self.manifest.get('generation')}; open the cache again with load_cache_index)"
