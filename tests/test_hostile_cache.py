@@ -452,3 +452,81 @@ def test_manifest_read_is_capped(template, tmp_path, monkeypatch):
     with pytest.raises(CacheError, match="larger than"):
         load_cache_index(d)
     assert asked == [MAX_MANIFEST_BYTES + 1]
+
+
+# -- a damaged unfinished dump (.partial) is discarded with a warning, never mixed in ---------
+
+
+class _FailsAfter(nn.Module):
+    """The template's teacher, raising on its ``calls``-th forward (an interrupted dump)."""
+
+    def __init__(self, inner, calls):
+        super().__init__()
+        self.inner, self.calls = inner, calls
+
+    def forward(self, x):
+        self.calls -= 1
+        if self.calls == 0:
+            raise RuntimeError("interrupted")
+        return self.inner(x)
+
+
+def _teacher():
+    teacher = nn.Linear(FEATURES, CLASSES)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.arange(CLASSES * FEATURES).reshape(CLASSES, FEATURES) % 5 - 2)
+        teacher.bias.zero_()
+    return teacher
+
+
+def _journal(d):
+    return d / ".partial" / "journal.json"
+
+
+def _edit_journal(fn):
+    def mutate(d):
+        state = json.loads(_journal(d).read_text())
+        fn(state)
+        _journal(d).write_text(json.dumps(state))
+
+    return mutate
+
+
+def _damage_chunk_file(suffix, data):
+    def mutate(d):
+        (next((d / ".partial").glob(f"chunk-000000{suffix}"))).write_bytes(data)
+
+    return mutate
+
+
+PARTIAL_DAMAGE = {
+    "journal-not-json": lambda d: _journal(d).write_bytes(b"\x00{"),
+    "chunks-not-a-list": _edit_journal(lambda s: s.__setitem__("chunks", {"a": 1})),
+    "chunk-path-escape": _edit_journal(lambda s: s["chunks"][0].__setitem__("keys", "../../x")),
+    "chunk-rows-string": _edit_journal(lambda s: s["chunks"][0].__setitem__("rows", "4")),
+    "chunk-logits-truncated": _damage_chunk_file(".a.bin", b"\0" * 7),
+    "chunk-old-rows-out-of-range": _damage_chunk_file(".old_rows.bin", b"\x7f" * 32),
+    "chunk-keys-pickle": _damage_chunk_file(".keys.txt", pickle.dumps(_Payload("/nonexistent"))),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(PARTIAL_DAMAGE))
+def test_damaged_unfinished_dump_is_discarded(damage, template, tmp_path):
+    d = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        dump_teacher_logits(
+            {"a": _FailsAfter(_teacher(), 3)},
+            make_items(),
+            d,
+            batch_size=2,
+            checkpoint_rows=2,
+            progress=False,
+        )
+    assert _journal(d).is_file()
+    PARTIAL_DAMAGE[damage](d)
+    with pytest.warns(UserWarning, match=r"discarding the unfinished dump"):
+        dump_teacher_logits({"a": _FailsAfter(_teacher(), 0)}, make_items(), d, progress=False)
+    verify_cache(d)
+    want = load_cached_logits(KEYS, template)
+    assert torch.equal(load_cached_logits(KEYS, d), want)
+    assert not (d / ".partial").exists()

@@ -88,6 +88,11 @@ def normalize_key(key: object) -> str:
     return posixpath.normpath(text.replace("\\", "/"))
 
 
+def is_file_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name kdkit may use inside a cache (no path)."""
+    return isinstance(name, str) and _FILE_NAME.fullmatch(name) is not None
+
+
 def check_teacher_name(name: object) -> str:
     """Raise unless ``name`` is usable as a teacher name (it becomes part of a file name)."""
     if not isinstance(name, str) or not _TEACHER_NAME.fullmatch(name):
@@ -250,7 +255,7 @@ def _check_manifest_fields(m: dict[str, Any], where: str) -> None:
     if not isinstance(files, dict):
         raise bad("files", files, "an object {file name: {bytes, blake2b}}")
     for name, info in files.items():
-        if not _FILE_NAME.fullmatch(name):
+        if not is_file_name(name):
             raise CacheError(f"{where} names an invalid data file {name!r}")
         if not isinstance(info, dict) or not _is_int(info.get("bytes"), 0, 2**62):
             raise bad(f"files[{name!r}]", info, "an object with 'bytes' (an integer >= 0)")
