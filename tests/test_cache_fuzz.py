@@ -8,7 +8,8 @@ checks -- then runs every public reader.  The only exceptions allowed out are th
 ones: :class:`kdkit.cache.CacheError` for every corrupt-cache condition, and ``KeyError``
 when a corrupted key index no longer finds a requested key.  No other exception, no crash,
 no hang (each reader is bounded by the tiny cache) and no unbounded allocation (the
-manifest read is capped, sizes are checked before anything is mapped).
+manifest read is capped, sizes are checked before anything is mapped; the peak traced
+allocation of every example stays under 64 MiB).
 
 CI runs ``KDKIT_FUZZ_EXAMPLES`` examples (default 150, about 10 s); a long run:
 ``KDKIT_FUZZ_EXAMPLES=20000 python -m pytest tests/test_cache_fuzz.py`` (see
@@ -23,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,7 @@ EXAMPLES = int(os.environ.get("KDKIT_FUZZ_EXAMPLES", "150"))
 N, FEATURES = 10, 3
 KEYS = [f"s/{i}" for i in range(N)]
 ALLOWED = (CacheError, KeyError)
+PEAK_BYTES = 64 << 20  # per example, all readers together
 
 
 def _items():
@@ -213,7 +216,13 @@ def test_fuzzed_cache_gives_documented_errors_only(template, data):
             except (ValueError, TypeError):  # e.g. a dict key hypothesis made unencodable
                 raw = b"{"
         (d / "manifest.json").write_bytes(raw)
-        _run_readers(d)
+        tracemalloc.start()
+        try:
+            _run_readers(d)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < PEAK_BYTES, f"peak allocation {peak} bytes"
 
 
 def test_unmutated_template_reads_cleanly(template):

@@ -317,7 +317,7 @@ def _is_fusion_spec(spec: object, teachers: dict[str, Any], *, allow_name: bool)
         return weights is None
     try:
         _check_weights(weights, len(members))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # float(10**400) overflows
         return False
     return True
 
