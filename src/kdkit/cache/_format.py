@@ -6,16 +6,20 @@ are raw little-endian arrays, keys are UTF-8 text, metadata is JSON.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kdkit.fusion import FUSION_STRATEGIES, _check_weights
 
 FORMAT_NAME = "kdkit-teacher-logits"
 FORMAT_VERSION = 1
@@ -33,11 +37,20 @@ KEY_NORMALIZATION = {
 }
 _TEACHER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_HEX128 = re.compile(r"^[0-9a-f]{128}$")
 _READ_BLOCK = 1 << 22
+MAX_MANIFEST_BYTES = 16 << 20
+"""A manifest is a few hundred bytes per teacher; larger files are refused unread."""
+MAX_ROWS = 2**40
+MAX_CLASSES = 2**31
 
 
 class CacheError(ValueError):
     """A teacher-logit cache on disk is missing, truncated, altered or inconsistent."""
+
+
+class MissingFileError(CacheError):
+    """A file named by the manifest does not exist (deleted, or replaced by a later dump)."""
 
 
 def normalize_key(key: object) -> str:
@@ -75,9 +88,14 @@ def normalize_key(key: object) -> str:
     return posixpath.normpath(text.replace("\\", "/"))
 
 
+def is_file_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name kdkit may use inside a cache (no path)."""
+    return isinstance(name, str) and _FILE_NAME.fullmatch(name) is not None
+
+
 def check_teacher_name(name: object) -> str:
     """Raise unless ``name`` is usable as a teacher name (it becomes part of a file name)."""
-    if not isinstance(name, str) or not _TEACHER_NAME.match(name):
+    if not isinstance(name, str) or not _TEACHER_NAME.fullmatch(name):
         raise ValueError(
             "teacher names must be 1-128 characters from [A-Za-z0-9_.-] not starting with "
             f"'.' or '-', got {name!r}"
@@ -125,11 +143,20 @@ def fsync_dir(path: Path) -> None:
 def write_bytes_durably(path: Path, chunks: Iterable[bytes]) -> None:
     """Write ``chunks`` to ``path`` via a temporary file, fsync, then ``os.replace``."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(
+            e.errno,
+            f"{e.strerror or e}: could not write {path} (files already committed are intact; "
+            "free the space and run the dump again to resume)",
+        ) from e
     os.replace(tmp, path)
 
 
@@ -144,10 +171,11 @@ def write_keys_text(path: Path, keys: Sequence[str]) -> None:
     write_bytes_durably(path, ["".join(k + "\n" for k in keys).encode("utf-8")])
 
 
-def read_keys_text(path: Path, expected: int) -> list[str]:
-    """Read a keys file written by :func:`write_keys_text`; raise :class:`CacheError` if wrong."""
+def read_keys_text(path: Path, expected: int, data: bytes | None = None) -> list[str]:
+    """Read a keys file written by :func:`write_keys_text` (or decode its bytes ``data``);
+    raise :class:`CacheError` if wrong."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = (path.read_bytes() if data is None else data).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CacheError(f"cannot read keys file {path.name!r} in {path.parent}: {e}") from e
     keys = text.split("\n")
@@ -159,46 +187,152 @@ def read_keys_text(path: Path, expected: int) -> list[str]:
     return keys[:-1]
 
 
+def _read_capped(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``; :class:`CacheError` if it holds more than ``limit`` bytes."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        del data  # not kept alive by the traceback
+        raise CacheError(
+            f"{path.name} in {path.parent} is larger than {limit} bytes: not a kdkit manifest "
+            "(refusing to read it)"
+        )
+    return data
+
+
+def _is_int(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def read_manifest(cache_dir: Path) -> dict[str, Any]:
-    """Load and sanity-check ``manifest.json``; raise :class:`CacheError` if unusable."""
+    """Load and validate ``manifest.json``; raise :class:`CacheError` if unusable.
+
+    At most :data:`MAX_MANIFEST_BYTES` are read.  Every field the readers use is checked
+    here (types, ranges, file names inside the cache), so later code can trust it.
+    """
     path = cache_dir / MANIFEST
     if not path.is_file():
         raise CacheError(
             f"{cache_dir} is not a kdkit teacher-logit cache: {MANIFEST} is missing "
             "(a dump that never finished leaves no manifest; run dump_teacher_logits again to resume)"
         )
+    check_inside(cache_dir, MANIFEST)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = _read_capped(path, MAX_MANIFEST_BYTES)
+    except OSError as e:
+        raise CacheError(f"cannot read {MANIFEST} in {cache_dir}: {e}") from e
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CacheError(f"{MANIFEST} in {cache_dir} is not valid UTF-8 JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{MANIFEST} in {cache_dir} is not a {FORMAT_NAME!r} manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if not _is_int(version, FORMAT_VERSION, FORMAT_VERSION):
         raise CacheError(
             f"{cache_dir} uses cache format version {version!r}; this kdkit reads version "
             f"{FORMAT_VERSION}"
         )
-    for field in ("num_samples", "teachers", "files", "keys"):
-        if field not in manifest:
-            raise CacheError(f"{MANIFEST} in {cache_dir} lacks the field {field!r}")
-    for name in manifest["files"]:
-        if not isinstance(name, str) or not _FILE_NAME.match(name):
-            raise CacheError(f"{MANIFEST} in {cache_dir} names an invalid data file {name!r}")
-    named = [manifest["keys"].get("file"), manifest["keys"].get("index")]
-    named += [t.get("file") for t in manifest["teachers"].values()]
-    unlisted = [n for n in named if n not in manifest["files"]]
-    if unlisted:
-        raise CacheError(
-            f"{MANIFEST} in {cache_dir} uses files without a checksum entry: {unlisted!r}"
-        )
-    for name, info in manifest["teachers"].items():
-        check_teacher_name(name)
-        if info.get("dtype") not in DTYPES:
-            raise CacheError(
-                f"teacher {name!r} in {cache_dir} has unknown dtype {info.get('dtype')!r}"
-            )
+    _check_manifest_fields(manifest, f"{MANIFEST} in {cache_dir}")
     return manifest
+
+
+def _check_manifest_fields(m: dict[str, Any], where: str) -> None:
+    def bad(field: str, value: object, want: str) -> CacheError:
+        shown_value = repr(value)
+        if len(shown_value) > 80:
+            shown_value = shown_value[:77] + "..."
+        return CacheError(f"{where}: {field} must be {want}, got {shown_value}")
+
+    for field in ("num_samples", "teachers", "files", "keys"):
+        if field not in m:
+            raise CacheError(f"{where} lacks the field {field!r}")
+    if not _is_int(m["num_samples"], 0, MAX_ROWS):
+        raise bad("num_samples", m["num_samples"], f"an integer in [0, {MAX_ROWS}]")
+    if "generation" in m and not _is_int(m["generation"], 0, 2**62):
+        raise bad("generation", m["generation"], "a non-negative integer")
+    files = m["files"]
+    if not isinstance(files, dict):
+        raise bad("files", files, "an object {file name: {bytes, blake2b}}")
+    for name, info in files.items():
+        if not is_file_name(name):
+            raise CacheError(f"{where} names an invalid data file {name!r}")
+        if not isinstance(info, dict) or not _is_int(info.get("bytes"), 0, 2**62):
+            raise bad(f"files[{name!r}]", info, "an object with 'bytes' (an integer >= 0)")
+        digest = info.get(CHECKSUM)
+        if not isinstance(digest, str) or not _HEX128.match(digest):
+            raise bad(f"files[{name!r}][{CHECKSUM!r}]", digest, "128 hex digits")
+    keys = m["keys"]
+    if not isinstance(keys, dict):
+        raise bad("keys", keys, "an object {file, index, hash}")
+    named = [keys.get("file"), keys.get("index")]
+    teachers = m["teachers"]
+    if not isinstance(teachers, dict):
+        raise bad("teachers", teachers, "an object {name: {...}}")
+    for name, info in teachers.items():
+        if not _TEACHER_NAME.fullmatch(name):
+            raise CacheError(f"{where} names an invalid teacher {name!r}")
+        if not isinstance(info, dict):
+            raise bad(f"teachers[{name!r}]", info, "an object")
+        if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
+            raise CacheError(f"{where}: teacher {name!r} has unknown dtype {info.get('dtype')!r}")
+        if not _is_int(info.get("num_classes"), 1, MAX_CLASSES):
+            raise bad(
+                f"teachers[{name!r}]['num_classes']",
+                info.get("num_classes"),
+                f"an integer in [1, {MAX_CLASSES}]",
+            )
+        fused = info.get("fused")
+        if fused is not None and not _is_fusion_spec(fused, teachers, allow_name=False):
+            raise bad(
+                f"teachers[{name!r}]['fused']", fused, "null or {teachers, strategy, weights}"
+            )
+        named.append(info.get("file"))
+    default = m.get("default_fusion")
+    if default is not None and not _is_fusion_spec(default, teachers, allow_name=True):
+        raise bad(
+            "default_fusion", default, "null, {'teacher': name} or {strategy, teachers, weights}"
+        )
+    unlisted = [n for n in named if not isinstance(n, str) or n not in files]
+    if unlisted:
+        raise CacheError(f"{where} uses files without a checksum entry: {unlisted!r}")
+    if len(set(named)) != len(named):
+        raise CacheError(f"{where} uses one file for two purposes: {named!r}")
+
+
+def _is_fusion_spec(spec: object, teachers: dict[str, Any], *, allow_name: bool) -> bool:
+    if not isinstance(spec, dict):
+        return False
+    if allow_name and "teacher" in spec:
+        return isinstance(spec["teacher"], str) and spec["teacher"] in teachers
+    members, weights, strategy = spec.get("teachers"), spec.get("weights"), spec.get("strategy")
+    if not (
+        strategy in FUSION_STRATEGIES
+        and isinstance(members, list)
+        and members
+        and all(isinstance(t, str) and t in teachers for t in members)
+    ):
+        return False
+    if strategy != "weighted_mean":
+        return weights is None
+    try:
+        _check_weights(weights, len(members))
+    except (TypeError, ValueError, OverflowError):  # float(10**400) overflows
+        return False
+    return True
+
+
+def check_inside(cache_dir: Path, name: str) -> Path:
+    """``cache_dir / name``; :class:`CacheError` if it is a link leading out of the cache."""
+    path = cache_dir / name
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(cache_dir.resolve()):
+            raise CacheError(
+                f"cache file {name!r} in {cache_dir} is a symbolic link to {str(target)!r}, "
+                "outside the cache: refused"
+            )
+    return path
 
 
 def expected_sizes(manifest: dict[str, Any]) -> dict[str, int]:
@@ -211,22 +345,58 @@ def expected_sizes(manifest: dict[str, Any]) -> dict[str, int]:
     return sizes
 
 
-def check_files(cache_dir: Path, manifest: dict[str, Any], *, checksums: bool) -> None:
-    """Raise :class:`CacheError` naming the first missing, truncated or altered file."""
-    sizes = expected_sizes(manifest)
-    for name, info in sorted(manifest["files"].items()):
-        path = cache_dir / name
-        if not path.is_file():
-            raise CacheError(f"cache file {name!r} is missing from {cache_dir}")
-        size = path.stat().st_size
-        want = sizes.get(name, info["bytes"])
-        if size != info["bytes"] or size != want:
+def map_file(cache_dir: Path, name: str, want: int) -> np.ndarray:
+    """Read-only ``uint8`` memory map of the cache file ``name`` of ``want`` bytes.
+
+    Raises :class:`CacheError` (a :class:`MissingFileError` if absent) naming the file if
+    it is missing, not a regular file (a FIFO would block), a link out of the cache, or of
+    another size.  The map keeps the file's contents readable even if a later dump deletes
+    the file (POSIX).
+    """
+    path = check_inside(cache_dir, name)
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise CacheError(f"cache file {name!r} in {cache_dir} is not a regular file")
+        if st.st_size != want:
             raise CacheError(
-                f"cache file {name!r} in {cache_dir} has {size} bytes, expected {want} "
+                f"cache file {name!r} in {cache_dir} has {st.st_size} bytes, expected {want} "
                 "(truncated or altered)"
             )
-        if checksums and file_checksum(path) != info[CHECKSUM]:
+        if want == 0:
+            return np.zeros(0, dtype=np.uint8)
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+    except FileNotFoundError as e:
+        raise MissingFileError(f"cache file {name!r} is missing from {cache_dir}") from e
+    except OSError as e:
+        raise CacheError(f"cannot open cache file {name!r} in {cache_dir}: {e}") from e
+    if raw.shape[0] != want:  # replaced between stat and open
+        raise CacheError(
+            f"cache file {name!r} in {cache_dir} has {raw.shape[0]} bytes, expected {want} "
+            "(truncated or altered)"
+        )
+    return raw
+
+
+def file_sizes(manifest: dict[str, Any]) -> dict[str, int]:
+    """The byte size of every file of the manifest; :class:`CacheError` if it contradicts
+    the shapes (``num_samples``, ``num_classes``, dtypes)."""
+    derived = expected_sizes(manifest)
+    sizes = {}
+    for name, info in sorted(manifest["files"].items()):
+        want = derived.get(name, info["bytes"])
+        if info["bytes"] != want:
             raise CacheError(
-                f"cache file {name!r} in {cache_dir} does not match its {CHECKSUM} checksum "
-                "(altered or corrupted)"
+                f"{MANIFEST} records {info['bytes']} bytes for {name!r} but its shape "
+                f"(num_samples={manifest['num_samples']}) implies {want}"
             )
+        sizes[name] = want
+    return sizes
+
+
+def checksum_of(raw: np.ndarray) -> str:
+    """Streamed BLAKE2b (64-byte digest, hex) of a mapped file."""
+    h = hashlib.blake2b()
+    for start in range(0, raw.shape[0], _READ_BLOCK):
+        h.update(memoryview(raw[start : start + _READ_BLOCK]))
+    return h.hexdigest()

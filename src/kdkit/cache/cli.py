@@ -35,10 +35,11 @@ def cache_info(args: argparse.Namespace) -> int:
     m: dict[str, Any] = index.manifest
     total = sum(f["bytes"] for f in m["files"].values())
     print(f"cache:       {index.path}")
-    print(f"format:      {m['format']} v{m['format_version']} (kdkit {m['kdkit_version']})")
+    print(f"format:      {m['format']} v{m['format_version']} (kdkit {m.get('kdkit_version')})")
     print(f"samples:     {index.num_samples}")
     print(f"size:        {_size(total)} in {len(m['files'])} files")
-    print(f"keys:        {m['key_normalization']['rule']}")
+    rule = m.get("key_normalization")
+    print(f"keys:        {rule.get('rule') if isinstance(rule, dict) else rule}")
     print("teachers:")
     for name, t in sorted(m["teachers"].items()):
         fused = ""

@@ -50,7 +50,7 @@ class TeacherLogitsDataset(Dataset):
         self.dataset = dataset
         # A private copy: its memory maps belong to this wrapper (and to each worker's copy).
         index = as_index(cache)
-        self.cache = CacheIndex(index.path, index.manifest)
+        self.cache = index.copy()
         self._selection = resolve_selection(self.cache, teacher, fusion, weights)
         self.key_field = key_field
         self.output_field = output_field

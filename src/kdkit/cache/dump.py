@@ -45,6 +45,7 @@ from kdkit.cache._format import (
     file_checksum,
     fsync_dir,
     hash_keys,
+    is_file_name,
     normalize_key,
     read_keys_text,
     shown,
@@ -183,6 +184,12 @@ def _batch_keys(batch: Any, key_field: str, key_fn: Callable[[Any], Any] | None)
 # ---------------------------------------------------------------------------------------
 
 
+def _base_generation(state: dict[str, Any]) -> int:
+    config = state.get("config")
+    value = config.get("base_generation") if isinstance(config, dict) else None
+    return value if isinstance(value, int) else -1
+
+
 class _Journal:
     """Chunks committed by this and earlier (interrupted) runs of the same dump."""
 
@@ -200,16 +207,32 @@ class _Journal:
         if path.is_file():
             try:
                 state = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                state = None
+            except (OSError, ValueError, RecursionError):
+                state = "unreadable"
             if isinstance(state, dict) and state.get("config") == config:
-                self.chunks = state["chunks"]
-                for chunk in self.chunks:
-                    for name, c in chunk["num_classes"].items():
-                        self.num_classes[name] = c
-                keys = [k for chunk in self.chunks for k in self.chunk_keys(chunk)]
-                self.prior_hashes = hash_keys(keys)
-                self.prior_hit = np.zeros(len(keys), dtype=bool)
+                try:
+                    self._load_chunks(state["chunks"])
+                except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:
+                    self.chunks, self.num_classes = [], {}
+                    warnings.warn(
+                        f"discarding the unfinished dump in {root}: its journal or chunk files "
+                        f"are damaged ({e})",
+                        stacklevel=3,
+                    )
+            elif state == "unreadable":
+                warnings.warn(
+                    f"discarding the unfinished dump in {root}: {JOURNAL} is not readable JSON",
+                    stacklevel=3,
+                )
+            elif isinstance(state, dict) and _base_generation(state) < config["base_generation"]:
+                # Left by a dump onto an older generation: normally a dump that committed
+                # and then crashed before deleting .partial, so nothing is lost.
+                warnings.warn(
+                    f"removing the leftovers of a dump in {root} made on generation "
+                    f"{_base_generation(state)} of the cache, now at generation "
+                    f"{config['base_generation']}",
+                    stacklevel=3,
+                )
             elif state is not None:
                 warnings.warn(
                     f"discarding the unfinished dump in {root}: it was made with other teachers, "
@@ -221,6 +244,33 @@ class _Journal:
         root.mkdir(parents=True, exist_ok=True)
         self._prior_order = np.lexsort((self.prior_hashes[:, 1], self.prior_hashes[:, 0]))
         self._prior_sorted = self.prior_hashes[self._prior_order]
+
+    def _load_chunks(self, chunks: object) -> None:
+        """Adopt the chunks of an earlier run after checking names, sizes and row numbers."""
+        if not isinstance(chunks, list):
+            raise TypeError(f"chunks must be a list, got {type(chunks).__name__}")
+        itemsize = np.dtype(DTYPES[self.config["dtype"]]).itemsize
+        base_rows = self.config["base_num_samples"]
+        keys: list[str] = []
+        for chunk in chunks:
+            rows, files = chunk["rows"], chunk["files"]
+            names = [chunk["keys"], chunk["old_rows"], *files.values()]
+            if not all(is_file_name(n) for n in names) or set(files) - set(self.config["teachers"]):
+                raise ValueError(f"a chunk names unexpected files {names!r}")
+            old_rows = np.fromfile(self.root / chunk["old_rows"], dtype="<i8")
+            if len(old_rows) != rows or ((old_rows < -1) | (old_rows >= base_rows)).any():
+                raise ValueError(f"{chunk['old_rows']} does not hold {rows} valid row numbers")
+            for name, file in files.items():
+                want = int(chunk["teacher_rows"][name]) * int(chunk["num_classes"][name]) * itemsize
+                if (self.root / file).stat().st_size != want or want < 0:
+                    raise ValueError(f"{file} does not have the {want} bytes the journal records")
+            keys += self.chunk_keys(chunk)
+        self.chunks = chunks
+        for chunk in chunks:
+            for name, c in chunk["num_classes"].items():
+                self.num_classes[name] = int(c)
+        self.prior_hashes = hash_keys(keys)
+        self.prior_hit = np.zeros(len(keys), dtype=bool)
 
     def chunk_keys(self, chunk: dict[str, Any]) -> list[str]:
         return read_keys_text(self.root / chunk["keys"], chunk["rows"])

@@ -18,10 +18,14 @@ import numpy as np
 import torch
 
 from kdkit.cache._format import (
+    CHECKSUM,
     DTYPES,
     CacheError,
-    check_files,
+    MissingFileError,
+    checksum_of,
+    file_sizes,
     hash_keys,
+    map_file,
     normalize_key,
     read_keys_text,
     read_manifest,
@@ -32,6 +36,7 @@ from kdkit.fusion import FUSION_STRATEGIES, fuse_teacher_logits
 __all__ = ["CacheIndex", "load_cache_index", "load_cached_logits", "verify_cache"]
 
 _FENCE = 16
+_OPEN_ATTEMPTS = 3
 
 
 class CacheIndex:
@@ -52,9 +57,37 @@ class CacheIndex:
     def __init__(self, path: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
         self.path = Path(path)
         self.manifest = manifest
+        self._raw: dict[str, np.ndarray] = {}  # file name -> read-only uint8 memory map
         self._maps: dict[str, np.ndarray] = {}
         self._index: np.ndarray | None = None
         self._fence: np.ndarray | None = None
+
+    def _pin(self) -> None:
+        """Map every file of the manifest now: the maps keep this generation readable even
+        if a later dump deletes its files (sizes are checked on the way)."""
+        for name in sorted(self.manifest["files"]):
+            self._file(name, reopened=False)
+
+    def copy(self) -> CacheIndex:
+        """A new index over the same files, sharing this one's pinned maps."""
+        other = CacheIndex(self.path, self.manifest)
+        other._raw = dict(self._raw)
+        return other
+
+    def _file(self, name: str, *, reopened: bool = True) -> np.ndarray:
+        """The map of file ``name``; mapped now if it was not pinned (e.g. after unpickling)."""
+        if name not in self._raw:
+            sizes = file_sizes(self.manifest)
+            try:
+                self._raw[name] = map_file(self.path, name, sizes[name])
+            except MissingFileError as e:
+                if not reopened:
+                    raise
+                raise MissingFileError(
+                    f"{e} (a later dump may have replaced generation "
+                    f"{self.manifest.get('generation')}; open the cache again with load_cache_index)"
+                ) from e
+        return self._raw[name]
 
     # -- descriptive attributes -----------------------------------------------------------
     @property
@@ -99,24 +132,16 @@ class CacheIndex:
         """``uint64 [3, N]``: hash high words (sorted), hash low words, row numbers."""
         if self._index is None:
             n = self.num_samples
-            if n == 0:
-                self._index = np.zeros((3, 0), dtype=np.uint64)
-            else:
-                self._index = np.memmap(
-                    self.path / self.manifest["keys"]["index"], dtype="<u8", mode="r", shape=(3, n)
-                )
+            raw = self._file(self.manifest["keys"]["index"])
+            self._index = raw.view("<u8").reshape(3, n)
         return self._index
 
     def _logits_map(self, teacher: str) -> np.ndarray:
         if teacher not in self._maps:
             info = self.manifest["teachers"][teacher]
             shape = (self.num_samples, int(info["num_classes"]))
-            if self.num_samples == 0:
-                self._maps[teacher] = np.zeros(shape, dtype=DTYPES[info["dtype"]])
-            else:
-                self._maps[teacher] = np.memmap(
-                    self.path / info["file"], dtype=DTYPES[info["dtype"]], mode="r", shape=shape
-                )
+            raw = self._file(info["file"])
+            self._maps[teacher] = raw.view(DTYPES[info["dtype"]]).reshape(shape)
         return self._maps[teacher]
 
     # -- lookups ---------------------------------------------------------------------------
@@ -154,6 +179,11 @@ class CacheIndex:
             match = np.nonzero(lows == hashes[i, 1])[0]
             if match.size:
                 out[i] = int(index[2][pos[i] + match[0]])
+        if (out >= n).any():
+            raise CacheError(
+                f"cache file {self.manifest['keys']['index']!r} in {self.path} points at rows "
+                f"beyond num_samples={n} (corrupted; run verify_cache)"
+            )
         return out
 
     def __contains__(self, key: object) -> bool:
@@ -167,25 +197,44 @@ class CacheIndex:
 
     def keys(self) -> list[str]:
         """All cached keys (normalised), in row order.  Reads the whole keys file."""
-        return read_keys_text(self.path / self.manifest["keys"]["file"], self.num_samples)
+        name = self.manifest["keys"]["file"]
+        return read_keys_text(self.path / name, self.num_samples, bytes(self._file(name)))
 
     def read(self, teacher: str, rows: np.ndarray) -> np.ndarray:
         """``float32 [len(rows), C]`` logits of ``teacher`` at ``rows`` (one vectorised read)."""
         data = self._logits_map(teacher)
         unique, inverse = np.unique(rows, return_inverse=True)
         block = data[unique]  # one read of sorted unique rows, in the stored dtype
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():  # stored values are always finite: the file was altered
+            raise CacheError(
+                f"cache file {self.manifest['teachers'][teacher]['file']!r} in {self.path} holds "
+                f"NaN/Inf at row(s) {unique[~finite][:5].tolist()} (corrupted; run verify_cache)"
+            )
         return block[inverse.reshape(-1)].astype(np.float32)
 
     def verify(self) -> None:
-        """Check every file's size and checksum; raise :class:`CacheError` naming a bad file."""
-        check_files(self.path, self.manifest, checksums=True)
+        """Check every file's size and checksum, that the key index matches the keys and
+        that keys are unique; raise :class:`CacheError` naming a bad file."""
+        for name, entry in sorted(self.manifest["files"].items()):
+            if checksum_of(self._file(name)) != entry[CHECKSUM]:
+                raise CacheError(
+                    f"cache file {name!r} in {self.path} does not match its {CHECKSUM} checksum "
+                    "(altered or corrupted)"
+                )
         info = self.manifest["keys"]
-        keys = read_keys_text(self.path / info["file"], self.num_samples)
+        keys = self.keys()
         if self.num_samples:
             hashes = hash_keys(keys)
             order = np.lexsort((hashes[:, 1], hashes[:, 0]))
             index = np.asarray(self._key_index())
             expected = hashes[order]
+            same = (expected[1:] == expected[:-1]).all(axis=1)
+            if same.any():
+                dup = sorted({keys[i] for i in order[1:][same]})
+                raise CacheError(
+                    f"cache file {info['file']!r} in {self.path} holds duplicate keys: {shown(dup)}"
+                )
             if not (
                 np.array_equal(index[0], expected[:, 0])
                 and np.array_equal(index[1], expected[:, 1])
@@ -198,10 +247,12 @@ class CacheIndex:
 
 
 def load_cache_index(cache_dir: str | os.PathLike[str]) -> CacheIndex:
-    """Open the teacher-logit cache in ``cache_dir`` (reads ``manifest.json`` only).
+    """Open the teacher-logit cache in ``cache_dir``: read ``manifest.json``, map its files.
 
     File sizes are checked against the shapes in the manifest (cheap); checksums are checked
-    by :func:`verify_cache` / :meth:`CacheIndex.verify`.
+    by :func:`verify_cache` / :meth:`CacheIndex.verify`.  The index keeps the files of the
+    generation it opened mapped, so a later dump into the same directory does not change or
+    break what it reads (a pickled copy maps the files again when first used).
 
     Raises:
         CacheError: no manifest (e.g. an unfinished dump), unknown format version, or a
@@ -219,8 +270,21 @@ def load_cache_index(cache_dir: str | os.PathLike[str]) -> CacheIndex:
     """
     path = Path(cache_dir)
     manifest = read_manifest(path)
-    check_files(path, manifest, checksums=False)
-    return CacheIndex(path, manifest)
+    for _ in range(_OPEN_ATTEMPTS):
+        index = CacheIndex(path, manifest)
+        try:
+            index._pin()
+            return index
+        except MissingFileError:
+            # A dump may have committed a new manifest and deleted this one's files between
+            # our reading the manifest and mapping them: retry with the new manifest.
+            latest = read_manifest(path)
+            if latest == manifest:
+                raise
+            manifest = latest
+    index = CacheIndex(path, manifest)
+    index._pin()
+    return index
 
 
 def verify_cache(cache_dir: str | os.PathLike[str]) -> CacheIndex:
