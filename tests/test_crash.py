@@ -14,9 +14,8 @@
 
 * ``test_checkpoint_*``: ``train_student``'s ``checkpoints/last`` interrupted at each of
   its three file replacements (before and after), and ENOSPC while writing its weights or
-  its optimiser state; the resumed run must equal the uninterrupted one bitwise.  Six of
-  these are strict xfails documenting a bug in ``kdkit.train`` (torn checkpoint, temporary
-  file left behind), see ``docs/reliability.md``.
+  its optimiser state; the resumed run must equal the uninterrupted one bitwise, and no
+  temporary file may be left behind (``last_state.pt`` is the single commit point).
 
 Teachers are integer-weight linear maps on small-integer features, so logits are exact in
 float32 whatever the batch composition: "bitwise equal" is a fair requirement.
@@ -374,25 +373,15 @@ def uninterrupted(tmp_path_factory):
 
 # Replacements per epoch: best weights, best json (when the metric improves), last weights,
 # last json, last state.  Crash points are in the second epoch's checkpoint.
-# Known bug (reported, code owned by kdkit.train): between the replacement of
-# last.safetensors and that of last_state.pt the checkpoint is torn -- new weights with the
-# previous epoch's optimiser, RNG and epoch number -- and a resume silently trains that
-# epoch twice.  Strict xfail: these turn into failures ("XPASS") once it is fixed.
-TORN = pytest.mark.xfail(
-    strict=True,
-    reason="torn 'last' checkpoint: weights replaced before last_state.pt (kdkit.train bug)",
-)
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(
     "target, after",
     [
         ("last.safetensors", False),
-        pytest.param("last.safetensors", True, marks=TORN),
-        pytest.param("last.json", False, marks=TORN),
-        pytest.param("last.json", True, marks=TORN),
-        pytest.param("last_state.pt", False, marks=TORN),
+        ("last.safetensors", True),
+        ("last.json", False),
+        ("last.json", True),
+        ("last_state.pt", False),
         ("last_state.pt", True),
     ],
     ids=[
@@ -439,13 +428,8 @@ def test_checkpoint_crash_then_resume(target, after, uninterrupted, tmp_path, mo
 @pytest.mark.parametrize(
     "target",
     [
-        pytest.param(
-            "safetensors",
-            marks=pytest.mark.xfail(
-                strict=True, reason="kdkit.train leaves .last.safetensors.tmp after a failed write"
-            ),
-        ),
-        pytest.param("state", marks=TORN),
+        "safetensors",
+        "state",
     ],
 )
 def test_checkpoint_disk_full_keeps_the_previous_one(target, uninterrupted, tmp_path, monkeypatch):

@@ -132,3 +132,11 @@ def test_errors():
         fuse_teacher_logits([a, a], "mean", weights=[1.0, 1.0])
     with pytest.raises(TypeError, match="floating-point"):
         fuse_teacher_logits([torch.zeros(2, 3, dtype=torch.long)])
+
+
+def test_weight_too_large_for_a_float_is_a_value_error():
+    a, b = torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(
+        ValueError, match=r"weights must be finite and >= 0, got 1000.*too large for a float"
+    ):
+        fuse_teacher_logits([a, b], "weighted_mean", weights=[10**400, 1])

@@ -51,7 +51,12 @@ def _check_weights(weights: object, num_teachers: int) -> list[float]:
     for w in weights:
         if not is_real_number(w):
             raise TypeError(f"weights must be real numbers, got {w!r} in {list(weights)!r}")
-        values.append(float(w))
+        try:
+            values.append(float(w))
+        except OverflowError:  # e.g. 10**400: too large for a float
+            raise ValueError(
+                f"weights must be finite and >= 0, got {w!r} (too large for a float)"
+            ) from None
     if not all(math.isfinite(w) and w >= 0 for w in values):
         raise ValueError(f"weights must be finite and >= 0, got {values!r}")
     total = math.fsum(values)

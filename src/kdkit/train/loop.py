@@ -29,7 +29,6 @@ from kdkit.losses.kd import compute_student_loss
 from kdkit.train.checkpoints import (
     capture_rng_state,
     load_training_state,
-    load_weights,
     restore_rng_state,
     save_training_state,
     save_weights,
@@ -328,13 +327,15 @@ def _run(
     history: list[dict[str, Any]] = []
     if config.resume:
         _warn_if_config_changed(config, out / "config.json")
+        # last_state.pt is the single commit point: weights, optimiser, RNG and history
+        # all come from it, never from files an interrupted checkpoint may have replaced.
         state = load_training_state(state_path)
-        load_weights(model, ckpt_dir / "last.safetensors")
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"], generator)
         start_epoch = int(state["epoch"]) + 1
-        meta = json.loads((ckpt_dir / "last.json").read_text(encoding="utf-8"))
+        meta = json.loads(state["meta"])
         history = meta["history"]
         best_epoch = meta["best_epoch"]
         best_metrics = meta["best_metrics"]
@@ -461,27 +462,25 @@ def _run(
                 save_weights(
                     model, ckpt_dir, "best", {**base_meta, "epoch": epoch, "metrics": metrics}
                 )
-            save_weights(
-                model,
-                ckpt_dir,
-                "last",
-                {
-                    **base_meta,
-                    "epoch": epoch,
-                    "metrics": metrics,
-                    "history": history,
-                    "best_epoch": best_epoch,
-                    "best_metrics": best_metrics,
-                },
-            )
-            save_training_state(
+            last_meta = {
+                **base_meta,
+                "epoch": epoch,
+                "metrics": metrics,
+                "history": history,
+                "best_epoch": best_epoch,
+                "best_metrics": best_metrics,
+            }
+            save_weights(model, ckpt_dir, "last", last_meta)
+            save_training_state(  # written last: the commit point of a resume
                 ckpt_dir,
                 "last",
                 {
                     "epoch": epoch,
+                    "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": capture_rng_state(generator),
+                    "meta": json.dumps(last_meta),
                 },
             )
     finally:
