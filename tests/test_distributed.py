@@ -1,0 +1,180 @@
+"""Distributed distillation (kdkit.distributed): 2 CPU processes with gloo vs 1 process.
+
+Every multi-process test bounds its own time (``_spawn``/``_torchrun`` kill the workers on
+a timeout) and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kdkit.distributed import compute_student_loss_distributed, init_from_env
+from kdkit.losses.kd import STUDENT_LOSS_STATS, KDLossConfig, compute_student_loss
+
+SPAWN_TIMEOUT = 60.0
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _spawn(fn, args: tuple, nprocs: int = 2, timeout: float = SPAWN_TIMEOUT) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes; kill them all on a timeout."""
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"distributed workers did not finish within {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(timeout=5)
+
+
+def _init_worker(rank: int, store: str, world_size: int = 2) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+
+
+# --- the globally normalised loss ----------------------------------------------------
+
+N, C, D_IN = 10, 5, 4
+# Rank 0's share of the global batch of N samples (rank 1 gets the rest), and which
+# samples receive KD (domain mask) in each case.
+CASES = {
+    "even": (5, [True, False] * 5),
+    "uneven": (7, [True] * 6 + [False] * 3 + [True]),  # ranks hold 6 and 1 KD samples
+    "rank1_none": (4, [True, False, True, True] + [False] * 6),  # rank 1: no KD sample
+    "rank0_none": (3, [False] * 3 + [True] * 7),  # rank 0: no KD sample
+}
+WEIGHTINGS = ("none", "pmax", "threshold")
+
+
+def _kd_config(weighting: str, **overrides) -> KDLossConfig:
+    values = {
+        "temperature": 2.0,
+        "kd_alpha": 0.7,
+        "kd_weighting": weighting,
+        "confidence_threshold": 0.3,
+    }
+    return KDLossConfig(**{**values, **overrides})
+
+
+def _problem(case: str):
+    """The global batch of a case: model, inputs, teacher logits, targets, mask."""
+    gen = torch.Generator().manual_seed(1234)
+    model = torch.nn.Linear(D_IN, C).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(N, D_IN, generator=gen, dtype=torch.float64)
+    teacher = 2.0 * torch.randn(N, C, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, C, (N,), generator=gen)
+    mask = torch.tensor(CASES[case][1])
+    return model, x, teacher, targets, mask
+
+
+def _run_cases(model_wrap, rank_slice, loss_fn, cases, epoch):
+    """{(case, weighting): (loss, stats, grads)} for every case."""
+    results = {}
+    for case in cases:
+        for weighting in WEIGHTINGS:
+            model, x, teacher, targets, mask = _problem(case)
+            part = rank_slice(case)
+            net = model_wrap(model)
+            logits = net(x[part])
+            loss, stats = loss_fn(
+                logits, teacher[part], targets[part], _kd_config(weighting), epoch, mask[part]
+            )
+            loss.backward()
+            grads = [p.grad.detach().clone() for p in model.parameters()]
+            results[(case, weighting)] = (loss.detach(), stats, grads)
+    return results
+
+
+def _loss_worker(rank: int, store: str, out: str, epoch: float) -> None:
+    _init_worker(rank, store)
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        def rank_slice(case):
+            split = CASES[case][0]
+            return slice(0, split) if rank == 0 else slice(split, N)
+
+        results = _run_cases(
+            lambda m: DDP(m), rank_slice, compute_student_loss_distributed, CASES, epoch
+        )
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("epoch", [5.0, 0.0])  # alpha 0.7; and the warmup (alpha 0, CE only)
+def test_two_ranks_equal_one_rank(tmp_path, epoch):
+    out = str(tmp_path / "results")
+    _spawn(_loss_worker, (str(tmp_path / "store"), out, epoch))
+    reference = _run_cases(
+        lambda m: m, lambda case: slice(0, N), compute_student_loss, CASES, epoch
+    )
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    for key, (ref_loss, ref_stats, ref_grads) in reference.items():
+        losses = [ranks[r][key][0] for r in range(2)]
+        # DDP averages: the mean of the per-rank losses is the global loss.
+        assert abs(float(sum(losses) / 2) - float(ref_loss)) < 1e-6, key
+        for r in range(2):
+            _, stats, grads = ranks[r][key]
+            assert sorted(stats) == sorted(STUDENT_LOSS_STATS)
+            for name in STUDENT_LOSS_STATS:
+                assert abs(stats[name] - ref_stats[name]) < 1e-6, (key, name)
+            for g, ref in zip(grads, ref_grads):
+                assert (g - ref).abs().max() < 1e-6, key
+
+
+def test_without_process_group_it_is_compute_student_loss():
+    for case in CASES:
+        for weighting in WEIGHTINGS:
+            _, _, teacher, targets, mask = _problem(case)
+            s = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
+            a = compute_student_loss(s, teacher, targets, _kd_config(weighting), 3, mask)
+            b = compute_student_loss_distributed(
+                s, teacher, targets, _kd_config(weighting), 3, mask
+            )
+            assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def _bad_input_worker(rank: int, store: str, out: str) -> None:
+    _init_worker(rank, store)
+    try:
+        s, t = torch.randn(3, C), torch.randn(3, C)
+        y = torch.tensor([0, 1, 7 if rank == 1 else 2])  # out of range on rank 1 only
+        try:
+            compute_student_loss_distributed(s, t, y, _kd_config("none"))
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        dist.barrier()  # both ranks got here: nobody hangs in a collective
+        Path(f"{out}.{rank}").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_invalid_input_on_one_rank_raises_on_every_rank(tmp_path):
+    out = str(tmp_path / "msg")
+    _spawn(_bad_input_worker, (str(tmp_path / "store"), out))
+    assert "invalid input on another rank" in Path(f"{out}.0").read_text()
+    assert "out of range" in Path(f"{out}.1").read_text()
+
+
+def test_init_from_env_without_torchrun(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    env = init_from_env("cpu")
+    assert (env.rank, env.world_size, env.enabled, env.is_main) == (0, 1, False, True)
+    env.barrier()
+    env.close()
