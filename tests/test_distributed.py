@@ -6,14 +6,23 @@ a timeout) and leaves no process behind.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kdkit.cache import dump_teacher_logits
+from kdkit.cli import main
+from kdkit.data import ManifestDataset, ManifestRecord, write_manifest
 from kdkit.distributed import compute_student_loss_distributed, init_from_env
 from kdkit.losses.kd import STUDENT_LOSS_STATS, KDLossConfig, compute_student_loss
 
@@ -178,3 +187,90 @@ def test_init_from_env_without_torchrun(monkeypatch):
     assert (env.rank, env.world_size, env.enabled, env.is_main) == (0, 1, False, True)
     env.barrier()
     env.close()
+
+
+# --- train-student under torchrun ----------------------------------------------------
+
+TORCHRUN_TIMEOUT = 120.0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(args: list[str], timeout: float = TORCHRUN_TIMEOUT) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 -m kdkit ARGS``; the whole process group
+    (agent and workers) is killed on a timeout."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", "-m", "kdkit", *args]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # one process group: agent + workers
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        raise AssertionError(f"torchrun timed out after {timeout} s:\n{err[-3000:]}") from None
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """A tiny generated data set: .npy files, a JSONL manifest, 3 domains, 2 splits."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "x").mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(50):
+        x = rng.normal(size=5).astype(np.float32)
+        np.save(root / "x" / f"{i}.npy", x)
+        split = "test" if i % 5 == 0 else "train"
+        records.append(ManifestRecord(f"x/{i}.npy", int(x[0] > 0), i % 3, split))
+    return write_manifest(root / "manifest.jsonl", records)
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(manifest, tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("cache") / "cache"
+    data = ManifestDataset(manifest, split=["train", "test"])
+    dump_teacher_logits({"t": torch.nn.Linear(5, 2)}, data, root, progress=False)
+    return root
+
+
+def test_train_student_under_torchrun_then_resume_on_one_rank(tmp_path, manifest, teacher_cache):
+    out = tmp_path / "student"
+    argv = ["train-student", "--manifest", str(manifest), "--cache", str(teacher_cache)]
+    argv += ["--output_dir", str(out), "--epochs", "3", "--batch_size", "8", "--no-progress"]
+    argv += ["--model_kwargs", '{"hidden": [8]}', "--kd_on", "target", "--source_domain", "0"]
+    argv += ["--kd_weighting", "pmax", "--seed", "3"]
+    result = _torchrun([*argv, "--stop_after_epoch", "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("stopped after epoch 2") == 1  # rank 0 only reports
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1]  # one writer: rank 0
+    # 40 training samples, 2 ranks x 20 samples = 3 steps of <= 8 per rank and epoch.
+    assert epochs[-1]["global_step"] == 6 and 0 < epochs[-1]["coverage"] < 1
+    assert "eval/acc" in epochs[-1]
+    assert json.loads((out / "checkpoints" / "last.json").read_text())["epoch"] == 1
+
+    # The checkpoint holds the plain module's weights: resume on one process.
+    assert main([*argv, "--resume"]) == 0
+    history = json.loads((out / "checkpoints" / "last.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert json.loads((out / "results.json").read_text())["completed"] is True

@@ -23,6 +23,7 @@ import argparse
 import difflib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -233,8 +234,13 @@ def _train(args: argparse.Namespace, student: bool) -> int:
         return 1
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items() if "/" not in k)
     state = "finished" if result.completed else f"stopped after epoch {len(result.history)}"
-    print(f"{state}: {metrics or 'no evaluation split'}; outputs in {result.output_dir}")
+    if _is_rank_zero():  # under torchrun only rank 0 reports
+        print(f"{state}: {metrics or 'no evaluation split'}; outputs in {result.output_dir}")
     return 0
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _cmd_train_student(args: argparse.Namespace) -> int:
@@ -310,6 +316,8 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
             raise
         print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
         return 1
+    if not _is_rank_zero():
+        return 0
     print(
         f"cached {index.num_samples} samples x {index.num_classes} classes for teachers "
         f"{list(index.teachers)} in {index.path}"
