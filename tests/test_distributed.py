@@ -107,7 +107,17 @@ def _run_cases(model_wrap, rank_slice, loss_fn, cases, epoch):
     return results
 
 
-def _loss_worker(rank: int, store: str, out: str, epoch: float) -> None:
+def _dump_problem(n: int = 19):
+    torch.manual_seed(7)
+    teachers = {"a": torch.nn.Linear(4, 3), "b": torch.nn.Linear(4, 3)}
+    data = [{"features": torch.randn(4), "path": f"clips//{i}.wav"} for i in range(n)]
+    kwargs = {"batch_size": 4, "checkpoint_rows": 6, "progress": False}
+    kwargs["fused"] = {"ens": {"teachers": ["a", "b"]}}
+    return teachers, data, kwargs
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    """Everything the 2-process tests need, in one spawn (process start-up dominates)."""
     _init_worker(rank, store)
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -116,22 +126,47 @@ def _loss_worker(rank: int, store: str, out: str, epoch: float) -> None:
             split = CASES[case][0]
             return slice(0, split) if rank == 0 else slice(split, N)
 
-        results = _run_cases(
-            lambda m: DDP(m), rank_slice, compute_student_loss_distributed, CASES, epoch
-        )
+        results = {
+            epoch: _run_cases(
+                lambda m: DDP(m), rank_slice, compute_student_loss_distributed, CASES, epoch
+            )
+            for epoch in EPOCHS
+        }
+        # Invalid input on rank 1 only: both ranks raise, neither hangs.
+        s, t = torch.randn(3, C), torch.randn(3, C)
+        y = torch.tensor([0, 1, 7 if rank == 1 else 2])
+        try:
+            compute_student_loss_distributed(s, t, y, _kd_config("none"))
+            results["bad_input"] = "no error"
+        except ValueError as exc:
+            results["bad_input"] = str(exc)
+        dist.barrier()
+        # The sharded dump: 5 batches of <= 4 over 2 ranks, committed by rank 0.
+        teachers, data, kwargs = _dump_problem()
+        index = dump_teacher_logits(teachers, data, Path(out).parent / "sharded", **kwargs)
+        results["dump"] = (index.num_samples, list(index.teachers))
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("epoch", [5.0, 0.0])  # alpha 0.7; and the warmup (alpha 0, CE only)
-def test_two_ranks_equal_one_rank(tmp_path, epoch):
-    out = str(tmp_path / "results")
-    _spawn(_loss_worker, (str(tmp_path / "store"), out, epoch))
+EPOCHS = (5.0, 0.0)  # alpha 0.7; and the warmup (alpha 0, CE only)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_ranks")
+    out = str(root / "results")
+    _spawn(_worker, (str(root / "store"), out))
+    return root, [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("epoch", EPOCHS)
+def test_two_ranks_equal_one_rank(two_ranks, epoch):
     reference = _run_cases(
         lambda m: m, lambda case: slice(0, N), compute_student_loss, CASES, epoch
     )
-    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    ranks = [two_ranks[1][r][epoch] for r in range(2)]
     for key, (ref_loss, ref_stats, ref_grads) in reference.items():
         losses = [ranks[r][key][0] for r in range(2)]
         # DDP averages: the mean of the per-rank losses is the global loss.
@@ -157,27 +192,21 @@ def test_without_process_group_it_is_compute_student_loss():
             assert torch.equal(a[0], b[0]) and a[1] == b[1]
 
 
-def _bad_input_worker(rank: int, store: str, out: str) -> None:
-    _init_worker(rank, store)
-    try:
-        s, t = torch.randn(3, C), torch.randn(3, C)
-        y = torch.tensor([0, 1, 7 if rank == 1 else 2])  # out of range on rank 1 only
-        try:
-            compute_student_loss_distributed(s, t, y, _kd_config("none"))
-            message = "no error"
-        except ValueError as exc:
-            message = str(exc)
-        dist.barrier()  # both ranks got here: nobody hangs in a collective
-        Path(f"{out}.{rank}").write_text(message)
-    finally:
-        dist.destroy_process_group()
+def test_invalid_input_on_one_rank_raises_on_every_rank(two_ranks):
+    assert "invalid input on another rank" in two_ranks[1][0]["bad_input"]
+    assert "out of range" in two_ranks[1][1]["bad_input"]
 
 
-def test_invalid_input_on_one_rank_raises_on_every_rank(tmp_path):
-    out = str(tmp_path / "msg")
-    _spawn(_bad_input_worker, (str(tmp_path / "store"), out))
-    assert "invalid input on another rank" in Path(f"{out}.0").read_text()
-    assert "out of range" in Path(f"{out}.1").read_text()
+def test_sharded_dump_equals_single_process_dump(two_ranks, tmp_path):
+    root, ranks = two_ranks
+    teachers, data, kwargs = _dump_problem()
+    index = dump_teacher_logits(teachers, data, tmp_path / "single", **kwargs)
+    assert ranks[0]["dump"] == ranks[1]["dump"] == (19, list(index.teachers))
+    sharded = root / "sharded"
+    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert names == sorted(p.name for p in sharded.iterdir())  # no .partial left
+    for name in names:  # data files and manifest, byte for byte
+        assert (sharded / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
 
 
 def test_init_from_env_without_torchrun(monkeypatch):
