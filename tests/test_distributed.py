@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from kdkit.cache import dump_teacher_logits
 from kdkit.cli import main
-from kdkit.data import ManifestDataset, ManifestRecord, write_manifest
+from kdkit.data import ManifestRecord, write_manifest
 from kdkit.distributed import compute_student_loss_distributed, init_from_env
 from kdkit.losses.kd import STUDENT_LOSS_STATS, KDLossConfig, compute_student_loss
 
@@ -116,9 +116,10 @@ def _dump_problem(n: int = 19):
     return teachers, data, kwargs
 
 
-def _worker(rank: int, store: str, out: str) -> None:
+def _worker(rank: int, store: str, out: str, dump_argv: list[str]) -> None:
     """Everything the 2-process tests need, in one spawn (process start-up dominates)."""
     _init_worker(rank, store)
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -145,6 +146,8 @@ def _worker(rank: int, store: str, out: str) -> None:
         teachers, data, kwargs = _dump_problem()
         index = dump_teacher_logits(teachers, data, Path(out).parent / "sharded", **kwargs)
         results["dump"] = (index.num_samples, list(index.teachers))
+        # The CLI in an initialised process group (as under torchrun): also sharded.
+        results["cli_dump"] = main(dump_argv)
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -153,11 +156,30 @@ def _worker(rank: int, store: str, out: str) -> None:
 EPOCHS = (5.0, 0.0)  # alpha 0.7; and the warmup (alpha 0, CE only)
 
 
+def _dump_argv(manifest: Path, weights: Path, cache: Path) -> list[str]:
+    argv = ["dump-teacher", "--manifest", str(manifest), "--cache", str(cache)]
+    argv += ["--teacher", f"t={weights}", "--model", "kdkit.models:mlp", "--batch_size", "7"]
+    return [*argv, "--model_kwargs", '{"hidden": [4]}', "--no-progress"]
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def teacher_weights(tmp_path_factory) -> Path:
+    from safetensors.torch import save_model
+
+    from kdkit.models import mlp
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "w.safetensors"
+    save_model(mlp((5,), 2, hidden=(4,)), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, manifest, teacher_weights):
     root = tmp_path_factory.mktemp("two_ranks")
     out = str(root / "results")
-    _spawn(_worker, (str(root / "store"), out))
+    dump_argv = _dump_argv(manifest, teacher_weights, root / "cli_cache")
+    _spawn(_worker, (str(root / "store"), out, dump_argv))
     return root, [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
 
 
@@ -272,13 +294,22 @@ def manifest(tmp_path_factory) -> Path:
     return write_manifest(root / "manifest.jsonl", records)
 
 
+def test_dump_teacher_cli_sharded_equals_single_process(
+    two_ranks, manifest, teacher_weights, tmp_path
+):
+    root, ranks = two_ranks
+    assert ranks[0]["cli_dump"] == ranks[1]["cli_dump"] == 0
+    assert main(_dump_argv(manifest, teacher_weights, tmp_path / "single")) == 0
+    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert names == sorted(p.name for p in (root / "cli_cache").iterdir())
+    for name in names:
+        single = (tmp_path / "single" / name).read_bytes()
+        assert (root / "cli_cache" / name).read_bytes() == single, name
+
+
 @pytest.fixture(scope="module")
-def teacher_cache(manifest, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("cache") / "cache"
-    data = ManifestDataset(manifest, split=["train", "test"])
-    dump_teacher_logits({"t": torch.nn.Linear(5, 2)}, data, root, progress=False)
-    return root
+def teacher_cache(two_ranks) -> Path:
+    return two_ranks[0] / "cli_cache"  # dumped by 2 ranks through the CLI
 
 
 def test_train_student_under_torchrun_then_resume_on_one_rank(tmp_path, manifest, teacher_cache):

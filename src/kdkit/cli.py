@@ -301,21 +301,26 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
     _setup_logging()
+    from kdkit.distributed import init_from_env
+
+    env = init_from_env(args.device)  # under torchrun: a sharded dump, rank 0 writes
     try:
         index = dump_teacher_logits(
-            teachers,
+            {name: teacher.to(env.device) for name, teacher in teachers.items()},
             dataset,
             args.cache,
             batch_size=args.batch_size,
-            device=args.device,
+            device=env.device,
             fused=fused,
-            progress=args.progress and sys.stderr.isatty(),
+            progress=args.progress and sys.stderr.isatty() and env.is_main,
         )
     except Exception as exc:  # the cache's own errors (CacheError) included
         if not isinstance(exc, (*_CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
             raise
         print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
         return 1
+    finally:
+        env.close()
     if not _is_rank_zero():
         return 0
     print(
