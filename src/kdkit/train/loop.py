@@ -592,6 +592,14 @@ def train_student(
     key must be in the cache: a missing one fails before training starts, with the count
     and examples.  Without a cache the run is the cross-entropy baseline.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank calls this function: the process
+    group is initialised (gloo on CPU, NCCL with ``cuda:LOCAL_RANK``) and destroyed at
+    the end, the model is wrapped in DistributedDataParallel, a DistributedSampler shards
+    the data (``config.batch_size`` is per rank), the loss is
+    :func:`~kdkit.distributed.compute_student_loss_distributed` (globally normalised),
+    and rank 0 alone logs, evaluates and writes checkpoints of the unwrapped module
+    (resumable on any number of ranks) while the others wait at a barrier.
+
     Args:
         config: A validated :class:`~kdkit.train.config.TrainConfig`.
         model: Use this module instead of building ``config.model``.
