@@ -116,6 +116,15 @@ def _dump_problem(n: int = 19):
     return teachers, data, kwargs
 
 
+class _RankOneFails(torch.nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y[:1] if dist.get_rank() == 1 else y
+
+
 def _worker(rank: int, store: str, out: str, dump_argv: list[str]) -> None:
     """Everything the 2-process tests need, in one spawn (process start-up dominates)."""
     _init_worker(rank, store)
@@ -146,6 +155,13 @@ def _worker(rank: int, store: str, out: str, dump_argv: list[str]) -> None:
         teachers, data, kwargs = _dump_problem()
         index = dump_teacher_logits(teachers, data, Path(out).parent / "sharded", **kwargs)
         results["dump"] = (index.num_samples, list(index.teachers))
+        # A teacher failing on rank 1 only: both ranks raise, nothing is committed.
+        try:
+            failed = Path(out).parent / "failed"
+            dump_teacher_logits(_RankOneFails(), data, failed, batch_size=4, progress=False)
+            results["dump_error"] = "no error"
+        except (ValueError, RuntimeError) as exc:
+            results["dump_error"] = f"{type(exc).__name__}: {exc}"
         # The CLI in an initialised process group (as under torchrun): also sharded.
         results["cli_dump"] = main(dump_argv)
         torch.save(results, f"{out}.{rank}")
@@ -292,6 +308,13 @@ def manifest(tmp_path_factory) -> Path:
         split = "test" if i % 5 == 0 else "train"
         records.append(ManifestRecord(f"x/{i}.npy", int(x[0] > 0), i % 3, split))
     return write_manifest(root / "manifest.jsonl", records)
+
+
+def test_sharded_dump_error_on_one_rank_raises_on_every_rank(two_ranks):
+    root, ranks = two_ranks
+    assert ranks[0]["dump_error"].startswith("ValueError: rank 1: ValueError: teacher 'teacher'")
+    assert ranks[1]["dump_error"].startswith("RuntimeError: the sharded dump failed on rank 0")
+    assert not (root / "failed" / "manifest.json").exists()
 
 
 def test_dump_teacher_cli_sharded_equals_single_process(
