@@ -23,6 +23,7 @@ import argparse
 import difflib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -233,8 +234,13 @@ def _train(args: argparse.Namespace, student: bool) -> int:
         return 1
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items() if "/" not in k)
     state = "finished" if result.completed else f"stopped after epoch {len(result.history)}"
-    print(f"{state}: {metrics or 'no evaluation split'}; outputs in {result.output_dir}")
+    if _is_rank_zero():  # under torchrun only rank 0 reports
+        print(f"{state}: {metrics or 'no evaluation split'}; outputs in {result.output_dir}")
     return 0
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _cmd_train_student(args: argparse.Namespace) -> int:
@@ -295,21 +301,28 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
     _setup_logging()
+    from kdkit.distributed import init_from_env
+
+    env = init_from_env(args.device)  # under torchrun: a sharded dump, rank 0 writes
     try:
         index = dump_teacher_logits(
-            teachers,
+            {name: teacher.to(env.device) for name, teacher in teachers.items()},
             dataset,
             args.cache,
             batch_size=args.batch_size,
-            device=args.device,
+            device=env.device,
             fused=fused,
-            progress=args.progress and sys.stderr.isatty(),
+            progress=args.progress and sys.stderr.isatty() and env.is_main,
         )
     except Exception as exc:  # the cache's own errors (CacheError) included
         if not isinstance(exc, (*_CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
             raise
         print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
         return 1
+    finally:
+        env.close()
+    if not _is_rank_zero():
+        return 0
     print(
         f"cached {index.num_samples} samples x {index.num_classes} classes for teachers "
         f"{list(index.teachers)} in {index.path}"

@@ -61,6 +61,10 @@ __all__ = ["dump_teacher_logits", "teacher_fingerprint"]
 _BLOCK_ROWS = 1 << 16
 
 
+PRECOMPUTED_FIELD = "__kdkit_precomputed_logits__"
+"""Batch field of a sharded dump: ``{teacher: [B, C] logits}`` computed on another rank."""
+
+
 def teacher_fingerprint(module: nn.Module) -> str:
     """``sha256:<hex>`` over the names, dtypes, shapes and bytes of ``module.state_dict()``.
 
@@ -434,6 +438,26 @@ def dump_teacher_logits(
         >>> index.teachers, index.num_samples
         (('a', 'b', 'ens'), 10)
     """
+    from kdkit.cache.sharded import dump_sharded, is_sharded_call
+
+    if is_sharded_call(data):  # under torchrun: see kdkit.cache.sharded
+        return dump_sharded(
+            dump_teacher_logits,
+            teachers,
+            data,
+            cache_dir,
+            input_key=input_key,
+            key_field=key_field,
+            key_fn=key_fn,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            dtype=dtype,
+            device=device,
+            fused=fused,
+            default_fusion=default_fusion,
+            progress=progress,
+            checkpoint_rows=checkpoint_rows,
+        )
     models = _check_teachers(teachers)
     check_choice("dtype", dtype, tuple(DTYPES))
     dev = torch.device(device)
@@ -566,6 +590,7 @@ def _dump_batch(
     keys = _batch_keys(batch, key_field, key_fn)
     if not keys:
         return
+    precomputed = batch.get(PRECOMPUTED_FIELD) if isinstance(batch, Mapping) else None
     hashes = hash_keys(keys)
     _, first, counts = np.unique(hashes, axis=0, return_index=True, return_counts=True)
     if (counts > 1).any():
@@ -614,7 +639,11 @@ def _dump_batch(
                 continue
             sel = x_need[is_new_in_need.to(x_need.device)]
             sel_keys = [k for k, m in zip(need_keys, is_new_in_need.tolist()) if m]
-        y = model(sel)
+        if precomputed is None:
+            y = model(sel)
+        else:  # a sharded dump: computed on another rank (kdkit.cache.sharded)
+            rows = torch.from_numpy(need_idx)
+            y = precomputed[name][rows if name in new_teachers else rows[is_new_in_need]]
         if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != len(sel_keys):
             shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -698,6 +699,81 @@ def compute_student_loss(
         >>> stats["coverage"]
         1.0
     """
+    alpha = _check_student_loss_args(
+        student_logits,
+        teacher_logits,
+        targets,
+        config,
+        current_epoch,
+        domain_mask,
+        ignore_index,
+        implementation,
+    )
+    terms = _student_loss_terms(
+        student_logits,
+        teacher_logits,
+        targets,
+        config,
+        alpha,
+        domain_mask,
+        ignore_index,
+        implementation,
+    )
+    count = terms.valid_count.clamp_min(1)
+    ce = terms.ce_sum / count
+    kd = _kd_mean(terms.kd_sum, terms.kd_weight_sum, alpha)
+    coverage = terms.selected_count / count
+    avg_confidence = terms.confidence_sum / count
+    total = _combine(ce, kd, alpha).to(result_dtype(student_logits, teacher_logits))
+
+    if tensor_stats:
+        stats: dict[str, Any] = {
+            "total_loss": total.detach(),
+            "ce_loss": ce.detach(),
+            "kd_loss": kd.detach(),
+            "kd_weight": alpha,
+            "ce_weight": 1.0 - alpha,
+            "coverage": coverage,
+            "avg_confidence": avg_confidence,
+        }
+        return total, stats
+
+    values = torch.stack(
+        [total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, *terms.flags]
+    ).tolist()  # the one device-to-host transfer: stats and value checks together
+    _raise_for_flags(
+        values[5:], terms, student_logits, teacher_logits, targets, config, ignore_index
+    )
+    _raise_for_infinite_ce(values[1], alpha)
+    stats = {
+        "total_loss": values[0],
+        "ce_loss": values[1],
+        "kd_loss": values[2],
+        "kd_weight": alpha,
+        "ce_weight": 1.0 - alpha,
+        "coverage": values[3],
+        "avg_confidence": values[4],
+    }
+    return total, stats
+
+
+# ---------------------------------------------------------------------------------------
+# The pieces of compute_student_loss, shared with kdkit.distributed (one implementation of
+# the maths: the distributed version only sums the counts over ranks before dividing).
+# ---------------------------------------------------------------------------------------
+
+
+def _check_student_loss_args(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    config: KDLossConfig,
+    current_epoch: float,
+    domain_mask: torch.Tensor | None,
+    ignore_index: int,
+    implementation: str,
+) -> float:
+    """Validate the arguments of :func:`compute_student_loss`; return ``alpha``."""
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits)
     check_same_shape(student_logits, teacher_logits)
@@ -714,32 +790,57 @@ def compute_student_loss(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     _check_implementation(implementation, config.loss_type)
-
-    alpha = compute_kd_weight(
+    return compute_kd_weight(
         current_epoch, config.warmup_epochs, config.kd_ramp_epochs, config.kd_alpha
     )
+
+
+class _StudentLossTerms(NamedTuple):
+    """Numerators and denominators of :func:`compute_student_loss` for one batch.
+
+    All are 0-d tensors in the compute dtype; ``ce_sum`` and ``kd_sum`` carry the
+    gradient, the others are detached counts and sums.
+    """
+
+    ce_sum: torch.Tensor  # sum of CE over the valid positions
+    kd_sum: torch.Tensor  # sum_i w_i m_i l_i (0 during warmup)
+    valid_count: torch.Tensor  # number of valid positions (not clamped)
+    kd_weight_sum: torch.Tensor  # sum_i w_i m_i
+    selected_count: torch.Tensor  # number of positions with w_i m_i > 0
+    confidence_sum: torch.Tensor  # sum of the teacher confidence over valid positions
+    flags: tuple[torch.Tensor, ...]  # bad targets, bad student rows, bad teacher rows, inf KD
+    out_of_range: torch.Tensor  # [...] bool, for the error message
+    infinite: torch.Tensor | None  # [...] bool, selected positions with infinite KD
+
+
+def _student_loss_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    config: KDLossConfig,
+    alpha: float,
+    domain_mask: torch.Tensor | None,
+    ignore_index: int,
+    implementation: str,
+) -> _StudentLossTerms:
+    """Sums and counts of the CE and weighted KD terms (inputs already validated)."""
     dtype = compute_dtype(student_logits, teacher_logits, temperature=config.temperature)
     student = student_logits.to(dtype)
     teacher = teacher_logits.detach().to(dtype)
     num_classes = student.shape[-1]
     valid = targets != ignore_index
-    # Number of valid positions as a tensor (no host transfer), at least 1.
-    count = valid.sum().clamp_min(1).to(dtype)
+    valid_count = valid.sum().to(dtype)
 
     # Cross-entropy over the valid positions.  Out-of-range targets are clamped for the
     # computation (a device-side assert on GPU would kill the process) and reported
-    # after the one host transfer below.
+    # after the one host transfer.
     out_of_range = valid & ((targets < 0) | (targets >= num_classes))
-    bad_targets = out_of_range.any()
     safe_targets = torch.where(valid, targets.clamp(0, num_classes - 1), ignore_index).long()
-    ce = (
-        F.cross_entropy(
-            student.reshape(-1, num_classes),
-            safe_targets.reshape(-1),
-            reduction="sum",
-            ignore_index=ignore_index,
-        )
-        / count
+    ce_sum = F.cross_entropy(
+        student.reshape(-1, num_classes),
+        safe_targets.reshape(-1),
+        reduction="sum",
+        ignore_index=ignore_index,
     )
 
     # Confidence weights and the KD selection (cheap: teacher only).
@@ -748,8 +849,6 @@ def compute_student_loss(
     keep = valid if domain_mask is None else valid & domain_mask
     weights = torch.where(keep, weights, 0.0)
     selected = weights > 0
-    coverage = selected.to(dtype).sum() / count
-    avg_confidence = torch.where(valid, confidence, 0.0).sum() / count
 
     if alpha > 0:
         per_sample = _divergence(
@@ -760,72 +859,79 @@ def compute_student_loss(
             config.jsd_beta,
             implementation,
         )
-        numerator = torch.where(selected, weights * per_sample, 0.0).sum()
-        kd = numerator / weights.sum().clamp_min(torch.finfo(dtype).tiny)
-        infinite_kd = (torch.isinf(per_sample.detach()) & selected).any()
+        kd_sum = torch.where(selected, weights * per_sample, 0.0).sum()
+        infinite = torch.isinf(per_sample.detach()) & selected
     else:
-        kd = student.new_zeros(())
-        infinite_kd = torch.zeros((), dtype=torch.bool, device=device)
-
-    ce_weight_used = alpha < 1
-    if alpha == 0:
-        total = ce
-    elif alpha == 1:
-        total = kd
-    else:
-        total = (1.0 - alpha) * ce + alpha * kd
-    total = total.to(result_dtype(student_logits, teacher_logits))
-
-    if tensor_stats:
-        stats: dict[str, Any] = {
-            "total_loss": total.detach(),
-            "ce_loss": ce.detach(),
-            "kd_loss": kd.detach(),
-            "kd_weight": alpha,
-            "ce_weight": 1.0 - alpha,
-            "coverage": coverage,
-            "avg_confidence": avg_confidence,
-        }
-        return total, stats
-
-    values = torch.stack(
-        [
-            total.detach(),
-            ce.detach(),
-            kd.detach(),
-            coverage,
-            avg_confidence,
-            bad_targets.to(dtype),
+        kd_sum = student.new_zeros(())
+        infinite = None
+    infinite_any = (
+        infinite.any()
+        if infinite is not None
+        else torch.zeros((), dtype=torch.bool, device=student.device)
+    )
+    return _StudentLossTerms(
+        ce_sum=ce_sum,
+        kd_sum=kd_sum,
+        valid_count=valid_count,
+        kd_weight_sum=weights.sum(),
+        selected_count=selected.to(dtype).sum(),
+        confidence_sum=torch.where(valid, confidence, 0.0).sum(),
+        flags=(
+            out_of_range.any().to(dtype),
             _bad_rows(student).any().to(dtype),
             _bad_rows(teacher).any().to(dtype),
-            infinite_kd.to(dtype),
-        ]
-    ).tolist()  # the one device-to-host transfer: stats and value checks together
-    if values[5]:
-        bad = out_of_range.reshape(-1)
+            infinite_any.to(dtype),
+        ),
+        out_of_range=out_of_range,
+        infinite=infinite,
+    )
+
+
+def _kd_mean(kd_sum: torch.Tensor, kd_weight_sum: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``sum w m l / sum w m`` (an exact 0 that still backpropagates when no weight)."""
+    if alpha == 0:
+        return kd_sum  # the zero tensor of the warmup
+    return kd_sum / kd_weight_sum.clamp_min(torch.finfo(kd_sum.dtype).tiny)
+
+
+def _combine(ce: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 - alpha) * ce + alpha * kd``, skipping the unused term at alpha 0 and 1."""
+    if alpha == 0:
+        return ce
+    if alpha == 1:
+        return kd
+    return (1.0 - alpha) * ce + alpha * kd
+
+
+def _raise_for_flags(
+    flags: Sequence[float],
+    terms: _StudentLossTerms,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    config: KDLossConfig,
+    ignore_index: int,
+) -> None:
+    """Raise the error named by the first non-zero flag of ``terms.flags`` (host values)."""
+    if flags[0]:
+        num_classes = student_logits.shape[-1]
+        bad = terms.out_of_range.reshape(-1)
         first = targets.reshape(-1)[bad][:8].tolist()
         raise ValueError(
             f"targets must be class indices in [0, {num_classes}) or ignore_index="
             f"{ignore_index}; got {int(bad.sum())} out of range, e.g. {first}"
         )
-    if values[6]:
+    if flags[1]:
         _raise_bad_rows("student_logits", student_logits)
-    if values[7]:
+    if flags[2]:
         _raise_bad_rows("teacher_logits", teacher_logits)
-    if values[8]:
-        _raise_infinite_kd(torch.isinf(per_sample.detach()) & selected, config.loss_type)
-    if ce_weight_used and not math.isfinite(values[1]):
+    if flags[3] and terms.infinite is not None:
+        _raise_infinite_kd(terms.infinite, config.loss_type)
+
+
+def _raise_for_infinite_ce(ce_value: float, alpha: float) -> None:
+    if alpha < 1 and not math.isfinite(ce_value):
         raise ValueError(
             "student_logits is -inf at the target class of some sample, so the "
             "cross-entropy is infinite"
         )
-    stats = {
-        "total_loss": values[0],
-        "ce_loss": values[1],
-        "kd_loss": values[2],
-        "kd_weight": alpha,
-        "ce_weight": 1.0 - alpha,
-        "coverage": values[3],
-        "avg_confidence": values[4],
-    }
-    return total, stats

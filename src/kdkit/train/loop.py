@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kdkit.losses.kd import compute_student_loss
+from kdkit.distributed import DistributedEnv, compute_student_loss_distributed, init_from_env
 from kdkit.train.checkpoints import (
     capture_rng_state,
     load_training_state,
@@ -265,6 +265,25 @@ def _run(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
+    env = init_from_env(config.device)  # torchrun: WORLD_SIZE/RANK/LOCAL_RANK
+    try:
+        return _run_on(
+            env, config, model=model, train_data=train_data, eval_data=eval_data, distil=distil
+        )
+    finally:
+        env.close()
+
+
+def _run_on(
+    env: DistributedEnv,
+    config: TrainConfig,
+    *,
+    model: nn.Module | None,
+    train_data: Dataset | None,
+    eval_data: Dataset | None,
+    distil: bool,
+) -> TrainResult:
+    """The loop on one rank (or the single process): rank 0 logs, evaluates and writes."""
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     train_data, eval_data = _resolve_data(config, train_data, eval_data)
@@ -309,15 +328,27 @@ def _run(
             num_classes=num_classes,
         )
         model = build_model(model_spec, model_kwargs)
-    device = torch.device(config.device)
+    device = env.device
     model.to(device)
     optimizer = _make_optimizer(config, model)
     scheduler = _make_scheduler(config, optimizer)
     generator = torch.Generator().manual_seed(config.seed)
+    sampler = None
+    if env.enabled:  # each rank gets its shard; the shuffle is seeded by seed + epoch
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(
+            train_data,
+            num_replicas=env.world_size,
+            rank=env.rank,
+            shuffle=True,
+            seed=config.seed,
+        )
     loader = DataLoader(
         train_data,
         batch_size=config.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         generator=generator,
         num_workers=config.num_workers,
     )
@@ -326,7 +357,8 @@ def _run(
     start_epoch, best_value, best_epoch, best_metrics = 0, -math.inf, None, {}
     history: list[dict[str, Any]] = []
     if config.resume:
-        _warn_if_config_changed(config, out / "config.json")
+        if env.is_main:
+            _warn_if_config_changed(config, out / "config.json")
         # last_state.pt is the single commit point: weights, optimiser, RNG and history
         # all come from it, never from files an interrupted checkpoint may have replaced.
         state = load_training_state(state_path)
@@ -341,16 +373,27 @@ def _run(
         best_metrics = meta["best_metrics"]
         best_value = best_metrics.get(config.best_metric, -math.inf)
 
-    config.save(out / "config.json")
-    sink = MetricsLogger(
-        out,
-        start_epoch=start_epoch,
-        tensorboard=config.tensorboard,
-        wandb=config.wandb,
-        wandb_project=config.wandb_project,
-        wandb_mode=config.wandb_mode,
-        config=config.to_dict(),
-    )
+    # Checkpoints hold the unwrapped module's state, so a run resumes on any number of
+    # ranks; DDP broadcasts rank 0's (identical, just loaded) weights on construction.
+    train_model: nn.Module = model
+    if env.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[env.local_rank] if device.type == "cuda" else None
+        )
+    sink: MetricsLogger | None = None
+    if env.is_main:
+        config.save(out / "config.json")
+        sink = MetricsLogger(
+            out,
+            start_epoch=start_epoch,
+            tensorboard=config.tensorboard,
+            wandb=config.wandb,
+            wandb_project=config.wandb_project,
+            wandb_mode=config.wandb_mode,
+            config=config.to_dict(),
+        )
     source = config.source_domain[0] if len(config.source_domain) == 1 else config.source_domain
     teacher_arg = teacher_names[0] if len(teacher_names) == 1 else teacher_names
     stop = (
@@ -361,15 +404,19 @@ def _run(
     base_meta = {"model": model_spec, "model_kwargs": model_kwargs, "num_classes": num_classes}
     try:
         for epoch in range(start_epoch, stop):
-            model.train()
+            train_model.train()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             sums = dict.fromkeys((*_STEP_STATS, "train_acc"), 0.0)
             bar = progress_bar(
-                steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress
+                steps_per_epoch,
+                f"epoch {epoch + 1}/{config.epochs}",
+                config.progress and env.is_main,
             )
             for step, batch in enumerate(loader):
                 features = batch["features"].to(device)
                 targets = torch.as_tensor(batch["label"]).to(device)
-                logits = model(features)
+                logits = train_model(features)
                 kd_epoch = epoch + step / steps_per_epoch if config.schedule_per_step else epoch
                 if index is not None:
                     from kdkit.cache import load_cached_logits
@@ -386,7 +433,8 @@ def _run(
                         from kdkit.domains import create_domain_mask
 
                         mask = create_domain_mask(batch, source_domain=source)[1].to(device)
-                    loss, stats = compute_student_loss(
+                    # Normalised over all ranks (exactly compute_student_loss on one).
+                    loss, stats = compute_student_loss_distributed(
                         logits, teacher_logits, targets, config.kd, kd_epoch, domain_mask=mask
                     )
                 else:
@@ -401,7 +449,7 @@ def _run(
                     sums[k] += float(stats.get(k, 0.0))
                 sums["train_acc"] += acc
                 global_step = epoch * steps_per_epoch + step + 1
-                if (step + 1) % config.log_every == 0:
+                if sink is not None and (step + 1) % config.log_every == 0:
                     record = {
                         "kind": "step",
                         "epoch": epoch,
@@ -434,8 +482,17 @@ def _run(
                 "global_step": (epoch + 1) * steps_per_epoch,
                 "lr": lr,
             }
-            epoch_record.update({k: v / max(steps_per_epoch, 1) for k, v in sums.items()})
+            means = {k: v / max(steps_per_epoch, 1) for k, v in sums.items()}
+            if env.enabled:  # the loss stats are global already; train_acc is per rank
+                packed = torch.tensor(list(means.values()), dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(packed)
+                means = dict(zip(means, (packed / env.world_size).tolist()))
+            epoch_record.update(means)
             metrics: dict[str, float] = {}
+            if not env.is_main:  # rank 0 evaluates and writes; the others wait
+                history.append({k: v for k, v in epoch_record.items() if k != "kind"})
+                env.barrier()
+                continue
             if eval_data is not None:
                 metrics = evaluate(
                     model,
@@ -445,7 +502,8 @@ def _run(
                     device=device,
                 )
                 epoch_record.update({f"eval/{k}": v for k, v in metrics.items()})
-            sink.log(epoch_record)
+            if sink is not None:
+                sink.log(epoch_record)
             history.append({k: v for k, v in epoch_record.items() if k != "kind"})
             write_epochs_csv(out / "epochs.csv", history)
             logger.info(
@@ -483,8 +541,14 @@ def _run(
                     "meta": json.dumps(last_meta),
                 },
             )
+            env.barrier()
     finally:
-        sink.close()
+        if sink is not None:
+            sink.close()
+    if env.enabled:  # every rank returns rank 0's history and best checkpoint
+        shared = [history, best_epoch, best_metrics]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        history, best_epoch, best_metrics = shared
 
     completed = stop == config.epochs
     final = history[-1] if history else {}
@@ -508,7 +572,8 @@ def _run(
         "teacher": teacher_names,
         "num_classes": num_classes,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if env.is_main:
+        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return result
 
 
@@ -525,6 +590,14 @@ def train_student(
     sample's ``path``; several teachers are fused with ``config.fusion``.  Every training
     key must be in the cache: a missing one fails before training starts, with the count
     and examples.  Without a cache the run is the cross-entropy baseline.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank calls this function: the process
+    group is initialised (gloo on CPU, NCCL with ``cuda:LOCAL_RANK``) and destroyed at
+    the end, the model is wrapped in DistributedDataParallel, a DistributedSampler shards
+    the data (``config.batch_size`` is per rank), the loss is
+    :func:`~kdkit.distributed.compute_student_loss_distributed` (globally normalised),
+    and rank 0 alone logs, evaluates and writes checkpoints of the unwrapped module
+    (resumable on any number of ranks) while the others wait at a barrier.
 
     Args:
         config: A validated :class:`~kdkit.train.config.TrainConfig`.
