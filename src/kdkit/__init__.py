@@ -12,6 +12,7 @@ from kdkit.cache import (
     load_cache_index,
     load_cached_logits,
 )
+from kdkit.distributed import compute_student_loss_distributed
 from kdkit.domains import create_domain_mask
 from kdkit.fusion import fuse_teacher_logits
 from kdkit.losses.kd import (
@@ -23,6 +24,9 @@ from kdkit.losses.kd import (
 )
 from kdkit.losses.modules import KDLoss, StudentLoss
 
+# Training (kdkit.train: torch only; tqdm, safetensors and friends load when used).
+from kdkit.train import TrainConfig, TrainResult, train_student, train_teacher
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -30,19 +34,19 @@ __all__ = [
     "KDLossConfig",
     "StudentLoss",
     "TeacherLogitsDataset",
+    "TrainConfig",
+    "TrainResult",
     "__version__",
     "compute_confidence_weights",
     "compute_kd_weight",
     "compute_student_loss",
+    "compute_student_loss_distributed",
     "create_domain_mask",
     "dump_teacher_logits",
     "fuse_teacher_logits",
     "kd_loss",
     "load_cache_index",
     "load_cached_logits",
+    "train_student",
+    "train_teacher",
 ]
-
-# Training (kdkit.train: torch only; tqdm, safetensors and friends load when used).
-from kdkit.train import TrainConfig, TrainResult, train_student, train_teacher
-
-__all__ += ["TrainConfig", "TrainResult", "train_student", "train_teacher"]
