@@ -36,3 +36,27 @@ def test_student_loss_module_equals_function():
     assert module(s, t, y, current_epoch=10)[1]["kd_weight"] == pytest.approx(0.2)
     with pytest.raises(TypeError, match="config must be a KDLossConfig, got dict"):
         StudentLoss({"kd_alpha": 0.5})
+
+
+def test_kdloss_module_forwards_the_keyword_options():
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    valid = torch.arange(5) < torch.tensor([[3], [5]])
+    module = KDLoss(2.0, "jsd", "mean", jsd_beta=0.3, implementation="reference")
+    want = kd_loss(s, t, 2.0, "jsd", "mean", mask=valid, jsd_beta=0.3, implementation="reference")
+    assert torch.equal(module(s, t, valid), want)
+    assert "jsd_beta=0.3" in repr(module)
+    with pytest.raises(ValueError, match="jsd_beta must be in"):
+        KDLoss(loss_type="jsd", jsd_beta=2.0)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        KDLoss(implementation="cuda")
+
+
+def test_student_loss_module_forwards_ignore_index_and_tensor_stats():
+    config = KDLossConfig(kd_alpha=0.5)
+    s, t = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    y = torch.tensor([[1, 2, -1, -1], [0, 1, 2, 3]])
+    module = StudentLoss(config, ignore_index=-1)
+    got, stats = module(s, t, y, tensor_stats=True)
+    want, _ = compute_student_loss(s, t, y, config, ignore_index=-1)
+    assert torch.equal(got, want)
+    assert isinstance(stats["kd_loss"], torch.Tensor)

@@ -25,24 +25,48 @@ class KDLoss(nn.Module):
     """
 
     def __init__(
-        self, temperature: float = 4.0, loss_type: str = "kldiv", reduction: str = "batchmean"
+        self,
+        temperature: float = 4.0,
+        loss_type: str = "kldiv",
+        reduction: str = "batchmean",
+        *,
+        jsd_beta: float = 0.5,
+        implementation: str = "auto",
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
-        # Validate eagerly so a bad module fails at construction, not at the first batch.
-        kd_loss(torch.zeros(1, 1), torch.zeros(1, 1), temperature, loss_type, reduction)
         self.temperature = temperature
         self.loss_type = loss_type
         self.reduction = reduction
+        self.jsd_beta = jsd_beta
+        self.implementation = implementation
+        self.check_finite = check_finite
+        # Validate eagerly so a bad module fails at construction, not at the first batch.
+        self(torch.zeros(1, 1), torch.zeros(1, 1))
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return kd_loss(
-            student_logits, teacher_logits, self.temperature, self.loss_type, self.reduction
+            student_logits,
+            teacher_logits,
+            self.temperature,
+            self.loss_type,
+            self.reduction,
+            check_finite=self.check_finite,
+            mask=mask,
+            jsd_beta=self.jsd_beta,
+            implementation=self.implementation,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, loss_type={self.loss_type!r}, "
-            f"reduction={self.reduction!r}"
+            f"reduction={self.reduction!r}, jsd_beta={self.jsd_beta}, "
+            f"implementation={self.implementation!r}"
         )
 
 
@@ -56,13 +80,21 @@ class StudentLoss(nn.Module):
         0.5
     """
 
-    def __init__(self, config: KDLossConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: KDLossConfig | None = None,
+        *,
+        ignore_index: int = -100,
+        implementation: str = "auto",
+    ) -> None:
         super().__init__()
         if config is None:
             config = KDLossConfig()
         if not isinstance(config, KDLossConfig):
             raise TypeError(f"config must be a KDLossConfig, got {type(config).__name__}")
         self.config = config
+        self.ignore_index = ignore_index
+        self.implementation = implementation
 
     def forward(
         self,
@@ -71,10 +103,23 @@ class StudentLoss(nn.Module):
         targets: torch.Tensor,
         current_epoch: float = 0,
         domain_mask: torch.Tensor | None = None,
+        *,
+        tensor_stats: bool = False,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         return compute_student_loss(
-            student_logits, teacher_logits, targets, self.config, current_epoch, domain_mask
+            student_logits,
+            teacher_logits,
+            targets,
+            self.config,
+            current_epoch,
+            domain_mask,
+            tensor_stats=tensor_stats,
+            ignore_index=self.ignore_index,
+            implementation=self.implementation,
         )
 
     def extra_repr(self) -> str:
-        return repr(self.config)
+        return (
+            f"{self.config!r}, ignore_index={self.ignore_index}, "
+            f"implementation={self.implementation!r}"
+        )
