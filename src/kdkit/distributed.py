@@ -29,6 +29,7 @@ from kdkit.losses.kd import (
     _kd_mean,
     _raise_for_flags,
     _raise_for_infinite_ce,
+    _stats,
     _student_loss_terms,
     compute_student_loss,
 )
@@ -168,16 +169,7 @@ def compute_student_loss_distributed(
     coverage = packed[2] / count
     avg_confidence = packed[3] / count
     if tensor_stats:
-        stats: dict[str, Any] = {
-            "total_loss": total,
-            "ce_loss": ce,
-            "kd_loss": kd,
-            "kd_weight": alpha,
-            "ce_weight": 1.0 - alpha,
-            "coverage": coverage,
-            "avg_confidence": avg_confidence,
-        }
-        return loss, stats
+        return loss, _stats(total, ce, kd, coverage, avg_confidence, alpha)
 
     values = torch.stack([total, ce, kd, coverage, avg_confidence, *packed[6:]]).tolist()
     if any(values[5:]):
@@ -192,16 +184,7 @@ def compute_student_loss_distributed(
             "see that rank's error"
         )
     _raise_for_infinite_ce(values[1], alpha)
-    stats = {
-        "total_loss": values[0],
-        "ce_loss": values[1],
-        "kd_loss": values[2],
-        "kd_weight": alpha,
-        "ce_weight": 1.0 - alpha,
-        "coverage": values[3],
-        "avg_confidence": values[4],
-    }
-    return loss, stats
+    return loss, _stats(*values[:5], alpha)
 
 
 # ---------------------------------------------------------------------------------------

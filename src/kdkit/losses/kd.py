@@ -727,16 +727,9 @@ def compute_student_loss(
     total = _combine(ce, kd, alpha).to(result_dtype(student_logits, teacher_logits))
 
     if tensor_stats:
-        stats: dict[str, Any] = {
-            "total_loss": total.detach(),
-            "ce_loss": ce.detach(),
-            "kd_loss": kd.detach(),
-            "kd_weight": alpha,
-            "ce_weight": 1.0 - alpha,
-            "coverage": coverage,
-            "avg_confidence": avg_confidence,
-        }
-        return total, stats
+        return total, _stats(
+            total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, alpha
+        )
 
     values = torch.stack(
         [total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, *terms.flags]
@@ -745,16 +738,7 @@ def compute_student_loss(
         values[5:], terms, student_logits, teacher_logits, targets, config, ignore_index
     )
     _raise_for_infinite_ce(values[1], alpha)
-    stats = {
-        "total_loss": values[0],
-        "ce_loss": values[1],
-        "kd_loss": values[2],
-        "kd_weight": alpha,
-        "ce_weight": 1.0 - alpha,
-        "coverage": values[3],
-        "avg_confidence": values[4],
-    }
-    return total, stats
+    return total, _stats(*values[:5], alpha)
 
 
 # ---------------------------------------------------------------------------------------
@@ -885,6 +869,21 @@ def _student_loss_terms(
         out_of_range=out_of_range,
         infinite=infinite,
     )
+
+
+def _stats(
+    total: Any, ce: Any, kd: Any, coverage: Any, avg_confidence: Any, alpha: float
+) -> dict[str, Any]:
+    """The ``stats`` dict of the student losses, keys in :data:`STUDENT_LOSS_STATS` order."""
+    return {
+        "total_loss": total,
+        "ce_loss": ce,
+        "kd_loss": kd,
+        "kd_weight": alpha,
+        "ce_weight": 1.0 - alpha,
+        "coverage": coverage,
+        "avg_confidence": avg_confidence,
+    }
 
 
 def _kd_mean(kd_sum: torch.Tensor, kd_weight_sum: torch.Tensor, alpha: float) -> torch.Tensor:
