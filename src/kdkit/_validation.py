@@ -96,20 +96,32 @@ def check_logits(name: str, logits: object) -> torch.Tensor:
     return logits
 
 
-def check_same_shape(student: torch.Tensor, teacher: torch.Tensor) -> None:
-    """Raise unless student and teacher logits have the same shape and device."""
+def check_same_shape(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    names: tuple[str, str] = ("student_logits", "teacher_logits"),
+    labels: tuple[str, str] = ("student", "teacher"),
+) -> None:
+    """Raise unless two logit tensors have the same shape and device.
+
+    ``names`` are the arguments' names in the messages, ``labels`` how a class-count
+    mismatch refers to each (``"student has 3 classes, teacher has 4"``).
+    """
     if student.shape != teacher.shape:
         if student.shape[:-1] == teacher.shape[:-1]:
-            detail = f": student has {student.shape[-1]} classes, teacher has {teacher.shape[-1]}"
+            detail = (
+                f": {labels[0]} has {student.shape[-1]} classes, "
+                f"{labels[1]} has {teacher.shape[-1]}"
+            )
         else:
             detail = ""
         raise ValueError(
-            f"student_logits {tuple(student.shape)} and teacher_logits "
+            f"{names[0]} {tuple(student.shape)} and {names[1]} "
             f"{tuple(teacher.shape)} must have the same shape{detail}"
         )
     if student.device != teacher.device:
         raise ValueError(
-            f"student_logits (on {student.device}) and teacher_logits (on {teacher.device}) "
+            f"{names[0]} (on {student.device}) and {names[1]} (on {teacher.device}) "
             "must be on the same device"
         )
 

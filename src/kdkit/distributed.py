@@ -24,13 +24,12 @@ import torch.distributed as dist
 from kdkit._validation import result_dtype
 from kdkit.losses.kd import (
     KDLossConfig,
-    _check_student_loss_args,
+    _checked_student_loss_terms,
     _combine,
     _kd_mean,
     _raise_for_flags,
     _raise_for_infinite_ce,
     _stats,
-    _student_loss_terms,
     compute_student_loss,
 )
 
@@ -127,22 +126,12 @@ def compute_student_loss_distributed(
         return compute_student_loss(
             student_logits, teacher_logits, targets, config, current_epoch, domain_mask, **kwargs
         )
-    alpha = _check_student_loss_args(
+    alpha, terms = _checked_student_loss_terms(
         student_logits,
         teacher_logits,
         targets,
         config,
         current_epoch,
-        domain_mask,
-        ignore_index,
-        implementation,
-    )
-    terms = _student_loss_terms(
-        student_logits,
-        teacher_logits,
-        targets,
-        config,
-        alpha,
         domain_mask,
         ignore_index,
         implementation,

@@ -25,7 +25,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kdkit._validation import check_choice, check_logits, compute_dtype, is_real_number
+from kdkit._validation import (
+    check_choice,
+    check_logits,
+    check_same_shape,
+    compute_dtype,
+    is_real_number,
+)
 
 __all__ = ["FUSION_STRATEGIES", "fuse_teacher_logits"]
 
@@ -113,20 +119,8 @@ def fuse_teacher_logits(
         check_logits(f"logits[{k}]", t)
     first = logits[0]
     for k, t in enumerate(logits[1:], start=1):
-        if t.shape != first.shape:
-            if t.shape[:-1] == first.shape[:-1]:
-                detail = f": logits[0] has {first.shape[-1]} classes, logits[{k}] has {t.shape[-1]}"
-            else:
-                detail = ""
-            raise ValueError(
-                f"all teachers' logits must have the same shape; logits[0] is "
-                f"{tuple(first.shape)} and logits[{k}] is {tuple(t.shape)}{detail}"
-            )
-        if t.device != first.device:
-            raise ValueError(
-                f"all teachers' logits must be on one device; logits[0] is on {first.device} "
-                f"and logits[{k}] on {t.device}"
-            )
+        names = ("logits[0]", f"logits[{k}]")
+        check_same_shape(first, t, names, names)
     if strategy == "weighted_mean":
         if weights is None:
             raise ValueError("strategy 'weighted_mean' needs weights (one per teacher), got None")

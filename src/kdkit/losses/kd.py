@@ -699,22 +699,12 @@ def compute_student_loss(
         >>> stats["coverage"]
         1.0
     """
-    alpha = _check_student_loss_args(
+    alpha, terms = _checked_student_loss_terms(
         student_logits,
         teacher_logits,
         targets,
         config,
         current_epoch,
-        domain_mask,
-        ignore_index,
-        implementation,
-    )
-    terms = _student_loss_terms(
-        student_logits,
-        teacher_logits,
-        targets,
-        config,
-        alpha,
         domain_mask,
         ignore_index,
         implementation,
@@ -869,6 +859,40 @@ def _student_loss_terms(
         out_of_range=out_of_range,
         infinite=infinite,
     )
+
+
+def _checked_student_loss_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    config: KDLossConfig,
+    current_epoch: float,
+    domain_mask: torch.Tensor | None,
+    ignore_index: int,
+    implementation: str,
+) -> tuple[float, _StudentLossTerms]:
+    """Validate the arguments, then return ``(alpha, terms)`` (shared with kdkit.distributed)."""
+    alpha = _check_student_loss_args(
+        student_logits,
+        teacher_logits,
+        targets,
+        config,
+        current_epoch,
+        domain_mask,
+        ignore_index,
+        implementation,
+    )
+    terms = _student_loss_terms(
+        student_logits,
+        teacher_logits,
+        targets,
+        config,
+        alpha,
+        domain_mask,
+        ignore_index,
+        implementation,
+    )
+    return alpha, terms
 
 
 def _stats(
