@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 # tests/reference.py is imported by tests and benchmarks as ``reference``.
@@ -20,3 +22,12 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch intra-op thread, restoring the previous count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

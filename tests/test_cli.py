@@ -14,13 +14,8 @@ import torch
 from kdkit.cli import main
 from kdkit.data import ManifestRecord, write_manifest
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Training tests run on one torch thread (faster and less noisy on the shared 2 cores).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

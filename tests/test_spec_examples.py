@@ -143,7 +143,8 @@ def test_troubleshooting_examples():
     config = KDLossConfig()
     config.temperature = 5.0
     weights, stats = compute_confidence_weights(teacher_logits, weighting="none")
-    assert f"Teacher confidence: {stats['avg_confidence']:.3f}"
+    print(f"Teacher confidence: {stats['avg_confidence']:.3f}")
+    assert 0.1 <= stats["avg_confidence"] <= 1.0  # at least 1/C for C = 10 classes
     config.confidence_threshold = 0.5
     config.kd_weighting = "pmax"
     config.warmup_epochs = 10
