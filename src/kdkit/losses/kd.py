@@ -412,8 +412,8 @@ def compute_student_loss(
         ``(loss, stats)``: the scalar loss (float32, or float64 for float64 logits) and a
         dict with ``total_loss``, ``ce_loss``, ``kd_loss`` (0 during warmup),
         ``kd_weight`` (alpha), ``ce_weight`` (1 - alpha), ``coverage`` (fraction of the
-        batch selected for KD by weighting and mask) and ``avg_confidence`` (mean teacher
-        confidence over the batch), as Python floats gathered in one device-to-host
+        valid positions selected for KD by weighting and mask) and ``avg_confidence``
+        (mean teacher confidence over the valid positions), as Python floats gathered in one device-to-host
         transfer.
 
     Raises:
