@@ -46,7 +46,7 @@ def test_constants_are_defined_once_and_re_exported():
         (validation.check_positive_finite, 2, 2.0),
         (validation.check_non_negative, 0, 0.0),
         (validation.check_fraction, 1, 1.0),
-        (validation.check_real, -3, -3.0),
+        (validation.check_non_negative, 3, 3.0),
         (validation.check_positive_finite, torch.tensor(0.5), 0.5),  # 0-d tensors count
     ],
 )
@@ -64,10 +64,10 @@ def test_number_checks_return_floats(check, value, expected):
         (validation.check_non_negative, math.nan, ValueError, r"x must be a finite number >= 0, got nan"),
         (validation.check_fraction, 1.5, ValueError, r"x must be in \[0, 1\], got 1.5"),
         (validation.check_fraction, math.nan, ValueError, r"x must be in \[0, 1\], got nan"),
-        (validation.check_real, True, TypeError, r"x must be a real number, got bool True"),
-        (validation.check_real, "1", TypeError, r"x must be a real number, got str '1'"),
-        (validation.check_real, torch.ones(2), TypeError, r"x must be a real number, got Tensor"),
-        (validation.check_real, 1j, TypeError, r"x must be a real number, got complex"),
+        (validation.check_non_negative, True, TypeError, r"x must be a real number, got bool True"),
+        (validation.check_non_negative, "1", TypeError, r"x must be a real number, got str '1'"),
+        (validation.check_non_negative, torch.ones(2), TypeError, r"x must be a real number, got Tensor"),
+        (validation.check_non_negative, 1j, TypeError, r"x must be a real number, got complex"),
     ],
 )  # fmt: skip
 def test_number_checks_name_argument_and_value(check, value, error, match):

@@ -42,7 +42,6 @@ __all__ = [
     "check_mask",
     "check_non_negative",
     "check_positive_finite",
-    "check_real",
     "check_same_shape",
     "check_student_loss_args",
     "check_student_loss_options",
@@ -119,11 +118,6 @@ def check_fraction(name: str, value: object) -> float:
     if not (0.0 <= x <= 1.0):  # also rejects NaN
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return x
-
-
-def check_real(name: str, value: object) -> float:
-    """Return ``value`` as float; raise ``TypeError`` unless it is a real number."""
-    return _as_float(name, value)
 
 
 def check_int(name: str, value: object, minimum: int | None = None) -> int:
@@ -245,13 +239,7 @@ def check_targets(targets: object, batch_shape: torch.Size, device: torch.device
         raise TypeError(
             f"targets must be an integer tensor of class indices, got dtype {targets.dtype}"
         )
-    if targets.shape != batch_shape:
-        raise ValueError(
-            f"targets must have shape {tuple(batch_shape)} (the logits' shape without the "
-            f"class dimension), got {tuple(targets.shape)}"
-        )
-    if targets.device != device:
-        raise ValueError(f"targets (on {targets.device}) must be on the logits' device {device}")
+    _check_batch_shape_and_device("targets", targets, batch_shape, device)
 
 
 def check_mask(name: str, mask: object, batch_shape: torch.Size, device: torch.device) -> None:
@@ -260,13 +248,20 @@ def check_mask(name: str, mask: object, batch_shape: torch.Size, device: torch.d
         raise TypeError(f"{name} must be a boolean torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must have dtype torch.bool, got {mask.dtype}")
-    if mask.shape != batch_shape:
+    _check_batch_shape_and_device(name, mask, batch_shape, device)
+
+
+def _check_batch_shape_and_device(
+    name: str, tensor: torch.Tensor, batch_shape: torch.Size, device: torch.device
+) -> None:
+    """Raise unless ``tensor`` (one entry per position) has ``batch_shape`` and ``device``."""
+    if tensor.shape != batch_shape:
         raise ValueError(
             f"{name} must have shape {tuple(batch_shape)} (the logits' shape without the "
-            f"class dimension), got {tuple(mask.shape)}"
+            f"class dimension), got {tuple(tensor.shape)}"
         )
-    if mask.device != device:
-        raise ValueError(f"{name} (on {mask.device}) must be on the logits' device {device}")
+    if tensor.device != device:
+        raise ValueError(f"{name} (on {tensor.device}) must be on the logits' device {device}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -425,7 +420,7 @@ def check_student_loss_args(
     check_targets(targets, batch_shape, device)
     if domain_mask is not None:
         check_mask("domain_mask", domain_mask, batch_shape, device)
-    check_real("current_epoch", current_epoch)
+    check_non_negative("current_epoch", current_epoch)
 
 
 # ---------------------------------------------------------------------------------------

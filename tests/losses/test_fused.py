@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
-from kdkit import KDLossConfig, compute_kd_weight, compute_student_loss, kd_loss
+from kdkit import KDLossConfig, compute_student_loss, kd_loss
 from kdkit.losses import divergences
 from kdkit.losses.divergences import divergence_loss
 from kdkit.losses.fused import fused_divergence
-from kdkit.losses.student_terms import student_loss
+from kdkit.losses.student_terms import StudentLossInputs, checked_kd_weight, student_loss
 from reference import ref_kd_grad, ref_kd_loss, ref_kd_per_sample, ref_student_loss
 
 IMPLEMENTATIONS = ("fused", "reference")
@@ -83,11 +83,11 @@ def _student_loss(student, teacher, targets, config, epoch, mask, *, chunk_eleme
     """``compute_student_loss``, or its body after validation with ``chunk_elements``."""
     if chunk_elements is None:
         return compute_student_loss(student, teacher, targets, config, epoch, mask, **kwargs)
-    alpha = compute_kd_weight(epoch, config.warmup_epochs, config.kd_ramp_epochs, config.kd_alpha)
-    options = {"tensor_stats": False, "ignore_index": -100, **kwargs}
-    return student_loss(
-        student, teacher, targets, config, alpha, mask, **options, chunk_elements=chunk_elements
+    inputs = StudentLossInputs(
+        student, teacher, targets, config, mask, -100, kwargs.get("implementation", "auto")
     )
+    alpha = checked_kd_weight(inputs, epoch, KDLossConfig)
+    return student_loss(inputs, alpha, tensor_stats=False, chunk_elements=chunk_elements)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -14,14 +14,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kdkit._validation import (
-    check_student_loss_args,
-    check_student_loss_options,
-    raise_infinite_ce,
-    result_dtype,
-)
-from kdkit.losses.kd import KDLossConfig, compute_kd_weight, compute_student_loss
+from kdkit._validation import raise_infinite_ce, result_dtype
+from kdkit.losses.kd import KDLossConfig, compute_student_loss
 from kdkit.losses.student_terms import (
+    StudentLossInputs,
+    checked_kd_weight,
     combine,
     kd_mean,
     raise_for_flags,
@@ -117,21 +114,11 @@ def compute_student_loss_distributed(
         return compute_student_loss(
             student_logits, teacher_logits, targets, config, current_epoch, domain_mask, **kwargs
         )
-    check_student_loss_args(student_logits, teacher_logits, targets, domain_mask, current_epoch)
-    check_student_loss_options(config, KDLossConfig, ignore_index, implementation)
-    alpha = compute_kd_weight(
-        current_epoch, config.warmup_epochs, config.kd_ramp_epochs, config.kd_alpha
+    inputs = StudentLossInputs(
+        student_logits, teacher_logits, targets, config, domain_mask, ignore_index, implementation
     )
-    terms = student_loss_terms(
-        student_logits,
-        teacher_logits,
-        targets,
-        config,
-        alpha,
-        domain_mask,
-        ignore_index,
-        implementation,
-    )
+    alpha = checked_kd_weight(inputs, current_epoch, KDLossConfig)
+    terms = student_loss_terms(inputs, alpha)
     packed = torch.stack(
         [
             terms.valid_count,
@@ -159,15 +146,7 @@ def compute_student_loss_distributed(
     values = torch.stack([total, ce, kd, coverage, avg_confidence, *packed[6:]]).tolist()
     if any(values[5:]):
         local_flags = torch.stack(terms.flags).tolist()  # error path only
-        raise_for_flags(
-            local_flags,
-            terms,
-            student_logits,
-            teacher_logits,
-            targets,
-            config.loss_type,
-            ignore_index,
-        )
+        raise_for_flags(local_flags, terms, inputs)
         checks = ("targets", "student_logits rows", "teacher_logits rows", "infinite KD loss")
         failed = [c for c, v in zip(checks, values[5:]) if v]
         raise ValueError(

@@ -41,15 +41,16 @@ from kdkit._validation import (
     check_mask,
     check_non_negative,
     check_same_shape,
-    check_student_loss_args,
-    check_student_loss_options,
     compute_dtype,
     raise_bad_rows,
 )
 from kdkit.losses.divergences import FUSED_MIN_ELEMENTS, divergence_loss
 from kdkit.losses.student_terms import (
     STUDENT_LOSS_STATS,
+    StudentLossInputs,
+    checked_kd_weight,
     confidence_weights,
+    kd_weight_schedule,
     student_loss,
     teacher_confidence,
 )
@@ -290,11 +291,7 @@ def compute_kd_weight(
     warmup = check_non_negative("warmup_epochs", warmup_epochs)
     ramp = check_non_negative("kd_ramp_epochs", kd_ramp_epochs)
     alpha = check_fraction("target_alpha", target_alpha)
-    if epoch < warmup:
-        return 0.0
-    if epoch < warmup + ramp:
-        return alpha * (epoch - warmup) / ramp
-    return alpha
+    return kd_weight_schedule(epoch, warmup, ramp, alpha)
 
 
 @dataclasses.dataclass
@@ -434,19 +431,8 @@ def compute_student_loss(
         >>> stats["coverage"]
         1.0
     """
-    check_student_loss_args(student_logits, teacher_logits, targets, domain_mask, current_epoch)
-    check_student_loss_options(config, KDLossConfig, ignore_index, implementation)
-    alpha = compute_kd_weight(
-        current_epoch, config.warmup_epochs, config.kd_ramp_epochs, config.kd_alpha
+    inputs = StudentLossInputs(
+        student_logits, teacher_logits, targets, config, domain_mask, ignore_index, implementation
     )
-    return student_loss(
-        student_logits,
-        teacher_logits,
-        targets,
-        config,
-        alpha,
-        domain_mask,
-        tensor_stats=tensor_stats,
-        ignore_index=ignore_index,
-        implementation=implementation,
-    )
+    alpha = checked_kd_weight(inputs, current_epoch, KDLossConfig)
+    return student_loss(inputs, alpha, tensor_stats=tensor_stats)

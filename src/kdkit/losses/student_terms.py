@@ -3,9 +3,11 @@
 Shared by :func:`kdkit.losses.kd.compute_student_loss` and its distributed form
 :func:`kdkit.losses.distributed.compute_student_loss_distributed`: one implementation of
 the maths, the distributed version only sums the counts over ranks before dividing.
-Inner module: the callers validate (:mod:`kdkit._validation`); these functions trust
-their inputs.
+Inner module: the front ends validate first (:func:`checked_kd_weight`); the other
+functions trust their inputs.
 
+* :class:`StudentLossInputs` and :func:`checked_kd_weight` -- the arguments, validated
+  through :mod:`kdkit._validation`, and the scheduled KD weight ``alpha``;
 * :func:`student_loss_terms` -- the sums and counts of one batch (:class:`StudentLossTerms`);
 * :func:`kd_mean`, :func:`combine`, :func:`stats_dict` -- from sums to the loss and stats;
 * :func:`raise_for_flags` -- the value errors, after the one host transfer;
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 
 from kdkit._validation import (
     bad_rows,
+    check_student_loss_args,
+    check_student_loss_options,
     compute_dtype,
     raise_bad_rows,
     raise_infinite_ce,
@@ -34,10 +38,13 @@ from kdkit.losses.divergences import divergence
 
 __all__ = [
     "STUDENT_LOSS_STATS",
+    "StudentLossInputs",
     "StudentLossTerms",
+    "checked_kd_weight",
     "combine",
     "confidence_weights",
     "kd_mean",
+    "kd_weight_schedule",
     "raise_for_flags",
     "stats_dict",
     "student_loss",
@@ -55,6 +62,43 @@ STUDENT_LOSS_STATS: tuple[str, ...] = (
     "avg_confidence",
 )
 """Keys of the ``stats`` dict returned by the student losses, in order."""
+
+
+class StudentLossInputs(NamedTuple):
+    """The per-call arguments of the student losses (``config``: a ``KDLossConfig``)."""
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    targets: torch.Tensor
+    config: Any
+    domain_mask: torch.Tensor | None
+    ignore_index: int
+    implementation: str
+
+
+def kd_weight_schedule(epoch: float, warmup: float, ramp: float, target_alpha: float) -> float:
+    """The warmup + linear ramp of ``compute_kd_weight`` on validated numbers."""
+    if epoch < warmup:
+        return 0.0
+    if epoch < warmup + ramp:
+        return target_alpha * (epoch - warmup) / ramp
+    return target_alpha
+
+
+def checked_kd_weight(inputs: StudentLossInputs, current_epoch: float, config_type: type) -> float:
+    """Validate ``inputs`` and ``current_epoch`` (raise naming the argument); return alpha.
+
+    ``config_type`` is ``KDLossConfig`` (passed in: its module imports this one).
+    """
+    student, teacher, targets, config, domain_mask, ignore_index, implementation = inputs
+    check_student_loss_args(student, teacher, targets, domain_mask, current_epoch)
+    check_student_loss_options(config, config_type, ignore_index, implementation)
+    return kd_weight_schedule(
+        float(current_epoch),
+        float(config.warmup_epochs),
+        float(config.kd_ramp_epochs),
+        float(config.kd_alpha),
+    )
 
 
 def teacher_confidence(teacher: torch.Tensor) -> torch.Tensor:
@@ -110,18 +154,10 @@ def _cross_entropy_sum(
 
 
 def student_loss_terms(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    targets: torch.Tensor,
-    config: Any,
-    alpha: float,
-    domain_mask: torch.Tensor | None,
-    ignore_index: int,
-    implementation: str,
-    *,
-    chunk_elements: int | None = None,
+    inputs: StudentLossInputs, alpha: float, *, chunk_elements: int | None = None
 ) -> StudentLossTerms:
-    """Sums and counts of the CE and weighted KD terms (``config``: a ``KDLossConfig``)."""
+    """Sums and counts of the CE and weighted KD terms of one batch."""
+    student_logits, teacher_logits, targets, config, domain_mask, ignore_index, _ = inputs
     dtype = compute_dtype(student_logits, teacher_logits, temperature=config.temperature)
     student = student_logits.to(dtype)
     teacher = teacher_logits.detach().to(dtype)
@@ -145,7 +181,7 @@ def student_loss_terms(
             config.temperature,
             config.loss_type,
             config.jsd_beta,
-            implementation,
+            inputs.implementation,
             chunk_elements=chunk_elements,
         )
         kd_sum = torch.where(selected, weights * per_sample, 0.0).sum()
@@ -201,57 +237,36 @@ def combine(ce: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def raise_for_flags(
-    flags: Sequence[float],
-    terms: StudentLossTerms,
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    targets: torch.Tensor,
-    loss_type: str,
-    ignore_index: int,
+    flags: Sequence[float], terms: StudentLossTerms, inputs: StudentLossInputs
 ) -> None:
     """Raise the error named by the first non-zero flag of ``terms.flags`` (host values)."""
+    student_logits, teacher_logits, targets = inputs[:3]
     if flags[0]:
         num_classes = student_logits.shape[-1]
-        raise_out_of_range_targets(targets, terms.out_of_range, num_classes, ignore_index)
+        raise_out_of_range_targets(targets, terms.out_of_range, num_classes, inputs.ignore_index)
     if flags[1]:
         raise_bad_rows("student_logits", student_logits)
     if flags[2]:
         raise_bad_rows("teacher_logits", teacher_logits)
     if flags[3] and terms.infinite is not None:
-        raise_infinite_kd(terms.infinite, loss_type)
+        raise_infinite_kd(terms.infinite, inputs.config.loss_type)
 
 
 def student_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    targets: torch.Tensor,
-    config: Any,
+    inputs: StudentLossInputs,
     alpha: float,
-    domain_mask: torch.Tensor | None,
     *,
     tensor_stats: bool,
-    ignore_index: int,
-    implementation: str,
     chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``compute_student_loss`` on validated arguments, with ``alpha`` already scheduled."""
-    terms = student_loss_terms(
-        student_logits,
-        teacher_logits,
-        targets,
-        config,
-        alpha,
-        domain_mask,
-        ignore_index,
-        implementation,
-        chunk_elements=chunk_elements,
-    )
+    """``compute_student_loss`` on validated ``inputs``, with ``alpha`` already scheduled."""
+    terms = student_loss_terms(inputs, alpha, chunk_elements=chunk_elements)
     count = terms.valid_count.clamp_min(1)
     ce = terms.ce_sum / count
     kd = kd_mean(terms.kd_sum, terms.kd_weight_sum, alpha)
     coverage = terms.selected_count / count
     avg_confidence = terms.confidence_sum / count
-    total = combine(ce, kd, alpha).to(result_dtype(student_logits, teacher_logits))
+    total = combine(ce, kd, alpha).to(result_dtype(inputs.student_logits, inputs.teacher_logits))
     if tensor_stats:
         return total, stats_dict(
             total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, alpha
@@ -260,8 +275,6 @@ def student_loss(
     values = torch.stack(
         [total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, *terms.flags]
     ).tolist()  # the one device-to-host transfer: stats and value checks together
-    raise_for_flags(
-        values[5:], terms, student_logits, teacher_logits, targets, config.loss_type, ignore_index
-    )
+    raise_for_flags(values[5:], terms, inputs)
     raise_infinite_ce(values[1], alpha)
     return total, stats_dict(*values[:5], alpha)
