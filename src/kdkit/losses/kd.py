@@ -1,6 +1,10 @@
-"""Knowledge-distillation losses: the functional core of kdkit.
+"""Knowledge-distillation losses: the specification's API.
 
-The public API follows the kdkit specification (the README of ``losses/kd.py``):
+This module holds the public API of the kdkit specification (the README of
+``losses/kd.py``) and its constants; each function validates its arguments through
+:mod:`kdkit._validation` and calls the maths in :mod:`kdkit.losses.divergences`
+(divergences, dispatch, reductions) and :mod:`kdkit.losses.student_terms` (CE + KD terms
+-> loss and stats):
 
 * :func:`kd_loss` -- temperature-scaled KL divergence or soft cross-entropy;
 * :func:`compute_confidence_weights` -- per-sample weights from teacher confidence;
