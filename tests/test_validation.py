@@ -284,3 +284,20 @@ def test_train_config_fusion_valid_combinations():
     TrainConfig(teacher=["a"], fusion_weights=[1.0])
     with pytest.raises(TypeError, match=r"fusion_weights must be a list, got tuple"):
         TrainConfig(teacher=["a", "b"], fusion="weighted_mean", fusion_weights=(1, 2))
+
+
+def test_check_str_and_bool():
+    assert validation.check_str("s", "a") == "a"
+    assert validation.check_str("s", None, optional=True) is None
+    assert validation.check_str("s", "", optional=True) == ""
+    with pytest.raises(TypeError, match=r"^s must be a non-empty string, got ''$"):
+        validation.check_str("s", "")
+    with pytest.raises(TypeError, match=r"^s must be a string or None, got 3$"):
+        validation.check_str("s", 3, optional=True)
+    assert validation.check_bool("b", False) is False
+    with pytest.raises(TypeError, match=r"^b must be true or false, got 1$"):
+        validation.check_bool("b", 1)
+    with pytest.raises(TypeError, match=r"resume must be true or false, got 'yes'"):
+        TrainConfig(resume="yes")
+    with pytest.raises(TypeError, match=r"model must be a non-empty string, got ''"):
+        TrainConfig(model="")

@@ -33,6 +33,7 @@ from typing import Any
 
 from kdkit._validation import (
     FUSION_STRATEGIES,
+    check_bool,
     check_choice,
     check_fusion,
     check_fusion_weights,
@@ -40,6 +41,7 @@ from kdkit._validation import (
     check_int,
     check_non_negative,
     check_positive_finite,
+    check_str,
     is_real_number,
 )
 from kdkit.losses.kd import KDLossConfig
@@ -163,12 +165,9 @@ class TrainConfig:
         check_non_negative("weight_decay", self.weight_decay)
         check_non_negative("momentum", self.momentum)
         for name in ("manifest", "cache", "eval_split"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"{name} must be a string or None, got {value!r}")
+            check_str(name, getattr(self, name), optional=True)
         for name in ("train_split", "model", "device", "output_dir", "wandb_project"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+            check_str(name, getattr(self, name))
         if not isinstance(self.model_kwargs, dict):
             raise TypeError(f"model_kwargs must be a dict, got {self.model_kwargs!r}")
         if not isinstance(self.kd, KDLossConfig):
@@ -190,8 +189,7 @@ class TrainConfig:
         self._validate_fusion()
         self.source_domain = _int_list("source_domain", self.source_domain)
         for name in ("schedule_per_step", "resume", "progress", "tensorboard", "wandb"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
 
     def _validate_fusion(self) -> None:
         """``fusion`` and ``fusion_weights`` (one per teacher; rule of ``check_fusion``)."""
