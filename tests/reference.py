@@ -4,7 +4,7 @@ Written independently of kdkit: plain Python loops over rows and classes with ``
 (no ``log_softmax`` from torch), so a bug in kdkit cannot be mirrored here.  One family:
 ``ref_log_softmax`` -> ``ref_divergence_row`` (every loss type) -> ``ref_kd_per_sample``
 -> ``ref_kd_loss`` / ``ref_student_loss``, with the gradients ``ref_kd_grad`` and
-``ref_student_loss_grad``.
+``ref_student_loss_grad``; and ``ref_fuse`` for multi-teacher fusion.
 """
 
 from __future__ import annotations
@@ -230,3 +230,33 @@ def ref_student_loss_grad(
     if alpha > 0 and float(w.sum()) > 0:
         grad = grad + alpha * ref_kd_grad(student, teacher, temperature, w / float(w.sum()))
     return grad
+
+
+def ref_fuse(logits, strategy, weights=None):
+    """Reference of ``fuse_teacher_logits`` for ``[B, C]`` logits: loops over samples and teachers."""
+    k = len(logits)
+    rows, classes = logits[0].shape
+    out = torch.zeros(rows, classes, dtype=torch.float64)
+    for i in range(rows):
+        zs = [[float(t[i, c]) for c in range(classes)] for t in logits]
+        if strategy == "mean":
+            out[i] = torch.tensor([sum(z[c] for z in zs) / k for c in range(classes)])
+        elif strategy == "weighted_mean":
+            total = sum(weights)
+            out[i] = torch.tensor(
+                [sum(w * z[c] for w, z in zip(weights, zs)) / total for c in range(classes)]
+            )
+        else:
+            probs = []
+            for z in zs:
+                m = max(z)
+                e = [math.exp(v - m) for v in z]
+                probs.append([v / sum(e) for v in e])
+            if strategy == "prob_mean":
+                out[i] = torch.tensor(
+                    [math.log(sum(p[c] for p in probs) / k) for c in range(classes)]
+                )
+            else:  # max_confidence
+                best = max(range(k), key=lambda j: (max(probs[j]), -j))
+                out[i] = torch.tensor(zs[best])
+    return out
