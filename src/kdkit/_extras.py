@@ -16,10 +16,14 @@ from types import ModuleType
 
 __all__ = ["missing_message", "require", "require_installed"]
 
+# Distribution names where they differ from the module's.
+_PACKAGES = {"yaml": "pyyaml", "sklearn": "scikit-learn"}
+
 
 def missing_message(module: str, extra: str, feature: str) -> str:
-    """``"<feature> needs <module>: pip install 'kdkit[<extra>]'"``."""
-    return f"{feature} needs {module.split('.')[0]}: pip install 'kdkit[{extra}]'"
+    """``"<feature> needs <package>: pip install 'kdkit[<extra>]'"``."""
+    top = module.split(".")[0]
+    return f"{feature} needs {_PACKAGES.get(top, top)}: pip install 'kdkit[{extra}]'"
 
 
 def require(module: str, extra: str, feature: str) -> ModuleType:

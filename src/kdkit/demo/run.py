@@ -27,11 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdkit._extras import require_installed
+from kdkit.cache import dump_teacher_logits
 from kdkit.demo.data import DOMAIN_NAMES, make_demo_data
 from kdkit.train import TrainConfig, evaluate, train_student, train_teacher
 from kdkit.train.logging import read_metrics
 
-__all__ = ["CONDITIONS", "DemoConfig", "DemoResult", "run_demo"]
+__all__ = ["CONDITIONS", "DemoConfig", "DemoResult", "check_demo_extras", "run_demo"]
+
+DEMO_EXTRAS: tuple[str, ...] = ("matplotlib", "sklearn", "safetensors")
+"""Optional packages the demo needs (all in ``kdkit[demo]``), checked before it starts."""
 
 logger = logging.getLogger("kdkit.demo")
 
@@ -217,10 +222,20 @@ def _plots(out: Path, runs: dict[str, list[Path]]) -> list[str]:
     return written
 
 
-def run_demo(config: DemoConfig | None = None) -> DemoResult:
-    """Run the whole demo (see the module docstring); return the table and paths."""
-    from kdkit.cache import dump_teacher_logits
+def check_demo_extras() -> None:
+    """Raise ``ImportError`` naming ``kdkit[demo]`` if a package of :data:`DEMO_EXTRAS` is missing."""
+    for module in DEMO_EXTRAS:
+        require_installed(module, "demo", "kdkit demo")
 
+
+def run_demo(config: DemoConfig | None = None) -> DemoResult:
+    """Run the whole demo (see the module docstring); return the table and paths.
+
+    Raises:
+        ImportError: before any work, when a package of ``kdkit[demo]`` is missing
+            (``kdkit demo needs matplotlib: pip install 'kdkit[demo]'``).
+    """
+    check_demo_extras()
     config = DemoConfig() if config is None else config
     start = time.perf_counter()
     out = Path(config.output_dir)

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kdkit._extras import require
+
 __all__ = ["MetricsLogger", "progress_bar", "read_metrics", "write_epochs_csv"]
 
 
@@ -57,21 +59,12 @@ class MetricsLogger:
         self._tb = None
         self._wandb = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except (ImportError, ModuleNotFoundError):
-                raise ImportError(
-                    "tensorboard logging needs the tensorboard package "
-                    "(pip install 'kdkit[tensorboard]')"
-                ) from None
+            require("tensorboard", "tensorboard", "TensorBoard logging")
+            from torch.utils.tensorboard import SummaryWriter  # slow: only when enabled
+
             self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
         if wandb:
-            try:
-                import wandb as wandb_module
-            except ModuleNotFoundError:
-                raise ImportError(
-                    "W&B logging needs the wandb package (pip install 'kdkit[wandb]')"
-                ) from None
+            wandb_module = require("wandb", "wandb", "W&B logging")
             self._wandb = wandb_module.init(
                 project=wandb_project,
                 mode=wandb_mode,
