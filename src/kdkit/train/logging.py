@@ -49,6 +49,9 @@ class MetricsLogger:
         wandb_mode: str = "offline",
         config: dict[str, Any] | None = None,
     ) -> None:
+        if tensorboard:  # optional packages first: fail before touching any file
+            require("tensorboard", "tensorboard", "TensorBoard logging")
+        wandb_module = require("wandb", "wandb", "W&B logging") if wandb else None
         self.path = Path(output_dir) / "metrics.jsonl"
         kept = [r for r in read_metrics(self.path) if r.get("epoch", 0) < start_epoch]
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,12 +62,10 @@ class MetricsLogger:
         self._tb = None
         self._wandb = None
         if tensorboard:
-            require("tensorboard", "tensorboard", "TensorBoard logging")
             from torch.utils.tensorboard import SummaryWriter  # slow: only when enabled
 
             self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
-        if wandb:
-            wandb_module = require("wandb", "wandb", "W&B logging")
+        if wandb_module is not None:
             self._wandb = wandb_module.init(
                 project=wandb_project,
                 mode=wandb_mode,
