@@ -16,8 +16,10 @@ def test_require_imports_or_names_the_extra(monkeypatch):
     assert require("json", "train", "x").__name__ == "json"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # simulates "not installed"
     with pytest.raises(ImportError) as info:
-        require("matplotlib.figure", "demo", "kdkit demo")
+        require("matplotlib", "demo", "kdkit demo")
     assert str(info.value) == "kdkit demo needs matplotlib: pip install 'kdkit[demo]'"
+    with pytest.raises(ImportError, match=re.escape("f needs no_such_pkg_kdkit: pip install")):
+        require("no_such_pkg_kdkit.sub", "demo", "f")  # the package is named, not the module
     with pytest.raises(ImportError, match=re.escape("kdkit demo needs matplotlib: pip install")):
         require_installed("matplotlib", "demo", "kdkit demo")
     require_installed("json", "train", "x")  # installed: no error

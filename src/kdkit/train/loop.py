@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from kdkit.distributed import DistributedEnv, init_from_env
+from kdkit.distributed import init_from_env
 from kdkit.train.checkpoints import capture_rng_state, save_training_state, save_weights
 from kdkit.train.config import TrainConfig
 from kdkit.train.epoch import train_one_epoch
@@ -82,26 +82,17 @@ def _run(
     check_extras(config)  # a missing optional package fails before any work
     env = init_from_env(config.device)  # torchrun: WORLD_SIZE/RANK/LOCAL_RANK
     try:
-        return _run_on(
+        run = setup_run(
             env, config, model=model, train_data=train_data, eval_data=eval_data, distil=distil
         )
+        return _train(run)
     finally:
         env.close()
 
 
-def _run_on(
-    env: DistributedEnv,
-    config: TrainConfig,
-    *,
-    model: nn.Module | None,
-    train_data: Dataset | None,
-    eval_data: Dataset | None,
-    distil: bool,
-) -> TrainResult:
+def _train(run: Run) -> TrainResult:
     """The loop on one rank (or the single process): rank 0 logs, evaluates and writes."""
-    run = setup_run(
-        env, config, model=model, train_data=train_data, eval_data=eval_data, distil=distil
-    )
+    config, env = run.config, run.env
     sink: MetricsLogger | None = None
     if env.is_main:
         config.save(run.out / "config.json")

@@ -362,5 +362,5 @@ def _warn_if_config_changed(config: TrainConfig, saved_path: Path) -> None:
         warnings.warn(
             f"resuming {saved_path.parent} with changed setting(s) {changed}; the result will "
             "differ from an uninterrupted run",
-            stacklevel=7,  # the caller of train_student / train_teacher
+            stacklevel=6,  # the caller of train_student / train_teacher
         )
