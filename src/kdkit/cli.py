@@ -15,6 +15,12 @@ one validated :class:`~kdkit.train.config.TrainConfig` -> ``train_student`` /
 ``train_teacher``; the resolved config is saved as ``OUTPUT_DIR/config.json``.  A bad
 flag or value exits with status 2 and a one-line message; a failure of the run itself
 (e.g. teacher logits missing from the cache) exits with status 1 and a one-line message.
+
+The flags of ``train-teacher`` and ``train-student`` are derived from the fields of
+:class:`~kdkit.train.config.TrainConfig` and :class:`~kdkit.losses.kd.KDLossConfig`
+(:func:`train_flags`): one ``--<field>`` per field, its type from the type hint, its
+choices from the config's constants and its help from the table next to ``TrainConfig``,
+so the command line cannot drift from the configs.
 """
 
 from __future__ import annotations
@@ -107,7 +113,6 @@ def _choice(name: str, choices: Sequence[str]) -> Callable[[str], str]:
             )
         return text
 
-    parse.__name__ = name  # argparse names the type in some messages
     return parse
 
 
