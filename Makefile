@@ -1,19 +1,35 @@
 # Two commands for a newcomer: `make demo` (the main job) and `make test`.
-# Both create .venv/ and install pinned dependencies on first use.
+# Both create .venv/ on first use and install pinned dependencies, each only what it needs:
+# `make demo` the demo's extra (.[demo]), `make test` / `make lint` the development extra
+# (.[dev]: the demo's packages plus pytest, hypothesis, ruff).  `make install-all` adds
+# every optional extra (TensorBoard, W&B): what CI runs the tests with.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install install-demo install-all clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-dev
+install-demo: $(VENV)/.installed-demo
+install-all: $(VENV)/.installed-all
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+
+$(VENV)/.installed-demo: pyproject.toml constraints.txt | $(PY)
+	$(PIP) -e '.[demo]'
 	touch $@
 
-demo: install
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(PY)
+	$(PIP) -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-all: pyproject.toml constraints.txt | $(PY)
+	$(PIP) -e '.[dev,cache,train,demo,tensorboard,wandb]'
+	touch $(VENV)/.installed-dev $(VENV)/.installed-demo $@
+
+demo: install-demo
 	$(VENV)/bin/kdkit demo
 
 test: install

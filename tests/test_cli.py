@@ -196,3 +196,60 @@ def test_dump_teacher_from_a_weights_file(tmp_path, manifest, capsys):
     assert torch.allclose(cache.load_cached_logits(["x/7.npy"], index, "mine"), expected)
     assert main([*argv, "--no-progress"]) == 2  # hidden size differs from the weights
     assert "does not fit the model" in one_line_error(capsys)
+
+
+def _options(command: str) -> set[str]:
+    from kdkit.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and a.choices)
+    return {o for a in sub.choices[command]._actions for o in a.option_strings}
+
+
+def test_every_config_field_has_a_flag_or_is_file_only():
+    import dataclasses
+
+    from kdkit.losses.kd import KDLossConfig
+    from kdkit.train.config import (
+        FIELD_HELP,
+        FILE_ONLY_FIELDS,
+        KD_FIELD_HELP,
+        STUDENT_FIELDS,
+        TrainConfig,
+    )
+
+    train_fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    kd_fields = [f.name for f in dataclasses.fields(KDLossConfig)]
+    assert set(FIELD_HELP) == set(train_fields) and set(KD_FIELD_HELP) == set(kd_fields)
+    student, teacher = _options("train-student"), _options("train-teacher")
+    for name in train_fields + kd_fields:
+        if name not in FILE_ONLY_FIELDS:
+            assert f"--{name}" in student, name
+    for name in train_fields:
+        if name not in FILE_ONLY_FIELDS and name not in STUDENT_FIELDS:
+            assert f"--{name}" in teacher, name
+    assert not {f"--{n}" for n in [*STUDENT_FIELDS, *kd_fields]} & teacher
+
+
+def test_choices_come_from_the_constants(capsys):
+    from kdkit.fusion import FUSION_STRATEGIES
+    from kdkit.losses.kd import LOSS_TYPES, WEIGHTINGS
+    from kdkit.train.config import KD_ON, OPTIMIZERS
+
+    assert main(["train-student", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for choices in (LOSS_TYPES, WEIGHTINGS, FUSION_STRATEGIES, KD_ON, OPTIMIZERS):
+        assert "{" + ",".join(choices) + "}" in out
+    assert "--jsd_beta" in out and "--momentum" in out and "--wandb_project" in out
+
+
+def test_new_flags_reach_the_config():
+    from kdkit.cli import build_config, build_parser
+
+    argv = ["train-student", "--jsd_beta", "0.25", "--loss_type", "jsd", "--momentum", "0.5"]
+    argv += ["--wandb_project", "p", "--optimizer", "sgd"]
+    config = build_config(build_parser().parse_args(argv), student=True)
+    assert config.kd.jsd_beta == 0.25 and config.kd.loss_type == "jsd"
+    assert config.momentum == 0.5 and config.wandb_project == "p" and config.optimizer == "sgd"
+    teacher = build_config(build_parser().parse_args(["train-teacher", "--momentum", "0.1"]), False)
+    assert teacher.momentum == 0.1

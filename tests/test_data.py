@@ -1,4 +1,4 @@
-"""Manifest datasets (kdkit.data) and model factories (kdkit.models)."""
+"""Manifest datasets and array datasets (kdkit.data)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from kdkit.data import ArrayDataset, ManifestDataset, ManifestRecord, read_manifest, write_manifest
-from kdkit.models import build_model, cnn, load_factory, mlp, resolve_model_kwargs
 
 
 @pytest.fixture
@@ -95,40 +94,3 @@ def test_array_dataset_checks_lengths():
         ArrayDataset(np.zeros((3, 2)), [0, 1])
     item = ArrayDataset(np.zeros((2, 2)), [0, 1], [0, 2], ["a", "b"])[1]
     assert (item["label"], item["domain"], item["path"]) == (1, 2, "b")
-
-
-@pytest.mark.parametrize("shape", [(8, 8), (3, 8, 8), (40,)])
-def test_builtin_factories(shape):
-    x = torch.randn(2, *shape)
-    assert mlp(shape, 5, hidden=(4,), dropout=0.1)(x).shape == (2, 5)
-    assert cnn(shape, 5, channels=(4,))(x).shape == (2, 5)
-
-
-def test_load_factory_errors():
-    assert load_factory("kdkit.models:cnn") is cnn
-    for bad, message in [
-        ("kdkit.models.mlp", "import string"),
-        ("no_such_module_xyz:f", "cannot import"),
-        ("kdkit.models:nope", "no attribute"),
-        ("kdkit.models:__doc__", "not callable"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            load_factory(bad)
-
-
-def test_resolve_and_build_model():
-    kwargs = resolve_model_kwargs(mlp, {"hidden": [3]}, input_shape=(4,), num_classes=2)
-    assert kwargs == {"hidden": [3], "input_shape": [4], "num_classes": 2}
-    # Explicit values win; factories that do not take the arguments do not get them.
-    assert (
-        resolve_model_kwargs(mlp, {"num_classes": 7}, input_shape=(4,), num_classes=2)[
-            "num_classes"
-        ]
-        == 7
-    )
-    assert resolve_model_kwargs(torch.nn.Linear, {}, input_shape=(4,), num_classes=2) == {}
-    assert isinstance(build_model("kdkit.models:mlp", kwargs), torch.nn.Module)
-    with pytest.raises(ValueError, match="rejected model_kwargs"):
-        build_model("kdkit.models:mlp", {"widths": 3})
-    with pytest.raises(TypeError, match=r"must return an nn\.Module"):
-        build_model("json:dumps", {"obj": 1})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -42,3 +44,11 @@ def test_demo_quick(tmp_path, capsys):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "data" / "manifest.jsonl").is_file()
     assert (out / "students" / "kd-mlp-teacher-seed0" / "metrics.jsonl").is_file()
+
+
+def test_demo_without_matplotlib_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # simulates "not installed"
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output_dir", str(out), "--no-progress"]) == 1
+    assert capsys.readouterr().err == "kdkit demo needs matplotlib: pip install 'kdkit[demo]'\n"
+    assert not out.exists()

@@ -15,16 +15,25 @@ one validated :class:`~kdkit.train.config.TrainConfig` -> ``train_student`` /
 ``train_teacher``; the resolved config is saved as ``OUTPUT_DIR/config.json``.  A bad
 flag or value exits with status 2 and a one-line message; a failure of the run itself
 (e.g. teacher logits missing from the cache) exits with status 1 and a one-line message.
+
+The flags of ``train-teacher`` and ``train-student`` are derived from the fields of
+:class:`~kdkit.train.config.TrainConfig` and :class:`~kdkit.losses.kd.KDLossConfig`
+(:func:`train_flags`): one ``--<field>`` per field, its type from the type hint, its
+choices from the config's constants and its help from the table next to ``TrainConfig``,
+so the command line cannot drift from the configs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import logging
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -94,83 +103,105 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-# Flags that map to TrainConfig fields: (flag, kwargs); dest is the field name.
-_COMMON_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--manifest", {"help": "dataset manifest (JSONL or CSV: path, label, domain, split)"}),
-    ("--train_split", {"help": "manifest split to train on (default: train)"}),
-    ("--eval_split", {"help": "manifest split evaluated per domain each epoch (default: test)"}),
-    ("--model", {"help": "model factory 'package.module:function' (default: kdkit.models:mlp)"}),
-    (
-        "--model_kwargs",
-        {"type": _json_dict, "help": "factory arguments as JSON, e.g. '{\"hidden\": [64]}'"},
-    ),
-    ("--num_classes", {"type": int, "help": "number of classes (default: from data/cache)"}),
-    ("--epochs", {"type": int, "help": "total number of epochs (default: 10)"}),
-    (
-        "--stop_after_epoch",
-        {"type": int, "help": "end this invocation after this epoch (continue with --resume)"},
-    ),
-    ("--batch_size", {"type": int, "help": "batch size (default: 64)"}),
-    ("--lr", {"type": float, "help": "learning rate (default: 1e-3)"}),
-    ("--weight_decay", {"type": float, "help": "weight decay (default: 0)"}),
-    ("--optimizer", {"help": "adam, adamw or sgd (default: adam)"}),
-    ("--lr_schedule", {"help": "constant or cosine (default: cosine)"}),
-    ("--seed", {"type": int, "help": "random seed (default: 0)"}),
-    ("--device", {"help": "torch device (default: cpu)"}),
-    ("--num_workers", {"type": int, "help": "DataLoader workers (default: 0)"}),
-    ("--output_dir", {"help": "where config, metrics and checkpoints go"}),
-    ("--best_metric", {"help": "acc, source_acc or target_acc (default: acc)"}),
-    ("--log_every", {"type": int, "help": "write step metrics every N steps (default: 1)"}),
-    ("--source_domain", {"type": _ints, "help": "source domain id(s), e.g. 0 or 0,1 (default: 0)"}),
-    (
-        "--resume",
-        {
-            "action": argparse.BooleanOptionalAction,
-            "help": "continue from OUTPUT_DIR's last checkpoint",
-        },
-    ),
-    (
-        "--progress",
-        {"action": argparse.BooleanOptionalAction, "help": "tqdm progress bars (on a terminal)"},
-    ),
-    (
-        "--tensorboard",
-        {"action": argparse.BooleanOptionalAction, "help": "also log to TensorBoard"},
-    ),
-    ("--wandb", {"action": argparse.BooleanOptionalAction, "help": "also log to Weights & Biases"}),
-    ("--wandb_mode", {"help": "offline (default), online or disabled"}),
-]
-_STUDENT_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--cache", {"help": "teacher-logit cache directory (omit for a CE-only baseline)"}),
-    ("--teacher", {"type": _names, "help": "cached teacher name(s), comma-separated: a,b"}),
-    (
-        "--fusion",
-        {"help": "fusion of several teachers: mean, weighted_mean, prob_mean, max_confidence"},
-    ),
-    ("--fusion_weights", {"type": _floats, "help": "weights for weighted_mean, e.g. 0.7,0.3"}),
-    ("--kd_on", {"help": "all (default) or target: KD only on non-source-domain samples"}),
-    (
-        "--schedule_per_step",
-        {"action": argparse.BooleanOptionalAction, "help": "advance warmup/ramp per step"},
-    ),
-]
-_KD_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--temperature", {"type": float, "help": "softening temperature T (default: 4.0)"}),
-    ("--kd_alpha", {"type": float, "help": "target KD weight alpha (default: 0.7)"}),
-    ("--loss_type", {"help": "kldiv (default) or soft_ce"}),
-    (
-        "--kd_weighting",
-        {"choices": ["none", "pmax", "threshold"], "help": "confidence weighting (default: pmax)"},
-    ),
-    ("--confidence_threshold", {"type": float, "help": "threshold for 'threshold' weighting"}),
-    ("--warmup_epochs", {"type": int, "help": "epochs of CE only (default: 5)"}),
-    ("--kd_ramp_epochs", {"type": int, "help": "epochs of linear KD ramp (default: 10)"}),
-]
+def _choice(name: str, choices: Sequence[str]) -> Callable[[str], str]:
+    """An argparse type accepting one of ``choices`` (the config's own constant)."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {text!r}; {name} must be one of {list(choices)}"
+            )
+        return text
+
+    return parse
 
 
-def _add(group: argparse._ArgumentGroup, flags: list[tuple[str, dict[str, Any]]]) -> None:
-    for flag, kwargs in flags:
-        group.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+def _flag_type(hint: Any) -> Callable[[str], Any] | None:
+    """The argparse type of a dataclass field's type hint (``None``: a bool switch)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = args[0]  # X | None
+    if hint is bool:
+        return None
+    origin, inner = typing.get_origin(hint), typing.get_args(hint)
+    if origin is dict:
+        return _json_dict
+    if origin is list:
+        return {str: _names, float: _floats, int: _ints}[inner[0]]
+    if hint in (int, float, str):
+        return hint
+    raise TypeError(f"no CLI flag type for {hint!r}")  # a new field type: extend this
+
+
+def _show_default(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _config_flags(cls: type, help_table: dict[str, str], defaults: Any) -> list[Flag]:
+    """One flag per field of dataclass ``cls``: type from the hint, help from the table."""
+    from kdkit.train.config import FIELD_CHOICES, FILE_ONLY_FIELDS
+
+    hints = typing.get_type_hints(cls)
+    flags = []
+    for f in dataclasses.fields(cls):
+        if f.name in FILE_ONLY_FIELDS:
+            continue
+        kwargs: dict[str, Any] = {}
+        kind = _flag_type(hints[f.name])
+        if f.name in FIELD_CHOICES:
+            choices = FIELD_CHOICES[f.name]
+            kwargs["type"] = _choice(f.name, choices)
+            kwargs["metavar"] = "{" + ",".join(choices) + "}"
+        elif kind is None:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+        text = help_table[f.name]
+        default = getattr(defaults, f.name)
+        if default is not None and default != {} and "default:" not in text:
+            text += f" (default: {_show_default(default)})"
+        kwargs["help"] = text.replace("%", "%%")
+        flags.append(Flag(f.name, kwargs))
+    return flags
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A ``--<field>`` flag of a config field (``dest`` is the field name)."""
+
+    field: str
+    kwargs: dict[str, Any]
+
+    @property
+    def option(self) -> str:
+        return f"--{self.field}"
+
+
+def train_flags(student: bool) -> tuple[list[Flag], list[Flag], list[Flag]]:
+    """The flags of ``train-student`` / ``train-teacher``, derived from the dataclasses.
+
+    Returns (loop flags, teacher flags, KD flags); ``train-teacher`` has only the first.
+    Every field of :class:`~kdkit.train.config.TrainConfig` and
+    :class:`~kdkit.losses.kd.KDLossConfig` has a flag of the same name, except those in
+    ``FILE_ONLY_FIELDS``.
+    """
+    from kdkit.losses.kd import KDLossConfig
+    from kdkit.train.config import FIELD_HELP, KD_FIELD_HELP, STUDENT_FIELDS, TrainConfig
+
+    train = _config_flags(TrainConfig, FIELD_HELP, TrainConfig())
+    loop = [f for f in train if f.field not in STUDENT_FIELDS]
+    if not student:
+        return loop, [], []
+    teacher = [f for f in train if f.field in STUDENT_FIELDS]
+    kd = _config_flags(KDLossConfig, KD_FIELD_HELP, TrainConfig().kd)
+    return loop, teacher, kd
+
+
+def _add(group: argparse._ArgumentGroup, flags: list[Flag]) -> None:
+    for flag in flags:
+        group.add_argument(flag.option, default=argparse.SUPPRESS, **flag.kwargs)
 
 
 def _add_train_parser(subparsers, name: str, student: bool) -> argparse.ArgumentParser:
@@ -181,10 +212,11 @@ def _add_train_parser(subparsers, name: str, student: bool) -> argparse.Argument
     )
     parser = subparsers.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
     parser.add_argument("--config", help="TOML or YAML config file; flags given here override it")
-    _add(parser.add_argument_group("data, model and loop"), _COMMON_FLAGS)
+    loop, teacher, kd = train_flags(student)
+    _add(parser.add_argument_group("data, model and loop"), loop)
     if student:
-        _add(parser.add_argument_group("teacher"), _STUDENT_FLAGS)
-        _add(parser.add_argument_group("KD loss (the spec's flags)"), _KD_FLAGS)
+        _add(parser.add_argument_group("teacher"), teacher)
+        _add(parser.add_argument_group("KD loss (the spec's flags)"), kd)
     parser.set_defaults(func=_cmd_train_student if student else _cmd_train_teacher)
     return parser
 
@@ -197,14 +229,13 @@ def build_config(args: argparse.Namespace, student: bool):
     if args.config:
         values = load_config_file(args.config)
     kd = dict(values.get("kd") or {})
-    for flag, _ in _COMMON_FLAGS + (_STUDENT_FLAGS if student else []):
-        dest = flag[2:]
-        if hasattr(args, dest):
-            values[dest] = getattr(args, dest)
-    for flag, _ in _KD_FLAGS if student else []:
-        dest = flag[2:]
-        if hasattr(args, dest):
-            kd[dest] = getattr(args, dest)
+    loop, teacher, kd_flags = train_flags(student)
+    for flag in loop + teacher:
+        if hasattr(args, flag.field):
+            values[flag.field] = getattr(args, flag.field)
+    for flag in kd_flags:
+        if hasattr(args, flag.field):
+            kd[flag.field] = getattr(args, flag.field)
     if kd:
         values["kd"] = kd
     if not student:
@@ -271,14 +302,11 @@ def _fused_spec(text: str) -> tuple[str, dict[str, Any]]:
 def _cmd_dump_teacher(args: argparse.Namespace) -> int:
     import torch
 
+    from kdkit.cache import dump_teacher_logits
     from kdkit.data import ManifestDataset
     from kdkit.models import build_model, load_factory, resolve_model_kwargs
     from kdkit.train.checkpoints import load_model_from_run, load_weights
 
-    try:
-        from kdkit.cache import dump_teacher_logits
-    except ImportError as exc:
-        args._parser.error(f"the teacher-logit cache (kdkit.cache) is not available: {exc}")
     try:
         dataset = ManifestDataset(args.manifest, split=args.split)
         teachers: dict[str, torch.nn.Module] = {}
@@ -365,7 +393,13 @@ def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kdkit.demo import DemoConfig, run_demo
+    from kdkit.demo.run import check_demo_extras
 
+    try:
+        check_demo_extras()  # before any work: say which extra to install
+    except ImportError as exc:
+        print(_message(exc), file=sys.stderr)
+        return 1
     try:
         config = DemoConfig(
             output_dir=args.output_dir, quick=args.quick, seeds=args.seeds, progress=args.progress
@@ -373,11 +407,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
     _setup_logging()
-    try:
-        result = run_demo(config)
-    except ImportError as exc:  # an optional dependency of the demo is missing
-        print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
-        return 1
+    result = run_demo(config)
     print(result.table)
     print(f"\nreport: {result.report_path} (wall time {result.wall_time_s:.1f} s)")
     return 0
@@ -395,24 +425,14 @@ def _add_demo_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_cache_parser(subparsers) -> None:
-    try:
-        from kdkit.cache.cli import add_subcommands
-    except ImportError:
-        text = "inspect and verify teacher-logit caches (not available in this install)"
-        parser = subparsers.add_parser("cache", help=text, description=text)
-        parser.add_argument("rest", nargs=argparse.REMAINDER)
+    from kdkit.cache.cli import add_subcommands
 
-        def _missing(args: argparse.Namespace) -> int:
-            args._parser.error("the cache subcommands (kdkit.cache.cli) are not available")
-
-        parser.set_defaults(func=_missing)
-        return
     add_subcommands(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kdkit`` parser with every subcommand."""
-    from kdkit import __version__
+    from kdkit._version import __version__
 
     parser = _Parser(
         prog="kdkit",

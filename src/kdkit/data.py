@@ -216,12 +216,12 @@ class ManifestDataset(Dataset):
         if not file.is_absolute():
             file = self.root / file
         features = torch.from_numpy(np.asarray(_load_features(file), dtype=np.float32))
-        return {
-            "features": features,
-            "label": record.label,
-            "domain": record.domain,
-            "path": record.path,
-        }
+        return _sample_item(features, record.label, record.domain, record.path)
+
+
+def _sample_item(features: torch.Tensor, label: int, domain: int, path: str) -> dict[str, Any]:
+    """The item of every kdkit dataset: ``{"features", "label", "domain", "path"}``."""
+    return {"features": features, "label": label, "domain": domain, "path": path}
 
 
 class ArrayDataset(Dataset):
@@ -262,9 +262,6 @@ class ArrayDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {
-            "features": self.features[index],
-            "label": self.labels[index],
-            "domain": self.domains[index],
-            "path": self.paths[index],
-        }
+        return _sample_item(
+            self.features[index], self.labels[index], self.domains[index], self.paths[index]
+        )

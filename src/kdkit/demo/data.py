@@ -22,11 +22,13 @@ with few target labels and distilled from the teachers' cached logits.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from kdkit._extras import missing_message, require_installed
 from kdkit.data import ArrayDataset, ManifestRecord, write_manifest
 
 __all__ = ["DOMAIN_NAMES", "DemoData", "distort", "load_digits_arrays", "make_demo_data"]
@@ -68,11 +70,10 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     Reads the ``digits.csv.gz`` file that ships inside scikit-learn directly (importing
     scikit-learn itself takes seconds); falls back to ``sklearn.datasets.load_digits``.
     """
-    import importlib.util
-
+    require_installed("sklearn", "demo", "the demo data (scikit-learn's digits)")
     spec = importlib.util.find_spec("sklearn")
-    if spec is None or spec.origin is None:
-        raise ImportError("the demo needs scikit-learn's digits (pip install 'kdkit[demo]')")
+    if spec is None or spec.origin is None:  # a namespace package: no digits file
+        raise ImportError(missing_message("sklearn", "demo", "the demo data"))
     csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
     if csv.is_file():
         table = np.loadtxt(csv, delimiter=",")

@@ -27,11 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdkit.demo.data import DOMAIN_NAMES, make_demo_data
+from kdkit._extras import require_installed
+from kdkit.cache import dump_teacher_logits
+from kdkit.demo.data import DOMAIN_NAMES, DemoData, make_demo_data
 from kdkit.train import TrainConfig, evaluate, train_student, train_teacher
 from kdkit.train.logging import read_metrics
 
-__all__ = ["CONDITIONS", "DemoConfig", "DemoResult", "run_demo"]
+__all__ = ["CONDITIONS", "DemoConfig", "DemoResult", "check_demo_extras", "run_demo"]
+
+DEMO_EXTRAS: tuple[str, ...] = ("matplotlib", "sklearn", "safetensors")
+"""Optional packages the demo needs (all in ``kdkit[demo]``), checked before it starts."""
 
 logger = logging.getLogger("kdkit.demo")
 
@@ -217,10 +222,84 @@ def _plots(out: Path, runs: dict[str, list[Path]]) -> list[str]:
     return written
 
 
-def run_demo(config: DemoConfig | None = None) -> DemoResult:
-    """Run the whole demo (see the module docstring); return the table and paths."""
-    from kdkit.cache import dump_teacher_logits
+def check_demo_extras() -> None:
+    """Raise ``ImportError`` naming ``kdkit[demo]`` if a package of :data:`DEMO_EXTRAS` is missing."""
+    for module in DEMO_EXTRAS:
+        require_installed(module, "demo", "kdkit demo")
 
+
+def _train_teachers(
+    config: DemoConfig, out: Path, data: DemoData, common: dict[str, Any]
+) -> tuple[dict[str, torch.nn.Module], dict[str, dict[str, float]]]:
+    """Step 2: the teachers of :data:`TEACHERS`, and their test metrics."""
+    teacher_train, test = data.subset("train", "teacher_train"), data.subset("test")
+    teacher_models, teacher_metrics = {}, {}
+    for name, spec in TEACHERS.items():
+        result = train_teacher(
+            TrainConfig(
+                epochs=config.teacher_epochs,
+                batch_size=64,
+                output_dir=str(out / "teachers" / name),
+                **spec,
+                **common,
+            ),
+            train_data=teacher_train,
+            eval_data=test,
+        )
+        teacher_models[name] = result.model
+        teacher_metrics[name] = evaluate(result.model, test)
+        logger.info("teacher %s: target acc %.3f", name, teacher_metrics[name]["target_acc"])
+    return teacher_models, teacher_metrics
+
+
+def _train_students(
+    config: DemoConfig, out: Path, data: DemoData, common: dict[str, Any], cache_dir: Path
+) -> tuple[dict[str, list[Path]], dict[str, list[dict[str, float]]]]:
+    """Step 4: a student per condition of :data:`CONDITIONS` and seed; run dirs and metrics."""
+    student_train, test = data.subset("train"), data.subset("test")
+    kd = _student_kd(config)
+    runs: dict[str, list[Path]] = {}
+    finals: dict[str, list[dict[str, float]]] = {}
+    for name, overrides in CONDITIONS.items():
+        for seed in range(config.seeds):
+            slug = name.lower().replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
+            run_dir = out / "students" / f"{slug}-seed{seed}"
+            extra = {"cache": str(cache_dir), **overrides} if "teacher" in overrides else {}
+            result = train_student(
+                TrainConfig(
+                    model="kdkit.models:mlp",
+                    model_kwargs={"hidden": [32]},
+                    epochs=config.student_epochs,
+                    batch_size=32,
+                    seed=seed,
+                    kd=kd,
+                    output_dir=str(run_dir),
+                    **extra,
+                    **common,
+                ),
+                train_data=student_train,
+                eval_data=test,
+            )
+            runs.setdefault(name, []).append(run_dir)
+            finals.setdefault(name, []).append(result.final_metrics)
+            logger.info(
+                "student %-26s seed %d: source %.3f, target %.3f",
+                name,
+                seed,
+                result.final_metrics["source_acc"],
+                result.final_metrics["target_acc"],
+            )
+    return runs, finals
+
+
+def run_demo(config: DemoConfig | None = None) -> DemoResult:
+    """Run the whole demo (see the module docstring); return the table and paths.
+
+    Raises:
+        ImportError: before any work, when a package of ``kdkit[demo]`` is missing
+            (``kdkit demo needs matplotlib: pip install 'kdkit[demo]'``).
+    """
+    check_demo_extras()
     config = DemoConfig() if config is None else config
     start = time.perf_counter()
     out = Path(config.output_dir)
@@ -236,69 +315,13 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         data = make_demo_data(seed=0)
         manifest = data.write(out / "data")
         logger.info("data: %d samples, 4 domains; manifest %s", len(data.labels), manifest)
-        teacher_train = data.subset("train", "teacher_train")
-        student_train = data.subset("train")
-        test = data.subset("test")
         common = {"progress": config.progress, "eval_split": None, "lr": 3e-3}
 
-        teacher_models, teacher_metrics = {}, {}
-        for name, spec in TEACHERS.items():
-            result = train_teacher(
-                TrainConfig(
-                    epochs=config.teacher_epochs,
-                    batch_size=64,
-                    output_dir=str(out / "teachers" / name),
-                    **spec,
-                    **common,
-                ),
-                train_data=teacher_train,
-                eval_data=test,
-            )
-            teacher_models[name] = result.model
-            teacher_metrics[name] = evaluate(result.model, test)
-            logger.info("teacher %s: target acc %.3f", name, teacher_metrics[name]["target_acc"])
+        teacher_models, teacher_metrics = _train_teachers(config, out, data, common)
         cache_dir = out / "cache"
         dump_teacher_logits(teacher_models, data.subset(), cache_dir, progress=False)
         logger.info("cached the logits of both teachers for all samples in %s", cache_dir)
-
-        kd = _student_kd(config)
-        runs: dict[str, list[Path]] = {}
-        finals: dict[str, list[dict[str, float]]] = {}
-        for name, overrides in CONDITIONS.items():
-            for seed in range(config.seeds):
-                slug = (
-                    name.lower()
-                    .replace(" ", "-")
-                    .replace(",", "")
-                    .replace("(", "")
-                    .replace(")", "")
-                )
-                run_dir = out / "students" / f"{slug}-seed{seed}"
-                extra = {"cache": str(cache_dir), **overrides} if "teacher" in overrides else {}
-                result = train_student(
-                    TrainConfig(
-                        model="kdkit.models:mlp",
-                        model_kwargs={"hidden": [32]},
-                        epochs=config.student_epochs,
-                        batch_size=32,
-                        seed=seed,
-                        kd=kd,
-                        output_dir=str(run_dir),
-                        **extra,
-                        **common,
-                    ),
-                    train_data=student_train,
-                    eval_data=test,
-                )
-                runs.setdefault(name, []).append(run_dir)
-                finals.setdefault(name, []).append(result.final_metrics)
-                logger.info(
-                    "student %-26s seed %d: source %.3f, target %.3f",
-                    name,
-                    seed,
-                    result.final_metrics["source_acc"],
-                    result.final_metrics["target_acc"],
-                )
+        runs, finals = _train_students(config, out, data, common, cache_dir)
     finally:
         train_logger.setLevel(previous_level)
         torch.set_num_threads(previous_threads)

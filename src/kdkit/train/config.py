@@ -31,6 +31,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kdkit._extras import require
 from kdkit._validation import (
     FUSION_STRATEGIES,
     check_bool,
@@ -44,23 +45,32 @@ from kdkit._validation import (
     check_str,
     is_real_number,
 )
-from kdkit.losses.kd import KDLossConfig
+from kdkit.losses.kd import LOSS_TYPES, WEIGHTINGS, KDLossConfig
 
 __all__ = [
+    "BEST_METRICS",
+    "FIELD_CHOICES",
+    "FIELD_HELP",
+    "FILE_ONLY_FIELDS",
     "FUSIONS",
+    "KD_FIELD_HELP",
     "KD_ON",
     "LR_SCHEDULES",
     "OPTIMIZERS",
+    "STUDENT_FIELDS",
+    "WANDB_MODES",
     "TrainConfig",
     "load_config_file",
 ]
 
 KD_ON: tuple[str, ...] = ("all", "target")
 """``'all'``: KD on every sample; ``'target'``: KD only on non-source-domain samples."""
-FUSIONS: tuple[str, ...] = FUSION_STRATEGIES  # alias of kdkit.fusion.FUSION_STRATEGIES
+FUSIONS: tuple[str, ...] = FUSION_STRATEGIES
+"""The teacher fusions: :data:`kdkit.fusion.FUSION_STRATEGIES` (one list, never a copy)."""
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 BEST_METRICS: tuple[str, ...] = ("acc", "source_acc", "target_acc")
+WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
 
 
 def recommended_kd() -> KDLossConfig:
@@ -177,7 +187,7 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("best_metric", self.best_metric, BEST_METRICS)
-        check_choice("wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        check_choice("wandb_mode", self.wandb_mode, WANDB_MODES)
         if self.teacher is not None and (
             not isinstance(self.teacher, list)
             or not self.teacher
@@ -235,6 +245,90 @@ class TrainConfig:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return path
+
+
+# ---------------------------------------------------------------------------------------
+# The one table the CLI's flags are derived from (kdkit.cli): help text of every field,
+# the allowed values of the choice fields, and which fields only KD runs have.  Defaults
+# and types come from the dataclasses themselves.  tests/test_cli.py checks that every
+# field of TrainConfig and KDLossConfig has a help text and a flag.
+# ---------------------------------------------------------------------------------------
+
+FIELD_HELP: dict[str, str] = {
+    "manifest": "dataset manifest (JSONL or CSV: path, label, domain, split)",
+    "train_split": "manifest split(s) to train on, comma-separated",
+    "eval_split": "manifest split(s) evaluated per domain each epoch",
+    "model": "model factory 'package.module:function'",
+    "model_kwargs": "factory arguments as JSON, e.g. '{\"hidden\": [64]}'",
+    "num_classes": "number of classes (default: from data/cache)",
+    "cache": "teacher-logit cache directory (omit for a CE-only baseline)",
+    "teacher": "cached teacher name(s), comma-separated: a,b",
+    "fusion": "fusion of several teachers",
+    "fusion_weights": "weights for weighted_mean, e.g. 0.7,0.3",
+    "kd": "the KD loss settings (a [kd] table in config files; flags below)",
+    "kd_on": "all: KD on every sample; target: only on non-source-domain samples",
+    "source_domain": "source domain id(s), e.g. 0 or 0,1",
+    "schedule_per_step": "advance warmup/ramp per step",
+    "epochs": "total number of epochs",
+    "stop_after_epoch": "end this invocation after this epoch (continue with --resume)",
+    "batch_size": "batch size (per rank under torchrun)",
+    "lr": "learning rate",
+    "weight_decay": "weight decay",
+    "optimizer": "optimiser",
+    "momentum": "momentum of the sgd optimiser",
+    "lr_schedule": "learning-rate schedule over the epochs",
+    "seed": "random seed",
+    "device": "torch device",
+    "num_workers": "DataLoader workers",
+    "output_dir": "where config, metrics and checkpoints go",
+    "resume": "continue from OUTPUT_DIR's last checkpoint",
+    "progress": "tqdm progress bars (on a terminal)",
+    "log_every": "write step metrics every N steps",
+    "best_metric": "evaluation metric that selects the best checkpoint",
+    "tensorboard": "also log to TensorBoard",
+    "wandb": "also log to Weights & Biases",
+    "wandb_project": "W&B project name",
+    "wandb_mode": "W&B mode",
+}
+"""Help text of every :class:`TrainConfig` field (the CLI appends the default)."""
+
+KD_FIELD_HELP: dict[str, str] = {
+    "temperature": "softening temperature T",
+    "kd_alpha": "target KD weight alpha (the CE weight is 1 - alpha)",
+    "loss_type": "KD divergence",
+    "kd_weighting": "confidence weighting",
+    "confidence_threshold": "threshold for 'threshold' weighting",
+    "warmup_epochs": "epochs of CE only",
+    "kd_ramp_epochs": "epochs of linear KD ramp",
+    "jsd_beta": "beta in [0, 1] of loss_type jsd",
+}
+"""Help text of every :class:`~kdkit.losses.kd.KDLossConfig` field."""
+
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {
+    "fusion": FUSIONS,
+    "kd_on": KD_ON,
+    "optimizer": OPTIMIZERS,
+    "lr_schedule": LR_SCHEDULES,
+    "best_metric": BEST_METRICS,
+    "wandb_mode": WANDB_MODES,
+    "loss_type": LOSS_TYPES,
+    "kd_weighting": WEIGHTINGS,
+}
+"""Allowed values of the choice fields of both dataclasses (the constants themselves)."""
+
+STUDENT_FIELDS: tuple[str, ...] = (
+    "cache",
+    "teacher",
+    "fusion",
+    "fusion_weights",
+    "kd",
+    "kd_on",
+    "schedule_per_step",
+)
+"""Fields only ``train-student`` has flags for (``train-teacher`` trains with CE only)."""
+
+FILE_ONLY_FIELDS: tuple[str, ...] = ("kd",)
+"""Fields without a flag of their own: ``kd`` is a table, set by one flag per KD field."""
 
 
 def _kd_from_dict(values: dict[str, Any]) -> KDLossConfig:
@@ -300,12 +394,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path}: invalid TOML: {exc}") from None
     elif suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ModuleNotFoundError:
-            raise ImportError(
-                "reading YAML configs needs pyyaml (pip install 'kdkit[train]')"
-            ) from None
+        yaml = require("yaml", "train", "reading YAML configs")
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:

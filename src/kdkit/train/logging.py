@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kdkit._extras import require
+
 __all__ = ["MetricsLogger", "progress_bar", "read_metrics", "write_epochs_csv"]
 
 
@@ -47,6 +49,9 @@ class MetricsLogger:
         wandb_mode: str = "offline",
         config: dict[str, Any] | None = None,
     ) -> None:
+        if tensorboard:  # optional packages first: fail before touching any file
+            require("tensorboard", "tensorboard", "TensorBoard logging")
+        wandb_module = require("wandb", "wandb", "W&B logging") if wandb else None
         self.path = Path(output_dir) / "metrics.jsonl"
         kept = [r for r in read_metrics(self.path) if r.get("epoch", 0) < start_epoch]
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,21 +62,10 @@ class MetricsLogger:
         self._tb = None
         self._wandb = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except (ImportError, ModuleNotFoundError):
-                raise ImportError(
-                    "tensorboard logging needs the tensorboard package "
-                    "(pip install 'kdkit[tensorboard]')"
-                ) from None
+            from torch.utils.tensorboard import SummaryWriter  # slow: only when enabled
+
             self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
-        if wandb:
-            try:
-                import wandb as wandb_module
-            except ModuleNotFoundError:
-                raise ImportError(
-                    "W&B logging needs the wandb package (pip install 'kdkit[wandb]')"
-                ) from None
+        if wandb_module is not None:
             self._wandb = wandb_module.init(
                 project=wandb_project,
                 mode=wandb_mode,

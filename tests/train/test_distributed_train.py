@@ -259,7 +259,7 @@ def test_init_from_env_without_torchrun(monkeypatch):
 # --- train-student under torchrun ----------------------------------------------------
 
 TORCHRUN_TIMEOUT = 120.0
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _torchrun(args: list[str], timeout: float = TORCHRUN_TIMEOUT) -> subprocess.CompletedProcess:

@@ -1,0 +1,366 @@
+"""Everything a run builds before its first step: :func:`setup_run` returns a :class:`Run`.
+
+Data (datasets from the manifest, their checks), the teacher (cache index and the
+teacher selection, resolved once per run with
+:func:`kdkit.cache.index.resolve_selection`), the model, optimiser, scheduler, data
+loader (a DistributedSampler under torchrun), the state of a resumed run and the
+DistributedDataParallel wrapper.  The order of construction is part of the contract:
+it fixes what the seeded RNG streams produce, so a resumed run is bit-for-bit an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from kdkit._extras import require_installed
+from kdkit.cache import load_cache_index
+from kdkit.cache.index import CacheIndex, keys_to_rows, read_selection, resolve_selection
+from kdkit.data import ManifestDataset
+from kdkit.distributed import DistributedEnv
+from kdkit.models import build_model, load_factory, resolve_model_kwargs
+from kdkit.train.checkpoints import load_training_state, restore_rng_state
+from kdkit.train.config import TrainConfig
+
+__all__ = ["Run", "TeacherSource", "check_extras", "setup_run"]
+
+logger = logging.getLogger("kdkit.train")
+
+# Settings a resumed run may change without changing the result.
+_RESUME_FREE = ("resume", "stop_after_epoch", "progress", "log_every", "num_workers")
+
+
+@dataclass
+class TeacherSource:
+    """The cached teacher logits of a run: the index and the selection, resolved once."""
+
+    index: CacheIndex
+    names: list[str]
+    strategy: str | None
+    weights: list[float] | None
+
+    def logits(self, paths: Sequence[object]) -> torch.Tensor:
+        """float32 ``[B, C]`` teacher logits of the samples ``paths`` (fused if several)."""
+        rows = keys_to_rows(self.index, paths)
+        return read_selection(self.index, rows, self.names, self.strategy, self.weights)
+
+
+@dataclass
+class Run:
+    """The state of one run on one rank: what :func:`setup_run` built, and the progress."""
+
+    config: TrainConfig
+    env: DistributedEnv
+    model: nn.Module  # the unwrapped module: evaluated and checkpointed
+    train_model: nn.Module  # ``model``, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    sampler: DistributedSampler | None
+    loader: DataLoader
+    eval_data: Dataset | None
+    teacher: TeacherSource | None
+    num_classes: int
+    model_spec: str | None
+    model_kwargs: dict[str, Any]
+    out: Path
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    best_value: float = -math.inf
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def state_path(self) -> Path:
+        return self.ckpt_dir / "last_state.pt"
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [] if self.teacher is None else list(self.teacher.names)
+
+    @property
+    def stop_epoch(self) -> int:
+        """The epoch this invocation ends before (``stop_after_epoch`` or ``epochs``)."""
+        stop = self.config.stop_after_epoch
+        return self.config.epochs if stop is None else min(self.config.epochs, stop)
+
+
+def check_extras(config: TrainConfig) -> None:
+    """Fail before any work if an optional package the run needs is not installed."""
+    require_installed("safetensors", "train", "kdkit training (checkpoints)")
+    if config.tensorboard:
+        require_installed("tensorboard", "tensorboard", "TensorBoard logging (tensorboard=True)")
+    if config.wandb:
+        require_installed("wandb", "wandb", "W&B logging (wandb=True)")
+
+
+def setup_run(
+    env: DistributedEnv,
+    config: TrainConfig,
+    *,
+    model: nn.Module | None,
+    train_data: Dataset | None,
+    eval_data: Dataset | None,
+    distil: bool,
+) -> Run:
+    """Check the data, open the teacher, build model/optimiser/loader, load a resume state."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    train_data, eval_data = _resolve_data(config, train_data, eval_data)
+    first = _check_item(train_data, "train_data")
+    teacher, num_classes = _prepare_teacher(config, train_data, first, distil)
+    out = Path(config.output_dir)
+    state_path = out / "checkpoints" / "last_state.pt"
+    if config.resume and not state_path.is_file():
+        raise FileNotFoundError(f"cannot resume: {state_path} does not exist")
+
+    _seed_everything(config.seed)
+    model_spec, model_kwargs = None, {}
+    if model is None:
+        model_spec = config.model
+        model_kwargs = resolve_model_kwargs(
+            load_factory(model_spec),
+            config.model_kwargs,
+            input_shape=tuple(first["features"].shape),
+            num_classes=num_classes,
+        )
+        model = build_model(model_spec, model_kwargs)
+    model.to(env.device)
+    optimizer = _make_optimizer(config, model)
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = None
+    if env.enabled:  # each rank gets its shard; the shuffle is seeded by seed + epoch
+        sampler = DistributedSampler(
+            train_data, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=config.seed
+        )
+    run = Run(
+        config=config,
+        env=env,
+        model=model,
+        train_model=model,
+        optimizer=optimizer,
+        scheduler=_make_scheduler(config, optimizer),
+        generator=generator,
+        sampler=sampler,
+        loader=DataLoader(
+            train_data,
+            batch_size=config.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=generator,
+            num_workers=config.num_workers,
+        ),
+        eval_data=eval_data,
+        teacher=teacher,
+        num_classes=num_classes,
+        model_spec=model_spec,
+        model_kwargs=model_kwargs,
+        out=out,
+    )
+    if config.resume:
+        _load_resume_state(run)
+    # Checkpoints hold the unwrapped module's state, so a run resumes on any number of
+    # ranks; DDP broadcasts rank 0's (identical, just loaded) weights on construction.
+    if env.enabled:
+        device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        run.train_model = DistributedDataParallel(model, device_ids=device_ids)
+    return run
+
+
+# ---------------------------------------------------------------------------------------
+# Data and teacher
+# ---------------------------------------------------------------------------------------
+
+
+def _sample_fields(dataset: Dataset) -> tuple[list[int], list[int], list[str]]:
+    """Labels, domains and keys of every sample, without loading features when possible."""
+    records = getattr(dataset, "records", None)
+    if records is not None:  # ManifestDataset
+        return [r.label for r in records], [r.domain for r in records], [r.path for r in records]
+    if all(hasattr(dataset, a) for a in ("labels", "domains", "paths")):  # ArrayDataset
+        return list(dataset.labels), list(dataset.domains), list(dataset.paths)
+    labels, domains, paths = [], [], []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        item = dataset[i]
+        labels.append(int(item["label"]))
+        domains.append(int(item.get("domain", 0)))
+        paths.append(str(item.get("path", i)))
+    return labels, domains, paths
+
+
+def _check_item(dataset: Dataset, name: str) -> dict[str, Any]:
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"{name} is empty")
+    item = dataset[0]
+    if not isinstance(item, dict):
+        raise TypeError(
+            f"{name} items must be dicts with features, label, domain and path; "
+            f"got {type(item).__name__}"
+        )
+    missing = [k for k in ("features", "label") if k not in item]
+    if missing:
+        raise KeyError(f"{name} items lack field(s) {missing}; got {sorted(item)}")
+    return item
+
+
+def _resolve_data(
+    config: TrainConfig, train_data: Dataset | None, eval_data: Dataset | None
+) -> tuple[Dataset, Dataset | None]:
+    if train_data is None:
+        if config.manifest is None:
+            raise ValueError("no training data: set config.manifest or pass train_data")
+        train_data = ManifestDataset(config.manifest, split=config.train_split.split(","))
+    if eval_data is None and config.manifest is not None and config.eval_split is not None:
+        eval_data = ManifestDataset(config.manifest, split=config.eval_split.split(","))
+    return train_data, eval_data
+
+
+def _prepare_teacher(
+    config: TrainConfig, train_data: Dataset, first: dict[str, Any], distil: bool
+) -> tuple[TeacherSource | None, int]:
+    """The teacher of a KD run (``None`` without a cache) and the number of classes."""
+    labels, _, keys = _sample_fields(train_data)
+    teacher = None
+    num_classes = config.num_classes
+    if distil and config.cache is None:
+        logger.info("no teacher cache: training with cross-entropy only")
+    if distil and config.cache is not None:
+        needed = ["path"] + (["domain"] if config.kd_on == "target" else [])
+        missing = [k for k in needed if k not in first]
+        if missing:
+            raise KeyError(
+                f"train_data items lack field(s) {missing} needed for KD; got {sorted(first)}"
+            )
+        teacher = _open_teacher(config, keys, num_classes)
+        num_classes = num_classes or teacher.index.num_classes
+    num_classes = num_classes or (max(labels) + 1)
+    if min(labels) < 0 or max(labels) >= num_classes:
+        raise ValueError(
+            f"labels must be class indices in [0, {num_classes}), got {min(labels)}..{max(labels)}"
+        )
+    return teacher, num_classes
+
+
+def _open_teacher(
+    config: TrainConfig, keys: Sequence[str], num_classes: int | None
+) -> TeacherSource:
+    """Load the cache index, resolve the teacher selection once, check every key is cached."""
+    index = load_cache_index(config.cache)
+    available = list(index.teachers)
+    if config.teacher is None:
+        if len(available) != 1:
+            raise ValueError(
+                f"cache {config.cache} holds teachers {available}; choose with teacher=[...] "
+                "(CLI: --teacher a,b)"
+            )
+        names = available
+    else:
+        names = list(config.teacher)
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise ValueError(f"teacher(s) {unknown} not in cache {config.cache} (has {available})")
+    if num_classes is not None and index.num_classes != num_classes:
+        raise ValueError(
+            f"cache {config.cache} holds {index.num_classes}-class logits but the student has "
+            f"{num_classes} classes"
+        )
+    missing = index.missing_keys(list(keys))
+    if missing:
+        examples = ", ".join(repr(k) for k in missing[:5])
+        raise ValueError(
+            f"teacher cache {config.cache} lacks logits for {len(missing)} of the "
+            f"{len(keys)} training samples, e.g. {examples}; dump them first "
+            "(kdkit dump-teacher)"
+        )
+    several = len(names) > 1
+    selected, strategy, weights = resolve_selection(
+        index,
+        names if several else names[0],
+        config.fusion if several else None,
+        config.fusion_weights if several else None,
+    )
+    return TeacherSource(index, selected, strategy, None if weights is None else list(weights))
+
+
+# ---------------------------------------------------------------------------------------
+# Optimisation and resume
+# ---------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def _load_resume_state(run: Run) -> None:
+    """Restore weights, optimiser, scheduler, RNG and progress from ``last_state.pt``.
+
+    ``last_state.pt`` is the single commit point: everything comes from it, never from
+    files an interrupted checkpoint may have replaced.
+    """
+    if run.env.is_main:
+        _warn_if_config_changed(run.config, run.out / "config.json")
+    state = load_training_state(run.state_path)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"], run.generator)
+    run.start_epoch = int(state["epoch"]) + 1
+    meta = json.loads(state["meta"])
+    run.history = meta["history"]
+    run.best_epoch = meta["best_epoch"]
+    run.best_metrics = meta["best_metrics"]
+    run.best_value = run.best_metrics.get(run.config.best_metric, -math.inf)
+
+
+def _warn_if_config_changed(config: TrainConfig, saved_path: Path) -> None:
+    """Warn when a resumed run changes settings that shape training."""
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    current = config.to_dict()
+    changed = sorted(
+        k for k in current if k not in _RESUME_FREE and saved.get(k, current[k]) != current[k]
+    )
+    if changed:
+        warnings.warn(
+            f"resuming {saved_path.parent} with changed setting(s) {changed}; the result will "
+            "differ from an uninterrupted run",
+            stacklevel=6,  # the caller of train_student / train_teacher
+        )
