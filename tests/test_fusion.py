@@ -1,4 +1,4 @@
-"""Tests of kdkit.fusion against hand-written float64 references."""
+"""Tests of kdkit.fusion against the float64 reference ``ref_fuse`` of tests/reference.py."""
 
 import math
 
@@ -9,36 +9,7 @@ from hypothesis import strategies as st
 
 from kdkit import fuse_teacher_logits
 from kdkit.fusion import FUSION_STRATEGIES
-
-
-def ref_fuse(logits, strategy, weights=None):
-    """Slow float64 reference: loops over samples and teachers."""
-    k = len(logits)
-    rows, classes = logits[0].shape
-    out = torch.zeros(rows, classes, dtype=torch.float64)
-    for i in range(rows):
-        zs = [[float(t[i, c]) for c in range(classes)] for t in logits]
-        if strategy == "mean":
-            out[i] = torch.tensor([sum(z[c] for z in zs) / k for c in range(classes)])
-        elif strategy == "weighted_mean":
-            total = sum(weights)
-            out[i] = torch.tensor(
-                [sum(w * z[c] for w, z in zip(weights, zs)) / total for c in range(classes)]
-            )
-        else:
-            probs = []
-            for z in zs:
-                m = max(z)
-                e = [math.exp(v - m) for v in z]
-                probs.append([v / sum(e) for v in e])
-            if strategy == "prob_mean":
-                out[i] = torch.tensor(
-                    [math.log(sum(p[c] for p in probs) / k) for c in range(classes)]
-                )
-            else:  # max_confidence
-                best = max(range(k), key=lambda j: (max(probs[j]), -j))
-                out[i] = torch.tensor(zs[best])
-    return out
+from reference import ref_fuse
 
 
 @pytest.mark.parametrize("strategy", FUSION_STRATEGIES)

@@ -1,30 +1,90 @@
-"""Argument checks shared by kdkit's public functions.
+"""The one validation layer: kdkit's argument checks and their error messages.
 
-Every public function validates its arguments once, here, and raises ``TypeError`` or
-``ValueError`` whose message names the argument, what was expected and what was given.
-Inner helpers trust their inputs.  Checks never use ``assert`` (it vanishes under
-``python -O``).
+Every public function, ``nn.Module`` wrapper and config dataclass validates its arguments
+once, by calling the checks below, which raise ``TypeError`` or ``ValueError`` whose
+message names the argument, what was expected and what was given.  The accepted values
+of every choice argument are defined here, once, and re-exported where documented
+(:mod:`kdkit.losses.kd`, :mod:`kdkit.fusion`).  Checks never use ``assert`` (it vanishes
+under ``python -O``).
+
+The value checks of tensors that need a device-to-host transfer are split in two: a flag
+computed on the device (:func:`bad_rows`) and the error raised after the caller's one
+transfer (:func:`raise_bad_rows`, :func:`raise_infinite_kd`, ...).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
+    "FUSION_STRATEGIES",
+    "IMPLEMENTATIONS",
+    "KD_CONFIG_CHECKS",
+    "LOSS_TYPES",
+    "REDUCTIONS",
+    "WEIGHTINGS",
+    "bad_rows",
+    "check_bool",
     "check_choice",
+    "check_domain_batch",
+    "check_domain_ids",
     "check_fraction",
+    "check_fusion",
+    "check_fusion_weights",
+    "check_implementation",
+    "check_instance",
+    "check_int",
+    "check_kd_config",
+    "check_kd_loss_options",
     "check_logits",
+    "check_mask",
     "check_non_negative",
     "check_positive_finite",
     "check_same_shape",
+    "check_source_domain",
+    "check_str",
+    "check_student_loss_args",
+    "check_student_loss_options",
+    "check_targets",
     "compute_dtype",
     "is_real_number",
+    "raise_bad_rows",
+    "raise_infinite_ce",
+    "raise_infinite_kd",
+    "raise_out_of_range_targets",
     "result_dtype",
 ]
+
+# ---------------------------------------------------------------------------------------
+# Accepted values of the choice arguments (each defined here only)
+# ---------------------------------------------------------------------------------------
+
+LOSS_TYPES: tuple[str, ...] = ("kldiv", "soft_ce", "reverse_kl", "jsd")
+"""Accepted values of ``loss_type``."""
+
+REDUCTIONS: tuple[str, ...] = ("batchmean", "mean", "sum", "none")
+"""Accepted values of ``reduction``."""
+
+WEIGHTINGS: tuple[str, ...] = ("none", "pmax", "threshold")
+"""Accepted values of ``weighting`` / ``KDLossConfig.kd_weighting``."""
+
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "fused", "reference")
+"""Accepted values of ``implementation``: ``'fused'`` is the single-pass chunked path of
+:mod:`kdkit.losses.fused` (its ``FUSED_LOSS_TYPES`` only), ``'reference'`` the plain
+autograd formula, ``'auto'`` picks the fused path where it is faster."""
+
+FUSION_STRATEGIES: tuple[str, ...] = ("mean", "weighted_mean", "prob_mean", "max_confidence")
+"""Accepted values of the multi-teacher fusion ``strategy`` (:mod:`kdkit.fusion`)."""
+
+# ---------------------------------------------------------------------------------------
+# Numbers and choices
+# ---------------------------------------------------------------------------------------
 
 
 def is_real_number(value: object) -> bool:
@@ -66,12 +126,53 @@ def check_fraction(name: str, value: object) -> float:
     return x
 
 
+def check_int(name: str, value: object, minimum: int | None = None) -> int:
+    """Return ``value``; raise unless it is an ``int`` (not a ``bool``) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value``; raise ``TypeError`` unless it is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_str(name: str, value: object, *, optional: bool = False) -> str | None:
+    """Return ``value``; raise ``TypeError`` unless it is a non-empty string.
+
+    With ``optional``, ``None`` is accepted too (and any string, also empty).
+    """
+    if optional:
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a string or None, got {value!r}")
+    elif not isinstance(value, str) or not value:
+        raise TypeError(f"{name} must be a non-empty string, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
 def check_choice(name: str, value: object, choices: Collection[str]) -> str:
     """Raise unless ``value`` is one of ``choices`` (strings)."""
     if not isinstance(value, str) or value not in choices:
         expected = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {expected}; got {value!r}")
     return value
+
+
+def check_instance(name: str, value: object, cls: type) -> Any:
+    """Return ``value``; raise ``TypeError`` unless it is an instance of ``cls``."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------
 
 
 def check_logits(name: str, logits: object) -> torch.Tensor:
@@ -148,3 +249,356 @@ def compute_dtype(*tensors: torch.Tensor, temperature: float | None = None) -> t
 def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype of a returned loss: float64 if any input is float64, else float32."""
     return compute_dtype(*tensors)
+
+
+def check_targets(targets: object, batch_shape: torch.Size, device: torch.device) -> None:
+    """Raise unless ``targets`` is an integer tensor of ``batch_shape`` on ``device``.
+
+    The values (class indices in range) are checked after the computation, see
+    :func:`raise_out_of_range_targets`.
+    """
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(
+            f"targets must be a torch.Tensor of class indices, got {type(targets).__name__}"
+        )
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(
+            f"targets must be an integer tensor of class indices, got dtype {targets.dtype}"
+        )
+    _check_batch_shape_and_device("targets", targets, batch_shape, device)
+
+
+def check_mask(name: str, mask: object, batch_shape: torch.Size, device: torch.device) -> None:
+    """Raise unless ``mask`` is a boolean tensor of ``batch_shape`` on ``device``."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a boolean torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool, got {mask.dtype}")
+    _check_batch_shape_and_device(name, mask, batch_shape, device)
+
+
+def _check_batch_shape_and_device(
+    name: str, tensor: torch.Tensor, batch_shape: torch.Size, device: torch.device
+) -> None:
+    """Raise unless ``tensor`` (one entry per position) has ``batch_shape`` and ``device``."""
+    if tensor.shape != batch_shape:
+        raise ValueError(
+            f"{name} must have shape {tuple(batch_shape)} (the logits' shape without the "
+            f"class dimension), got {tuple(tensor.shape)}"
+        )
+    if tensor.device != device:
+        raise ValueError(f"{name} (on {tensor.device}) must be on the logits' device {device}")
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor values: a device-side flag, then an error after the caller's one host transfer
+# ---------------------------------------------------------------------------------------
+
+
+def bad_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[...]``: rows holding NaN or +inf, or no finite entry at all.
+
+    ``-inf`` alone marks a masked class and is allowed.  One reduction, no ``[..., C]``
+    temporary: the row maximum is NaN if the row holds a NaN, +inf if it holds +inf and
+    -inf if every entry is -inf.
+    """
+    return ~torch.isfinite(logits.detach().amax(dim=-1))
+
+
+def _shown_rows(flags: torch.Tensor) -> tuple[int, str]:
+    """Number of True entries of ``flags`` and the first 8 flattened indices, as text."""
+    rows = flags.reshape(-1).nonzero().flatten().tolist()
+    return len(rows), ", ".join(str(r) for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
+
+
+def raise_bad_rows(name: str, logits: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the rows of ``logits`` flagged by :func:`bad_rows`."""
+    count, shown = _shown_rows(bad_rows(logits))
+    if not count:
+        return
+    raise ValueError(
+        f"{name} has {count} row(s) with NaN, +inf or no finite entry "
+        f"(rows, flattened over the leading dimensions: {shown}); "
+        "only -inf is allowed, to mask a class"
+    )
+
+
+def raise_infinite_kd(infinite: torch.Tensor, loss_type: str) -> None:
+    """Raise for the rows flagged in ``infinite`` (their KD loss is +inf).
+
+    Forward KL and soft CE are infinite where the student is -inf and the teacher is
+    not; reverse KL the other way round (JSD with 0 < beta < 1 is bounded).
+    """
+    count, shown = _shown_rows(infinite)
+    if loss_type in ("reverse_kl", "jsd"):
+        zero, other, fix = "teacher_logits", "student", "student_logits"
+    else:
+        zero, other, fix = "student_logits", "teacher", "teacher_logits"
+    raise ValueError(
+        f"{zero} is -inf where the {other} has probability > 0, so the KD loss is "
+        f"infinite in {count} row(s) (rows, flattened over the leading dimensions: "
+        f"{shown}); mask a class with -inf in {fix} too"
+    )
+
+
+def raise_out_of_range_targets(
+    targets: torch.Tensor, out_of_range: torch.Tensor, num_classes: int, ignore_index: int
+) -> None:
+    """Raise naming the targets flagged in ``out_of_range`` (not in ``[0, C)``)."""
+    bad = out_of_range.reshape(-1)
+    first = targets.reshape(-1)[bad][:8].tolist()
+    raise ValueError(
+        f"targets must be class indices in [0, {num_classes}) or ignore_index="
+        f"{ignore_index}; got {int(bad.sum())} out of range, e.g. {first}"
+    )
+
+
+def raise_infinite_ce(ce_value: float, alpha: float) -> None:
+    """Raise if the cross-entropy term (weight ``1 - alpha`` > 0) is infinite."""
+    if alpha < 1 and not math.isfinite(ce_value):
+        raise ValueError(
+            "student_logits is -inf at the target class of some sample, so the "
+            "cross-entropy is infinite"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The losses: kd_loss / KDLoss, KDLossConfig, compute_student_loss / StudentLoss
+# ---------------------------------------------------------------------------------------
+
+
+def check_implementation(implementation: object, loss_type: str) -> str:
+    """Raise unless ``implementation`` is known and, if ``'fused'``, fits ``loss_type``."""
+    # Imported here: kdkit.losses imports this module (fused.py itself imports only torch).
+    from kdkit.losses.fused import FUSED_LOSS_TYPES
+
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
+    if implementation == "fused" and loss_type not in FUSED_LOSS_TYPES:
+        raise ValueError(
+            f"implementation='fused' supports loss_type {FUSED_LOSS_TYPES}, got {loss_type!r}; "
+            "use implementation='auto' or 'reference'"
+        )
+    return implementation  # type: ignore[return-value]
+
+
+def check_kd_loss_options(
+    temperature: object,
+    loss_type: object,
+    reduction: object,
+    jsd_beta: object,
+    implementation: object,
+) -> tuple[float, float]:
+    """Check the hyper-parameters of ``kd_loss`` / ``KDLoss``; return ``(T, jsd_beta)``."""
+    temperature = check_positive_finite("temperature", temperature)
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    jsd_beta = check_fraction("jsd_beta", jsd_beta)
+    check_implementation(implementation, loss_type)  # type: ignore[arg-type]
+    return temperature, jsd_beta
+
+
+KD_CONFIG_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "temperature": check_positive_finite,
+    "kd_alpha": check_fraction,
+    "loss_type": lambda name, v: check_choice(name, v, LOSS_TYPES),
+    "kd_weighting": lambda name, v: check_choice(name, v, WEIGHTINGS),
+    "confidence_threshold": check_fraction,
+    "warmup_epochs": check_non_negative,
+    "kd_ramp_epochs": check_non_negative,
+    "jsd_beta": check_fraction,
+}
+"""The check of each ``KDLossConfig`` field, called with ``('KDLossConfig.<field>', value)``."""
+
+
+def check_kd_config(config: Any, config_type: type) -> None:
+    """Raise unless ``config`` is a ``config_type`` (``KDLossConfig``) with valid fields.
+
+    Re-checks every field (assignment already does; this catches bypasses such as
+    ``object.__setattr__``).
+    """
+    check_instance("config", config, config_type)
+    for name, check in KD_CONFIG_CHECKS.items():
+        check(f"KDLossConfig.{name}", getattr(config, name))
+
+
+def check_student_loss_options(
+    config: Any, config_type: type, ignore_index: object, implementation: object
+) -> None:
+    """Check the options of ``compute_student_loss`` / ``StudentLoss``."""
+    check_kd_config(config, config_type)
+    check_int("ignore_index", ignore_index)
+    check_implementation(implementation, config.loss_type)
+
+
+def check_student_loss_args(
+    student_logits: object,
+    teacher_logits: object,
+    targets: object,
+    domain_mask: object,
+    current_epoch: object,
+) -> None:
+    """Check the tensors and epoch of ``compute_student_loss`` (options: see above)."""
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
+    check_same_shape(student_logits, teacher_logits)  # type: ignore[arg-type]
+    batch_shape = student_logits.shape[:-1]  # type: ignore[union-attr]
+    device = student_logits.device  # type: ignore[union-attr]
+    check_targets(targets, batch_shape, device)
+    if domain_mask is not None:
+        check_mask("domain_mask", domain_mask, batch_shape, device)
+    check_non_negative("current_epoch", current_epoch)
+
+
+# ---------------------------------------------------------------------------------------
+# Multi-teacher fusion
+# ---------------------------------------------------------------------------------------
+
+
+def check_fusion_weights(weights: object, num_teachers: int, name: str = "weights") -> list[float]:
+    """Return ``weights`` normalised to sum 1; raise unless valid (one per teacher).
+
+    Valid: a sequence (or tensor) of ``num_teachers`` real numbers, finite, >= 0 and not
+    all zero.  ``name`` is the argument's name in the messages.
+    """
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().reshape(-1).tolist()
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(
+            f"{name} must be a sequence of {num_teachers} numbers (one per teacher), "
+            f"got {type(weights).__name__}"
+        )
+    if len(weights) != num_teachers:
+        raise ValueError(
+            f"{name} must have one entry per teacher ({num_teachers}), got {len(weights)}: "
+            f"{list(weights)!r}"
+        )
+    values = []
+    for w in weights:
+        if not is_real_number(w):
+            raise TypeError(f"{name} must be real numbers, got {w!r} in {list(weights)!r}")
+        try:
+            values.append(float(w))
+        except OverflowError:  # e.g. 10**400: too large for a float
+            raise ValueError(
+                f"{name} must be finite and >= 0, got {w!r} (too large for a float)"
+            ) from None
+    if not all(math.isfinite(w) and w >= 0 for w in values):
+        raise ValueError(f"{name} must be finite and >= 0, got {values!r}")
+    total = math.fsum(values)
+    if total <= 0:
+        raise ValueError(f"{name} must not all be zero, got {values!r}")
+    return [w / total for w in values]
+
+
+def check_fusion(
+    strategy: object,
+    weights: object,
+    num_teachers: int | None = None,
+    *,
+    names: tuple[str, str] = ("strategy", "weights"),
+) -> list[float]:
+    """Check a fusion ``strategy`` and its ``weights``; return the normalised weights.
+
+    The rule: ``weights`` are used, and required, by ``'weighted_mean'`` only (valid as
+    in :func:`check_fusion_weights`); the other strategies have none and get ``[]``.
+    Without ``num_teachers`` (not known yet) any number of weights is accepted.
+    ``names`` are the two arguments' names in the messages.
+    """
+    strategy_name, weights_name = names
+    check_choice(strategy_name, strategy, FUSION_STRATEGIES)
+    if strategy != "weighted_mean":
+        if weights is not None:
+            raise ValueError(
+                f"{weights_name} are only used by {strategy_name} 'weighted_mean', got "
+                f"{weights_name}={weights!r} with {strategy_name} {strategy!r}"
+            )
+        return []
+    if weights is None:
+        raise ValueError(
+            f"{strategy_name} 'weighted_mean' needs {weights_name} (one per teacher), got None"
+        )
+    if num_teachers is None:
+        if isinstance(weights, torch.Tensor):
+            num_teachers = weights.numel()
+        else:
+            num_teachers = len(weights) if isinstance(weights, Sequence) else 0
+    return check_fusion_weights(weights, num_teachers, weights_name)
+
+
+# ---------------------------------------------------------------------------------------
+# Domain masks
+# ---------------------------------------------------------------------------------------
+
+
+def check_domain_batch(batch: object) -> None:
+    """Raise unless ``batch`` is a mapping with a ``'domain'`` entry."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"batch must be a dict-like batch with a 'domain' entry, got {type(batch).__name__}"
+        )
+    if "domain" not in batch:
+        raise KeyError(
+            "batch must contain a 'domain' entry (integer domain id per sample, shape [B]); "
+            f"got keys {sorted(map(str, batch.keys()))!r}"
+        )
+
+
+def check_domain_ids(domain: object) -> torch.Tensor:
+    """``batch['domain']`` as an integer tensor ``[B]``; raise on non-integer ids."""
+    if isinstance(domain, np.ndarray):
+        if domain.dtype.kind not in "iu":
+            raise TypeError(
+                f"batch['domain'] must hold integer domain ids, got a numpy array of dtype {domain.dtype}"
+            )
+        domain = torch.from_numpy(np.ascontiguousarray(domain).astype(np.int64, copy=False))
+    elif not isinstance(domain, torch.Tensor):
+        if isinstance(domain, (str, bytes)) or not isinstance(domain, Collection):
+            raise TypeError(
+                "batch['domain'] must be a tensor, numpy array or list of integer domain ids "
+                f"(one per sample), got {type(domain).__name__}"
+            )
+        values = list(domain)
+        bad = [
+            v
+            for v in values
+            if isinstance(v, bool) or not isinstance(v, (numbers.Integral, np.integer))
+        ]
+        if bad:
+            raise TypeError(f"batch['domain'] must hold integer domain ids, got {bad[0]!r}")
+        domain = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    if domain.dtype == torch.bool or domain.is_floating_point() or domain.is_complex():
+        raise TypeError(
+            f"batch['domain'] must hold integer domain ids, got a tensor of dtype {domain.dtype}"
+        )
+    if domain.ndim != 1:
+        raise ValueError(
+            f"batch['domain'] must have shape [B] (one id per sample), got shape {tuple(domain.shape)}"
+        )
+    return domain
+
+
+def check_source_domain(source_domain: object) -> list[int]:
+    """``source_domain`` as a non-empty list of ints; raise otherwise."""
+    if isinstance(source_domain, torch.Tensor):
+        if source_domain.dtype == torch.bool or source_domain.is_floating_point():
+            raise TypeError(
+                f"source_domain must be an integer or a collection of integers, got a tensor "
+                f"of dtype {source_domain.dtype}"
+            )
+        source_domain = source_domain.reshape(-1).tolist()
+    if isinstance(source_domain, (numbers.Integral, np.integer)) and not isinstance(
+        source_domain, bool
+    ):
+        return [int(source_domain)]
+    if isinstance(source_domain, (str, bytes)) or not isinstance(source_domain, Collection):
+        raise TypeError(
+            "source_domain must be an integer or a collection of integers, "
+            f"got {type(source_domain).__name__} {source_domain!r}"
+        )
+    ids = list(source_domain)
+    if not ids:
+        raise ValueError("source_domain must name at least one domain id, got an empty collection")
+    for v in ids:
+        if isinstance(v, bool) or not isinstance(v, (numbers.Integral, np.integer)):
+            raise TypeError(f"source_domain must hold integers, got {v!r} in {ids!r}")
+    return [int(v) for v in ids]

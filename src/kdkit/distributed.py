@@ -1,273 +1,32 @@
-"""Distributed distillation: a globally normalised student loss and torchrun helpers.
+"""Old location of the distributed helpers: re-exports kept for existing imports.
 
-* :func:`compute_student_loss_distributed` -- :func:`~kdkit.losses.kd.compute_student_loss`
-  for DistributedDataParallel loops: the CE mean and the weighted KD mean are normalised
-  by counts summed over all ranks, so N ranks produce exactly the single-process gradient
-  of the global batch.
-* :func:`init_from_env` / :func:`DistributedEnv` -- detect a ``torchrun`` launch
-  (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and initialise the process group; used by
-  ``kdkit train-student`` and ``kdkit dump-teacher``.
+* :func:`compute_student_loss_distributed`, :func:`is_distributed` live in
+  :mod:`kdkit.losses.distributed`;
+* :class:`DistributedEnv`, :func:`init_from_env` live in :mod:`kdkit.train.torchrun`.
 
-Everything builds on :mod:`torch.distributed`; kdkit manages no processes itself.
+New code imports from those modules; this shim goes once every import has moved.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import os
+import importlib
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from kdkit._validation import result_dtype
-from kdkit.losses.kd import (
-    KDLossConfig,
-    _checked_student_loss_terms,
-    _combine,
-    _kd_mean,
-    _raise_for_flags,
-    _raise_for_infinite_ce,
-    _stats,
-    compute_student_loss,
-)
+from kdkit.losses.distributed import compute_student_loss_distributed, is_distributed
 
 __all__ = [
-    "DistributedEnv",
+    "DistributedEnv",  # noqa: F822 (resolved by __getattr__ below)
     "compute_student_loss_distributed",
-    "init_from_env",
+    "init_from_env",  # noqa: F822 (resolved by __getattr__ below)
     "is_distributed",
 ]
 
-
-def is_distributed(group: Any = None) -> bool:
-    """True when a process group is initialised and has more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+_TORCHRUN_NAMES = ("DistributedEnv", "init_from_env")
 
 
-def compute_student_loss_distributed(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    targets: torch.Tensor,
-    config: KDLossConfig,
-    current_epoch: float = 0,
-    domain_mask: torch.Tensor | None = None,
-    *,
-    group: Any = None,
-    gradients_averaged: bool = True,
-    tensor_stats: bool = False,
-    ignore_index: int = -100,
-    implementation: str = "auto",
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    r""":func:`~kdkit.losses.kd.compute_student_loss` normalised over all ranks of ``group``.
-
-    Each rank holds its part of the global batch.  With per-rank sums
-    :math:`S^{CE}_r = \sum_{i \in r} \mathrm{CE}_i`, :math:`S^{KD}_r = \sum_{i \in r}
-    w_i m_i \ell_i` and the **global** counts :math:`N = \sum_r n_r` (valid positions) and
-    :math:`W = \sum_r \sum_{i \in r} w_i m_i` (one ``all_reduce``), the global loss is
-
-    .. math:: L = (1 - \alpha) \frac{\sum_r S^{CE}_r}{N} + \alpha \frac{\sum_r S^{KD}_r}{W}
-
-    and rank ``r`` returns
-
-    .. math:: L_r = R \left[(1 - \alpha) \frac{S^{CE}_r}{N} + \alpha \frac{S^{KD}_r}{W}\right]
-
-    with ``R`` the world size.  DistributedDataParallel *averages* gradients over ranks,
-    :math:`\frac{1}{R} \sum_r \nabla L_r = \sum_r \nabla (L_r / R) = \nabla L`, so the
-    update is exactly the single-process gradient on the global batch -- also when the
-    ranks hold very different numbers of KD samples, or none (a rank without KD samples
-    contributes :math:`S^{KD}_r = 0` but still takes part in the same collectives, so no
-    rank ever waits for another).  A per-rank mean (``S^{KD}_r / W_r``) would instead
-    over-weight the samples of ranks with few KD samples.  Pass
-    ``gradients_averaged=False`` if your loop *sums* gradients over ranks (then ``R = 1``).
-
-    The returned ``loss`` is therefore the per-rank :math:`L_r`, not :math:`L`; the
-    ``stats`` hold global values (``total_loss`` is :math:`L`, ``coverage`` and
-    ``avg_confidence`` are over the global batch), identical on every rank.  Counts,
-    sums and the input checks travel in **one** ``all_reduce`` of a small tensor; an
-    invalid input on any rank raises on every rank (the others say which check failed
-    elsewhere), so no rank is left waiting.
-
-    Every rank must call this function the same number of times (it is a collective).
-    Without an initialised process group, or with one rank, it returns exactly
-    :func:`~kdkit.losses.kd.compute_student_loss`.
-
-    Args:
-        student_logits, teacher_logits, targets, config, current_epoch, domain_mask,
-        tensor_stats, ignore_index, implementation: As in
-            :func:`~kdkit.losses.kd.compute_student_loss` (this rank's part of the batch;
-            ``current_epoch`` must be the same on every rank).
-        group: The process group (default: the world).
-        gradients_averaged: True (DDP's behaviour) scales the loss by the world size.
-
-    Returns:
-        ``(loss, stats)`` with the keys of
-        :data:`~kdkit.losses.kd.STUDENT_LOSS_STATS`.
-
-    Raises:
-        TypeError, ValueError: as :func:`~kdkit.losses.kd.compute_student_loss`, on every
-            rank when any rank's input is invalid.
-
-    Example:
-        >>> config = KDLossConfig(temperature=2.0, kd_alpha=0.5)
-        >>> s, t = torch.randn(4, 3), torch.randn(4, 3)
-        >>> y = torch.tensor([0, 1, 2, 0])
-        >>> loss, stats = compute_student_loss_distributed(s, t, y, config)  # no group
-        >>> loss.item() == compute_student_loss(s, t, y, config)[0].item()
-        True
-    """
-    kwargs = {
-        "tensor_stats": tensor_stats,
-        "ignore_index": ignore_index,
-        "implementation": implementation,
-    }
-    if not is_distributed(group):
-        return compute_student_loss(
-            student_logits, teacher_logits, targets, config, current_epoch, domain_mask, **kwargs
-        )
-    alpha, terms = _checked_student_loss_terms(
-        student_logits,
-        teacher_logits,
-        targets,
-        config,
-        current_epoch,
-        domain_mask,
-        ignore_index,
-        implementation,
-    )
-    packed = torch.stack(
-        [
-            terms.valid_count,
-            terms.kd_weight_sum,
-            terms.selected_count,
-            terms.confidence_sum,
-            terms.ce_sum.detach(),
-            terms.kd_sum.detach(),
-            *terms.flags,
-        ]
-    )
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    count = packed[0].clamp_min(1)
-    scale = float(dist.get_world_size(group)) if gradients_averaged else 1.0
-    local = _combine(terms.ce_sum / count, _kd_mean(terms.kd_sum, packed[1], alpha), alpha)
-    loss = (scale * local).to(result_dtype(student_logits, teacher_logits))
-    ce = packed[4] / count
-    kd = _kd_mean(packed[5], packed[1], alpha)
-    total = _combine(ce, kd, alpha).to(loss.dtype)
-    coverage = packed[2] / count
-    avg_confidence = packed[3] / count
-    if tensor_stats:
-        return loss, _stats(total, ce, kd, coverage, avg_confidence, alpha)
-
-    values = torch.stack([total, ce, kd, coverage, avg_confidence, *packed[6:]]).tolist()
-    if any(values[5:]):
-        local_flags = torch.stack(terms.flags).tolist()  # error path only
-        _raise_for_flags(
-            local_flags, terms, student_logits, teacher_logits, targets, config, ignore_index
-        )
-        checks = ("targets", "student_logits rows", "teacher_logits rows", "infinite KD loss")
-        failed = [c for c, v in zip(checks, values[5:]) if v]
-        raise ValueError(
-            f"invalid input on another rank (check(s) failed: {', '.join(failed)}); "
-            "see that rank's error"
-        )
-    _raise_for_infinite_ce(values[1], alpha)
-    return loss, _stats(*values[:5], alpha)
-
-
-# ---------------------------------------------------------------------------------------
-# torchrun environment
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedEnv:
-    """Where this process stands in a (possibly single-process) run.
-
-    Attributes:
-        rank: Global rank (0 without torchrun).
-        world_size: Number of processes (1 without torchrun).
-        local_rank: Rank on this host (selects the GPU).
-        device: The device this rank computes on.
-        owns_group: True if :func:`init_from_env` created the process group (and
-            :meth:`close` destroys it).
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        """True with more than one process."""
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """True on rank 0, which logs, evaluates and writes files."""
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        """Wait for every rank (no-op in a single process)."""
-        if self.enabled:
-            dist.barrier()
-
-    def close(self) -> None:
-        """Destroy the process group if :func:`init_from_env` created it."""
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
-
-
-def init_from_env(device: str | torch.device = "cpu") -> DistributedEnv:
-    """Detect a torchrun launch and initialise the process group.
-
-    Reads ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (set by ``torchrun``).  With a world
-    size above 1 it initialises the default process group -- NCCL for CUDA devices (each
-    rank takes ``cuda:LOCAL_RANK``), gloo otherwise -- unless one is already initialised
-    (then it is reused and not destroyed by :meth:`DistributedEnv.close`).  Without
-    torchrun it returns a single-process :class:`DistributedEnv` on ``device``.
-
-    Example:
-        >>> env = init_from_env("cpu")  # not under torchrun
-        >>> env.enabled, env.is_main
-        (False, True)
-    """
-    device = torch.device(device)
-    if dist.is_available() and dist.is_initialized():
-        world_size, rank = dist.get_world_size(), dist.get_rank()
-        local_rank = _env_int("LOCAL_RANK", 0)
-        owns = False
-    else:
-        world_size = _env_int("WORLD_SIZE", 1)
-        rank = _env_int("RANK", 0)
-        local_rank = _env_int("LOCAL_RANK", 0)
-        owns = world_size > 1
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if owns:
-        if not dist.is_available():
-            raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=30),
-        )
-    return DistributedEnv(
-        rank=rank, world_size=world_size, local_rank=local_rank, device=device, owns_group=owns
-    )
+def __getattr__(name: str) -> Any:
+    # Resolved on first use: kdkit.train's package __init__ imports this module (through
+    # train/loop.py), so importing kdkit.train.torchrun eagerly here would be circular.
+    if name in _TORCHRUN_NAMES:
+        return getattr(importlib.import_module("kdkit.train.torchrun"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,49 +26,18 @@ import torch
 import torch.nn.functional as F
 
 from kdkit._validation import (
+    FUSION_STRATEGIES,
     check_choice,
+    check_fusion,
+    check_fusion_weights,
     check_logits,
     check_same_shape,
     compute_dtype,
-    is_real_number,
 )
 
 __all__ = ["FUSION_STRATEGIES", "fuse_teacher_logits"]
 
-FUSION_STRATEGIES: tuple[str, ...] = ("mean", "weighted_mean", "prob_mean", "max_confidence")
-"""Accepted values of ``strategy``."""
-
-
-def _check_weights(weights: object, num_teachers: int) -> list[float]:
-    """Return ``weights`` normalised to sum 1; raise unless valid (one per teacher)."""
-    if isinstance(weights, torch.Tensor):
-        weights = weights.detach().cpu().reshape(-1).tolist()
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise TypeError(
-            f"weights must be a sequence of {num_teachers} numbers (one per teacher), "
-            f"got {type(weights).__name__}"
-        )
-    if len(weights) != num_teachers:
-        raise ValueError(
-            f"weights must have one entry per teacher ({num_teachers}), got {len(weights)}: "
-            f"{list(weights)!r}"
-        )
-    values = []
-    for w in weights:
-        if not is_real_number(w):
-            raise TypeError(f"weights must be real numbers, got {w!r} in {list(weights)!r}")
-        try:
-            values.append(float(w))
-        except OverflowError:  # e.g. 10**400: too large for a float
-            raise ValueError(
-                f"weights must be finite and >= 0, got {w!r} (too large for a float)"
-            ) from None
-    if not all(math.isfinite(w) and w >= 0 for w in values):
-        raise ValueError(f"weights must be finite and >= 0, got {values!r}")
-    total = math.fsum(values)
-    if total <= 0:
-        raise ValueError(f"weights must not all be zero, got {values!r}")
-    return [w / total for w in values]
+_check_weights = check_fusion_weights  # temporary alias for kdkit.cache, removed at merge
 
 
 def fuse_teacher_logits(
@@ -121,17 +90,7 @@ def fuse_teacher_logits(
     for k, t in enumerate(logits[1:], start=1):
         names = ("logits[0]", f"logits[{k}]")
         check_same_shape(first, t, names, names)
-    if strategy == "weighted_mean":
-        if weights is None:
-            raise ValueError("strategy 'weighted_mean' needs weights (one per teacher), got None")
-        norm_weights = _check_weights(weights, len(logits))
-    elif weights is not None:
-        raise ValueError(
-            f"weights are only used by strategy 'weighted_mean', got weights={weights!r} "
-            f"with strategy {strategy!r}"
-        )
-    else:
-        norm_weights = []
+    norm_weights = check_fusion(strategy, weights, len(logits))
     dtype = compute_dtype(*logits)
     stacked = torch.stack([t.detach().to(dtype) for t in logits])  # [K, ..., C]
     return _fuse(stacked, strategy, norm_weights)

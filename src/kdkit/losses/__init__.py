@@ -1,4 +1,12 @@
-"""Knowledge-distillation losses (functional core and ``nn.Module`` wrappers)."""
+"""Knowledge-distillation losses (functional core and ``nn.Module`` wrappers).
+
+* :mod:`kdkit.losses.kd` -- the specification's API (``kd_loss``, ``compute_student_loss``, ...);
+* :mod:`kdkit.losses.divergences` -- per-position divergences, dispatch, reductions;
+* :mod:`kdkit.losses.student_terms` -- CE + KD terms -> finished loss and stats;
+* :mod:`kdkit.losses.fused` -- the fused chunked KD path;
+* :mod:`kdkit.losses.modules` -- ``nn.Module`` wrappers;
+* :mod:`kdkit.losses.distributed` -- the globally normalised student loss for DDP.
+"""
 
 from kdkit.losses.kd import (
     KDLossConfig,

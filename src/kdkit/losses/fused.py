@@ -15,8 +15,9 @@ buffer is the only ``[N, C]`` tensor kept for the backward pass, which scales it
 by the incoming per-row gradient and returns it.
 
 Inner module: :func:`kdkit.losses.kd.kd_loss` and
-:func:`kdkit.losses.kd.compute_student_loss` validate their inputs and dispatch here; the
-functions below trust them.
+:func:`kdkit.losses.kd.compute_student_loss` validate their inputs and
+:func:`kdkit.losses.divergences.divergence` dispatches here; the functions below trust
+them.
 """
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ __all__ = ["FUSED_LOSS_TYPES", "FusedDivergence", "chunk_elements_for", "fused_d
 FUSED_LOSS_TYPES: tuple[str, ...] = ("kldiv", "soft_ce")
 """Loss types with a fused implementation (they share the gradient ``T (p_s - p_t)``)."""
 
-CHUNK_ELEMENTS: int | None = None
-"""Elements per chunk; ``None`` (default) sizes chunks by :func:`chunk_elements_for`."""
-
 SCRATCH_FRACTION: float = 0.06
 """Scratch budget as a fraction of the logits' bytes.  Chunks are as large as this allows:
 each op of a chunk costs a parallel region, which is expensive on a loaded CPU."""
@@ -44,8 +42,6 @@ MAX_CHUNK_ELEMENTS: int = 1 << 23
 
 def chunk_elements_for(numel: int, logits_itemsize: int, scratch_bytes_per_element: int) -> int:
     """Elements per chunk for ``numel`` logits (a whole number of rows is used)."""
-    if CHUNK_ELEMENTS is not None:
-        return CHUNK_ELEMENTS
     budget = int(numel * logits_itemsize * SCRATCH_FRACTION / scratch_bytes_per_element)
     return max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, budget))
 

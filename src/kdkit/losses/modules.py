@@ -1,6 +1,8 @@
 """``nn.Module`` wrappers around :mod:`kdkit.losses.kd`.
 
-They store hyper-parameters and call the functional code; no maths lives here.
+They store hyper-parameters, validate them at construction through
+:mod:`kdkit._validation` (so a bad module fails there, not at the first batch) and call
+the functional code; no maths lives here.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdkit._validation import check_kd_loss_options, check_student_loss_options
 from kdkit.losses.kd import KDLossConfig, compute_student_loss, kd_loss
 
 __all__ = ["KDLoss", "StudentLoss"]
@@ -35,14 +38,13 @@ class KDLoss(nn.Module):
         check_finite: bool = True,
     ) -> None:
         super().__init__()
+        check_kd_loss_options(temperature, loss_type, reduction, jsd_beta, implementation)
         self.temperature = temperature
         self.loss_type = loss_type
         self.reduction = reduction
         self.jsd_beta = jsd_beta
         self.implementation = implementation
         self.check_finite = check_finite
-        # Validate eagerly so a bad module fails at construction, not at the first batch.
-        self(torch.zeros(1, 1), torch.zeros(1, 1))
 
     def forward(
         self,
@@ -90,8 +92,7 @@ class StudentLoss(nn.Module):
         super().__init__()
         if config is None:
             config = KDLossConfig()
-        if not isinstance(config, KDLossConfig):
-            raise TypeError(f"config must be a KDLossConfig, got {type(config).__name__}")
+        check_student_loss_options(config, KDLossConfig, ignore_index, implementation)
         self.config = config
         self.ignore_index = ignore_index
         self.implementation = implementation

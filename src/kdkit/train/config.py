@@ -28,13 +28,23 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from kdkit._extras import require
-from kdkit._validation import check_choice, is_real_number
-from kdkit.fusion import FUSION_STRATEGIES
+from kdkit._validation import (
+    FUSION_STRATEGIES,
+    check_bool,
+    check_choice,
+    check_fusion,
+    check_fusion_weights,
+    check_instance,
+    check_int,
+    check_non_negative,
+    check_positive_finite,
+    check_str,
+    is_real_number,
+)
 from kdkit.losses.kd import LOSS_TYPES, WEIGHTINGS, KDLossConfig
 
 __all__ = [
@@ -152,36 +162,32 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check every field; raise ``TypeError``/``ValueError`` naming field and value."""
-        _check_int("epochs", self.epochs, minimum=1)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        _check_int("num_workers", self.num_workers, minimum=0)
-        _check_int("log_every", self.log_every, minimum=1)
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("seed", self.seed, minimum=0)
+        check_int("num_workers", self.num_workers, minimum=0)
+        check_int("log_every", self.log_every, minimum=1)
         if self.stop_after_epoch is not None:
-            _check_int("stop_after_epoch", self.stop_after_epoch, minimum=1)
+            check_int("stop_after_epoch", self.stop_after_epoch, minimum=1)
         if self.num_classes is not None:
-            _check_int("num_classes", self.num_classes, minimum=2)
-        _check_float("lr", self.lr, positive=True)
-        _check_float("weight_decay", self.weight_decay)
-        _check_float("momentum", self.momentum)
+            check_int("num_classes", self.num_classes, minimum=2)
+        check_positive_finite("lr", self.lr)
+        check_non_negative("weight_decay", self.weight_decay)
+        check_non_negative("momentum", self.momentum)
         for name in ("manifest", "cache", "eval_split"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"{name} must be a string or None, got {value!r}")
+            check_str(name, getattr(self, name), optional=True)
         for name in ("train_split", "model", "device", "output_dir", "wandb_project"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+            check_str(name, getattr(self, name))
         if not isinstance(self.model_kwargs, dict):
             raise TypeError(f"model_kwargs must be a dict, got {self.model_kwargs!r}")
         if not isinstance(self.kd, KDLossConfig):
             raise TypeError(f"kd must be a KDLossConfig or dict, got {type(self.kd).__name__}")
         self.kd.validate()
         check_choice("kd_on", self.kd_on, KD_ON)
-        check_choice("fusion", self.fusion, FUSIONS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("best_metric", self.best_metric, BEST_METRICS)
-        check_choice("wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        check_choice("wandb_mode", self.wandb_mode, WANDB_MODES)
         if self.teacher is not None and (
             not isinstance(self.teacher, list)
             or not self.teacher
@@ -190,22 +196,27 @@ class TrainConfig:
             raise TypeError(
                 f"teacher must be a non-empty list of names or None, got {self.teacher!r}"
             )
+        self._validate_fusion()
+        self.source_domain = _int_list("source_domain", self.source_domain)
+        for name in ("schedule_per_step", "resume", "progress", "tensorboard", "wandb"):
+            check_bool(name, getattr(self, name))
+
+    def _validate_fusion(self) -> None:
+        """``fusion`` and ``fusion_weights`` (one per teacher; rule of ``check_fusion``)."""
+        check_choice("fusion", self.fusion, FUSION_STRATEGIES)
+        num_teachers = None if self.teacher is None else len(self.teacher)
         if self.fusion_weights is not None:
-            if not isinstance(self.fusion_weights, list) or not all(
-                is_real_number(w) and math.isfinite(w) and w >= 0 for w in self.fusion_weights
-            ):
-                raise ValueError(
-                    f"fusion_weights must be a list of finite numbers >= 0, got {self.fusion_weights!r}"
-                )
-            if self.teacher is None or len(self.fusion_weights) != len(self.teacher):
+            check_instance("fusion_weights", self.fusion_weights, list)
+            if num_teachers is None or len(self.fusion_weights) != num_teachers:
                 raise ValueError(
                     f"fusion_weights ({self.fusion_weights!r}) needs one weight per teacher "
                     f"({self.teacher!r})"
                 )
-        self.source_domain = _int_list("source_domain", self.source_domain)
-        for name in ("schedule_per_step", "resume", "progress", "tensorboard", "wandb"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            check_fusion_weights(self.fusion_weights, num_teachers, "fusion_weights")
+        if num_teachers is not None and num_teachers > 1:  # fusion is used
+            check_fusion(
+                self.fusion, self.fusion_weights, num_teachers, names=("fusion", "fusion_weights")
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/TOML-friendly dict (``kd`` as a nested dict)."""
@@ -326,23 +337,6 @@ def _kd_from_dict(values: dict[str, Any]) -> KDLossConfig:
     if unknown:
         raise KeyError(f"unknown kd field(s) {unknown}; expected some of {sorted(known)}")
     return KDLossConfig(**{**recommended_kd().to_dict(), **values})
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value: object, positive: bool = False) -> None:
-    if not is_real_number(value):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    x = float(value)  # type: ignore[arg-type]
-    if not math.isfinite(x) or x < 0 or (positive and x == 0):
-        raise ValueError(
-            f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}"
-        )
 
 
 def _int_list(name: str, value: object) -> list[int]:

@@ -1,4 +1,4 @@
-"""Tests of the fused KD path (src/kdkit/losses/fused.py) and its dispatch from kd.py.
+"""Tests of the fused KD path (src/kdkit/losses/fused.py) and its dispatch (divergences.py).
 
 Every value is compared with the float64 references of tests/reference.py, gradients
 included, for both implementations ('fused' and 'reference') so that the two cannot drift.
@@ -11,10 +11,11 @@ import math
 import pytest
 import torch
 
-import kdkit.losses.fused as fused_module
 from kdkit import KDLossConfig, compute_student_loss, kd_loss
-from kdkit.losses import kd as kd_module
+from kdkit.losses import divergences
+from kdkit.losses.divergences import divergence_loss
 from kdkit.losses.fused import fused_divergence
+from kdkit.losses.student_terms import StudentLossInputs, checked_kd_weight, student_loss
 from reference import ref_kd_grad, ref_kd_loss, ref_kd_per_sample, ref_student_loss
 
 IMPLEMENTATIONS = ("fused", "reference")
@@ -47,10 +48,46 @@ def _atol(temperature: float, shape: tuple[int, ...], reduction: str) -> float:
     return 1e-6 * max(1.0, temperature**2) * rows
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Force several chunks (and a ragged last one) on the small test inputs."""
-    monkeypatch.setattr(fused_module, "CHUNK_ELEMENTS", 200)
+@pytest.fixture(params=[None, 200], ids=["default_chunks", "chunks_200"])
+def chunks(request):
+    """``None``: the public function, default chunks; 200: kdkit's own call path below
+    the validation with ``chunk_elements=200``, forcing several chunks (and a ragged last
+    one) on the small test inputs."""
+    return request.param
+
+
+def _kd_loss(
+    student,
+    teacher,
+    temperature=4.0,
+    loss_type="kldiv",
+    reduction="batchmean",
+    *,
+    chunk_elements=None,
+    check_finite=True,
+    mask=None,
+    jsd_beta=0.5,
+    implementation="auto",
+):
+    """``kd_loss``, or its body after validation with ``chunk_elements`` when given."""
+    options = {"check_finite": check_finite, "mask": mask, "jsd_beta": jsd_beta}
+    args = (student, teacher, temperature, loss_type, reduction)
+    if chunk_elements is None:
+        return kd_loss(*args, **options, implementation=implementation)
+    return divergence_loss(
+        *args, **options, implementation=implementation, chunk_elements=chunk_elements
+    )
+
+
+def _student_loss(student, teacher, targets, config, epoch, mask, *, chunk_elements, **kwargs):
+    """``compute_student_loss``, or its body after validation with ``chunk_elements``."""
+    if chunk_elements is None:
+        return compute_student_loss(student, teacher, targets, config, epoch, mask, **kwargs)
+    inputs = StudentLossInputs(
+        student, teacher, targets, config, mask, -100, kwargs.get("implementation", "auto")
+    )
+    alpha = checked_kd_weight(inputs, epoch, KDLossConfig)
+    return student_loss(inputs, alpha, tensor_stats=False, chunk_elements=chunk_elements)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -59,12 +96,18 @@ def small_chunks(monkeypatch):
 @pytest.mark.parametrize("shape", [(3, 47), (2, 5, 123), (17, 1)])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 20.0])
 def test_matches_float64_reference(
-    small_chunks, implementation, reduction, loss_type, shape, temperature
+    chunks, implementation, reduction, loss_type, shape, temperature
 ):
     student = _logits(shape, 1).requires_grad_()
     teacher = _logits(shape, 2)
-    loss = kd_loss(
-        student, teacher, temperature, loss_type, reduction, implementation=implementation
+    loss = _kd_loss(
+        student,
+        teacher,
+        temperature,
+        loss_type,
+        reduction,
+        implementation=implementation,
+        chunk_elements=chunks,
     )
     expected = ref_kd_loss(student, teacher, temperature, loss_type, reduction)
     assert loss.dtype == torch.float32
@@ -94,7 +137,7 @@ def test_chunking_does_not_change_results(chunk_elements):
     torch.testing.assert_close(student.grad, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_directional_derivatives_float64(small_chunks):
+def test_directional_derivatives_float64(chunks):
     """Finite differences (gradcheck needs a reusable backward, which 'fused' is not)."""
     gen = torch.Generator().manual_seed(6)
     student = _logits((4, 13), 6, dtype=torch.float64)
@@ -103,7 +146,10 @@ def test_directional_derivatives_float64(small_chunks):
     for loss_type in ("kldiv", "soft_ce"):
 
         def f(s, lt=loss_type):
-            return (kd_loss(s, teacher, 3.0, lt, "none", implementation="fused") * weights).sum()
+            loss = _kd_loss(
+                s, teacher, 3.0, lt, "none", implementation="fused", chunk_elements=chunks
+            )
+            return (loss * weights).sum()
 
         leaf = student.clone().requires_grad_()
         f(leaf).backward()
@@ -232,16 +278,16 @@ def test_fused_backward_is_single_use_with_clear_errors():
 
 def test_auto_dispatch(monkeypatch):
     calls = []
-    real = kd_module.fused_divergence
+    real = divergences.fused_divergence
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kd_module, "fused_divergence", spy)
+    monkeypatch.setattr(divergences, "fused_divergence", spy)
     kd_loss(torch.randn(32, 10), torch.randn(32, 10))
     assert calls == []
-    big = (4, kd_module.FUSED_MIN_ELEMENTS // 4)
+    big = (4, divergences.FUSED_MIN_ELEMENTS // 4)
     kd_loss(torch.randn(big), torch.randn(big))
     assert calls == [big]
     kd_loss(torch.randn(big), torch.randn(big), loss_type="reverse_kl")
@@ -266,12 +312,12 @@ def test_bad_implementation_is_rejected():
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_kd_loss_mask(small_chunks, implementation, reduction):
+def test_kd_loss_mask(chunks, implementation, reduction):
     student = _logits((3, 5, 31), 20).requires_grad_()
     teacher = _logits((3, 5, 31), 21)
     student.data[0, 4] = math.nan  # a masked-out position never leaks into the value
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 1, 0, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
-    loss = kd_loss(
+    loss = _kd_loss(
         student,
         teacher,
         2.0,
@@ -280,6 +326,7 @@ def test_kd_loss_mask(small_chunks, implementation, reduction):
         mask=mask,
         check_finite=False,
         implementation=implementation,
+        chunk_elements=chunks,
     )
     clean = student.detach().clone()
     clean[0, 4] = 0.0
@@ -332,7 +379,7 @@ def test_kd_loss_mask_is_validated():
 @pytest.mark.parametrize("use_mask", [False, True])
 @pytest.mark.parametrize("alpha", [0.7, 1.0])
 @pytest.mark.parametrize("loss_type", ["kldiv", "soft_ce"])
-def test_student_loss_fused_matches_reference(small_chunks, weighting, use_mask, alpha, loss_type):
+def test_student_loss_fused_matches_reference(chunks, weighting, use_mask, alpha, loss_type):
     shape = (12, 37)
     student = _logits(shape, 30).requires_grad_()
     teacher = _logits(shape, 31)
@@ -348,8 +395,15 @@ def test_student_loss_fused_matches_reference(small_chunks, weighting, use_mask,
     grads = []
     for implementation in IMPLEMENTATIONS:
         student.grad = None
-        loss, stats = compute_student_loss(
-            student, teacher, targets, config, 0, mask, implementation=implementation
+        loss, stats = _student_loss(
+            student,
+            teacher,
+            targets,
+            config,
+            0,
+            mask,
+            implementation=implementation,
+            chunk_elements=chunks,
         )
         expected, expected_stats = ref_student_loss(
             student,
@@ -378,7 +432,7 @@ def test_student_loss_fused_matches_reference(small_chunks, weighting, use_mask,
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_student_loss_sequences_with_ignore_index(small_chunks, implementation):
+def test_student_loss_sequences_with_ignore_index(chunks, implementation):
     student = _logits((2, 6, 29), 40).requires_grad_()
     teacher = _logits((2, 6, 29), 41)
     targets = torch.randint(0, 29, (2, 6), generator=torch.Generator().manual_seed(42))
@@ -387,8 +441,15 @@ def test_student_loss_sequences_with_ignore_index(small_chunks, implementation):
     domain = torch.ones(2, 6, dtype=torch.bool)
     domain[1, 3] = False
     config = KDLossConfig(temperature=3.0, kd_alpha=0.6, kd_weighting="pmax")
-    loss, stats = compute_student_loss(
-        student, teacher, targets, config, 0, domain, implementation=implementation
+    loss, stats = _student_loss(
+        student,
+        teacher,
+        targets,
+        config,
+        0,
+        domain,
+        implementation=implementation,
+        chunk_elements=chunks,
     )
     valid = targets != -100
     expected, expected_stats = ref_student_loss(

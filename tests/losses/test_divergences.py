@@ -1,4 +1,4 @@
-"""Tests of loss_type='reverse_kl' and 'jsd' (generalized Jensen-Shannon) in kdkit.losses.kd."""
+"""Tests of loss_type='reverse_kl' and 'jsd' (generalized Jensen-Shannon), kdkit.losses.divergences."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdkit import KDLossConfig, compute_student_loss, kd_loss
-from reference import ref_any_per_sample, ref_student_loss
+from reference import ref_kd_per_sample, ref_student_loss
 
 NEG_INF = -math.inf
 
@@ -28,7 +28,7 @@ def test_matches_float64_reference(loss_type, beta, shape, temperature):
     student = _logits(shape, 1)
     teacher = _logits(shape, 2)
     loss = kd_loss(student, teacher, temperature, loss_type, "none", jsd_beta=beta)
-    expected = ref_any_per_sample(student, teacher, temperature, loss_type, beta)
+    expected = ref_kd_per_sample(student, teacher, temperature, loss_type, beta)
     assert loss.dtype == torch.float32
     atol = 1e-6 * max(1.0, temperature**2)  # float32 floor of log-probabilities (test_fused)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=atol)
@@ -71,7 +71,7 @@ def test_golden_values():
     t = torch.tensor([[3.0, 0.5, -2.0]])
     # KL(p_s || p_t) of the kd_loss docstring example (where KL(p_t || p_s) = 0.034678).
     assert kd_loss(s, t, 1.0, "reverse_kl").item() == pytest.approx(0.0563690, rel=1e-5)
-    assert float(ref_any_per_sample(s, t, 1.0, "reverse_kl")[0]) == pytest.approx(
+    assert float(ref_kd_per_sample(s, t, 1.0, "reverse_kl")[0]) == pytest.approx(
         0.0563690, rel=1e-5
     )
 
@@ -84,7 +84,7 @@ def test_masked_classes(loss_type, beta, where):
     if where == "both":
         student[:, :5] = NEG_INF
     student.requires_grad_()
-    expected = ref_any_per_sample(student, teacher, 2.0, loss_type, beta)
+    expected = ref_kd_per_sample(student, teacher, 2.0, loss_type, beta)
     reverse_on_teacher_mask = loss_type == "reverse_kl" or (loss_type == "jsd" and beta == 1.0)
     if where == "teacher" and reverse_on_teacher_mask:
         assert torch.isinf(expected).all()  # the student puts mass where the teacher has none
@@ -117,7 +117,7 @@ def test_config_default_and_student_loss():
     student, teacher = _logits((8, 25), 11), _logits((8, 25), 12)
     targets = torch.arange(8) % 25
     loss, _ = compute_student_loss(student, teacher, targets, config)
-    expected_kd = ref_any_per_sample(student, teacher, 2.0, "jsd", 0.3).mean()
+    expected_kd = ref_kd_per_sample(student, teacher, 2.0, "jsd", 0.3).mean()
     torch.testing.assert_close(loss.double(), expected_kd, rtol=1e-6, atol=1e-6)
     loss, _ = compute_student_loss(
         student, teacher, targets, KDLossConfig(kd_alpha=0.0, loss_type="jsd")

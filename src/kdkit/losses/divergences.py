@@ -1,0 +1,202 @@
+"""Per-position KD divergences, their dispatch (fused or reference) and reductions.
+
+Inner module: :func:`kdkit.losses.kd.kd_loss` and the student losses validate their
+inputs (:mod:`kdkit._validation`) and call the functions below, which trust them.
+
+* :func:`per_position_divergence` -- ``T**2 * D`` with the plain autograd formula, for
+  every loss type;
+* :func:`divergence` -- the dispatch: the fused chunked path of :mod:`kdkit.losses.fused`
+  (``'kldiv'``/``'soft_ce'``) or :func:`per_position_divergence`;
+* :func:`divergence_loss` -- :func:`divergence`, the finiteness checks and
+  :func:`reduce`: the body of ``kd_loss`` after validation;
+* :func:`reduce` -- the reductions (``'batchmean'``, ``'mean'``, ``'sum'``, ``'none'``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kdkit._validation import (
+    bad_rows,
+    compute_dtype,
+    raise_bad_rows,
+    raise_infinite_kd,
+    result_dtype,
+)
+from kdkit.losses.fused import FUSED_LOSS_TYPES, fused_divergence
+
+__all__ = [
+    "FUSED_MIN_ELEMENTS",
+    "divergence",
+    "divergence_loss",
+    "kl",
+    "per_position_divergence",
+    "reduce",
+    "use_fused",
+]
+
+FUSED_MIN_ELEMENTS: int = 1 << 15
+"""``'auto'`` uses the fused path from this many logits on (below it the plain path's
+few large kernels beat the per-chunk overhead)."""
+
+
+def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` over the last dimension from log-probabilities, ``[..., C] -> [...]``.
+
+    Terms where ``p`` is exactly zero contribute zero, in value and in gradient: both
+    logs are replaced by 0 there *before* the product, so no ``0 * inf`` NaN reaches
+    the backward pass.
+    """
+    p = log_p.exp()
+    support = p > 0
+    log_p = torch.where(support, log_p, 0.0)
+    log_q = torch.where(support, log_q, 0.0)
+    return (p * (log_p - log_q)).sum(dim=-1)
+
+
+def per_position_divergence(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    loss_type: str,
+    jsd_beta: float = 0.5,
+) -> torch.Tensor:
+    """``T**2 * D`` for every position with the plain autograd formula: ``[..., C] -> [...]``.
+
+    ``student`` and ``teacher`` are already in the compute dtype and the teacher is
+    detached.  Terms where the first argument's probability is exactly zero contribute
+    zero.  ``'jsd'`` at ``jsd_beta`` 0 and 1 is exactly ``'kldiv'`` and ``'reverse_kl'``.
+    """
+    log_ps = F.log_softmax(student / temperature, dim=-1)
+    log_pt = F.log_softmax(teacher / temperature, dim=-1)
+    if loss_type == "jsd" and jsd_beta in (0.0, 1.0):
+        loss_type = "kldiv" if jsd_beta == 0.0 else "reverse_kl"
+    if loss_type == "kldiv":
+        value = kl(log_pt, log_ps)
+    elif loss_type == "reverse_kl":
+        value = kl(log_ps, log_pt)
+    elif loss_type == "soft_ce":
+        pt = log_pt.exp()
+        value = -(pt * torch.where(pt > 0, log_ps, 0.0)).sum(dim=-1)
+    else:  # jsd, 0 < beta < 1: log m = logsumexp(log beta + log p_t, log(1 - beta) + log p_s)
+        # Where both are -inf (class masked in both) m = 0 and both KL terms are masked;
+        # 0 there keeps logaddexp's gradient from becoming NaN.
+        either = (log_pt > -math.inf) | (log_ps > -math.inf)
+        log_m = torch.logaddexp(
+            torch.where(either, log_pt, 0.0) + math.log(jsd_beta),
+            torch.where(either, log_ps, 0.0) + math.log1p(-jsd_beta),
+        )
+        value = jsd_beta * kl(log_pt, log_m) + (1.0 - jsd_beta) * kl(log_ps, log_m)
+    return value * (temperature * temperature)
+
+
+def _is_compiling() -> bool:
+    """True while torch.compile traces (``torch.compiler.is_compiling`` needs torch >= 2.3)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if is_compiling is None:  # torch 2.1/2.2
+        return bool(torch._dynamo.is_compiling())
+    return bool(is_compiling())
+
+
+def use_fused(student: torch.Tensor, loss_type: str, implementation: str) -> bool:
+    """Whether :func:`divergence` takes the fused path for these inputs."""
+    if implementation == "reference" or loss_type not in FUSED_LOSS_TYPES:
+        return False
+    if implementation == "fused":
+        return True
+    # auto: the plain path is faster on tiny inputs, and torch.compile fuses it itself.
+    return student.numel() >= FUSED_MIN_ELEMENTS and not _is_compiling()
+
+
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    loss_type: str,
+    jsd_beta: float,
+    implementation: str,
+    *,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """Per-position divergence ``[..., C] -> [...]`` by the fused or the plain path.
+
+    Takes the logits in their own dtypes (the fused path never makes a full-size cast)
+    and returns the compute dtype.  The teacher is detached here.  ``chunk_elements``
+    sets the fused path's chunk size (default: sized by :mod:`kdkit.losses.fused`).
+    """
+    dtype = compute_dtype(student_logits, teacher_logits, temperature=temperature)
+    teacher = teacher_logits.detach()
+    if use_fused(student_logits, loss_type, implementation):
+        return fused_divergence(
+            student_logits, teacher, temperature, loss_type, dtype, chunk_elements=chunk_elements
+        )
+    return per_position_divergence(
+        student_logits.to(dtype), teacher.to(dtype), temperature, loss_type, jsd_beta
+    )
+
+
+def reduce(
+    per_position: torch.Tensor, reduction: str, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Apply ``reduction`` to per-position losses ``[B, ...]``; empty input gives 0.
+
+    With a boolean ``mask`` of valid positions, invalid positions count as exact zeros
+    (also in the gradient) and ``'mean'`` divides by the number of valid positions.
+    """
+    if mask is not None:
+        per_position = torch.where(mask, per_position, 0.0)
+    if reduction == "none":
+        return per_position
+    total = per_position.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        count = per_position.shape[0] if per_position.ndim > 0 else 1
+    elif mask is not None:  # mean over the valid positions, without a host transfer
+        return total / mask.sum().clamp_min(1).to(total.dtype)
+    else:  # mean over every position
+        count = per_position.numel()
+    return total / max(count, 1)
+
+
+def divergence_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    loss_type: str,
+    reduction: str,
+    *,
+    check_finite: bool,
+    mask: torch.Tensor | None,
+    jsd_beta: float,
+    implementation: str,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """:func:`kdkit.losses.kd.kd_loss` on validated arguments (see its documentation)."""
+    per_position = divergence(
+        student_logits,
+        teacher_logits,
+        temperature,
+        loss_type,
+        jsd_beta,
+        implementation,
+        chunk_elements=chunk_elements,
+    )
+    if check_finite:
+        infinite = torch.isinf(per_position.detach())
+        if mask is not None:
+            infinite = infinite & mask
+        flags = torch.stack(
+            [bad_rows(student_logits).any(), bad_rows(teacher_logits).any(), infinite.any()]
+        ).tolist()  # the one device-to-host transfer
+        if flags[0]:
+            raise_bad_rows("student_logits", student_logits)
+        if flags[1]:
+            raise_bad_rows("teacher_logits", teacher_logits)
+        if flags[2]:
+            raise_infinite_kd(infinite, loss_type)
+    loss = reduce(per_position, reduction, mask)
+    return loss.to(result_dtype(student_logits, teacher_logits))

@@ -1,0 +1,280 @@
+"""The student loss from its terms: CE + weighted KD sums -> finished loss and stats.
+
+Shared by :func:`kdkit.losses.kd.compute_student_loss` and its distributed form
+:func:`kdkit.losses.distributed.compute_student_loss_distributed`: one implementation of
+the maths, the distributed version only sums the counts over ranks before dividing.
+Inner module: the front ends validate first (:func:`checked_kd_weight`); the other
+functions trust their inputs.
+
+* :class:`StudentLossInputs` and :func:`checked_kd_weight` -- the arguments, validated
+  through :mod:`kdkit._validation`, and the scheduled KD weight ``alpha``;
+* :func:`student_loss_terms` -- the sums and counts of one batch (:class:`StudentLossTerms`);
+* :func:`kd_mean`, :func:`combine`, :func:`stats_dict` -- from sums to the loss and stats;
+* :func:`raise_for_flags` -- the value errors, after the one host transfer;
+* :func:`student_loss` -- all of it for one process: the body of ``compute_student_loss``
+  after validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from kdkit._validation import (
+    bad_rows,
+    check_student_loss_args,
+    check_student_loss_options,
+    compute_dtype,
+    raise_bad_rows,
+    raise_infinite_ce,
+    raise_infinite_kd,
+    raise_out_of_range_targets,
+    result_dtype,
+)
+from kdkit.losses.divergences import divergence
+
+__all__ = [
+    "STUDENT_LOSS_STATS",
+    "StudentLossInputs",
+    "StudentLossTerms",
+    "checked_kd_weight",
+    "combine",
+    "confidence_weights",
+    "kd_mean",
+    "kd_weight_schedule",
+    "raise_for_flags",
+    "stats_dict",
+    "student_loss",
+    "student_loss_terms",
+    "teacher_confidence",
+]
+
+STUDENT_LOSS_STATS: tuple[str, ...] = (
+    "total_loss",
+    "ce_loss",
+    "kd_loss",
+    "kd_weight",
+    "ce_weight",
+    "coverage",
+    "avg_confidence",
+)
+"""Keys of the ``stats`` dict returned by the student losses, in order."""
+
+
+class StudentLossInputs(NamedTuple):
+    """The per-call arguments of the student losses (``config``: a ``KDLossConfig``)."""
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    targets: torch.Tensor
+    config: Any
+    domain_mask: torch.Tensor | None
+    ignore_index: int
+    implementation: str
+
+
+def kd_weight_schedule(epoch: float, warmup: float, ramp: float, target_alpha: float) -> float:
+    """The warmup + linear ramp of ``compute_kd_weight`` on validated numbers."""
+    if epoch < warmup:
+        return 0.0
+    if epoch < warmup + ramp:
+        return target_alpha * (epoch - warmup) / ramp
+    return target_alpha
+
+
+def checked_kd_weight(inputs: StudentLossInputs, current_epoch: float, config_type: type) -> float:
+    """Validate ``inputs`` and ``current_epoch`` (raise naming the argument); return alpha.
+
+    ``config_type`` is ``KDLossConfig`` (passed in: its module imports this one).
+    """
+    student, teacher, targets, config, domain_mask, ignore_index, implementation = inputs
+    check_student_loss_args(student, teacher, targets, domain_mask, current_epoch)
+    check_student_loss_options(config, config_type, ignore_index, implementation)
+    return kd_weight_schedule(
+        float(current_epoch),
+        float(config.warmup_epochs),
+        float(config.kd_ramp_epochs),
+        float(config.kd_alpha),
+    )
+
+
+def teacher_confidence(teacher: torch.Tensor) -> torch.Tensor:
+    """Max softmax probability at T = 1, ``[..., C] -> [...]``, computed in log space."""
+    return torch.exp(teacher.amax(dim=-1) - torch.logsumexp(teacher, dim=-1))
+
+
+def confidence_weights(confidence: torch.Tensor, weighting: str, threshold: float) -> torch.Tensor:
+    """Per-position KD weights from the teacher confidence (see ``compute_confidence_weights``)."""
+    if weighting == "none":
+        return torch.ones_like(confidence)
+    if weighting == "pmax":
+        return confidence
+    return (confidence > threshold).to(confidence.dtype)
+
+
+class StudentLossTerms(NamedTuple):
+    """Numerators and denominators of the student loss for one batch.
+
+    All are 0-d tensors in the compute dtype; ``ce_sum`` and ``kd_sum`` carry the
+    gradient, the others are detached counts and sums.
+    """
+
+    ce_sum: torch.Tensor  # sum of CE over the valid positions
+    kd_sum: torch.Tensor  # sum_i w_i m_i l_i (0 during warmup)
+    valid_count: torch.Tensor  # number of valid positions (not clamped)
+    kd_weight_sum: torch.Tensor  # sum_i w_i m_i
+    selected_count: torch.Tensor  # number of positions with w_i m_i > 0
+    confidence_sum: torch.Tensor  # sum of the teacher confidence over valid positions
+    flags: tuple[torch.Tensor, ...]  # bad targets, bad student rows, bad teacher rows, inf KD
+    out_of_range: torch.Tensor  # [...] bool, for the error message
+    infinite: torch.Tensor | None  # [...] bool, selected positions with infinite KD
+
+
+def _cross_entropy_sum(
+    student: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of CE over the valid positions, out-of-range flags [...])``.
+
+    Out-of-range targets are clamped for the computation (a device-side assert on GPU
+    would kill the process) and reported after the one host transfer.
+    """
+    num_classes = student.shape[-1]
+    out_of_range = valid & ((targets < 0) | (targets >= num_classes))
+    safe_targets = torch.where(valid, targets.clamp(0, num_classes - 1), ignore_index).long()
+    ce_sum = F.cross_entropy(
+        student.reshape(-1, num_classes),
+        safe_targets.reshape(-1),
+        reduction="sum",
+        ignore_index=ignore_index,
+    )
+    return ce_sum, out_of_range
+
+
+def student_loss_terms(
+    inputs: StudentLossInputs, alpha: float, *, chunk_elements: int | None = None
+) -> StudentLossTerms:
+    """Sums and counts of the CE and weighted KD terms of one batch."""
+    student_logits, teacher_logits, targets, config, domain_mask, ignore_index, _ = inputs
+    dtype = compute_dtype(student_logits, teacher_logits, temperature=config.temperature)
+    student = student_logits.to(dtype)
+    teacher = teacher_logits.detach().to(dtype)
+    valid = targets != ignore_index
+    ce_sum, out_of_range = _cross_entropy_sum(student, targets, valid, ignore_index)
+
+    # Confidence weights and the KD selection (cheap: teacher only).
+    confidence = teacher_confidence(teacher)
+    weights = confidence_weights(confidence, config.kd_weighting, config.confidence_threshold)
+    keep = valid if domain_mask is None else valid & domain_mask
+    weights = torch.where(keep, weights, 0.0)
+    selected = weights > 0
+
+    infinite = None
+    kd_sum = student.new_zeros(())
+    infinite_any = torch.zeros((), dtype=torch.bool, device=student.device)
+    if alpha > 0:  # during warmup the divergence is not computed at all
+        per_sample = divergence(
+            student_logits,
+            teacher_logits,
+            config.temperature,
+            config.loss_type,
+            config.jsd_beta,
+            inputs.implementation,
+            chunk_elements=chunk_elements,
+        )
+        kd_sum = torch.where(selected, weights * per_sample, 0.0).sum()
+        infinite = torch.isinf(per_sample.detach()) & selected
+        infinite_any = infinite.any()
+    return StudentLossTerms(
+        ce_sum=ce_sum,
+        kd_sum=kd_sum,
+        valid_count=valid.sum().to(dtype),
+        kd_weight_sum=weights.sum(),
+        selected_count=selected.to(dtype).sum(),
+        confidence_sum=torch.where(valid, confidence, 0.0).sum(),
+        flags=(
+            out_of_range.any().to(dtype),
+            bad_rows(student).any().to(dtype),
+            bad_rows(teacher).any().to(dtype),
+            infinite_any.to(dtype),
+        ),
+        out_of_range=out_of_range,
+        infinite=infinite,
+    )
+
+
+def stats_dict(
+    total: Any, ce: Any, kd: Any, coverage: Any, avg_confidence: Any, alpha: float
+) -> dict[str, Any]:
+    """The ``stats`` dict of the student losses, keys in :data:`STUDENT_LOSS_STATS` order."""
+    return {
+        "total_loss": total,
+        "ce_loss": ce,
+        "kd_loss": kd,
+        "kd_weight": alpha,
+        "ce_weight": 1.0 - alpha,
+        "coverage": coverage,
+        "avg_confidence": avg_confidence,
+    }
+
+
+def kd_mean(kd_sum: torch.Tensor, kd_weight_sum: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``sum w m l / sum w m`` (an exact 0 that still backpropagates when no weight)."""
+    if alpha == 0:
+        return kd_sum  # the zero tensor of the warmup
+    return kd_sum / kd_weight_sum.clamp_min(torch.finfo(kd_sum.dtype).tiny)
+
+
+def combine(ce: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 - alpha) * ce + alpha * kd``, skipping the unused term at alpha 0 and 1."""
+    if alpha == 0:
+        return ce
+    if alpha == 1:
+        return kd
+    return (1.0 - alpha) * ce + alpha * kd
+
+
+def raise_for_flags(
+    flags: Sequence[float], terms: StudentLossTerms, inputs: StudentLossInputs
+) -> None:
+    """Raise the error named by the first non-zero flag of ``terms.flags`` (host values)."""
+    student_logits, teacher_logits, targets = inputs[:3]
+    if flags[0]:
+        num_classes = student_logits.shape[-1]
+        raise_out_of_range_targets(targets, terms.out_of_range, num_classes, inputs.ignore_index)
+    if flags[1]:
+        raise_bad_rows("student_logits", student_logits)
+    if flags[2]:
+        raise_bad_rows("teacher_logits", teacher_logits)
+    if flags[3] and terms.infinite is not None:
+        raise_infinite_kd(terms.infinite, inputs.config.loss_type)
+
+
+def student_loss(
+    inputs: StudentLossInputs,
+    alpha: float,
+    *,
+    tensor_stats: bool,
+    chunk_elements: int | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``compute_student_loss`` on validated ``inputs``, with ``alpha`` already scheduled."""
+    terms = student_loss_terms(inputs, alpha, chunk_elements=chunk_elements)
+    count = terms.valid_count.clamp_min(1)
+    ce = terms.ce_sum / count
+    kd = kd_mean(terms.kd_sum, terms.kd_weight_sum, alpha)
+    coverage = terms.selected_count / count
+    avg_confidence = terms.confidence_sum / count
+    total = combine(ce, kd, alpha).to(result_dtype(inputs.student_logits, inputs.teacher_logits))
+    if tensor_stats:
+        return total, stats_dict(
+            total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, alpha
+        )
+
+    values = torch.stack(
+        [total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, *terms.flags]
+    ).tolist()  # the one device-to-host transfer: stats and value checks together
+    raise_for_flags(values[5:], terms, inputs)
+    raise_infinite_ce(values[1], alpha)
+    return total, stats_dict(*values[:5], alpha)
