@@ -273,7 +273,7 @@ def test_fusion_at_load_and_dump(tmp_path):
         {"a": a, "b": b},
         items,
         tmp_path,
-        fused={"ens": {"teachers": ["a", "b"], "strategy": "prob_mean"}},
+        ensembles={"ens": {"teachers": ["a", "b"], "strategy": "prob_mean"}},
         progress=False,
     )
     la, lb = expected(a, items), expected(b, items)
@@ -307,7 +307,7 @@ def test_fusion_at_load_and_dump(tmp_path):
     torch.testing.assert_close(
         load_cached_logits(keys, index), fuse_teacher_logits([la, lb], "prob_mean")
     )
-    # adding samples recomputes the fused teacher
+    # adding samples recomputes the ensemble teacher
     more = make_items(4, start=16)
     index = dump_teacher_logits({"a": a, "b": b}, items + more, tmp_path, progress=False)
     torch.testing.assert_close(
@@ -316,22 +316,43 @@ def test_fusion_at_load_and_dump(tmp_path):
     )
 
 
-def test_fused_unknown_member_refused_before_running(tmp_path):
+def test_ensemble_unknown_member_refused_before_running(tmp_path):
     teacher = Counting(make_teacher(0))
-    with pytest.raises(ValueError, match=r"fused\['ens'\] uses \['b'\]"):
+    with pytest.raises(ValueError, match=r"ensembles\['ens'\] uses \['b'\]"):
         dump_teacher_logits(
-            {"a": teacher}, make_items(4), tmp_path, fused={"ens": {"teachers": ["a", "b"]}}
+            {"a": teacher}, make_items(4), tmp_path, ensembles={"ens": {"teachers": ["a", "b"]}}
         )
     assert teacher.rows == 0
 
 
-def test_fused_class_mismatch(tmp_path):
+def test_fused_is_a_deprecated_alias_of_ensembles(tmp_path):
+    items = make_items(6)
+    a, b = make_teacher(0), make_teacher(1)
+    spec = {"ens": {"teachers": ["a", "b"], "strategy": "prob_mean"}}
+    new = dump_teacher_logits(
+        {"a": a, "b": b}, items, tmp_path / "new", ensembles=spec, progress=False
+    )
+    with pytest.warns(DeprecationWarning, match=r"fused=.*deprecated; pass ensembles="):
+        old = dump_teacher_logits(
+            {"a": a, "b": b}, items, tmp_path / "old", fused=spec, progress=False
+        )
+    assert old.teachers == new.teachers == ("a", "b", "ens")
+    for name in ("manifest.json", new.manifest["teachers"]["ens"]["file"]):
+        assert (tmp_path / "old" / name).read_bytes() == (tmp_path / "new" / name).read_bytes()
+    with pytest.raises(TypeError, match="ensembles= only"):
+        dump_teacher_logits(
+            {"a": a, "b": b}, items, tmp_path / "both", ensembles=spec, fused=spec, progress=False
+        )
+    assert not (tmp_path / "both").exists()
+
+
+def test_ensemble_class_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"teacher 'a' has 5 classes but 'b' has 7"):
         dump_teacher_logits(
             {"a": make_teacher(0, 5), "b": make_teacher(1, 7)},
             make_items(4),
             tmp_path,
-            fused={"ens": {"teachers": ["a", "b"]}},
+            ensembles={"ens": {"teachers": ["a", "b"]}},
             progress=False,
         )
 
