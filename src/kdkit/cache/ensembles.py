@@ -34,17 +34,32 @@ def write_ensembles(
     files: dict[str, Any],
 ) -> None:
     """Add to ``teachers_meta`` every ensemble: the cached ones and ``ensembles`` (new or
-    redefined), rewritten where their definition or members changed."""
-    defs = {
-        name: dict(t["fused"])
-        for name, t in old_manifest.get("teachers", {}).items()
-        if t.get("fused")
-    }
+    redefined), rewritten where their definition, members or samples changed."""
+    old_teachers = old_manifest.get("teachers", {})
+    defs = {name: dict(t["fused"]) for name, t in old_teachers.items() if t.get("fused")}
     defs.update(ensembles)
     for name, spec in sorted(defs.items()):
-        teachers_meta[name] = _write_ensemble(
-            root, name, spec, teachers_meta, old_manifest, n, generation, dtype, files
-        )
+        members = spec["teachers"]
+        c = _check_members(name, members, teachers_meta)
+        blob = [spec, [teachers_meta[m]["fingerprint"] for m in members], n]
+        text = json.dumps(blob, sort_keys=True)
+        fingerprint = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+        previous = old_teachers.get(name)
+        if previous is not None and previous["fingerprint"] == fingerprint:
+            files[previous["file"]] = old_manifest["files"][previous["file"]]
+            teachers_meta[name] = previous
+            continue
+        fname = f"logits-{name}-g{generation}.bin"
+        sources = [root / teachers_meta[m]["file"] for m in members]
+        _fuse_into(root / fname, name, sources, spec, (n, c), dtype)
+        files[fname] = file_entry(root, fname)
+        teachers_meta[name] = {
+            "file": fname,
+            "num_classes": c,
+            "dtype": dtype,
+            "fingerprint": fingerprint,
+            "fused": spec,
+        }
 
 
 def _check_members(name: str, members: list[str], teachers_meta: dict[str, Any]) -> int:
@@ -67,33 +82,19 @@ def _check_members(name: str, members: list[str], teachers_meta: dict[str, Any])
     return classes[first]
 
 
-def _write_ensemble(
-    root: Path,
+def _fuse_into(
+    path: Path,
     name: str,
+    sources: list[Path],
     spec: dict[str, Any],
-    teachers_meta: dict[str, Any],
-    old_manifest: dict[str, Any],
-    n: int,
-    generation: int,
+    shape: tuple[int, int],
     dtype: str,
-    files: dict[str, Any],
-) -> dict[str, Any]:
-    members = spec["teachers"]
-    c = _check_members(name, members, teachers_meta)
-    blob = json.dumps([spec, [teachers_meta[m]["fingerprint"] for m in members], n], sort_keys=True)
-    fingerprint = "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
-    previous = old_manifest.get("teachers", {}).get(name)
-    if previous is not None and previous["fingerprint"] == fingerprint:
-        files[previous["file"]] = old_manifest["files"][previous["file"]]
-        return previous
-    fname = f"logits-{name}-g{generation}.bin"
+) -> None:
+    """Write the ensemble ``name``'s ``shape`` logits fused from ``sources`` to ``path``."""
     np_dtype = DTYPES[dtype]
-    srcs = [
-        np.memmap(root / teachers_meta[m]["file"], dtype=np_dtype, mode="r", shape=(n, c))
-        for m in members
-    ]
-    mm = np.memmap(root / fname, dtype=np_dtype, mode="w+", shape=(n, c))
-    for start in range(0, n, BLOCK_ROWS):
+    srcs = [np.memmap(src, dtype=np_dtype, mode="r", shape=shape) for src in sources]
+    mm = np.memmap(path, dtype=np_dtype, mode="w+", shape=shape)
+    for start in range(0, shape[0], BLOCK_ROWS):
         parts = [
             torch.from_numpy(np.array(s[start : start + BLOCK_ROWS], dtype=np.float32))
             for s in srcs
@@ -103,15 +104,7 @@ def _write_ensemble(
         mm[start : start + BLOCK_ROWS] = y.numpy().astype(np_dtype)
     mm.flush()
     del mm, srcs
-    fsync_file(root / fname)
-    files[fname] = file_entry(root, fname)
-    return {
-        "file": fname,
-        "num_classes": c,
-        "dtype": dtype,
-        "fingerprint": fingerprint,
-        "fused": spec,
-    }
+    fsync_file(path)
 
 
 def resolve_default(
