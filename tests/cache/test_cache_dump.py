@@ -2,6 +2,7 @@
 
 import json
 import posixpath
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,12 @@ def test_fused_is_a_deprecated_alias_of_ensembles(tmp_path):
             {"a": a, "b": b}, items, tmp_path / "both", ensembles=spec, fused=spec, progress=False
         )
     assert not (tmp_path / "both").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused=None (what the CLI passes without --fused) is silent
+        index = dump_teacher_logits(
+            {"a": a, "b": b}, items, tmp_path / "new", fused=None, progress=False
+        )
+    assert index.teachers == ("a", "b", "ens")
 
 
 def test_ensemble_class_mismatch(tmp_path):

@@ -25,7 +25,6 @@ from kdkit._progress import optional_tqdm
 from kdkit._validation import check_choice
 from kdkit.cache._format import DTYPES, MANIFEST
 from kdkit.cache.dump_checks import (
-    _UNSET,
     check_against_cache,
     check_default_fusion,
     check_ensembles,
@@ -73,8 +72,8 @@ def dump_teacher_logits(
     num_workers: int = 0,
     dtype: str = "float32",
     device: str | torch.device = "cpu",
-    ensembles: Mapping[str, Mapping[str, Any]] | None = _UNSET,
-    fused: Mapping[str, Mapping[str, Any]] | None = _UNSET,
+    ensembles: Mapping[str, Mapping[str, Any]] | None = None,
+    fused: Mapping[str, Mapping[str, Any]] | None = None,
     default_fusion: str | Mapping[str, Any] | None = None,
     progress: bool = True,
     checkpoint_rows: int = 65536,

@@ -15,14 +15,15 @@ from kdkit.cache._format import FLOAT16_MAX, check_teacher_name, normalize_key, 
 from kdkit.cache.index import CacheIndex
 from kdkit.fusion import FUSION_STRATEGIES, _check_weights
 
-_UNSET: Any = object()
-
 
 def pick_ensembles(ensembles: object, fused: object) -> object:
-    """``ensembles``, or the deprecated ``fused`` alias (a ``DeprecationWarning``)."""
-    if fused is _UNSET:
-        return None if ensembles is _UNSET else ensembles
-    if ensembles is not _UNSET:
+    """``ensembles``, or the deprecated ``fused`` alias (a ``DeprecationWarning``).
+
+    ``None`` means "not given" for both (so passing ``fused=None`` stays silent).
+    """
+    if fused is None:
+        return ensembles
+    if ensembles is not None:
         raise TypeError("pass ensembles= only: fused= is its deprecated alias, not both")
     warnings.warn(
         "dump_teacher_logits(fused=...) is deprecated; pass ensembles=... (same value)",
