@@ -30,6 +30,9 @@ from kdkit.cache._format import (
     write_keys_text,
 )
 
+_CALLER = 5
+"""Warnings name the caller of dump_teacher_logits (Journal <- CacheWriter <- write <- dump)."""
+
 
 def _base_generation(state: dict[str, Any]) -> int:
     config = state.get("config")
@@ -64,12 +67,12 @@ class Journal:
                     warnings.warn(
                         f"discarding the unfinished dump in {root}: its journal or chunk files "
                         f"are damaged ({e})",
-                        stacklevel=3,
+                        stacklevel=_CALLER,
                     )
             elif state == "unreadable":
                 warnings.warn(
                     f"discarding the unfinished dump in {root}: {JOURNAL} is not readable JSON",
-                    stacklevel=3,
+                    stacklevel=_CALLER,
                 )
             elif isinstance(state, dict) and _base_generation(state) < config["base_generation"]:
                 # Left by a dump onto an older generation: normally a dump that committed
@@ -78,13 +81,13 @@ class Journal:
                     f"removing the leftovers of a dump in {root} made on generation "
                     f"{_base_generation(state)} of the cache, now at generation "
                     f"{config['base_generation']}",
-                    stacklevel=3,
+                    stacklevel=_CALLER,
                 )
             elif state is not None:
                 warnings.warn(
                     f"discarding the unfinished dump in {root}: it was made with other teachers, "
                     "weights, dtype or base cache",
-                    stacklevel=3,
+                    stacklevel=_CALLER,
                 )
         if not self.chunks and root.exists():
             shutil.rmtree(root)
