@@ -6,6 +6,7 @@ The loss API of the specification is importable from here and from
     from kdkit import kd_loss, compute_student_loss, KDLossConfig
 """
 
+from kdkit._version import __version__
 from kdkit.cache import (
     TeacherLogitsDataset,
     dump_teacher_logits,
@@ -26,8 +27,6 @@ from kdkit.losses.modules import KDLoss, StudentLoss
 
 # Training (kdkit.train: torch only; tqdm, safetensors and friends load when used).
 from kdkit.train import TrainConfig, TrainResult, train_student, train_teacher
-
-__version__ = "0.1.0"
 
 __all__ = [
     "KDLoss",

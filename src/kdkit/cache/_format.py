@@ -1,4 +1,4 @@
-"""On-disk format of the teacher-logit cache: names, key rules, hashing, atomic writes.
+"""On-disk format of the teacher-logit cache: names, key rules, hashing, durable writes.
 
 Described for users in ``docs/cache-format.md``.  Nothing here ever unpickles: data files
 are raw little-endian arrays, keys are UTF-8 text, metadata is JSON.
@@ -6,19 +6,19 @@ are raw little-endian arrays, keys are UTF-8 text, metadata is JSON.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import posixpath
 import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kdkit._io import READ_BLOCK, atomic_write, blake2b_hex, file_blocks, fsync_dir
 from kdkit.fusion import FUSION_STRATEGIES, _check_weights
 
 FORMAT_NAME = "kdkit-teacher-logits"
@@ -38,9 +38,12 @@ KEY_NORMALIZATION = {
 _TEACHER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _HEX128 = re.compile(r"^[0-9a-f]{128}$")
-_READ_BLOCK = 1 << 22
 MAX_MANIFEST_BYTES = 16 << 20
 """A manifest is a few hundred bytes per teacher; larger files are refused unread."""
+FENCE = 16
+"""Entries of the sorted key index per fence post (see :func:`lookup_hashes`)."""
+BLOCK_ROWS = 1 << 16
+"""Rows copied (or fused) at a time when a dump merges into new files."""
 MAX_ROWS = 2**40
 MAX_CLASSES = 2**31
 
@@ -119,45 +122,75 @@ def shown(items: Sequence[object], limit: int = 5) -> str:
 
 def file_checksum(path: Path) -> str:
     """Streamed BLAKE2b (64-byte digest) of a file, hex."""
-    h = hashlib.blake2b()
-    with open(path, "rb") as f:
-        while block := f.read(_READ_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+    return blake2b_hex(file_blocks(path))
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that renames inside it are durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def file_entry(root: Path, name: str) -> dict[str, Any]:
+    """The manifest's ``files`` entry of ``root / name``: its size and checksum."""
+    path = root / name
+    return {"bytes": path.stat().st_size, CHECKSUM: file_checksum(path)}
 
 
-def write_bytes_durably(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write ``chunks`` to ``path`` via a temporary file, fsync, then ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+def lookup_hashes(index: np.ndarray, hashes: np.ndarray, fence: np.ndarray) -> np.ndarray:
+    """Look up key hashes ``uint64 [B, 2]`` in a sorted hash index; the values found.
+
+    ``index`` is ``uint64 [3, N]``: high words (sorted), low words (sorted within equal
+    high words), and the value of each entry (a row number); ``fence`` is ``index[0][::FENCE]``.
+    Returns ``int64 [B]``: the value of each hash, ``-1`` where absent.
+    """
+    n = index.shape[1]
+    out = np.full(len(hashes), -1, dtype=np.int64)
+    if n == 0 or len(hashes) == 0:
+        return out
+    high = index[0]
+    # The fence narrows each search to one window of FENCE sorted entries, read at once:
+    # far fewer cache/TLB misses than a binary search over the whole memory map.
+    query = hashes[:, 0]
+    start = np.maximum(np.searchsorted(fence, query, side="left") - 1, 0) * FENCE
+    window = np.minimum(start[:, None] + np.arange(FENCE), n - 1)
+    below = (high[window] < query[:, None]).sum(axis=1)
+    pos = np.minimum(start + below, n - 1)  # leftmost entry >= query (if any)
+    hit = (high[pos] == hashes[:, 0]) & (index[1][pos] == hashes[:, 1])
+    out[hit] = index[2][pos[hit]].astype(np.int64)
+    # Rare: another key shares the high word; compare the low word among all of them.
+    shared = ~hit & (high[pos] == hashes[:, 0])
+    for i in np.nonzero(shared)[0]:
+        stop = int(np.searchsorted(high, hashes[i, 0], side="right"))
+        lows = np.asarray(index[1][pos[i] : stop])
+        match = np.nonzero(lows == hashes[i, 1])[0]
+        if match.size:
+            out[i] = int(index[2][pos[i] + match[0]])
+    return out
+
+
+def sorted_hash_index(hashes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``uint64 [3, N]`` index of :func:`lookup_hashes` for ``hashes`` and their ``values``."""
+    order = np.lexsort((hashes[:, 1], hashes[:, 0]))
+    return np.stack([hashes[order, 0], hashes[order, 1], values[order]]).astype("<u8")
+
+
+def _write_chunks(chunks: Iterable[bytes]) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+
+    return write
+
+
+def write_bytes_durably(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``path`` atomically (:func:`kdkit._io.atomic_write`).
+
+    An ``OSError`` (a full disk) keeps its errno and says that committed files are intact.
+    """
+    try:
+        atomic_write(path, _write_chunks(chunks))
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise OSError(
             e.errno,
             f"{e.strerror or e}: could not write {path} (files already committed are intact; "
             "free the space and run the dump again to resume)",
         ) from e
-    os.replace(tmp, path)
 
 
 def write_json_durably(path: Path, obj: Any) -> None:
@@ -396,7 +429,6 @@ def file_sizes(manifest: dict[str, Any]) -> dict[str, int]:
 
 def checksum_of(raw: np.ndarray) -> str:
     """Streamed BLAKE2b (64-byte digest, hex) of a mapped file."""
-    h = hashlib.blake2b()
-    for start in range(0, raw.shape[0], _READ_BLOCK):
-        h.update(memoryview(raw[start : start + _READ_BLOCK]))
-    return h.hexdigest()
+    return blake2b_hex(
+        memoryview(raw[start : start + READ_BLOCK]) for start in range(0, raw.shape[0], READ_BLOCK)
+    )

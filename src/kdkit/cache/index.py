@@ -20,11 +20,13 @@ import torch
 from kdkit.cache._format import (
     CHECKSUM,
     DTYPES,
+    FENCE,
     CacheError,
     MissingFileError,
     checksum_of,
     file_sizes,
     hash_keys,
+    lookup_hashes,
     map_file,
     normalize_key,
     read_keys_text,
@@ -35,7 +37,6 @@ from kdkit.fusion import FUSION_STRATEGIES, fuse_teacher_logits
 
 __all__ = ["CacheIndex", "load_cache_index", "load_cached_logits", "verify_cache"]
 
-_FENCE = 16
 _OPEN_ATTEMPTS = 3
 
 
@@ -156,29 +157,9 @@ class CacheIndex:
     def _rows_of_hashes(self, hashes: np.ndarray) -> np.ndarray:
         index = self._key_index()
         n = index.shape[1]
-        out = np.full(len(hashes), -1, dtype=np.int64)
-        if n == 0 or len(hashes) == 0:
-            return out
-        high = index[0]
-        if self._fence is None:  # every _FENCE-th high word, in RAM: N/2 bytes
-            self._fence = np.ascontiguousarray(high[::_FENCE])
-        # The fence narrows each search to one window of _FENCE sorted entries, read at once:
-        # far fewer cache/TLB misses than a binary search over the whole memory map.
-        query = hashes[:, 0]
-        start = np.maximum(np.searchsorted(self._fence, query, side="left") - 1, 0) * _FENCE
-        window = np.minimum(start[:, None] + np.arange(_FENCE), n - 1)
-        below = (high[window] < query[:, None]).sum(axis=1)
-        pos = np.minimum(start + below, n - 1)  # leftmost entry >= query (if any)
-        hit = (high[pos] == hashes[:, 0]) & (index[1][pos] == hashes[:, 1])
-        out[hit] = index[2][pos[hit]].astype(np.int64)
-        # Rare: another key shares the high word; compare the low word among all of them.
-        shared = ~hit & (high[pos] == hashes[:, 0])
-        for i in np.nonzero(shared)[0]:
-            stop = int(np.searchsorted(high, hashes[i, 0], side="right"))
-            lows = np.asarray(index[1][pos[i] : stop])
-            match = np.nonzero(lows == hashes[i, 1])[0]
-            if match.size:
-                out[i] = int(index[2][pos[i] + match[0]])
+        if self._fence is None:  # every FENCE-th high word, in RAM: N/2 bytes
+            self._fence = np.ascontiguousarray(index[0][::FENCE])
+        out = lookup_hashes(index, hashes, self._fence)
         if (out >= n).any():
             raise CacheError(
                 f"cache file {self.manifest['keys']['index']!r} in {self.path} points at rows "

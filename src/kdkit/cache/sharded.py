@@ -4,11 +4,11 @@ Design (the simplest that is correct): the data is cut into the same batches as 
 single-process dump; batch ``i`` is computed by rank ``i % world_size``.  Batches travel
 to rank 0 in rounds of ``world_size`` with :func:`torch.distributed.gather_object` (each
 carries its normalised keys and the ``[B, C]`` float32 logits of every teacher, never the
-inputs), and rank 0 feeds them, in the original batch order, through the ordinary
-single-writer path of :func:`~kdkit.cache.dump.dump_teacher_logits` (journal, duplicate
-checks, merge, one manifest commit).  The cache is therefore identical to a
-single-process dump: same keys, same order, same values.  At most one round of logits is
-held on rank 0.
+inputs), and rank 0 feeds them, in the original batch order, to the one cache writer
+(:func:`kdkit.cache.producers.gathered_records` into
+:class:`~kdkit.cache.writer.CacheWriter`: journal, duplicate checks, merge, one manifest
+commit).  The cache is therefore identical to a single-process dump: same keys, same
+order, same values.  At most one round of logits is held on rank 0.
 
 Every rank takes part in every round, so an error on any rank (a bad teacher output, a
 duplicate key found by rank 0, a failed commit) is reported on every rank instead of
@@ -20,33 +20,25 @@ knows which are cached).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from kdkit.cache.dump import PRECOMPUTED_FIELD, _batch_keys, _check_teachers
+from kdkit._modes import eval_mode
+from kdkit.cache.dump_checks import batch_input, batch_keys, check_teacher_output
+from kdkit.cache.index import CacheIndex, load_cache_index
 
-_KEYS, _INPUT = "__kdkit_keys__", "__kdkit_input__"
+Gathered = tuple[list[str], dict[str, torch.Tensor]]
+"""One batch computed on some rank: its normalised keys and ``{teacher: [B, C] logits}``."""
 
 
-class _Gathered(IterableDataset):
-    """Rank 0: the batches of every rank, in batch order, as dump batches."""
-
-    def __init__(self, rounds: Iterator[list[Any]]) -> None:
-        self.rounds = rounds
-
-    def __iter__(self):
-        for payloads in self.rounds:
-            for payload in payloads:
-                if payload is None:
-                    continue
-                if isinstance(payload, str):  # an error on another rank
-                    raise ValueError(payload)
-                keys, logits = payload
-                yield {_KEYS: keys, _INPUT: torch.empty(len(keys), 0), PRECOMPUTED_FIELD: logits}
+def is_distributed() -> bool:
+    """True under torchrun with a world size > 1."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _own_batches(data: Any, batch_size: int, num_workers: int, rank: int, world: int):
@@ -69,78 +61,75 @@ def _compute(
     models: dict[str, torch.nn.Module],
     input_key: str,
     key_field: str,
-    key_fn: Callable[[Any], Sequence[object]] | None,
+    key_fn: Callable[[Any], Any] | None,
     device: torch.device,
-) -> tuple[list[str], dict[str, torch.Tensor]] | str:
+) -> Gathered | str:
     """Keys and logits of one batch, or an error message."""
     try:
-        keys = _batch_keys(batch, key_field, key_fn)
+        keys = batch_keys(batch, key_field, key_fn)
         if not isinstance(batch, Mapping) or input_key not in batch:
             raise KeyError(f"each batch must be a dict with the teacher input in {input_key!r}")
-        x = batch[input_key].to(device)
-        logits = {}
-        for name, model in models.items():
-            y = model(x)
-            if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != len(keys):
-                shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-                raise ValueError(
-                    f"teacher {name!r} must return logits [B, C] with B = {len(keys)}, got {shape}"
-                )
-            logits[name] = y.detach().to("cpu", torch.float32)
-        return keys, logits
+        x = batch_input(batch, input_key).to(device)
+        return keys, {n: check_teacher_output(n, m(x), len(keys)) for n, m in models.items()}
     except Exception as exc:  # reported by rank 0 on every rank
         return f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}"
 
 
-def is_sharded_call(data: Any) -> bool:
-    """True under torchrun (world size > 1), except for rank 0's own gathered batches."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    return not (isinstance(data, DataLoader) and isinstance(data.dataset, _Gathered))
-
-
-def dump_sharded(dump: Callable[..., Any], teachers: Any, data: Any, cache_dir: Any, **kwargs):
-    """Run ``dump`` (:func:`~kdkit.cache.dump.dump_teacher_logits`) sharded over the ranks."""
-    from kdkit.cache import load_cache_index
-
+def _rounds(
+    models: dict[str, torch.nn.Module], count: int, batches: Iterator[Any], compute: Callable
+) -> Iterator[list[Any]]:
+    """Gather one batch per rank per round (every rank calls gather_object alike)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    models = _check_teachers(teachers)
-    device = torch.device(kwargs.get("device", "cpu"))
-    count, batches = _own_batches(
-        data, kwargs.get("batch_size", 256), kwargs.get("num_workers", 0), rank, world
-    )
-    args = (kwargs.get("input_key", "features"), kwargs.get("key_field", "path"))
-    key_fn = kwargs.get("key_fn")
+    with eval_mode(*models.values()), torch.no_grad():
+        for start in range(0, count, world):
+            mine = None
+            for i, batch in batches:
+                if batch is not None:
+                    mine = compute(batch)
+                if i == min(start + world, count) - 1:
+                    break
+            received = [None] * world if rank == 0 else None
+            dist.gather_object(mine, received, dst=0)
+            if rank == 0:
+                yield received  # type: ignore[misc]
 
-    def rounds() -> Iterator[list[Any]]:
-        """Gather one batch per rank per round (every rank calls gather_object alike)."""
-        modes = {m: m.training for model in models.values() for m in model.modules()}
-        for model in models.values():
-            model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, count, world):
-                    mine = None
-                    for i, batch in batches:
-                        if batch is not None:
-                            mine = _compute(batch, models, args[0], args[1], key_fn, device)
-                        if i == min(start + world, count) - 1:
-                            break
-                    received = [None] * world if rank == 0 else None
-                    dist.gather_object(mine, received, dst=0)
-                    if rank == 0:
-                        yield received  # type: ignore[misc]
-        finally:
-            for module, mode in modes.items():
-                module.train(mode)
+
+def _in_order(rounds: Iterable[list[Any]]) -> Iterator[Gathered]:
+    """Rank 0: the batches of every rank, in batch order (an error on a rank raised)."""
+    for payloads in rounds:
+        for payload in payloads:
+            if payload is None:
+                continue
+            if isinstance(payload, str):  # an error on another rank
+                raise ValueError(payload)
+            yield payload
+
+
+def dump_sharded(
+    models: dict[str, torch.nn.Module],
+    data: Any,
+    cache_dir: str | os.PathLike[str],
+    write: Callable[[Iterable[Gathered]], Any],
+    *,
+    input_key: str,
+    key_field: str,
+    key_fn: Callable[[Any], Any] | None,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> CacheIndex:
+    """Compute on every rank; rank 0 passes the gathered batches to ``write`` (which commits)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    count, batches = _own_batches(data, batch_size, num_workers, rank, world)
+
+    def compute(batch: Any) -> Gathered | str:
+        return _compute(batch, models, input_key, key_field, key_fn, device)
 
     status: list[Any] = [None]
     if rank == 0:
-        generator = rounds()
+        generator = _rounds(models, count, batches, compute)
         try:
-            loader = DataLoader(_Gathered(generator), batch_size=None)
-            single = {**kwargs, "key_field": _KEYS, "key_fn": None, "input_key": _INPUT}
-            dump(teachers, loader, cache_dir, **single)
+            write(_in_order(generator))
         except BaseException as exc:
             status[0] = f"{type(exc).__name__}: {exc}"
             for _ in generator:  # finish the rounds, so no rank waits in gather_object
@@ -148,7 +137,7 @@ def dump_sharded(dump: Callable[..., Any], teachers: Any, data: Any, cache_dir: 
             dist.broadcast_object_list(status, src=0)
             raise
     else:
-        for _ in rounds():
+        for _ in _rounds(models, count, batches, compute):
             pass
     dist.broadcast_object_list(status, src=0)
     if status[0] is not None:

@@ -8,7 +8,7 @@ A checkpoint ``NAME`` in ``DIR/checkpoints/`` is
   with :func:`torch.save` from tensors and plain containers only and read back with
   ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
 
-Files are written to a temporary name, fsynced and renamed, so a crash never leaves a
+Files are written to a temporary name, fsynced and renamed (:func:`kdkit._io.atomic_write`), so a crash never leaves a
 half-written file under the final name, and a failed write (a full disk) removes its
 temporary file.  ``last_state.pt`` is written last and is the **single commit point of a
 resume**: it also holds the model's weights and the run's history, so ``--resume`` reads
@@ -20,15 +20,15 @@ resume overwrites).
 from __future__ import annotations
 
 import json
-import os
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from kdkit._io import atomic_write
 
 __all__ = [
     "capture_rng_state",
@@ -51,43 +51,16 @@ def _safetensors():
     return safetensors.torch
 
 
-def _replace(tmp: Path, final: Path) -> Path:
-    os.replace(tmp, final)
-    return final
-
-
-def _write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """``write`` a temporary file next to ``final``, fsync it and rename it over ``final``.
-
-    On any failure the temporary file is removed and the previous ``final`` is left as
-    it was; the exception propagates (an ``OSError`` such as ENOSPC keeps its errno).
-    """
-    tmp = final.with_name(f".{final.name}.tmp")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return _replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_weights(model: nn.Module, directory: str | Path, name: str, meta: dict[str, Any]) -> Path:
     """Write ``name.safetensors`` (weights) and ``name.json`` (``meta``); return the weights path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = _write_atomically(
+    weights = atomic_write(
         directory / f"{name}.safetensors",
         lambda tmp: _safetensors().save_model(model, str(tmp)),
     )
     text = json.dumps(meta, indent=2) + "\n"
-    _write_atomically(
-        directory / f"{name}.json", lambda tmp: tmp.write_text(text, encoding="utf-8")
-    )
+    atomic_write(directory / f"{name}.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return weights
 
 
@@ -145,7 +118,7 @@ def save_training_state(directory: str | Path, name: str, state: dict[str, Any])
     """Write ``name_state.pt`` (tensors and plain containers only), atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    return _write_atomically(directory / f"{name}_state.pt", lambda tmp: torch.save(state, tmp))
+    return atomic_write(directory / f"{name}_state.pt", lambda tmp: torch.save(state, tmp))
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:

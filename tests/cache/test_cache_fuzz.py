@@ -65,7 +65,7 @@ def template(tmp_path_factory):
         root,
         progress=False,
         dtype="float16",
-        fused={"ens": {"teachers": ["a", "b"], "strategy": "weighted_mean", "weights": [1, 3]}},
+        ensembles={"ens": {"teachers": ["a", "b"], "strategy": "weighted_mean", "weights": [1, 3]}},
         default_fusion="ens",
     )
     return root

@@ -423,7 +423,12 @@ def test_symlink_inside_the_cache_is_allowed(template, tmp_path):
     (d / DATA).unlink()
     (d / DATA).symlink_to(d / "moved.bin")
     (tmp_path / "link").symlink_to(d)
-    verify_cache(tmp_path / "link")
+    index = verify_cache(tmp_path / "link")
+    assert index.keys() == KEYS
+    want = load_cached_logits(KEYS, load_cache_index(template), teacher="a")
+    got = load_cached_logits(KEYS, index, teacher="a")
+    assert torch.equal(got, want) and bool(got.abs().sum() > 0)  # the linked file's numbers
+    assert not _every_entry_point(tmp_path / "link"), "a link inside the cache was refused"
 
 
 def test_manifest_read_is_capped(template, tmp_path, monkeypatch):

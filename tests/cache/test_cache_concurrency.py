@@ -99,7 +99,7 @@ def test_readers_see_old_or_new_never_a_mix(tmp_path):
     d = tmp_path / "cache"
     dump_step(d, 0)
     path = os.pathsep.join(
-        [str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")]
+        [str(TESTS.parent.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")]
     )
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(d)],

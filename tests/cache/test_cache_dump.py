@@ -1,91 +1,28 @@
-"""Tests of the teacher-logit cache (kdkit.cache): format, dump, resume, load, verify, CLI."""
+"""Tests of dump_teacher_logits: round trips, keys, resume, adding samples/teachers, ensembles, refusals."""
 
-import argparse
 import json
-import pickle
 import posixpath
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cache_testing import FEATURES, Counting, Failing, expected, make_items, make_teacher, paths
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from kdkit import fuse_teacher_logits
 from kdkit.cache import (
-    CacheError,
     CacheIndex,
-    TeacherLogitsDataset,
     dump_teacher_logits,
     load_cache_index,
     load_cached_logits,
     normalize_key,
     verify_cache,
 )
-from kdkit.cache.cli import add_subcommands
-
-FEATURES = 6
-
-
-def make_items(n, start=0, classes=None):
-    gen = torch.Generator().manual_seed(1234)
-    feats = torch.randn(start + n, FEATURES, generator=gen)
-    return [
-        {"features": feats[i], "label": i % 3, "domain": i % 2, "path": f"clips/{i:05d}.wav"}
-        for i in range(start, start + n)
-    ]
-
-
-def make_teacher(seed, classes=5):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(FEATURES, 8), nn.Dropout(0.5), nn.Linear(8, classes))
-
-
-def expected(teacher, items):
-    was = teacher.training
-    teacher.eval()
-    with torch.no_grad():
-        out = teacher(torch.stack([it["features"] for it in items]))
-    teacher.train(was)
-    return out
-
-
-class Counting(nn.Module):
-    """Wraps a teacher and counts the rows it was run on."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.rows = 0
-
-    def forward(self, x):
-        self.rows += x.shape[0]
-        return self.inner(x)
-
-
-class Failing(Dataset):
-    """Raises at ``fail_at`` while ``armed`` (a simulated interruption)."""
-
-    def __init__(self, items, fail_at):
-        self.items, self.fail_at, self.armed = items, fail_at, True
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        if self.armed and i == self.fail_at:
-            raise RuntimeError("simulated interruption")
-        return self.items[i]
-
-
-def paths(items):
-    return [it["path"] for it in items]
-
-
-# -- round trips ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("float16", 2e-3)])
@@ -184,9 +121,6 @@ def test_dataloader_input_and_key_fn(tmp_path):
     assert index.keys()[0] == "id-clips/00000.wav"
 
 
-# -- resume, adding samples and teachers ---------------------------------------------------
-
-
 def test_resume_after_interruption(tmp_path):
     items = make_items(30)
     data = Failing(items, fail_at=17)
@@ -263,9 +197,6 @@ def test_adding_teachers(tmp_path):
         dump_teacher_logits({"a": a}, make_items(3, start=20), tmp_path, progress=False)
 
 
-# -- fusion at dump and load time ----------------------------------------------------------
-
-
 def test_fusion_at_load_and_dump(tmp_path):
     items = make_items(16)
     a, b = make_teacher(0), make_teacher(1)
@@ -273,7 +204,7 @@ def test_fusion_at_load_and_dump(tmp_path):
         {"a": a, "b": b},
         items,
         tmp_path,
-        fused={"ens": {"teachers": ["a", "b"], "strategy": "prob_mean"}},
+        ensembles={"ens": {"teachers": ["a", "b"], "strategy": "prob_mean"}},
         progress=False,
     )
     la, lb = expected(a, items), expected(b, items)
@@ -307,7 +238,7 @@ def test_fusion_at_load_and_dump(tmp_path):
     torch.testing.assert_close(
         load_cached_logits(keys, index), fuse_teacher_logits([la, lb], "prob_mean")
     )
-    # adding samples recomputes the fused teacher
+    # adding samples recomputes the ensemble teacher
     more = make_items(4, start=16)
     index = dump_teacher_logits({"a": a, "b": b}, items + more, tmp_path, progress=False)
     torch.testing.assert_close(
@@ -316,27 +247,51 @@ def test_fusion_at_load_and_dump(tmp_path):
     )
 
 
-def test_fused_unknown_member_refused_before_running(tmp_path):
+def test_ensemble_unknown_member_refused_before_running(tmp_path):
     teacher = Counting(make_teacher(0))
-    with pytest.raises(ValueError, match=r"fused\['ens'\] uses \['b'\]"):
+    with pytest.raises(ValueError, match=r"ensembles\['ens'\] uses \['b'\]"):
         dump_teacher_logits(
-            {"a": teacher}, make_items(4), tmp_path, fused={"ens": {"teachers": ["a", "b"]}}
+            {"a": teacher}, make_items(4), tmp_path, ensembles={"ens": {"teachers": ["a", "b"]}}
         )
     assert teacher.rows == 0
 
 
-def test_fused_class_mismatch(tmp_path):
+def test_fused_is_a_deprecated_alias_of_ensembles(tmp_path):
+    items = make_items(6)
+    a, b = make_teacher(0), make_teacher(1)
+    spec = {"ens": {"teachers": ["a", "b"], "strategy": "prob_mean"}}
+    new = dump_teacher_logits(
+        {"a": a, "b": b}, items, tmp_path / "new", ensembles=spec, progress=False
+    )
+    with pytest.warns(DeprecationWarning, match=r"fused=.*deprecated; pass ensembles="):
+        old = dump_teacher_logits(
+            {"a": a, "b": b}, items, tmp_path / "old", fused=spec, progress=False
+        )
+    assert old.teachers == new.teachers == ("a", "b", "ens")
+    for name in ("manifest.json", new.manifest["teachers"]["ens"]["file"]):
+        assert (tmp_path / "old" / name).read_bytes() == (tmp_path / "new" / name).read_bytes()
+    with pytest.raises(TypeError, match="ensembles= only"):
+        dump_teacher_logits(
+            {"a": a, "b": b}, items, tmp_path / "both", ensembles=spec, fused=spec, progress=False
+        )
+    assert not (tmp_path / "both").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused=None (what the CLI passes without --fused) is silent
+        index = dump_teacher_logits(
+            {"a": a, "b": b}, items, tmp_path / "new", fused=None, progress=False
+        )
+    assert index.teachers == ("a", "b", "ens")
+
+
+def test_ensemble_class_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"teacher 'a' has 5 classes but 'b' has 7"):
         dump_teacher_logits(
             {"a": make_teacher(0, 5), "b": make_teacher(1, 7)},
             make_items(4),
             tmp_path,
-            fused={"ens": {"teachers": ["a", "b"]}},
+            ensembles={"ens": {"teachers": ["a", "b"]}},
             progress=False,
         )
-
-
-# -- refusals -------------------------------------------------------------------------------
 
 
 class Constant(nn.Module):
@@ -395,14 +350,6 @@ def test_refuses_changed_teacher_and_dtype(tmp_path):
         dump_teacher_logits({"../evil": make_teacher(0)}, items, tmp_path / "x")
 
 
-def test_missing_keys_error(tmp_path):
-    index = dump_teacher_logits(make_teacher(0), make_items(5), tmp_path, progress=False)
-    with pytest.raises(KeyError, match=r"2 of 3 keys are not in the cache.*'a.wav', 'b.wav'"):
-        load_cached_logits(["a.wav", "clips/00001.wav", "b.wav"], index)
-    with pytest.raises(CacheError, match=r"manifest\.json is missing"):
-        load_cache_index(tmp_path / "nowhere")
-
-
 def test_training_mode_restored(tmp_path):
     teacher = make_teacher(0)
     teacher.train()
@@ -415,187 +362,14 @@ def test_training_mode_restored(tmp_path):
     assert teacher.training and teacher[0].training and not teacher[1].training
 
 
-# -- DataLoader workers and pickling -------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("workers", "context"), [(0, None), (2, "fork"), (2, "spawn")], ids=["main", "fork", "spawn"]
-)
-def test_dataset_wrapper_with_workers(tmp_path_factory, workers, context):
-    root = tmp_path_factory.mktemp("cache")
-    items = make_items(23)
-    a, b = make_teacher(0), make_teacher(1)
-    dump_teacher_logits({"a": a, "b": b}, items, root, progress=False)
-    ds = TeacherLogitsDataset(items, root, ["a", "b"], fusion="mean")
-    loader = DataLoader(ds, batch_size=5, num_workers=workers, multiprocessing_context=context)
-    batches = list(loader)
-    got = torch.cat([bt["teacher_logits"] for bt in batches])
-    want = (expected(a, items) + expected(b, items)) / 2
-    torch.testing.assert_close(got, want)
-    assert [p for bt in batches for p in bt["path"]] == paths(items)
-    assert torch.cat([bt["label"] for bt in batches]).tolist() == [it["label"] for it in items]
-
-
-class KeysOnly(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"path": f"k{i}"}
-
-
-def test_pickles_small_whatever_the_cache_size(tmp_path):
-    n = 60_000
-    feats = torch.zeros(n, FEATURES)
-    big = [{"features": feats[i], "path": f"k{i}"} for i in range(n)]
-    index = dump_teacher_logits(
-        nn.Linear(FEATURES, 40), big, tmp_path, batch_size=4096, progress=False
-    )
-    assert sum(p.stat().st_size for p in tmp_path.iterdir() if p.is_file()) > 9_000_000
-    ds = TeacherLogitsDataset(KeysOnly(n), index)
-    ds[5]  # opens the memory maps
-    assert len(pickle.dumps(ds)) < 1_000_000
-    assert len(pickle.dumps(index)) < 10_000
-    clone = pickle.loads(pickle.dumps(ds))
-    torch.testing.assert_close(clone[n - 1]["teacher_logits"], ds[n - 1]["teacher_logits"])
-
-
-# -- verification, corruption and no code execution ----------------------------------------
-
-
-def _dumped(tmp_path):
-    index = dump_teacher_logits({"a": make_teacher(0)}, make_items(12), tmp_path, progress=False)
-    return index, index.manifest["teachers"]["a"]["file"]
-
-
-def test_verify_detects_altered_and_truncated_files(tmp_path):
-    index, fname = _dumped(tmp_path)
-    verify_cache(tmp_path)
-    index.verify()
-    path = tmp_path / fname
-    data = bytearray(path.read_bytes())
-    data[7] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match=rf"{fname!r}.*does not match its blake2b checksum"):
-        verify_cache(tmp_path)
-    path.write_bytes(bytes(data[:-4]))
-    with pytest.raises(CacheError, match=rf"{fname!r}.*has 236 bytes, expected 240"):
-        load_cache_index(tmp_path)
-    keys_file = tmp_path / index.manifest["keys"]["file"]
-    keys_file.unlink()
-    with pytest.raises(CacheError, match=rf"{keys_file.name!r} is missing"):
-        verify_cache(tmp_path)
-    assert issubclass(CacheError, ValueError)
-
-
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def test_pickle_payload_is_never_executed(tmp_path):
-    index, fname = _dumped(tmp_path)
-    marker = tmp_path.parent / f"{tmp_path.name}-PWNED"
-    payload = pickle.dumps(_Payload(str(marker)))
-    size = (tmp_path / fname).stat().st_size
-    assert len(payload) < size
-    (tmp_path / fname).write_bytes(payload.ljust(size, b"\0"))  # right size: loads proceed
-    index = load_cache_index(tmp_path)
-    out = load_cached_logits(paths(make_items(12)), index)  # raw numbers, nothing executed
-    assert out.shape == (12, 5)
-    with pytest.raises(CacheError, match=fname):
-        verify_cache(tmp_path)
-    (tmp_path / index.manifest["keys"]["index"]).write_bytes(payload)
-    with pytest.raises(CacheError):
-        verify_cache(tmp_path)
-    (tmp_path / "manifest.json").write_bytes(payload)
-    with pytest.raises(CacheError, match="not valid UTF-8 JSON"):
-        load_cache_index(tmp_path)
-    assert not marker.exists()
-
-
-# -- command line ---------------------------------------------------------------------------
-
-
-def _run_cli(argv):
-    parser = argparse.ArgumentParser(prog="kdkit")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-def test_cli_info_and_verify(tmp_path, capsys):
-    _, fname = _dumped(tmp_path)
-    assert _run_cli(["cache", "info", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "samples:     12" in out and "a: 5 classes, float32" in out
-    assert _run_cli(["cache", "verify", str(tmp_path)]) == 0
-    assert "OK: 12 samples" in capsys.readouterr().out
-    with open(tmp_path / fname, "r+b") as f:
-        f.write(b"\x01\x02")
-    assert _run_cli(["cache", "verify", str(tmp_path)]) == 1
-    assert fname in capsys.readouterr().err
-    assert _run_cli(["cache", "info", str(tmp_path / "missing")]) == 1
-
-
-def test_no_pickle_or_unsafe_loading_in_the_package():
-    root = Path(__file__).resolve().parents[1] / "src" / "kdkit" / "cache"
-    text = "\n".join(p.read_text() for p in root.glob("*.py"))
-    assert "import pickle" not in text and "allow_pickle=True" not in text
-    assert "torch.load(" not in text
-
-
-def test_lookup_when_keys_share_the_high_hash_word():
-    index = CacheIndex("/nonexistent", {"num_samples": 4, "teachers": {}, "keys": {}})
-    # columns: (high word sorted, low word, row)
-    index._index = np.array([[1, 5, 5, 9], [7, 2, 8, 1], [3, 0, 2, 1]], dtype=np.uint64)
-    queries = np.array([[5, 8], [5, 2], [5, 3], [9, 1], [1, 7], [0, 0], [10, 1]], dtype=np.uint64)
-    assert index._rows_of_hashes(queries).tolist() == [2, 0, -1, 1, 3, -1, -1]
-
-
 def test_readme_cache_example_runs(capsys):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Teacher-logit cache", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "README.md", "exec"), {})
     assert "torch.Size([32, 4])" in capsys.readouterr().out
 
 
-def test_manifest_cannot_point_outside_the_cache(tmp_path):
-    _dumped(tmp_path)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    entry = manifest["files"].pop(manifest["teachers"]["a"]["file"])
-    manifest["teachers"]["a"]["file"] = "../outside.bin"
-    manifest["files"]["../outside.bin"] = entry
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match=r"invalid data file '\.\./outside\.bin'"):
-        load_cache_index(tmp_path)
-
-
 def test_teacher_on_another_device_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"teacher 'teacher' is on cpu but device='meta'"):
         dump_teacher_logits(make_teacher(0), make_items(2), tmp_path, device="meta")
-
-
-@given(
-    st.lists(
-        st.tuples(st.integers(0, 40), st.integers(0, 3)), min_size=1, max_size=80, unique=True
-    ),
-    st.lists(st.tuples(st.integers(0, 41), st.integers(0, 4)), min_size=1, max_size=30),
-)
-def test_index_search_matches_brute_force(entries, queries):
-    # Small ranges force runs of equal high words across the fence windows.
-    entries = sorted(entries)
-    index = CacheIndex("/nonexistent", {"num_samples": len(entries), "teachers": {}, "keys": {}})
-    rows = np.random.default_rng(0).permutation(len(entries))
-    index._index = np.array(
-        [[h for h, _ in entries], [lo for _, lo in entries], rows.tolist()], dtype=np.uint64
-    )
-    want = [next((int(rows[i]) for i, e in enumerate(entries) if e == q), -1) for q in queries]
-    assert index._rows_of_hashes(np.array(queries, dtype=np.uint64)).tolist() == want

@@ -1,0 +1,365 @@
+"""The single writer of a cache: takes a stream of teacher-output records, commits once.
+
+A producer (the local batch loop or the sharded gather, :mod:`kdkit.cache.producers`)
+asks :meth:`CacheWriter.plan` which rows of a batch still need logits, and hands the
+writer a :class:`LogitsRecord` with those logits; :meth:`CacheWriter.consume` journals
+them in chunks (:mod:`kdkit.cache.journal`), and :meth:`CacheWriter.commit` merges the
+chunks and the old cache into new, generation-numbered contiguous files and atomically
+replaces ``manifest.json`` last (the commit marker of the cache).  Files of older
+generations are deleted only after that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdkit._io import fsync_file
+from kdkit._version import __version__
+from kdkit.cache._format import (
+    BLOCK_ROWS,
+    CHECKSUM,
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    KEY_HASH,
+    KEY_NORMALIZATION,
+    MANIFEST,
+    PARTIAL_DIR,
+    file_entry,
+    fsync_dir,
+    hash_keys,
+    shown,
+    sorted_hash_index,
+    write_bytes_durably,
+    write_json_durably,
+)
+from kdkit.cache.dump_checks import check_logit_values
+from kdkit.cache.ensembles import resolve_default, write_ensembles
+from kdkit.cache.index import CacheIndex, load_cache_index
+from kdkit.cache.journal import Journal
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the writer still needs of one batch (from :meth:`CacheWriter.plan`).
+
+    ``keys`` are the batch's keys to store, at ``positions`` of the batch; ``old_rows``
+    their rows in the old cache (``-1``: a new sample); ``teacher_rows[t]`` the positions
+    in ``keys`` whose logits teacher ``t`` must supply (teachers with none are absent).
+    """
+
+    keys: list[str]
+    positions: np.ndarray
+    old_rows: np.ndarray
+    teacher_rows: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class LogitsRecord:
+    """Dense teacher outputs for a :class:`Plan`: ``logits[t]`` is ``[len(plan.teacher_rows[t]), C]``.
+
+    Open to other record kinds (e.g. sparse top-k logits) as further fields or classes.
+    """
+
+    plan: Plan
+    logits: dict[str, torch.Tensor]
+
+    @property
+    def keys(self) -> list[str]:
+        return self.plan.keys
+
+
+def _final_rows(chunk_old: list[np.ndarray], n_old: int) -> list[np.ndarray]:
+    """The row in the new cache of every chunk row (new samples appended in order)."""
+    final_rows, next_new = [], n_old
+    for rows in chunk_old:
+        dest = rows.astype(np.int64).copy()
+        fresh = dest < 0
+        dest[fresh] = np.arange(next_new, next_new + int(fresh.sum()))
+        next_new += int(fresh.sum())
+        final_rows.append(dest)
+    return final_rows
+
+
+def _raise_duplicates(keys: list[str], hashes: np.ndarray) -> None:
+    _, first, counts = np.unique(hashes, axis=0, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = sorted({keys[i] for i, c in zip(first, counts) if c > 1})
+        raise ValueError(f"duplicate sample keys in data: {shown(dup)}")
+
+
+class CacheWriter:
+    """Writes the logits of ``fingerprints``' teachers into the cache at ``root``.
+
+    ``old`` is the committed cache there (or ``None``); the arguments are already checked
+    (:mod:`kdkit.cache.dump_checks`).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        old: CacheIndex | None,
+        fingerprints: dict[str, str],
+        *,
+        dtype: str,
+        checkpoint_rows: int,
+        ensembles: dict[str, dict[str, Any]],
+        default: dict[str, Any] | str | None,
+    ) -> None:
+        self.root, self.old, self.fingerprints, self.dtype = root, old, fingerprints, dtype
+        self.ensembles, self.default = ensembles, default
+        old_teachers: dict[str, Any] = old.manifest["teachers"] if old else {}
+        self.new_teachers = [n for n in fingerprints if n not in old_teachers]
+        self.unrequested = sorted(
+            n for n, t in old_teachers.items() if not t.get("fused") and n not in fingerprints
+        )
+        config = {
+            "base_generation": old.manifest.get("generation", 0) if old else 0,
+            "base_num_samples": old.num_samples if old else 0,
+            "dtype": dtype,
+            "teachers": {n: fingerprints[n] for n in sorted(fingerprints)},
+        }
+        self.journal = Journal(root / PARTIAL_DIR, config, checkpoint_rows)
+        self.old_hit = np.zeros(old.num_samples if old else 0, dtype=bool)
+        for name, info in old_teachers.items():
+            if name in fingerprints:
+                self.journal.num_classes.setdefault(name, int(info["num_classes"]))
+
+    # -- the stream ------------------------------------------------------------------------
+    def plan(self, keys: list[str]) -> Plan | None:
+        """The rows of a batch with ``keys`` still to compute (``None``: none).
+
+        Marks the keys as seen: duplicates within the batch, or with keys seen before in
+        this run or an interrupted one, raise ``ValueError``.
+        """
+        if not keys:
+            return None
+        hashes = hash_keys(keys)
+        _raise_duplicates(keys, hashes)
+        old, journal = self.old, self.journal
+        n = len(keys)
+        old_rows = old._rows_of_hashes(hashes) if old else np.full(n, -1, dtype=np.int64)
+        prior = journal.prior_positions(hashes)
+        in_old, in_prior = old_rows >= 0, prior >= 0
+        seen_again = np.zeros(n, dtype=bool)
+        seen_again[in_old] = self.old_hit[old_rows[in_old]]
+        seen_again[in_prior] |= journal.prior_hit[prior[in_prior]]
+        if seen_again.any():
+            dup = [k for k, s in zip(keys, seen_again) if s]
+            raise ValueError(f"duplicate sample keys in data: {shown(dup)}")
+        self.old_hit[old_rows[in_old]] = True
+        journal.prior_hit[prior[in_prior]] = True
+        need = ~in_prior & (~in_old | bool(self.new_teachers))
+        if not need.any():
+            return None
+        new_rows = need & ~in_old
+        if new_rows.any() and self.unrequested:
+            raise ValueError(
+                f"data has samples that are not cached yet (e.g. {keys[int(np.argmax(new_rows))]!r}) "
+                f"but cached teacher(s) {self.unrequested!r} were not passed: pass every cached "
+                "teacher to add samples"
+            )
+        positions = np.nonzero(need)[0]
+        every, fresh = np.arange(len(positions)), np.nonzero(new_rows[positions])[0]
+        teacher_rows = {
+            name: every if name in self.new_teachers else fresh
+            for name in self.fingerprints
+            if name in self.new_teachers or len(fresh)
+        }
+        return Plan([keys[i] for i in positions], positions, old_rows[positions], teacher_rows)
+
+    def add(self, record: LogitsRecord) -> None:
+        """Journal one record (class counts and values checked)."""
+        plan, out = record.plan, {}
+        for name, y in record.logits.items():
+            expected = self.journal.num_classes.setdefault(name, int(y.shape[1]))
+            if y.shape[1] != expected:
+                raise ValueError(
+                    f"teacher {name!r} returned {y.shape[1]} classes, but {expected} were stored "
+                    "for it before"
+                )
+            check_logit_values(name, [plan.keys[i] for i in plan.teacher_rows[name]], y, self.dtype)
+            out[name] = y.numpy().astype(DTYPES[self.dtype])
+        self.journal.add(plan.keys, plan.old_rows, out)
+
+    def consume(self, records: Iterable[LogitsRecord]) -> None:
+        """Journal every record; on an interruption keep the rows computed before it."""
+        try:
+            for record in records:
+                self.add(record)
+            self.journal.flush()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.journal.flush()
+            raise
+
+    # -- the commit ------------------------------------------------------------------------
+    def commit(self) -> CacheIndex:
+        """Merge the journal's chunks and the old cache into new files; manifest last."""
+        old, journal, root = self.old, self.journal, self.root
+        if old is not None and self.new_teachers and not self.old_hit.all():
+            missing = [k for k, hit in zip(old.keys(), self.old_hit) if not hit]
+            raise ValueError(
+                f"new teacher(s) {self.new_teachers!r} must see every cached sample, but "
+                f"{len(missing)} cached key(s) were not in data: {shown(missing)}"
+            )
+        chunk_keys = [journal.chunk_keys(c) for c in journal.chunks]
+        chunk_old = [journal.chunk_old_rows(c) for c in journal.chunks]
+        new_keys = [k for ks, rows in zip(chunk_keys, chunk_old) for k, r in zip(ks, rows) if r < 0]
+        new_hashes = hash_keys(new_keys)
+        if len(new_keys) > 1:
+            _raise_duplicates(new_keys, new_hashes)
+        if old is None and not new_keys:
+            raise ValueError("data yielded no samples: nothing to cache")
+        n_old = old.num_samples if old else 0
+        n = n_old + len(new_keys)
+        generation = (old.manifest.get("generation", 0) if old else 0) + 1
+        old_manifest = old.manifest if old else {}
+        files: dict[str, Any] = {}
+        keys_info = self._write_keys(generation, new_keys, new_hashes, files)
+        teachers_meta = self._write_teachers(
+            generation, n, bool(new_keys), _final_rows(chunk_old, n_old), chunk_old, files
+        )
+        write_ensembles(
+            root, self.ensembles, teachers_meta, old_manifest, n, generation, self.dtype, files
+        )
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "kdkit_version": __version__,
+            "generation": generation,
+            "num_samples": n,
+            "key_normalization": KEY_NORMALIZATION,
+            "keys": keys_info,
+            "teachers": teachers_meta,
+            "default_fusion": resolve_default(self.default, teachers_meta, old_manifest),
+            "files": files,
+            "checksum": CHECKSUM,
+            "byte_order": "little",
+        }
+        write_json_durably(root / MANIFEST, manifest)
+        _cleanup(root, files)
+        return load_cache_index(root)
+
+    def _write_keys(
+        self, generation: int, new_keys: list[str], new_hashes: np.ndarray, files: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write the keys file and the sorted key index (unless no key is new)."""
+        old, root = self.old, self.root
+        old_manifest = old.manifest if old else {}
+        if old is not None and not new_keys:
+            keys_info = dict(old_manifest["keys"])
+        else:
+            keys_info = {
+                "file": f"keys-g{generation}.txt",
+                "index": f"keys-index-g{generation}.bin",
+                "hash": KEY_HASH,
+            }
+            old_bytes = (root / old_manifest["keys"]["file"]).read_bytes() if old else b""
+            write_bytes_durably(
+                root / keys_info["file"],
+                [old_bytes, "".join(k + "\n" for k in new_keys).encode("utf-8")],
+            )
+            n_old = old.num_samples if old else 0
+            rows = np.arange(n_old, n_old + len(new_keys), dtype=np.uint64)
+            hashes, values = new_hashes, rows
+            if old is not None:
+                old_index = np.asarray(old._key_index())
+                hashes = np.concatenate([old_index[:2].T, new_hashes])
+                values = np.concatenate([old_index[2], rows])
+            index = sorted_hash_index(hashes, values)
+            write_bytes_durably(root / keys_info["index"], [index.tobytes()])
+        for name in (keys_info["file"], keys_info["index"]):
+            files[name] = (
+                old_manifest["files"][name]
+                if old and name in old_manifest["files"]
+                else file_entry(root, name)
+            )
+        return keys_info
+
+    def _write_teachers(
+        self,
+        generation: int,
+        n: int,
+        any_new: bool,
+        final_rows: list[np.ndarray],
+        chunk_old: list[np.ndarray],
+        files: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The manifest entries of the (non-ensemble) teachers; new files written."""
+        old_manifest = self.old.manifest if self.old else {}
+        old_teachers = old_manifest.get("teachers", {})
+        teachers_meta: dict[str, Any] = {}
+        for name, info in sorted(old_teachers.items()):
+            if not info.get("fused") and name not in self.fingerprints:
+                teachers_meta[name] = info  # kept as is (no new samples: checked during the run)
+                files[info["file"]] = old_manifest["files"][info["file"]]
+        for name in sorted(self.fingerprints):
+            c = self.journal.num_classes.get(name)
+            if c is None:  # a new teacher on a run without data cannot happen (checked above)
+                raise ValueError(f"teacher {name!r} saw no samples")
+            info = old_teachers.get(name)
+            if info is not None and not any_new:
+                teachers_meta[name] = info
+                files[info["file"]] = old_manifest["files"][info["file"]]
+                continue
+            fname = f"logits-{name}-g{generation}.bin"
+            self._merge_logits(name, fname, n, c, info is not None, final_rows, chunk_old)
+            teachers_meta[name] = {
+                "file": fname,
+                "num_classes": c,
+                "dtype": self.dtype,
+                "fingerprint": self.fingerprints[name],
+                "fused": None,
+            }
+            files[fname] = file_entry(self.root, fname)
+        return teachers_meta
+
+    def _merge_logits(
+        self,
+        name: str,
+        fname: str,
+        n: int,
+        c: int,
+        cached: bool,
+        final_rows: list[np.ndarray],
+        chunk_old: list[np.ndarray],
+    ) -> None:
+        """Write ``[n, c]`` logits of ``name``: its old rows, then the journal's chunks."""
+        mm = np.memmap(self.root / fname, dtype=DTYPES[self.dtype], mode="w+", shape=(n, c))
+        n_old = self.old.num_samples if self.old else 0
+        if cached:
+            src = self.old._logits_map(name)  # type: ignore[union-attr]
+            for start in range(0, n_old, BLOCK_ROWS):
+                stop = min(start + BLOCK_ROWS, n_old)
+                mm[start:stop] = src[start:stop]
+        for chunk, dest, rows in zip(self.journal.chunks, final_rows, chunk_old):
+            arr = self.journal.chunk_logits(chunk, name)
+            if not arr.shape[0]:
+                continue
+            mm[dest if name in self.new_teachers else dest[rows < 0]] = arr
+        mm.flush()
+        del mm
+        fsync_file(self.root / fname)
+
+
+def _cleanup(root: Path, files: dict[str, Any]) -> None:
+    """Delete data files of older generations and the journal (after the manifest commit)."""
+    for path in root.iterdir():
+        if path.name in files or path.name == MANIFEST:
+            continue
+        is_ours = path.suffix in (".bin", ".txt", ".tmp") and (
+            path.name.startswith(("keys-", "logits-")) or path.name.endswith(".tmp")
+        )
+        if is_ours and path.is_file():
+            path.unlink()
+    shutil.rmtree(root / PARTIAL_DIR, ignore_errors=True)
+    fsync_dir(root)
