@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kdkit.distributed import compute_student_loss_distributed
+from kdkit.losses.distributed import compute_student_loss_distributed
 from kdkit.losses.kd import KDLossConfig, compute_student_loss
 
 N, C, D = 64, 10, 16

@@ -248,12 +248,6 @@ def test_check_fusion_weighted_mean():
         validation.check_fusion("median", None, names=("fusion", "fusion_weights"))
 
 
-def test_fusion_keeps_the_cache_alias():
-    from kdkit import fusion
-
-    assert fusion._check_weights is validation.check_fusion_weights
-
-
 # ---------------------------------------------------------------------------------------
 # TrainConfig: the fusion rule at construction (before: only at the first training step)
 # ---------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from kdkit.cache import (
     load_cache_index,
     load_cached_logits,
 )
-from kdkit.distributed import compute_student_loss_distributed
 from kdkit.domains import create_domain_mask
 from kdkit.fusion import fuse_teacher_logits
+from kdkit.losses.distributed import compute_student_loss_distributed
 from kdkit.losses.kd import (
     KDLossConfig,
     compute_confidence_weights,

@@ -329,7 +329,7 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
     _setup_logging()
-    from kdkit.distributed import init_from_env
+    from kdkit.train.torchrun import init_from_env
 
     env = init_from_env(args.device)  # under torchrun: a sharded dump, rank 0 writes
     try:
@@ -339,7 +339,7 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
             args.cache,
             batch_size=args.batch_size,
             device=env.device,
-            fused=fused,
+            ensembles=fused,
             progress=args.progress and sys.stderr.isatty() and env.is_main,
         )
     except Exception as exc:  # the cache's own errors (CacheError) included

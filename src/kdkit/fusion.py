@@ -29,15 +29,12 @@ from kdkit._validation import (
     FUSION_STRATEGIES,
     check_choice,
     check_fusion,
-    check_fusion_weights,
     check_logits,
     check_same_shape,
     compute_dtype,
 )
 
 __all__ = ["FUSION_STRATEGIES", "fuse_teacher_logits"]
-
-_check_weights = check_fusion_weights  # temporary alias for kdkit.cache, removed at merge
 
 
 def fuse_teacher_logits(

@@ -1,4 +1,4 @@
-"""Distributed distillation (kdkit.distributed): 2 CPU processes with gloo vs 1 process.
+"""Distributed distillation (kdkit.losses.distributed, kdkit.train.torchrun): 2 CPU processes with gloo vs 1 process.
 
 Every multi-process test bounds its own time (``_spawn``/``_torchrun`` kill the workers on
 a timeout) and leaves no process behind.
@@ -23,8 +23,9 @@ import torch.multiprocessing as mp
 from kdkit.cache import dump_teacher_logits
 from kdkit.cli import main
 from kdkit.data import ManifestRecord, write_manifest
-from kdkit.distributed import compute_student_loss_distributed, init_from_env
+from kdkit.losses.distributed import compute_student_loss_distributed
 from kdkit.losses.kd import STUDENT_LOSS_STATS, KDLossConfig, compute_student_loss
+from kdkit.train.torchrun import init_from_env
 
 SPAWN_TIMEOUT = 60.0
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from kdkit._io import READ_BLOCK, atomic_write, blake2b_hex, file_blocks, fsync_dir
-from kdkit.fusion import FUSION_STRATEGIES, _check_weights
+from kdkit._validation import FUSION_STRATEGIES, check_fusion_weights
 
 FORMAT_NAME = "kdkit-teacher-logits"
 FORMAT_VERSION = 1
@@ -349,7 +349,7 @@ def _is_fusion_spec(spec: object, teachers: dict[str, Any], *, allow_name: bool)
     if strategy != "weighted_mean":
         return weights is None
     try:
-        _check_weights(weights, len(members))
+        check_fusion_weights(weights, len(members))
     except (TypeError, ValueError, OverflowError):  # float(10**400) overflows
         return False
     return True

@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit._validation import check_choice
+from kdkit._validation import FUSION_STRATEGIES, check_choice, check_fusion_weights
 from kdkit.cache._format import FLOAT16_MAX, check_teacher_name, normalize_key, shown
 from kdkit.cache.index import CacheIndex
-from kdkit.fusion import FUSION_STRATEGIES, _check_weights
 
 
 def pick_ensembles(ensembles: object, fused: object) -> object:
@@ -81,7 +80,7 @@ def check_ensembles(ensembles: object, base: Sequence[str]) -> dict[str, dict[st
         )
         weights = spec.get("weights")
         if strategy == "weighted_mean":
-            weights = _check_weights(weights, len(members))
+            weights = check_fusion_weights(weights, len(members))
         elif weights is not None:
             raise ValueError(
                 f"ensembles[{name!r}] has weights but strategy {strategy!r} takes none"

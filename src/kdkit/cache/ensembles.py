@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from kdkit._io import fsync_file
-from kdkit._validation import check_choice
+from kdkit._validation import FUSION_STRATEGIES, check_choice, check_fusion_weights
 from kdkit.cache._format import BLOCK_ROWS, DTYPES, file_entry
 from kdkit.cache.dump_checks import check_logit_values
-from kdkit.fusion import FUSION_STRATEGIES, _check_weights, fuse_teacher_logits
+from kdkit.fusion import fuse_teacher_logits
 
 
 def write_ensembles(
@@ -134,5 +134,5 @@ def resolve_default(
     strategy = check_choice("default_fusion['strategy']", default["strategy"], FUSION_STRATEGIES)
     weights = default.get("weights")
     if strategy == "weighted_mean":
-        weights = _check_weights(weights, len(members))
+        weights = check_fusion_weights(weights, len(members))
     return {"strategy": strategy, "teachers": members, "weights": weights}

@@ -1,6 +1,6 @@
 """One training epoch: :func:`train_one_epoch` runs the steps and returns the epoch record.
 
-A step is CE + KD (:func:`~kdkit.distributed.compute_student_loss_distributed`, which is
+A step is CE + KD (:func:`~kdkit.losses.distributed.compute_student_loss_distributed`, which is
 exactly :func:`~kdkit.losses.kd.compute_student_loss` on one rank) when the run has a
 teacher, cross-entropy otherwise.
 """
@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kdkit.distributed import compute_student_loss_distributed
 from kdkit.domains import create_domain_mask
+from kdkit.losses.distributed import compute_student_loss_distributed
 from kdkit.train.logging import MetricsLogger, progress_bar
 from kdkit.train.setup import Run
 

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from kdkit._modes import eval_mode
+
 __all__ = ["evaluate"]
 
 
@@ -33,21 +35,19 @@ def evaluate(
     samples).  The model is put in eval mode and restored afterwards.
     """
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
-    was_training = model.training
-    model.eval()
     correct: dict[int, int] = {}
     count: dict[int, int] = {}
     loss_sum = 0.0
-    for batch in loader:
-        logits = model(batch["features"].to(device))
-        labels = torch.as_tensor(batch["label"]).to(device)
-        domains = torch.as_tensor(batch.get("domain", torch.zeros_like(labels))).tolist()
-        loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-        hits = (logits.argmax(dim=-1) == labels).tolist()
-        for d, hit in zip(domains, hits):
-            correct[d] = correct.get(d, 0) + int(hit)
-            count[d] = count.get(d, 0) + 1
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in loader:
+            logits = model(batch["features"].to(device))
+            labels = torch.as_tensor(batch["label"]).to(device)
+            domains = torch.as_tensor(batch.get("domain", torch.zeros_like(labels))).tolist()
+            loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+            hits = (logits.argmax(dim=-1) == labels).tolist()
+            for d, hit in zip(domains, hits):
+                correct[d] = correct.get(d, 0) + int(hit)
+                count[d] = count.get(d, 0) + 1
     return _domain_metrics(correct, count, loss_sum, set(source_domain))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdkit._extras import require
+from kdkit._progress import optional_tqdm
 
 __all__ = ["MetricsLogger", "progress_bar", "read_metrics", "write_epochs_csv"]
 
@@ -106,13 +107,13 @@ class MetricsLogger:
 
 def progress_bar(total: int, description: str, enabled: bool):
     """A tqdm bar when ``enabled``, tqdm is installed and stderr is a terminal, else ``None``."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ModuleNotFoundError:
-        return None
-    return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
+    return optional_tqdm(
+        enabled and sys.stderr.isatty(),
+        total=total,
+        desc=description,
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 def write_epochs_csv(path: str | Path, history: list[dict[str, Any]]) -> Path:

@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from kdkit.distributed import init_from_env
 from kdkit.train.checkpoints import capture_rng_state, save_training_state, save_weights
 from kdkit.train.config import TrainConfig
 from kdkit.train.epoch import train_one_epoch
 from kdkit.train.evaluation import evaluate
 from kdkit.train.logging import MetricsLogger, write_epochs_csv
 from kdkit.train.setup import Run, check_extras, setup_run
+from kdkit.train.torchrun import init_from_env
 
 __all__ = ["TrainResult", "evaluate", "train_student", "train_teacher"]
 
@@ -233,7 +233,7 @@ def train_student(
     group is initialised (gloo on CPU, NCCL with ``cuda:LOCAL_RANK``) and destroyed at
     the end, the model is wrapped in DistributedDataParallel, a DistributedSampler shards
     the data (``config.batch_size`` is per rank), the loss is
-    :func:`~kdkit.distributed.compute_student_loss_distributed` (globally normalised),
+    :func:`~kdkit.losses.distributed.compute_student_loss_distributed` (globally normalised),
     and rank 0 alone logs, evaluates and writes checkpoints of the unwrapped module
     (resumable on any number of ranks) while the others wait at a barrier.
 

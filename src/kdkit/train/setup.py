@@ -32,10 +32,10 @@ from kdkit._extras import require_installed
 from kdkit.cache import load_cache_index
 from kdkit.cache.index import CacheIndex, keys_to_rows, read_selection, resolve_selection
 from kdkit.data import ManifestDataset
-from kdkit.distributed import DistributedEnv
 from kdkit.models import build_model, load_factory, resolve_model_kwargs
 from kdkit.train.checkpoints import load_training_state, restore_rng_state
 from kdkit.train.config import TrainConfig
+from kdkit.train.torchrun import DistributedEnv
 
 __all__ = ["Run", "TeacherSource", "check_extras", "setup_run"]
 
