@@ -8,31 +8,42 @@
 * :func:`real_vocab_size` -- padded vocabularies and tokenizer checks;
 * :class:`CausalLMCollator`, :func:`load_lm_data` -- JSONL data (``input_ids`` or text).
 
-Importing this package without ``transformers`` raises ``ImportError`` naming the extra.
+The names load on first use (``kdkit.hf.cli`` builds its parser without ``transformers``);
+without ``transformers`` they raise ``ImportError`` naming the extra.
 """
 
-from kdkit._extras import require
+from __future__ import annotations
 
-require("transformers", "hf", "kdkit.hf")
+import importlib
+from typing import Any
 
-from kdkit.hf.data import CausalLMCollator, load_lm_data  # noqa: E402
-from kdkit.hf.layers import kept_layers, student_from_teacher  # noqa: E402
-from kdkit.hf.loss import LMLossTerms, finish_loss, lm_distillation_loss, shift_labels  # noqa: E402
-from kdkit.hf.trainer import LOG_KEYS, SCHEDULE_UNITS, DistillationTrainer  # noqa: E402
-from kdkit.hf.vocab import check_tokenizers, real_vocab_size  # noqa: E402
+_EXPORTS: dict[str, str] = {
+    "CausalLMCollator": "kdkit.hf.data",
+    "load_lm_data": "kdkit.hf.data",
+    "kept_layers": "kdkit.hf.layers",
+    "student_from_teacher": "kdkit.hf.layers",
+    "LMLossTerms": "kdkit.hf.loss",
+    "finish_loss": "kdkit.hf.loss",
+    "lm_distillation_loss": "kdkit.hf.loss",
+    "shift_labels": "kdkit.hf.loss",
+    "LMDistillConfig": "kdkit.hf.recipe",
+    "distill_lm": "kdkit.hf.recipe",
+    "LOG_KEYS": "kdkit.hf.trainer",
+    "SCHEDULE_UNITS": "kdkit.hf.trainer",
+    "DistillationTrainer": "kdkit.hf.trainer",
+    "check_tokenizers": "kdkit.hf.vocab",
+    "real_vocab_size": "kdkit.hf.vocab",
+}
 
-__all__ = [
-    "LOG_KEYS",
-    "SCHEDULE_UNITS",
-    "CausalLMCollator",
-    "DistillationTrainer",
-    "LMLossTerms",
-    "check_tokenizers",
-    "finish_loss",
-    "kept_layers",
-    "lm_distillation_loss",
-    "load_lm_data",
-    "real_vocab_size",
-    "shift_labels",
-    "student_from_teacher",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdkit.hf' has no attribute {name!r}")
+    from kdkit._extras import require
+
+    require("transformers", "hf", "kdkit.hf")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
