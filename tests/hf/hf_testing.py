@@ -58,3 +58,35 @@ def lm_samples(n: int = 8, vocab: int = VOCAB, seed: int = 0) -> list[dict]:
             labels[: length // 2] = [-100] * (length // 2)
         samples.append({"input_ids": ids, "labels": labels, "sample_id": str(i)})
     return samples
+
+
+def grad_grab():
+    """A TrainerCallback keeping the gradients of the first optimizer step (after sync)."""
+    from transformers import TrainerCallback
+
+    class GradGrab(TrainerCallback):
+        def __init__(self) -> None:
+            self.grads = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if self.grads is None:
+                self.grads = [p.grad.detach().clone() for p in model.parameters()]
+
+    return GradGrab()
+
+
+def reference_grads(config, make=None):
+    """Single forward over the 8 samples, kdkit's logits API on the shifted logits."""
+    from kdkit.hf import CausalLMCollator, shift_labels
+    from kdkit.losses.kd import compute_student_loss
+
+    make = tiny_llama if make is None else make
+    student, teacher = make(2, seed=2), make(3, seed=1)
+    batch = CausalLMCollator(0)(lm_samples(8))
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = shift_labels(batch["labels"], batch["attention_mask"])
+    loss, _ = compute_student_loss(logits[:, :-1], t[:, :-1], targets[:, :-1].clone(), config)
+    loss.backward()
+    return [p.grad.detach().clone() for p in student.parameters()]

@@ -9,22 +9,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_testing import VOCAB, lm_samples, tiny_gpt2, tiny_llama
-from transformers import TrainerCallback, TrainingArguments
+from hf_testing import VOCAB, grad_grab, lm_samples, reference_grads, tiny_gpt2, tiny_llama
+from transformers import TrainingArguments
 
-from kdkit.hf import LOG_KEYS, CausalLMCollator, DistillationTrainer, shift_labels
-from kdkit.losses.kd import KDLossConfig, compute_student_loss
-
-
-class GradGrab(TrainerCallback):
-    """Keeps the gradients of the first optimizer step (after accumulation and sync)."""
-
-    def __init__(self) -> None:
-        self.grads: list[torch.Tensor] | None = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = [p.grad.detach().clone() for p in model.parameters()]
+from kdkit.hf import LOG_KEYS, CausalLMCollator, DistillationTrainer
+from kdkit.losses.kd import KDLossConfig
 
 
 def _args(tmp_path, batch: int, accumulation: int = 1, **kwargs) -> TrainingArguments:
@@ -46,7 +35,7 @@ def _args(tmp_path, batch: int, accumulation: int = 1, **kwargs) -> TrainingArgu
 
 
 def _train(tmp_path, batch, accumulation, config, make=tiny_llama, **kwargs):
-    grab = GradGrab()
+    grab = grad_grab()
     trainer = DistillationTrainer(
         make(2, seed=2),
         _args(tmp_path, batch, accumulation),
@@ -61,19 +50,6 @@ def _train(tmp_path, batch, accumulation, config, make=tiny_llama, **kwargs):
     return trainer, grab.grads
 
 
-def _reference_grads(config, make=tiny_llama):
-    """Single forward over the 8 samples, kdkit's logits API on the shifted logits."""
-    student, teacher = make(2, seed=2), make(3, seed=1)
-    batch = CausalLMCollator(0)(lm_samples(8))
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    with torch.no_grad():
-        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = shift_labels(batch["labels"], batch["attention_mask"])
-    loss, _ = compute_student_loss(logits[:, :-1], t[:, :-1], targets[:, :-1].clone(), config)
-    loss.backward()
-    return [p.grad.detach().clone() for p in student.parameters()]
-
-
 @pytest.mark.parametrize(
     "config",
     [
@@ -83,7 +59,7 @@ def _reference_grads(config, make=tiny_llama):
     ids=["kldiv-none", "jsd-pmax"],
 )
 def test_same_gradient_for_8x1_4x2_2x4_and_the_global_batch(tmp_path, config, one_torch_thread):
-    reference = _reference_grads(config)
+    reference = reference_grads(config)
     for batch, accumulation in ((8, 1), (4, 2), (2, 4)):
         _, grads = _train(tmp_path / f"{batch}x{accumulation}", batch, accumulation, config)
         for got, want in zip(grads, reference):
