@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from kdkit.hf.loss import finish_loss, lm_distillation_loss, shift_labels
+from kdkit.hf.loss import lm_distillation_loss, shift_labels
 from kdkit.losses.kd import KDLossConfig, compute_student_loss
 
 B, L, H, V = 3, 7, 5, 11
@@ -51,9 +51,10 @@ def test_matches_compute_student_loss_on_shifted_logits(loss_type, weighting):
         kd_ramp_epochs=2,
     )
     hidden, head, teacher, labels, mask = _problem()
-    terms = lm_distillation_loss(hidden, head, teacher, labels, config, 2.0, attention_mask=mask)
+    loss, terms = lm_distillation_loss(
+        hidden, head, teacher, labels, config, 2.0, attention_mask=mask
+    )
     assert terms.alpha == pytest.approx(0.35)
-    loss = finish_loss(terms, terms.num_tokens, terms.kd_weight_sum)
     (grad,) = torch.autograd.grad(loss, hidden)
 
     # Reference: the model's logits, shifted by hand, through the public logits API.
@@ -72,12 +73,11 @@ def test_matches_compute_student_loss_on_shifted_logits(loss_type, weighting):
 def test_padded_vocabularies_are_cut_to_the_real_size():
     config = KDLossConfig(temperature=3.0, kd_alpha=0.5)
     hidden, head, teacher, labels, mask = _problem(pad_student=5, pad_teacher=9)
-    terms = lm_distillation_loss(
+    loss, _ = lm_distillation_loss(
         hidden, head, teacher, labels, config, attention_mask=mask, vocab_size=V
     )
     logits = head(hidden)[:, :-1, :V]
     ref, _ = compute_student_loss(logits, teacher[:, :-1, :V], labels[:, 1:].clone(), config)
-    loss = finish_loss(terms, terms.num_tokens, terms.kd_weight_sum)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -85,8 +85,7 @@ def test_hidden_may_be_logits_and_all_ignored_is_an_exact_zero():
     config = KDLossConfig(kd_alpha=0.5)
     logits = torch.randn(2, 4, V, requires_grad=True)
     labels = torch.full((2, 4), -100)
-    terms = lm_distillation_loss(logits, None, torch.randn(2, 4, V), labels, config)
-    loss = finish_loss(terms, terms.num_tokens, terms.kd_weight_sum)
+    loss, terms = lm_distillation_loss(logits, None, torch.randn(2, 4, V), labels, config)
     assert loss.item() == 0.0 and terms.num_tokens.item() == 0
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
@@ -100,3 +99,18 @@ def test_bad_input_is_named():
         lm_distillation_loss(hidden, head, teacher, labels, config)
     with pytest.raises(ValueError, match="same shape"):
         lm_distillation_loss(hidden, head, teacher[..., :-1], labels.clamp(max=0), config)
+
+
+def test_step_totals_make_micro_batch_losses_add_up():
+    """Two halves with the totals of the whole batch sum to the whole batch's loss."""
+    config = KDLossConfig(temperature=2.0, kd_alpha=0.6, kd_weighting="pmax")
+    hidden, head, teacher, labels, mask = _problem()
+    whole, stats = lm_distillation_loss(hidden, head, teacher, labels, config, attention_mask=mask)
+    totals = {"num_tokens": stats.num_tokens, "kd_weight_total": stats.kd_weight_sum}
+    parts = [
+        lm_distillation_loss(
+            hidden[s], head, teacher[s], labels[s], config, attention_mask=mask[s], **totals
+        )[0]
+        for s in (slice(0, 1), slice(1, 3))
+    ]
+    torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-12, atol=1e-12)

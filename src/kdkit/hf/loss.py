@@ -12,9 +12,8 @@ Conventions (``docs/decisions.md``, section "Language models"):
   ``labels[:, 1:]`` followed by one ``ignore_index`` column (:func:`shift_labels`), so the
   hidden states and teacher logits are used unshifted and uncopied.  Positions whose
   *target* has ``attention_mask == 0`` are ignored too.
-* **Sums, not means.** The function returns the sums and counts of one micro-batch
-  (:class:`LMLossTerms`); :func:`finish_loss` divides them by the number of real tokens
-  (and the KD weight sum) of the **whole optimizer step**, summed over gradient
+* **Normalised by the step, not the micro-batch.** The caller passes the number of real
+  tokens (and the KD weight sum) of the **whole optimizer step**, summed over gradient
   accumulation steps and ranks, so the gradient does not depend on how the global batch
   is split.
 * **Real vocabulary.** ``vocab_size`` cuts both models' outputs to the real vocabulary
@@ -40,11 +39,11 @@ from kdkit.losses.student_terms import (
     student_loss_terms,
 )
 
-__all__ = ["LMLossTerms", "finish_loss", "lm_distillation_loss", "shift_labels"]
+__all__ = ["LMLossStats", "lm_distillation_loss", "shift_labels"]
 
 
-class LMLossTerms(NamedTuple):
-    """Sums and counts of one micro-batch (0-d tensors; the sums carry the gradient)."""
+class LMLossStats(NamedTuple):
+    """Detached sums and counts of one micro-batch (0-d tensors), for logging."""
 
     ce_sum: torch.Tensor  # CE summed over the real target tokens
     kd_sum: torch.Tensor  # sum_i w_i l_i over the real target tokens (0 during warmup)
@@ -96,25 +95,30 @@ def lm_distillation_loss(
     config: KDLossConfig,
     progress: float = 0.0,
     *,
+    num_tokens: torch.Tensor | float | None = None,
+    kd_weight_total: torch.Tensor | float | None = None,
     attention_mask: torch.Tensor | None = None,
     vocab_size: int | None = None,
     ignore_index: int = -100,
-) -> LMLossTerms:
-    r"""CE and KD sums of one causal-LM micro-batch, with ``KDLossConfig`` semantics.
+) -> tuple[torch.Tensor, LMLossStats]:
+    r"""The causal-LM distillation loss of one micro-batch, with ``KDLossConfig`` semantics.
 
     With targets :math:`y = \mathrm{shift}(labels)` (:func:`shift_labels`), the real
     target tokens :math:`\mathcal{V} = \{i : y_i \ne \text{ignore\_index}\}`, per-token
     teacher-confidence weights :math:`w_i` and divergences :math:`\ell_i`
     (``config.loss_type`` at ``config.temperature``, times :math:`T^2`):
 
-    .. math:: S^{CE} = \sum_{i \in \mathcal{V}} -\log p_s(y_i), \quad
-              S^{KD} = \sum_{i \in \mathcal{V}} w_i \ell_i
+    .. math:: L = (1 - \alpha) \frac{1}{N} \sum_{i \in \mathcal{V}} -\log p_s(y_i)
+              + \alpha \frac{1}{W} \sum_{i \in \mathcal{V}} w_i \ell_i
 
-    and ``alpha`` is ``compute_kd_weight(progress, config.warmup_epochs,
+    with ``alpha = compute_kd_weight(progress, config.warmup_epochs,
     config.kd_ramp_epochs, config.kd_alpha)`` (``progress``: the fractional epoch, or the
-    optimizer step when the schedule counts steps).  :func:`finish_loss` turns the sums of
-    every micro-batch of a step into :math:`(1 - \alpha) \sum S^{CE} / N + \alpha \sum
-    S^{KD} / W`.
+    optimizer step when the schedule counts steps).  ``N`` (``num_tokens``) and ``W``
+    (``kd_weight_total``) default to this micro-batch's own counts -- then ``L`` is
+    :func:`~kdkit.losses.kd.compute_student_loss` on the shifted logits; the trainer
+    passes the totals of the whole optimizer step (all micro-batches and ranks), so the
+    micro-batches' losses sum to the global batch's.  ``N = 0`` gives an exact 0 that
+    still backpropagates.
 
     Args:
         student_hidden: The student's final hidden states ``[B, L, H]`` (after the final
@@ -125,6 +129,10 @@ def lm_distillation_loss(
         attention_mask: ``[B, L]``; padding targets are ignored.
         vocab_size: The real vocabulary size (outputs are cut to it); default: the
             student's output size, which must then equal the teacher's.
+
+    Returns:
+        ``(loss, stats)``: the loss (float32, or float64 for float64 inputs) and the
+        detached sums of :class:`LMLossStats`.
 
     Raises:
         ValueError, TypeError: as :func:`~kdkit.losses.kd.compute_student_loss` (shapes,
@@ -143,28 +151,19 @@ def lm_distillation_loss(
     flags = torch.stack([*terms.flags, terms.ce_sum.detach()]).tolist()  # one transfer
     raise_for_flags(flags[:4], terms, inputs)
     raise_infinite_ce(flags[4], alpha)
-    return LMLossTerms(
-        ce_sum=terms.ce_sum,
-        kd_sum=terms.kd_sum,
+    n = terms.valid_count if num_tokens is None else num_tokens
+    w = terms.kd_weight_sum if kd_weight_total is None else kd_weight_total
+    dtype = terms.ce_sum.dtype
+    n = torch.as_tensor(n, dtype=dtype, device=terms.ce_sum.device).clamp_min(1)
+    w = torch.as_tensor(w, dtype=dtype, device=terms.ce_sum.device)
+    loss = combine(terms.ce_sum / n, kd_mean(terms.kd_sum, w, alpha), alpha)
+    stats = LMLossStats(
+        ce_sum=terms.ce_sum.detach(),
+        kd_sum=terms.kd_sum.detach(),
         num_tokens=terms.valid_count,
         kd_weight_sum=terms.kd_weight_sum,
         selected=terms.selected_count,
         confidence_sum=terms.confidence_sum,
         alpha=alpha,
     )
-
-
-def finish_loss(
-    terms: LMLossTerms, num_tokens: torch.Tensor, kd_weight_total: torch.Tensor
-) -> torch.Tensor:
-    r"""``(1 - alpha) * ce_sum / N + alpha * kd_sum / W`` with the step's global counts.
-
-    ``num_tokens`` (:math:`N`) and ``kd_weight_total`` (:math:`W`) are summed over every
-    micro-batch of the optimizer step and every rank; summing this over the micro-batches
-    and ranks gives the loss of the global batch.  ``N = 0`` (nothing to predict) gives an
-    exact 0 that still backpropagates.
-    """
-    n = num_tokens.to(terms.ce_sum.dtype).clamp_min(1)
-    ce = terms.ce_sum / n
-    kd = kd_mean(terms.kd_sum, kd_weight_total.to(terms.ce_sum.dtype), terms.alpha)
-    return combine(ce, kd, terms.alpha)
+    return loss, stats

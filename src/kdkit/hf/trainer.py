@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kdkit._extras import require
-from kdkit.hf.loss import LMLossTerms, finish_loss, lm_distillation_loss, shift_labels
+from kdkit.hf.loss import LMLossStats, lm_distillation_loss, shift_labels
 from kdkit.hf.vocab import real_vocab_size
 from kdkit.losses.kd import KDLossConfig
 from kdkit.losses.student_terms import confidence_weights, teacher_confidence
@@ -233,19 +233,22 @@ class DistillationTrainer(transformers.Trainer):
             outputs = model(**inputs, **self._forward_kwargs(unwrapped))
         finally:
             handle.remove()
-        terms = lm_distillation_loss(
+        num_tokens, kd_weight_total = self._normalisers
+        loss, stats = lm_distillation_loss(
             capture.hidden,
             unwrapped.get_output_embeddings(),
             teacher_logits,
             labels,
             self.kd_config,
             self.kd_progress(),
+            num_tokens=num_tokens,
+            kd_weight_total=kd_weight_total,
             attention_mask=inputs.get("attention_mask"),
             vocab_size=self.vocab_size,
             ignore_index=self.ignore_index,
         )
-        self._record(terms)
-        loss = finish_loss(terms, *self._normalisers) * self.accelerator.num_processes
+        self._record(stats)
+        loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     @staticmethod
@@ -259,19 +262,19 @@ class DistillationTrainer(transformers.Trainer):
 
     # -- logging -----------------------------------------------------------------------
 
-    def _record(self, terms: LMLossTerms) -> None:
+    def _record(self, stats: LMLossStats) -> None:
         values = torch.stack(
             [
-                terms.ce_sum.detach(),
-                terms.kd_sum.detach(),
-                terms.num_tokens,
-                terms.kd_weight_sum,
-                terms.selected,
-                terms.confidence_sum,
+                stats.ce_sum,
+                stats.kd_sum,
+                stats.num_tokens,
+                stats.kd_weight_sum,
+                stats.selected,
+                stats.confidence_sum,
             ]
         ).to(torch.float64)
         self._window = values if self._window is None else self._window + values
-        self._alpha = terms.alpha
+        self._alpha = stats.alpha
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the KD statistics (see :data:`LOG_KEYS`) to training logs."""
