@@ -312,7 +312,9 @@ def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, previous_threads))
+    # Tiny models: one intra-op thread is faster than two, and several thrash on a busy
+    # machine (measured: 0.13 vs 2.5 CPU-seconds per teacher step on 2 loaded cores).
+    torch.set_num_threads(1)
     hf_verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
