@@ -341,6 +341,7 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
             device=env.device,
             ensembles=fused,
             progress=args.progress and sys.stderr.isatty() and env.is_main,
+            allow_other_files=args.allow_other_files,
         )
     except Exception as exc:  # the cache's own errors (CacheError) included
         if not isinstance(exc, (*_CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
@@ -383,6 +384,11 @@ def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
         type=_fused_spec,
         action="append",
         help="also store NAME=a,b[:strategy] fused logits",
+    )
+    parser.add_argument(
+        "--allow_other_files",
+        action="store_true",
+        help="create a new cache in a directory that holds other files (never deleted)",
     )
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
