@@ -84,6 +84,7 @@ class Run:
     best_epoch: int | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_value: float = -math.inf
+    position: tuple[int, int] = (0, 0)  # (epoch, step) running: for errors and Ctrl-C
 
     @property
     def ckpt_dir(self) -> Path:
