@@ -67,6 +67,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+_TRUST_FLAG: dict[str, Any] = {
+    "action": "store_true",
+    "help": "call model factories named in files (run directories, --config) even if they "
+    "are not kdkit's built-ins: only for files you trust (see kdkit.trust)",
+}
+
+
 def _json_dict(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -212,6 +219,7 @@ def _add_train_parser(subparsers, name: str, student: bool) -> argparse.Argument
     )
     parser = subparsers.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
     parser.add_argument("--config", help="TOML or YAML config file; flags given here override it")
+    parser.add_argument("--trust_factories", **_TRUST_FLAG)
     loop, teacher, kd = train_flags(student)
     _add(parser.add_argument_group("data, model and loop"), loop)
     if student:
@@ -226,8 +234,9 @@ def build_config(args: argparse.Namespace, student: bool):
     from kdkit.train.config import TrainConfig, load_config_file
 
     values: dict[str, Any] = {}
-    if args.config:
-        values = load_config_file(args.config)
+    if args.config:  # a factory named by --model replaces the file's: nothing to trust
+        trust = getattr(args, "trust_factories", False) or hasattr(args, "model")
+        values = load_config_file(args.config, trust_factories=trust)
     kd = dict(values.get("kd") or {})
     loop, teacher, kd_flags = train_flags(student)
     for flag in loop + teacher:
@@ -314,7 +323,11 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
             if name in teachers:
                 raise ValueError(f"teacher name {name!r} given twice")
             if Path(location).is_dir():
-                teachers[name] = load_model_from_run(location, which=args.checkpoint)
+                teachers[name] = load_model_from_run(
+                    location,
+                    which=args.checkpoint,
+                    trust_factories=args.trust_factories or [args.model] * bool(args.model),
+                )
             else:
                 if args.model is None:
                     raise ValueError(f"--teacher {name}={location}: a weights file needs --model")
@@ -378,6 +391,7 @@ def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
         "and num_classes = largest label + 1 unless --model_kwargs sets them)",
     )
     parser.add_argument("--model_kwargs", type=_json_dict, help="factory arguments as JSON")
+    parser.add_argument("--trust_factories", **_TRUST_FLAG)
     parser.add_argument("--split", action="append", help="only these splits (default: all samples)")
     parser.add_argument(
         "--fused",

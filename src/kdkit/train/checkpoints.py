@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -126,16 +127,25 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
-def load_model_from_run(run_dir: str | Path, which: str = "best") -> nn.Module:
+def load_model_from_run(
+    run_dir: str | Path,
+    which: str = "best",
+    *,
+    trust_factories: bool | Collection[str] = False,
+) -> nn.Module:
     """Rebuild the model of a kdkit run directory and load its ``best`` or ``last`` weights.
 
     Uses the factory and resolved keyword arguments recorded in
-    ``checkpoints/<which>.json``, so no Python object is ever unpickled.
+    ``checkpoints/<which>.json``, so no Python object is ever unpickled.  A factory other
+    than kdkit's built-ins is imported only if ``trust_factories`` is ``True`` or names
+    it (:mod:`kdkit.trust`): a run directory from someone else never runs code.
 
     Raises:
         FileNotFoundError: the run has no such checkpoint.
+        kdkit.trust.UntrustedFactoryError: the recorded factory is not trusted.
     """
     from kdkit.models import build_model
+    from kdkit.trust import check_factory_trusted
 
     directory = Path(run_dir) / "checkpoints"
     meta_path = directory / f"{which}.json"
@@ -147,5 +157,6 @@ def load_model_from_run(run_dir: str | Path, which: str = "best") -> nn.Module:
             f"{meta_path} records no model factory (the run used a Python-API model); "
             "build the model yourself and call load_weights"
         )
+    check_factory_trusted(meta["model"], str(meta_path), trust_factories)
     model = build_model(meta["model"], meta["model_kwargs"])
     return load_weights(model, directory / f"{which}.safetensors")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from kdkit._validation import (
     is_real_number,
 )
 from kdkit.losses.kd import LOSS_TYPES, WEIGHTINGS, KDLossConfig
+from kdkit.trust import check_factory_trusted
 
 __all__ = [
     "BEST_METRICS",
@@ -363,8 +365,13 @@ def _raise_empty(name: str) -> list[int]:
     raise ValueError(f"{name} must name at least one domain")
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
+def load_config_file(
+    path: str | Path, *, trust_factories: bool | Collection[str] = False
+) -> dict[str, Any]:
     """Read a ``.toml`` or ``.yaml``/``.yml`` config file into a dict (not yet validated).
+
+    A ``model`` factory other than kdkit's built-ins is refused unless
+    ``trust_factories`` is ``True`` or names it (:mod:`kdkit.trust`).
 
     TOML uses :mod:`tomllib` (Python >= 3.11) or the ``tomli`` package; YAML needs
     ``pyyaml`` (``pip install kdkit[train]``).
@@ -373,6 +380,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: the file does not exist.
         ValueError: unknown extension, a parse error, or a top level that is not a table.
         ImportError: the parser for the format is not installed (says what to install).
+        kdkit.trust.UntrustedFactoryError: an untrusted ``model`` factory.
     """
     path = Path(path)
     if not path.is_file():
@@ -404,4 +412,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
     if not isinstance(values, dict):
         raise ValueError(f"{path}: the top level must be a table of settings")
+    if "model" in values:
+        check_factory_trusted(values["model"], str(path), trust_factories)
     return values
