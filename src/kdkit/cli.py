@@ -265,6 +265,12 @@ def _train(args: argparse.Namespace, student: bool) -> int:
         args._parser.error(_message(exc))
     if config.manifest is None:
         args._parser.error("no training data: give --manifest (or manifest in --config)")
+    from kdkit.train.outputs import check_output_dir
+
+    try:
+        check_output_dir(config)  # the run checks again under the directory's lock
+    except OSError as exc:
+        args._parser.error(_message(exc))
     _setup_logging()
     run = train_student if student else train_teacher
     try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from cache_testing import make_items, make_teacher
 
-from kdkit.cache import dump_teacher_logits, verify_cache
+from kdkit.cache import dump_teacher_logits, load_cache_index, verify_cache
 
 
 def _user_files(root):
@@ -39,3 +41,15 @@ def test_refuses_a_non_empty_directory_that_is_not_a_cache(tmp_path):
     for name, data in files.items():
         assert (tmp_path / name).read_bytes() == data
     assert verify_cache(tmp_path).num_samples == 10
+
+
+def test_dump_into_a_locked_cache_fails_and_readers_stay_allowed(holder, tmp_path):
+    directory, proc = holder
+    cache = tmp_path / "cache"
+    dump_teacher_logits(make_teacher(0), make_items(4), cache, progress=False)
+    (directory / "manifest.json").unlink(missing_ok=True)
+    with pytest.raises(RuntimeError, match=rf"kdkit cache dump \(pid {proc.pid}\)"):
+        dump_teacher_logits(make_teacher(0), make_items(4), directory, progress=False)
+    # A reader of a cache whose directory is locked by a dump still opens it.
+    os.replace(directory / ".kdkit.lock", cache / ".kdkit.lock")
+    assert load_cache_index(cache).num_samples == 4

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kdkit._lock import directory_lock
 from kdkit._modes import eval_mode
 from kdkit._progress import optional_tqdm
 from kdkit._validation import check_choice
@@ -111,6 +112,8 @@ def dump_teacher_logits(
         the :class:`CacheIndex` of the committed cache.
 
     Raises:
+        kdkit._lock.DirectoryLockedError: another dump is writing ``cache_dir`` (its pid
+            is named); reading a cache during a dump is allowed.
         ValueError: ``cache_dir`` is not empty and not a kdkit cache (the unexpected files
             are named; pass ``allow_other_files=True``), duplicate keys, NaN/Inf logits, float16 overflow (keys named), a teacher
             whose weights or class count differ from the cached one, a dtype different from
@@ -133,6 +136,10 @@ def dump_teacher_logits(
     options = dict(input_key=input_key, key_field=key_field, key_fn=key_fn)
 
     def write(produce: Callable[[CacheWriter], Iterable[LogitsRecord]]) -> CacheIndex:
+        with directory_lock(cache_dir, "cache dump"):  # one writer; readers take no lock
+            return write_locked(produce)
+
+    def write_locked(produce: Callable[[CacheWriter], Iterable[LogitsRecord]]) -> CacheIndex:
         check_choice("dtype", dtype, tuple(DTYPES))
         check_placement(models, dev)
         ensemble_defs = check_ensembles(ensembles, list(models))

@@ -145,6 +145,7 @@ class TrainConfig:
     num_workers: int = 0
     output_dir: str = "runs/student"
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     log_every: int = 1
     best_metric: str = "acc"
@@ -200,8 +201,11 @@ class TrainConfig:
             )
         self._validate_fusion()
         self.source_domain = _int_list("source_domain", self.source_domain)
-        for name in ("schedule_per_step", "resume", "progress", "tensorboard", "wandb"):
+        for name in ("schedule_per_step", "resume", "overwrite", "progress", "tensorboard"):
             check_bool(name, getattr(self, name))
+        check_bool("wandb", self.wandb)
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue or replace")
 
     def _validate_fusion(self) -> None:
         """``fusion`` and ``fusion_weights`` (one per teacher; rule of ``check_fusion``)."""
@@ -284,6 +288,7 @@ FIELD_HELP: dict[str, str] = {
     "num_workers": "DataLoader workers",
     "output_dir": "where config, metrics and checkpoints go",
     "resume": "continue from OUTPUT_DIR's last checkpoint",
+    "overwrite": "replace the run in OUTPUT_DIR (deletes only the files kdkit wrote there)",
     "progress": "tqdm progress bars (on a terminal)",
     "log_every": "write step metrics every N steps",
     "best_metric": "evaluation metric that selects the best checkpoint",

@@ -29,6 +29,7 @@ from kdkit.train.config import TrainConfig
 from kdkit.train.epoch import train_one_epoch
 from kdkit.train.evaluation import evaluate
 from kdkit.train.logging import MetricsLogger, write_epochs_csv
+from kdkit.train.outputs import claim_output_dir
 from kdkit.train.setup import Run, check_extras, setup_run
 from kdkit.train.torchrun import init_from_env
 
@@ -82,10 +83,11 @@ def _run(
     check_extras(config)  # a missing optional package fails before any work
     env = init_from_env(config.device)  # torchrun: WORLD_SIZE/RANK/LOCAL_RANK
     try:
-        run = setup_run(
-            env, config, model=model, train_data=train_data, eval_data=eval_data, distil=distil
-        )
-        return _train(run)
+        with claim_output_dir(config, is_main=env.is_main):  # locked for the run's lifetime
+            run = setup_run(
+                env, config, model=model, train_data=train_data, eval_data=eval_data, distil=distil
+            )
+            return _train(run)
     finally:
         env.close()
 

@@ -42,7 +42,14 @@ __all__ = ["Run", "TeacherSource", "check_extras", "setup_run"]
 logger = logging.getLogger("kdkit.train")
 
 # Settings a resumed run may change without changing the result.
-_RESUME_FREE = ("resume", "stop_after_epoch", "progress", "log_every", "num_workers")
+_RESUME_FREE = (
+    "resume",
+    "overwrite",
+    "stop_after_epoch",
+    "progress",
+    "log_every",
+    "num_workers",
+)
 
 
 @dataclass
