@@ -60,9 +60,10 @@ def test_resume_without_checkpoint_fails(tmp_path):
         train_teacher(tiny(tmp_path, resume=True), train_data=TRAIN)
 
 
-def test_resume_with_changed_settings_warns(tmp_path):
+def test_resume_with_changed_settings_is_refused(tmp_path):
+    # Issue 11: a changed lr used to warn and then train on with the old schedule.
     train_teacher(tiny(tmp_path, epochs=3, stop_after_epoch=1), train_data=TRAIN)
-    with pytest.warns(UserWarning, match=r"changed setting\(s\) \['lr'\]"):
+    with pytest.raises(ValueError, match=r"setting\(s\) differ .*: lr 0.01 -> 0.5"):
         train_teacher(tiny(tmp_path, epochs=3, lr=0.5, resume=True), train_data=TRAIN)
 
 

@@ -6,7 +6,8 @@ teacher, model, optimiser, loader, resume state), :mod:`kdkit.train.epoch` (the 
 one epoch), :mod:`kdkit.train.evaluation` (per-domain metrics) and
 :mod:`kdkit.train.checkpoints`.
 
-Outputs in ``config.output_dir``: ``config.json`` (the resolved config),
+Outputs in ``config.output_dir``: ``config.json`` (the resolved config and its
+``segments``, one per invocation: see :mod:`kdkit.train.resume`),
 ``metrics.jsonl``, ``epochs.csv``, ``results.json``, ``checkpoints/{best,last}.safetensors`` with their
 ``.json`` metadata and ``checkpoints/last_state.pt`` (optimiser, scheduler, RNG states,
 read back with ``weights_only=True``).
@@ -29,7 +30,7 @@ from kdkit.train.config import TrainConfig
 from kdkit.train.epoch import train_one_epoch
 from kdkit.train.evaluation import evaluate
 from kdkit.train.logging import MetricsLogger, write_epochs_csv
-from kdkit.train.outputs import claim_output_dir
+from kdkit.train.outputs import claim_output_dir, write_run_config
 from kdkit.train.setup import Run, check_extras, setup_run
 from kdkit.train.torchrun import init_from_env
 
@@ -97,7 +98,7 @@ def _train(run: Run) -> TrainResult:
     config, env = run.config, run.env
     sink: MetricsLogger | None = None
     if env.is_main:
-        config.save(run.out / "config.json")
+        write_run_config(run.out / "config.json", config, run.segments)
         sink = MetricsLogger(
             run.out,
             start_epoch=run.start_epoch,
@@ -172,6 +173,8 @@ def _save_checkpoints(run: Run, epoch: int, metrics: dict[str, float], value: fl
         "history": run.history,
         "best_epoch": run.best_epoch,
         "best_metrics": run.best_metrics,
+        "config": run.config.to_dict(),  # what a resume compares against
+        "segments": run.segments,
     }
     save_weights(run.model, run.ckpt_dir, "last", last_meta)
     save_training_state(  # written last: the commit point of a resume

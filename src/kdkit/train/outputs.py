@@ -12,13 +12,22 @@ files; anything else, a ``wandb/`` directory included, stays).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from kdkit._io import atomic_write
 from kdkit._lock import directory_lock
 from kdkit.train.config import TrainConfig
 
-__all__ = ["CHECKPOINT_FILES", "RUN_FILES", "check_output_dir", "claim_output_dir"]
+__all__ = [
+    "CHECKPOINT_FILES",
+    "RUN_FILES",
+    "check_output_dir",
+    "claim_output_dir",
+    "write_run_config",
+]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "epochs.csv", "results.json")
 """Files a run writes in its output directory."""
@@ -73,3 +82,10 @@ def claim_output_dir(config: TrainConfig, *, is_main: bool) -> Iterator[None]:
             for path in _run_files(Path(config.output_dir)):
                 path.unlink(missing_ok=True)
         yield
+
+
+def write_run_config(path: Path, config: TrainConfig, segments: list[dict[str, Any]]) -> Path:
+    """``config.json``: the resolved settings and the ``segments`` that ran (atomically)."""
+    text = json.dumps({**config.to_dict(), "segments": segments}, indent=2) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
