@@ -86,3 +86,33 @@ def test_nan_in_evaluation_data_warns_and_marks_metrics_invalid():
     assert np.isnan(metrics["acc"]) and np.isnan(metrics["loss"])
     clean = evaluate(model, make_data(24, seed=1, offset=1000))
     assert "invalid_samples" not in clean and np.isfinite(clean["acc"])
+
+
+def test_kd_on_target_without_target_samples_warns_once(tmp_path, cache_dir):
+    only_source = ArrayDataset(TRAIN.features, TRAIN.labels, [0] * len(TRAIN.labels), TRAIN.paths)
+    config = tiny(
+        tmp_path,
+        cache=cache_dir,
+        teacher=["a"],
+        kd_on="target",
+        source_domain=[0],
+        eval_split=None,
+        epochs=3,
+        kd={"warmup_epochs": 0, "kd_ramp_epochs": 0},
+    )
+    with pytest.warns(
+        RuntimeWarning, match=r"epoch 1: knowledge distillation applied to no sample"
+    ) as record:
+        train_student(config, train_data=only_source)
+    assert len([w for w in record if "coverage 0" in str(w.message)]) == 1
+
+
+def test_a_label_beyond_the_others_says_the_head_is_larger(tmp_path, caplog):
+    labels = list(TRAIN.labels)
+    labels[0] = 9  # classes 0..2 and 9: a head of 10 outputs
+    data = ArrayDataset(TRAIN.features, labels, TRAIN.domains, TRAIN.paths)
+    config = tiny(tmp_path, num_classes=None, eval_split=None, epochs=1)
+    with caplog.at_level("WARNING", logger="kdkit.train"):
+        result = train_teacher(config, train_data=data)
+    assert "the model gets 10 outputs (largest train label 9 + 1) but 6 of those" in caplog.text
+    assert result.model(TRAIN.features[:1]).shape == (1, 10)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,31 @@ def _raise_empty(name: str) -> list[int]:
     raise ValueError(f"{name} must name at least one domain")
 
 
+_YAML_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+"""YAML 1.1 floats, plus exponents without a dot (``1e-3``), as YAML 1.2 and users write them."""
+
+
+def _yaml_loader(yaml: Any) -> type:
+    """``yaml.SafeLoader`` that reads ``lr: 1e-3`` as a number, not the string "1e-3"."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        key: [r for r in resolvers if r[0] != "tag:yaml.org,2002:float"]
+        for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
+    return Loader
+
+
 def load_config_file(
     path: str | Path, *, trust_factories: bool | Collection[str] = False
 ) -> dict[str, Any]:
@@ -409,7 +435,7 @@ def load_config_file(
     elif suffix in (".yaml", ".yml"):
         yaml = require("yaml", "train", "reading YAML configs")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader(yaml))
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: invalid YAML: {exc}") from None
         values = {} if values is None else values

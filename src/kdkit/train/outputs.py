@@ -76,12 +76,20 @@ def claim_output_dir(config: TrainConfig, *, is_main: bool) -> Iterator[None]:
         yield
         return
     check_output_dir(config)
-    with directory_lock(config.output_dir, "training run"):
-        check_output_dir(config)  # again, under the lock
-        if config.overwrite:
-            for path in _run_files(Path(config.output_dir)):
-                path.unlink(missing_ok=True)
-        yield
+    out = Path(config.output_dir)
+    created = not out.exists()
+    try:
+        with directory_lock(out, "training run"):
+            check_output_dir(config)  # again, under the lock
+            if config.overwrite:
+                for path in _run_files(out):
+                    path.unlink(missing_ok=True)
+            yield
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no directory
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
 
 
 def write_run_config(path: Path, config: TrainConfig, segments: list[dict[str, Any]]) -> Path:

@@ -127,6 +127,8 @@ def setup_run(
     train_data, eval_data = _resolve_data(config, train_data, eval_data)
     first = _check_item(train_data, "train_data")
     teacher, num_classes = _prepare_teacher(config, train_data, first, distil)
+    if eval_data is not None:
+        _check_labels(eval_data, num_classes, "eval")
     out = Path(config.output_dir)
     state_path = out / "checkpoints" / "last_state.pt"
     if config.resume and not state_path.is_file():
@@ -253,12 +255,32 @@ def _prepare_teacher(
             )
         teacher = _open_teacher(config, keys, num_classes)
         num_classes = num_classes or teacher.index.num_classes
-    num_classes = num_classes or (max(labels) + 1)
+    if not num_classes:
+        num_classes = max(labels) + 1
+        missing = num_classes - len(set(labels))
+        if missing:  # e.g. one label far beyond the others
+            logger.warning(
+                "the model gets %d outputs (largest train label %d + 1) but %d of those "
+                "classes have no training sample; set num_classes to make this explicit",
+                num_classes,
+                num_classes - 1,
+                missing,
+            )
     if min(labels) < 0 or max(labels) >= num_classes:
         raise ValueError(
             f"labels must be class indices in [0, {num_classes}), got {min(labels)}..{max(labels)}"
         )
     return teacher, num_classes
+
+
+def _check_labels(dataset: Dataset, num_classes: int, name: str) -> None:
+    """Every label of ``dataset`` a class index in ``[0, num_classes)`` (first bad named)."""
+    labels, _, keys = _sample_fields(dataset)
+    for label, key in zip(labels, keys):
+        if not 0 <= label < num_classes:
+            raise ValueError(
+                f"{name} label {label} of sample {key!r} is not a class index in [0, {num_classes})"
+            )
 
 
 def _open_teacher(
