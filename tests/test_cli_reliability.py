@@ -168,3 +168,41 @@ def test_readme_cpu_torchrun_example_keeps_the_previous_run():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     cpu = readme[readme.index("# CPU only (gloo)") :].split("```", 1)[0]
     assert "--output_dir runs/student " not in cpu + " " and "--output_dir runs/student-cpu" in cpu
+
+
+def test_real_sigint_exits_130_with_one_line(tmp_path):
+    """A real Ctrl-C (SIGINT) to a running ``python -m kdkit train-teacher``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    manifest = _data(tmp_path / "d", n=64)
+    out = tmp_path / "o"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    argv = _args(manifest, out, "--epochs", "100000")  # the later --epochs wins
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdkit", "train-teacher", *argv],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "last_state.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert last.startswith("kdkit train-teacher: interrupted at epoch ") and last.endswith(
+        "; resume with --resume"
+    ), err

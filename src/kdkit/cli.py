@@ -278,7 +278,8 @@ def _train(args: argparse.Namespace, student: bool) -> int:
     try:
         check_device(config.device, "--device")
         check_factory_kwargs(config.model, load_factory(config.model), config.model_kwargs)
-        check_output_dir(config)  # the run checks again under the directory's lock
+        if _is_rank_zero():  # rank 0 owns the directory (and may have written to it)
+            check_output_dir(config)  # the run checks again under the directory's lock
     except (OSError, ValueError) as exc:
         args._parser.error(_message(exc))
     _setup_logging()
