@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kdkit.losses.kd import KDLossConfig
 
 __all__ = ["LMDistillConfig", "LMDistillResult", "distill_lm", "local_dir"]
@@ -210,6 +212,7 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
         save_strategy="no",
         report_to=[],
         disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = DistillationTrainer(
         student,
