@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hf_testing import grad_grab, lm_samples, tiny_llama
-from transformers import TrainingArguments
-
-from kdkit.hf import CausalLMCollator, DistillationTrainer
-from kdkit.losses.kd import KDLossConfig
-
 
 def main() -> None:
+    # Imported here: pytest's doctest collection imports this file, also without transformers.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hf_testing import grad_grab, lm_samples, tiny_llama
+    from transformers import TrainingArguments
+
+    from kdkit.hf import CausalLMCollator, DistillationTrainer
+    from kdkit.losses.kd import KDLossConfig
+
     out, weighting = Path(sys.argv[1]), sys.argv[2]
     fsdp = len(sys.argv) > 3 and sys.argv[3] == "fsdp"
     torch.set_num_threads(1)

@@ -38,9 +38,11 @@ def test_lm_demo_tiny(tmp_path, one_torch_thread):
     assert (tmp_path / "lm" / "tokenizer" / "tokenizer.json").is_file()
 
 
-def test_lm_demo_without_tokenizers_fails_before_any_work(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "tokenizers", None)  # simulates "not installed"
+def test_lm_demo_without_transformers_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # simulates "not installed"
     out = tmp_path / "lm"
     assert main(["demo", "--lm", "--quick", "--output_dir", str(out), "--no-progress"]) == 1
-    assert capsys.readouterr().err == "kdkit demo --lm needs tokenizers: pip install 'kdkit[hf]'\n"
+    assert (
+        capsys.readouterr().err == "kdkit demo --lm needs transformers: pip install 'kdkit[hf]'\n"
+    )
     assert not out.exists()
