@@ -215,7 +215,9 @@ def _divergence(
     dtype = compute_dtype(student_logits, teacher_logits, temperature=temperature)
     teacher = teacher_logits.detach()
     if _use_fused(student_logits, loss_type, implementation):
-        return fused_divergence(student_logits, teacher, temperature, loss_type, dtype)
+        return fused_divergence(
+            student_logits, teacher, temperature, loss_type, dtype, jsd_beta=jsd_beta
+        )
     return _per_position_divergence(
         student_logits.to(dtype), teacher.to(dtype), temperature, loss_type, jsd_beta
     )
