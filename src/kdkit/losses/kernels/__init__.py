@@ -40,7 +40,8 @@ by chunk) calls it per chunk of logits.
 * ``'native'``: the C kernel of ``native.c``, compiled at first use and cached
   (:mod:`kdkit.losses.kernels.native`); CPU tensors;
 * ``'triton'``: a Triton kernel (:mod:`kdkit.losses.kernels.triton_kernel`); CUDA
-  tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests);
+  tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests); float32 compute only
+  (float64 compute goes to torch ops);
 * ``'torch'``: torch ops (:mod:`kdkit.losses.kernels.torch_ops`); always available.
 
 ``'auto'`` (default) takes Triton for CUDA tensors if ``triton`` imports, the native
@@ -104,10 +105,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton() -> Backend:
+def _triton(student: torch.Tensor, teacher: torch.Tensor, dtype: torch.dtype) -> Backend:
     from kdkit.losses.kernels import triton_kernel
 
-    return Backend("triton", triton_kernel.row_pass, chunked=False)
+    if triton_kernel.supports(student, teacher, dtype):
+        return Backend("triton", triton_kernel.row_pass, chunked=False)
+    return TORCH
 
 
 def _is_compiling() -> bool:
@@ -141,7 +144,7 @@ def select_backend(
             raise RuntimeError("backend 'triton' needs the triton package: pip install kdkit[triton]")
         if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
-        return _triton()
+        return _triton(student, teacher, dtype)
     if native.supports(student, teacher, dtype):
         if name == "native" and not native.available():
             raise RuntimeError(f"the native kernel is not available: {native.info().get('reason')}")

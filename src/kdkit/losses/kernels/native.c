@@ -81,8 +81,9 @@ static inline float kd_expf(float x) {
     const float lo = -103.972084f, hi = 88.7228391f;
     float xc = x < lo ? lo : x;
     xc = xc > hi ? hi : xc;
-    float n = floorf(xc * 1.44269504088896341f + 0.5f);
-    n = fminf(fmaxf(n, -150.0f), 128.0f);
+    /* round to nearest by the 1.5 * 2^23 trick (no libm call; |value| < 2^22 here) */
+    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    n = n == n ? n : 0.0f; /* NaN input: keep the integer part defined, y is NaN anyway */
     float r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;

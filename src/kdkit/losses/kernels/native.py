@@ -46,13 +46,15 @@ FLAGS: tuple[str, ...] = (
     "-O3",
     "-march=native",
     "-fopenmp-simd",
+    "-fno-math-errno",
+    "-fno-trapping-math",
     "-fPIC",
     "-shared",
     "-std=c11",
     "-pthread",
 )
 """Compiler flags (``-fopenmp-simd`` enables the simd pragmas only, not the OpenMP
-runtime).  ``-march=native`` makes the library specific to this CPU, so the CPU's flags
+runtime; no ``-ffast-math``, which would drop the inf/NaN semantics the kernel relies on).  ``-march=native`` makes the library specific to this CPU, so the CPU's flags
 are part of the cache key."""
 
 LOSS_CODES = {"kldiv": 0, "soft_ce": 1, "reverse_kl": 2, "jsd": 3}
