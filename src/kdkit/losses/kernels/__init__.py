@@ -141,7 +141,9 @@ def select_backend(
     on_cuda = student.device.type == "cuda"
     if name == "triton" or (name == "auto" and on_cuda and triton_available()):
         if not triton_available():
-            raise RuntimeError("backend 'triton' needs the triton package: pip install kdkit[triton]")
+            raise RuntimeError(
+                "backend 'triton' needs the triton package: pip install kdkit[triton]"
+            )
         if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
         return _triton(student, teacher, dtype)
@@ -192,7 +194,13 @@ def row_pass(
     """
     chosen = select_backend(student, teacher, loss_out.dtype, backend)
     chosen.row_pass(
-        student, teacher, temperature, canonical(loss_type, beta), beta, loss_out, grad_out,
+        student,
+        teacher,
+        temperature,
+        canonical(loss_type, beta),
+        beta,
+        loss_out,
+        grad_out,
         **kwargs,
     )
     return chosen.name

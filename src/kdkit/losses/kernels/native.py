@@ -159,27 +159,31 @@ def _build(source: bytes, compiler: str, target: Path) -> None:
                 os.unlink(leftover)
 
 
+ARGTYPES = [
+    ctypes.c_void_p,  # student
+    ctypes.c_void_p,  # teacher
+    ctypes.c_int64,  # rows
+    ctypes.c_int64,  # classes
+    ctypes.c_int,  # dtype code
+    ctypes.c_int,  # compute: 0 float, 1 double
+    ctypes.c_double,  # temperature
+    ctypes.c_int,  # loss code
+    ctypes.c_double,  # beta
+    ctypes.c_void_p,  # loss_out
+    ctypes.c_void_p,  # grad_out or NULL
+    ctypes.c_int,  # threads
+    ctypes.c_int64,  # block elements
+]
+"""ctypes signature of ``kdkit_row_pass`` in native.c."""
+
+
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.kdkit_abi() != ABI:
         raise RuntimeError(f"{path} has ABI {lib.kdkit_abi()}, expected {ABI}")
     fn = lib.kdkit_row_pass
     fn.restype = ctypes.c_int
-    fn.argtypes = [
-        ctypes.c_void_p,  # student
-        ctypes.c_void_p,  # teacher
-        ctypes.c_int64,  # rows
-        ctypes.c_int64,  # classes
-        ctypes.c_int,  # dtype code
-        ctypes.c_int,  # compute: 0 float, 1 double
-        ctypes.c_double,  # temperature
-        ctypes.c_int,  # loss code
-        ctypes.c_double,  # beta
-        ctypes.c_void_p,  # loss_out
-        ctypes.c_void_p,  # grad_out or NULL
-        ctypes.c_int,  # threads
-        ctypes.c_int64,  # block elements
-    ]
+    fn.argtypes = ARGTYPES
     return lib
 
 
