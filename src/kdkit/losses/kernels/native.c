@@ -5,8 +5,9 @@
  *   loss_out[i]  = T^2 * D(p_t, p_s)            (D: kldiv, soft_ce, reverse_kl, jsd)
  *   grad_out[i]  = d loss_out[i] / d s[i]        (optional; written in the student dtype)
  * with p = softmax(x / T).  Terms whose left probability is exactly 0 contribute exactly
- * 0 (value and gradient), so -inf (masked) classes never produce NaN.  Accumulation is in
- * float for float/bfloat16/float16 inputs ("compute" 0) or double ("compute" 1).
+ * 0 (value and gradient), so -inf (masked) classes never produce NaN.  Element-wise maths
+ * is in float for float/bfloat16/float16 inputs ("compute" 0) or double ("compute" 1);
+ * the row sums (of exponentials and of loss terms) are always accumulated in double.
  *
  * Per row: (1) max of s and t; (2) e = exp((x - max) / T) into a per-thread scratch row,
  * and their sums; (3) loss terms (reverse_kl/jsd keep p_s and log p_s - log r in the
@@ -153,7 +154,7 @@ struct ctx {
             ms = a > ms ? a : ms;                                                          \
             mt = b > mt ? b : mt;                                                          \
         }                                                                                  \
-        A zs = 0, zt = 0;                                                                  \
+        double zs = 0, zt = 0; /* sums in double: log Z enters every log-probability */   \
         _Pragma("omp simd reduction(+ : zs, zt)")                                          \
         for (int64_t j = 0; j < C; j++) {                                                  \
             A e = EXP((LOAD(s[j]) - ms) * inv_t), f = EXP((LOAD(t[j]) - mt) * inv_t);      \
@@ -162,9 +163,9 @@ struct ctx {
             zs += e;                                                                       \
             zt += f;                                                                       \
         }                                                                                  \
-        const A lzs = (A)log((double)zs), lzt = (A)log((double)zt);                        \
-        const A rzs = (A)1 / zs, rzt = (A)1 / zt;                                          \
-        A acc = 0, acc2 = 0, value;                                                        \
+        const A lzs = (A)log(zs), lzt = (A)log(zt);                                        \
+        const A rzs = (A)(1 / zs), rzt = (A)(1 / zt);                                      \
+        double acc = 0, acc2 = 0, value;                                                   \
         IN *restrict g = c->grad ? (IN *)c->grad + r * C : NULL;                           \
         if (c->loss_type == LT_KLDIV || c->loss_type == LT_SOFT_CE) {                      \
             const int kl = c->loss_type == LT_KLDIV;                                       \
@@ -197,7 +198,7 @@ struct ctx {
                 _Pragma("omp simd")                                                        \
                 for (int64_t j = 0; j < C; j++) {                                          \
                     A ps = es[j];                                                          \
-                    g[j] = STORE(ps > zero ? temp * ps * (et[j] - acc) : zero);            \
+                    g[j] = STORE(ps > zero ? temp * ps * (et[j] - (A)acc) : zero);         \
                 }                                                                          \
             }                                                                              \
         } else { /* jsd, 0 < beta < 1: log m = logaddexp(log b + log p_t, log(1-b) + log p_s) */ \
@@ -216,17 +217,17 @@ struct ctx {
                 es[j] = ps;                                                                \
                 et[j] = d;                                                                 \
             }                                                                              \
-            value = beta * acc + (1 - beta) * acc2;                                        \
+            value = c->beta * acc + (1 - c->beta) * acc2;                                  \
             if (g) {                                                                       \
                 const A w = temp * (1 - beta);                                             \
                 _Pragma("omp simd")                                                        \
                 for (int64_t j = 0; j < C; j++) {                                          \
                     A ps = es[j];                                                          \
-                    g[j] = STORE(ps > zero ? w * ps * (et[j] - acc2) : zero);              \
+                    g[j] = STORE(ps > zero ? w * ps * (et[j] - (A)acc2) : zero);           \
                 }                                                                          \
             }                                                                              \
         }                                                                                  \
-        ((A *)c->loss)[r] = temp * temp * value;                                           \
+        ((A *)c->loss)[r] = (A)(c->temp * c->temp * value);                                \
     }
 
 DEFINE_ROW(row_f32_f32, float, float, ID_LOAD, F_STORE, F_EXP, F_LOG1P_EXP)
