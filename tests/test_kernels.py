@@ -294,3 +294,15 @@ def test_threads_follow_torch(monkeypatch, one_torch_thread):
     native.row_pass(s, t, 2.0, "kldiv", 0.5, loss2, None)
     assert seen == [1, 2]
     assert torch.equal(loss1, loss2)  # a row is never split: same bits for any thread count
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_scale_rows_rounds_once(dtype):
+    if not native.available():
+        pytest.skip("native kernel unavailable")
+    grad = _logits((7, 300), 25, scale=1e-2, dtype=dtype)
+    scale = torch.rand(7, generator=torch.Generator().manual_seed(26)) * 3
+    expected = (grad.float() * scale.unsqueeze(-1)).to(dtype)  # float32 product, one rounding
+    assert native.scale_rows(grad, scale)
+    assert torch.equal(grad, expected)
+    assert not native.scale_rows(torch.ones(2, 3), scale[:2])  # float32: not this kernel's job
