@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from kdkit.hf.loss import lm_distillation_loss, shift_labels
+from kdkit.hf.loss import HAS_LINEAR_PATH, lm_distillation_loss, shift_labels
 from kdkit.losses.kd import KDLossConfig, compute_student_loss
 
 B, L, H, V = 3, 7, 5, 11
@@ -97,7 +97,7 @@ def test_bad_input_is_named():
     labels[2, 3] = V + 4
     with pytest.raises(ValueError, match="ignore_index"):
         lm_distillation_loss(hidden, head, teacher, labels, config)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match=r"same shape|differ"):
         lm_distillation_loss(hidden, head, teacher[..., :-1], labels.clamp(max=0), config)
 
 
@@ -114,3 +114,22 @@ def test_step_totals_make_micro_batch_losses_add_up():
         for s in (slice(0, 1), slice(1, 3))
     ]
     torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not HAS_LINEAR_PATH, reason="kdkit.losses.linear not in this kdkit")
+def test_hidden_states_go_through_the_linear_path(monkeypatch):
+    """With a head, the loss is computed by compute_student_loss_linear (no [B, L, V]
+    student logits); the equality with the logits API is pinned by the tests above."""
+    import kdkit.losses.linear as linear
+
+    calls = []
+    original = linear.compute_student_loss_linear
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "compute_student_loss_linear", spy)
+    hidden, head, teacher, labels, mask = _problem()
+    lm_distillation_loss(hidden, head, teacher, labels, KDLossConfig(), attention_mask=mask)
+    assert calls == [hidden.shape]

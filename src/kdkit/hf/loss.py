@@ -1,10 +1,15 @@
 """The causal-LM distillation loss: one function, :func:`lm_distillation_loss`.
 
 Everything the :class:`~kdkit.hf.trainer.DistillationTrainer` optimises goes through
-:func:`lm_distillation_loss`, so the way the student's outputs become a loss (today:
-``[B, L, V]`` logits through kdkit's logits API, :mod:`kdkit.losses.student_terms`; later:
-the fused linear path on hidden states and the output weight, without ``[B, L, V]``
-student logits) is a change in this one place.
+:func:`lm_distillation_loss`, so the way the student's outputs become a loss is decided
+in this one place:
+
+* with kdkit's fused linear path (:mod:`kdkit.losses.linear`, :data:`HAS_LINEAR_PATH`):
+  :func:`~kdkit.losses.linear.compute_student_loss_linear` on the final hidden states and
+  the output weight, so no ``[B, L, V]`` student logits (nor their gradient) exist; its
+  per-micro-batch normalisation becomes the step's through the local KD weight
+  (:func:`_linear_loss`, exact);
+* without it (or given logits): kdkit's logits API (:mod:`kdkit.losses.student_terms`).
 
 Conventions (``docs/decisions.md``, section "Language models"):
 
@@ -22,24 +27,31 @@ Conventions (``docs/decisions.md``, section "Language models"):
 
 from __future__ import annotations
 
+import importlib.util
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kdkit._validation import raise_infinite_ce
-from kdkit.losses.kd import KDLossConfig
+from kdkit.losses.kd import KDLossConfig, compute_kd_weight
 from kdkit.losses.student_terms import (
     StudentLossInputs,
     checked_kd_weight,
     combine,
+    confidence_weights,
     kd_mean,
     raise_for_flags,
     student_loss_terms,
+    teacher_confidence,
 )
 
-__all__ = ["LMLossStats", "lm_distillation_loss", "shift_labels"]
+__all__ = ["HAS_LINEAR_PATH", "LMLossStats", "lm_distillation_loss", "shift_labels"]
+
+HAS_LINEAR_PATH: bool = importlib.util.find_spec("kdkit.losses.linear") is not None
+"""True when kdkit's fused linear loss (``kdkit.losses.linear``) is present: the loss then
+never materialises ``[B, L, V]`` student logits.  Without it (kdkit versions before the
+fused linear path) the same objective is computed on the logits."""
 
 
 class LMLossStats(NamedTuple):
@@ -72,19 +84,6 @@ def shift_labels(
         pad[:, :-1] = attention_mask[:, 1:] == 0
         targets = targets.masked_fill(pad, ignore_index)
     return targets
-
-
-def _student_logits(
-    hidden: torch.Tensor, head: nn.Module | None, vocab_size: int | None
-) -> torch.Tensor:
-    """``[B, L, V]`` logits of the student (the part the fused linear path removes)."""
-    if head is None:  # ``hidden`` already holds the logits
-        return hidden if vocab_size is None else hidden[..., :vocab_size]
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if vocab_size is not None:
-        weight = weight[:vocab_size]
-        bias = None if bias is None else bias[:vocab_size]
-    return F.linear(hidden, weight, bias)
 
 
 def lm_distillation_loss(
@@ -139,10 +138,60 @@ def lm_distillation_loss(
             out-of-range labels, non-finite logits, infinite KD or CE), after one
             device-to-host transfer.
     """
-    student_logits = _student_logits(student_hidden, student_head, vocab_size)
-    if vocab_size is not None:
-        teacher_logits = teacher_logits[..., :vocab_size]
     targets = shift_labels(labels, attention_mask, ignore_index)
+    if student_head is not None and not HAS_LINEAR_PATH:  # until the fused linear path lands
+        student_hidden = _head_logits(student_hidden, student_head, vocab_size)
+        student_head = None
+    if student_head is None:  # logits: kdkit's logits API
+        return _logits_loss(
+            student_hidden,
+            teacher_logits,
+            targets,
+            config,
+            progress,
+            num_tokens,
+            kd_weight_total,
+            vocab_size,
+            ignore_index,
+        )
+    return _linear_loss(
+        student_hidden,
+        student_head,
+        teacher_logits,
+        targets,
+        config,
+        progress,
+        num_tokens,
+        kd_weight_total,
+        vocab_size,
+        ignore_index,
+    )
+
+
+def _head_logits(hidden: torch.Tensor, head: nn.Module, vocab_size: int | None) -> torch.Tensor:
+    """``[B, L, V]`` student logits (only without :mod:`kdkit.losses.linear`)."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if vocab_size is not None:
+        weight = weight[:vocab_size]
+        bias = None if bias is None else bias[:vocab_size]
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def _logits_loss(
+    student_logits,
+    teacher_logits,
+    targets,
+    config,
+    progress,
+    num_tokens,
+    kd_weight_total,
+    vocab_size,
+    ignore_index,
+) -> tuple[torch.Tensor, LMLossStats]:
+    """The loss on ``[B, L, V]`` student logits (``compute_student_loss``'s terms)."""
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
+        teacher_logits = teacher_logits[..., :vocab_size]
     inputs = StudentLossInputs(
         student_logits, teacher_logits.detach(), targets, config, None, ignore_index, "auto"
     )
@@ -167,3 +216,87 @@ def lm_distillation_loss(
         alpha=alpha,
     )
     return loss, stats
+
+
+def _linear_loss(
+    hidden,
+    head,
+    teacher_logits,
+    targets,
+    config,
+    progress,
+    num_tokens,
+    kd_weight_total,
+    vocab_size,
+    ignore_index,
+) -> tuple[torch.Tensor, LMLossStats]:
+    r"""The loss through the output layer, no ``[B, L, V]`` student logits.
+
+    :func:`~kdkit.losses.linear.compute_student_loss_linear` normalises by the
+    micro-batch's own counts :math:`n, w`: :math:`(1 - a) S_{CE}/n + a S_{KD}/w`.  The
+    step's loss :math:`(1 - lpha) S_{CE}/N + lpha S_{KD}/W` is that with the KD weight
+    :math:`a` solving :math:`rac{a}{1 - a} = rac{lpha}{1 - lpha}rac{N w}{W n}`,
+    divided by :math:`c = rac{(1 - a) N}{(1 - lpha) n}` (exact, no second pass).
+    """
+    from kdkit.losses.linear import compute_student_loss_linear
+
+    alpha = compute_kd_weight(
+        progress, config.warmup_epochs, config.kd_ramp_epochs, config.kd_alpha
+    )
+    size = vocab_size if vocab_size is not None else head.weight.shape[0]
+    valid = targets != ignore_index
+    teacher = teacher_logits.detach()[..., :size]
+    if config.kd_weighting == "none" or alpha == 0:
+        local_w = valid.sum()
+    else:
+        confidence = teacher_confidence(
+            teacher.to(torch.promote_types(teacher.dtype, torch.float32))
+        )
+        weights = confidence_weights(confidence, config.kd_weighting, config.confidence_threshold)
+        local_w = torch.where(valid, weights, 0.0).sum()
+    n_local, w_local = torch.stack([valid.sum().double(), local_w.double()]).tolist()
+    n_total = n_local if num_tokens is None else float(num_tokens)
+    w_total = w_local if kd_weight_total is None else float(kd_weight_total)
+    local_alpha, scale = _local_alpha(alpha, n_local, w_local, n_total, w_total)
+    local = KDLossConfig(
+        **{**config.to_dict(), "kd_alpha": local_alpha, "warmup_epochs": 0, "kd_ramp_epochs": 0}
+    )
+    loss, stats = compute_student_loss_linear(
+        hidden,
+        head.weight,
+        teacher,
+        targets,
+        local,
+        student_bias=getattr(head, "bias", None),
+        vocab_size=vocab_size,
+        ignore_index=ignore_index,
+    )
+
+    def host(value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float64)
+
+    return loss * scale, LMLossStats(
+        ce_sum=host(stats["ce_loss"] * n_local),
+        kd_sum=host(stats["kd_loss"] * w_local if local_alpha > 0 else 0.0),
+        num_tokens=host(n_local),
+        kd_weight_sum=host(w_local),
+        selected=host(stats["coverage"] * n_local),
+        confidence_sum=host(stats["avg_confidence"] * n_local),
+        alpha=alpha,
+    )
+
+
+def _local_alpha(
+    alpha: float, n: float, w: float, n_total: float, w_total: float
+) -> tuple[float, float]:
+    """``(a, 1 / c)`` of :func:`_linear_loss` (see there)."""
+    n_total = max(n_total, 1.0)
+    if n == 0:  # nothing to predict here: the local loss is an exact 0
+        return alpha, 1.0
+    if alpha == 1:
+        return 1.0, (w / w_total if w > 0 and w_total > 0 else 1.0)
+    if alpha == 0 or w == 0:
+        return 0.0, (1.0 - alpha) * n / n_total
+    ratio = alpha / (1.0 - alpha) * (n_total * w) / (w_total * n)
+    a = ratio / (1.0 + ratio)
+    return a, (1.0 - alpha) * n / ((1.0 - a) * n_total)
