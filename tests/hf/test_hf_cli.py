@@ -46,17 +46,23 @@ def test_distill_lm_end_to_end(tmp_path, teacher_dir, capsys, one_torch_thread):
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
 
 
-def test_text_data_with_the_teachers_tokenizer(tmp_path, teacher_dir, one_torch_thread):
+def _word_tokenizer(words):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *[f"w{i}" for i in range(VOCAB - 2)]])}
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *words])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
-    fast.save_pretrained(teacher_dir)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 2)]
+
+
+def test_text_data_with_the_teachers_tokenizer(tmp_path, teacher_dir, one_torch_thread):
+    _word_tokenizer(WORDS).save_pretrained(teacher_dir)
     data = _data(tmp_path, [{"text": "w1 w2 w3 w4 w5"}, {"text": "w7 w8 w9"}])
     config_json = tmp_path / "student.json"
     config = tiny_llama(1).config.to_dict()
@@ -113,3 +119,17 @@ def test_missing_extra_is_said_before_any_work(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "kdkit distill-lm needs accelerate: pip install 'kdkit[hf]'\n"
     )
+
+
+def test_student_dir_with_another_tokenizer_fails_before_training(tmp_path, teacher_dir, capsys):
+    _word_tokenizer(WORDS).save_pretrained(teacher_dir)
+    student_dir = tmp_path / "student_model"
+    tiny_llama(1, seed=3).save_pretrained(student_dir)
+    _word_tokenizer(list(reversed(WORDS))).save_pretrained(student_dir)
+    argv = ["distill-lm", "--data", str(_ids(tmp_path)), "--teacher_model", str(teacher_dir)]
+    argv += ["--student_model", str(student_dir), "--output_dir", str(tmp_path / "out")]
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "teacher and student tokenizers differ on" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()

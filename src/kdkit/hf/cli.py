@@ -136,7 +136,11 @@ def _cmd_distill_lm(args: argparse.Namespace) -> int:
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
     _setup_logging()
+    from transformers.utils import logging as hf_logging
+
     from kdkit.hf.recipe import distill_lm
+
+    hf_logging.disable_progress_bar()  # errors stay one line; no bars per weight file
 
     try:
         result = distill_lm(config)

@@ -155,16 +155,32 @@ def _load_student(config: LMDistillConfig, teacher: Any) -> Any:
     return student_from_teacher(teacher, config.student_from_teacher)
 
 
-def _tokenizer(config: LMDistillConfig) -> Any:
+def _dir_tokenizer(path: str | Path | None) -> Any:
+    """The tokenizer saved in a model directory, or None."""
     from transformers import AutoTokenizer
 
+    if path is None:
+        return None
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _tokenizers(config: LMDistillConfig) -> tuple[Any, Any]:
+    """``(student tokenizer, teacher tokenizer)``; both may be None.
+
+    The student's: ``--tokenizer``, else the student directory's, else the teacher's.  The
+    teacher's directory tokenizer is compared with it before training.
+    """
+    from transformers import AutoTokenizer
+
+    teacher = _dir_tokenizer(config.teacher_model)
     if config.tokenizer is not None:
         path = local_dir(config.tokenizer, "--tokenizer")
-    else:  # the teacher's directory, if it holds a tokenizer
-        path = Path(config.teacher_model)
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            return None
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True), teacher
+    student = _dir_tokenizer(config.student_model)
+    return (student if student is not None else teacher), teacher
 
 
 def distill_lm(config: LMDistillConfig) -> LMDistillResult:
@@ -185,7 +201,7 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
     from kdkit.hf.data import CausalLMCollator, load_lm_data
     from kdkit.hf.trainer import DistillationTrainer
 
-    tokenizer = _tokenizer(config)
+    tokenizer, teacher_tokenizer = _tokenizers(config)
     train_data = load_lm_data(config.data, tokenizer, max_length=config.max_length)
     eval_data = (
         load_lm_data(config.eval_data, tokenizer, max_length=config.max_length)
@@ -225,6 +241,7 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
         eval_dataset=eval_data,
         data_collator=CausalLMCollator(pad),
         processing_class=tokenizer,
+        teacher_tokenizer=teacher_tokenizer,
     )
     output = trainer.train()
     metrics = {"train_loss": float(output.training_loss)}
