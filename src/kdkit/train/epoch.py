@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kdkit.augment import mixed_loss
 from kdkit.domains import create_domain_mask
 from kdkit.losses.distributed import compute_student_loss_distributed
 from kdkit.train.logging import MetricsLogger, progress_bar
@@ -30,14 +31,16 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
     if run.sampler is not None:
         run.sampler.set_epoch(epoch)
     steps_per_epoch = len(run.loader)
-    sums = dict.fromkeys((*STEP_STATS, "train_acc"), 0.0)
+    run.hooks.start_epoch(epoch)  # seeds the augmentation of this epoch
+    stat_names = (*STEP_STATS, *run.hooks.stat_names)
+    sums = dict.fromkeys((*stat_names, "train_acc"), 0.0)
     bar = progress_bar(
         steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and env.is_main
     )
     for step, batch in enumerate(run.loader):
         kd_epoch = epoch + step / steps_per_epoch if config.schedule_per_step else epoch
         stats, acc = _train_step(run, batch, kd_epoch)
-        for k in STEP_STATS:
+        for k in stat_names:
             sums[k] += float(stats.get(k, 0.0))
         sums["train_acc"] += acc
         if sink is not None and (step + 1) % config.log_every == 0:
@@ -82,9 +85,32 @@ def _train_step(run: Run, batch: dict[str, Any], kd_epoch: float) -> tuple[dict[
     device = run.env.device
     features = batch["features"].to(device)
     targets = torch.as_tensor(batch["label"]).to(device)
-    logits = run.train_model(features)
+    view, mix = run.hooks.augment(features)  # (None, None) without augmentation
+    with run.hooks.capture():  # the forward passes feature_kd matches
+        loss, stats, logits = _loss(run, batch, features, view, mix, targets, kd_epoch)
+        loss, stats = run.hooks.add_feature_loss(loss, stats)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    acc = float((logits.detach().argmax(dim=-1) == targets).float().mean())
+    return stats, acc
+
+
+def _loss(
+    run: Run,
+    batch: dict[str, Any],
+    features: torch.Tensor,
+    view: torch.Tensor | None,
+    mix: Any,
+    targets: torch.Tensor,
+    kd_epoch: float,
+) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """The step's loss (mixup: mixed targets, :func:`kdkit.augment.mixed_loss`), stats, logits."""
+    device = run.env.device
+    logits = run.train_model(features if view is None else view)
     if run.teacher is not None:
-        teacher_logits = run.teacher.logits(list(batch["path"])).to(device)
+        paths = list(batch["path"]) if "path" in batch else None
+        teacher_logits = run.teacher.logits(paths, features, view, mix)
         mask = None
         if run.config.kd_on == "target":
             source = run.config.source_domain
@@ -93,15 +119,19 @@ def _train_step(run: Run, batch: dict[str, Any], kd_epoch: float) -> tuple[dict[
             )
             mask = mask[1].to(device)
         # Normalised over all ranks (exactly compute_student_loss on one).
-        loss, stats = compute_student_loss_distributed(
-            logits, teacher_logits, targets, run.config.kd, kd_epoch, domain_mask=mask
+        loss, stats = mixed_loss(
+            lambda y: compute_student_loss_distributed(
+                logits, teacher_logits, y, run.config.kd, kd_epoch, domain_mask=mask
+            ),
+            targets,
+            mix,
         )
     else:
-        loss = F.cross_entropy(logits, targets)
-        value = float(loss.detach())
-        stats = {"total_loss": value, "ce_loss": value}
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.optimizer.step()
-    acc = float((logits.detach().argmax(dim=-1) == targets).float().mean())
-    return stats, acc
+        loss, stats = mixed_loss(lambda y: _cross_entropy(logits, y), targets, mix)
+    return loss, stats, logits
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    loss = F.cross_entropy(logits, targets)
+    value = float(loss.detach())
+    return loss, {"total_loss": value, "ce_loss": value}
