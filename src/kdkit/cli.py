@@ -207,7 +207,7 @@ def _add(group: argparse._ArgumentGroup, flags: list[Flag]) -> None:
 
 def _add_train_parser(subparsers, name: str, student: bool) -> argparse.ArgumentParser:
     help_text = (
-        "train a student with CE + KD from cached teacher logits"
+        "train a student with CE + KD from cached teacher logits or live teachers"
         if student
         else "train a model with cross-entropy (a teacher or a baseline)"
     )
@@ -289,12 +289,12 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def _teacher_spec(text: str) -> tuple[str, str]:
-    name, sep, location = text.partition("=")
-    if not sep or not name or not location:
-        raise argparse.ArgumentTypeError(
-            f"expected NAME=RUN_DIR or NAME=WEIGHTS.safetensors, got {text!r}"
-        )
-    return name, location
+    from kdkit.train.teachers import split_teacher_spec
+
+    try:
+        return split_teacher_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fused_spec(text: str) -> tuple[str, dict[str, Any]]:

@@ -260,13 +260,12 @@ class TrainConfig:
             )
         if self.consistent_teacher is not None:
             check_bool("consistent_teacher", self.consistent_teacher)
-        if self.augment is not None:
-            Augmentation(self.augment)
-            if self.kd_on == "target" and Augmentation(self.augment).has_mixup:
-                raise ValueError(
-                    "mixup mixes samples of different domains: it cannot be combined with "
-                    "kd_on='target'"
-                )
+        augment = None if self.augment is None else Augmentation(self.augment)  # parses
+        if augment is not None and augment.has_mixup and self.kd_on == "target":
+            raise ValueError(
+                "mixup mixes samples of different domains: it cannot be combined with "
+                "kd_on='target'"
+            )
         for pair in self.feature_kd or []:
             parse_feature_pair(pair)
         check_choice("feature_kd_loss", self.feature_kd_loss, FEATURE_LOSSES)

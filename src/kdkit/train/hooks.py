@@ -124,7 +124,7 @@ def build_step_hooks(
     *,
     model: nn.Module,
     teachers: Any,
-    example: torch.Tensor,
+    example: torch.Tensor | None,
     num_classes: int,
     distributed: bool,
     rank: int,
@@ -132,7 +132,8 @@ def build_step_hooks(
 ) -> StepHooks:
     """The run's :class:`StepHooks`; checks live teachers against the student first.
 
-    ``example`` is a probe batch of training features on the training device.
+    ``example`` is a probe batch of training features on the training device (``None``
+    when the run has no live teacher, augmentation or feature KD).
 
     Raises:
         InputError: student and live-teacher outputs that do not fit; see

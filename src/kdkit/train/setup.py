@@ -131,7 +131,9 @@ def setup_run(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     train_data, eval_data = _resolve_data(config, train_data, eval_data)
     first = _check_item(train_data, "train_data")
-    example = _example_batch(train_data).to(env.device)
+    example = None  # a probe batch, only for runs whose models must be checked running
+    if config.teacher_model or teachers or config.augment or config.feature_kd:
+        example = _example_batch(train_data).to(env.device)
     teacher, num_classes = _prepare_teacher(
         config, train_data, first, distil, teachers, example, env.device
     )
@@ -264,7 +266,7 @@ def _prepare_teacher(
     first: dict[str, Any],
     distil: bool,
     modules: Mapping[str, nn.Module] | None,
-    example: torch.Tensor,
+    example: torch.Tensor | None,
     device: torch.device,
 ) -> tuple[Teachers | None, int]:
     """The teachers of a KD run (``None`` without any) and the number of classes.

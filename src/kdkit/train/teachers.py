@@ -182,7 +182,7 @@ def open_live_teachers(
     cached: Any,
     modules: Mapping[str, nn.Module],
     *,
-    example: torch.Tensor,
+    example: torch.Tensor | None,
     num_classes: int | None,
     label_classes: int,
     device: torch.device,
@@ -203,6 +203,8 @@ def open_live_teachers(
     if cached is not None and not config.teacher_model and not modules:
         strategy, weights = cached.strategy, cached.weights
         return Teachers(cached, [], strategy, weights, consistent=False), num_classes
+    if example is None:
+        raise ValueError("live teachers need a probe batch of training features")
     names = [] if cached is None else list(cached.names)
     live: list[LiveTeacher] = []
     for spec in config.teacher_model or []:
