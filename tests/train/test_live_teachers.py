@@ -194,3 +194,18 @@ def test_cli_live_teachers_repeatable_and_bad_output_exits_2(tmp_path, manifest,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "live teacher 't' outputs 4-class logits" in err
+
+
+def test_live_teacher_with_augmentation_under_torchrun(tmp_path, manifest):
+    from test_distributed_train import _torchrun  # the bounded torchrun helper
+
+    teacher = tmp_path / "teacher"
+    assert main(["train-teacher", *cli_args(manifest, teacher)[1:]]) == 0
+    out = tmp_path / "student"
+    argv = [*cli_args(manifest, out), "--epochs", "2", "--teacher_model", f"t={teacher}"]
+    argv += ["--augment", "mixup,noise,shift", "--warmup_epochs", "0"]
+    result = _torchrun(argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = read_metrics(out / "metrics.jsonl", "epoch")
+    assert [r["epoch"] for r in epochs] == [0, 1] and epochs[-1]["kd_loss"] > 0
+    assert json.loads((out / "results.json").read_text())["teacher"] == ["t"]

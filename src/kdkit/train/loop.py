@@ -55,7 +55,7 @@ class TrainResult:
         output_dir: Where config, metrics and checkpoints were written.
         completed: ``False`` when ``config.stop_after_epoch`` ended the run before
             ``config.epochs`` (continue it with ``resume=True``).
-        teacher: The cached teacher(s) distilled from (``[]`` for a CE-only run).
+        teacher: The teacher(s) distilled from, cached then live (``[]`` for a CE-only run).
     """
 
     model: nn.Module
