@@ -209,3 +209,24 @@ def test_live_teacher_with_augmentation_under_torchrun(tmp_path, manifest):
     epochs = read_metrics(out / "metrics.jsonl", "epoch")
     assert [r["epoch"] for r in epochs] == [0, 1] and epochs[-1]["kd_loss"] > 0
     assert json.loads((out / "results.json").read_text())["teacher"] == ["t"]
+
+
+def test_config_checks_the_live_fields(tmp_path):
+    from kdkit.train import TrainConfig
+
+    for values, error, match in (
+        ({"teacher_model": ["noequals"]}, ValueError, "expected NAME=RUN_DIR"),
+        ({"teacher": ["a"], "teacher_model": ["a=x"]}, ValueError, "'a' given twice"),
+        ({"teacher_model": ["a=x", "a=y"]}, ValueError, "'a' given twice"),
+        ({"teacher_checkpoint": "first"}, ValueError, "teacher_checkpoint"),
+        ({"feature_kd_loss": "l1"}, ValueError, "feature_kd_loss"),
+        ({"feature_kd": ["nocolon"]}, ValueError, "STUDENT_MODULE:TEACHER_MODULE"),
+        ({"teacher_model": [3]}, TypeError, "teacher_model must be a non-empty list"),
+        ({"consistent_teacher": "yes"}, TypeError, "consistent_teacher"),
+        ({"teacher_model": ["a=x", "b=y"], "fusion_weights": [1.0]}, ValueError, "one weight per"),
+    ):
+        with pytest.raises(error, match=match):
+            TrainConfig.from_dict(values)
+    config = TrainConfig(teacher_model="a=x", feature_kd="1:2", augment="noise, shift")
+    assert (config.teacher_model, config.feature_kd) == (["a=x"], ["1:2"])
+    assert config.augment == ["noise", "shift"]
