@@ -157,7 +157,7 @@ def build_step_hooks(
     if config.augment:
         hooks.augmentation = Augmentation(config.augment)
         probe = torch.Generator(device=device).manual_seed(0)
-        view, _ = hooks.augmentation(example, probe, check_values=True)
+        hooks.augmentation(example, probe, check_values=True)  # bad callables fail here
         if teachers is not None and teachers.cached is not None:
             warnings.warn(
                 f"augment {config.augment} with cached teacher(s) {list(teachers.cached.names)}: "
@@ -170,7 +170,6 @@ def build_step_hooks(
                 + "; a live teacher (teacher_model) sees the augmented view",
                 stacklevel=5,
             )
-        _ = view
     if config.feature_kd:
         if not live:
             raise ValueError(
