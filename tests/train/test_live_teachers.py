@@ -204,7 +204,7 @@ def test_live_teacher_with_augmentation_under_torchrun(tmp_path, manifest):
     out = tmp_path / "student"
     argv = [*cli_args(manifest, out), "--epochs", "2", "--teacher_model", f"t={teacher}"]
     argv += ["--augment", "mixup,noise,shift", "--warmup_epochs", "0"]
-    result = _torchrun(argv)
+    result = _torchrun(argv, timeout=300)  # two processes importing torch on a busy machine
     assert result.returncode == 0, result.stderr[-3000:]
     epochs = read_metrics(out / "metrics.jsonl", "epoch")
     assert [r["epoch"] for r in epochs] == [0, 1] and epochs[-1]["kd_loss"] > 0
