@@ -228,7 +228,9 @@ def test_ce_only_run_with_mixup_and_bad_combinations(tmp_path):
     with pytest.raises(ValueError, match="kd_on='target'"):
         tiny(tmp_path, augment=["mixup"], kd_on="target")
     with pytest.raises(ValueError, match="consistent_teacher=True needs a live teacher"):
-        train_student(tiny(tmp_path, augment=["noise"], consistent_teacher=True), train_data=TRAIN)
+        train_student(
+            tiny(tmp_path, "second", augment=["noise"], consistent_teacher=True), train_data=TRAIN
+        )
 
 
 @pytest.mark.parametrize(
@@ -255,7 +257,7 @@ def test_cli_augment_exit_codes_and_the_trust_rule(tmp_path, capsys):
         records.append(ManifestRecord(f"x/{i}.npy", i % 2, 0, "train"))
     write_manifest(manifest, records)
     base = ["train-student", "--manifest", str(manifest), "--eval_split", "train"]
-    base += ["--epochs", "1", "--no-progress", "--output_dir", str(tmp_path / "out")]
+    base += ["--epochs", "1", "--no-progress", "--output_dir", str(tmp_path / "out"), "--overwrite"]
     assert main([*base, "--augment", "noise,shift:0.25,test_augment:negate"]) == 0
     capsys.readouterr()
     assert main([*base, "--augment", "test_augment:drop_one"]) == 2
