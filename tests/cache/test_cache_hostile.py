@@ -294,7 +294,7 @@ CASES = [
     ("manifest-huge-int", "open", raw_manifest('{"n": ' + "9" * 5000 + "}"), r"not valid UTF-8"),
     ("manifest-over-16MiB", "open", raw_manifest(HUGE_MANIFEST), r"larger than 16777216 bytes"),
     ("manifest-symlink-outside", "open", symlink_outside("manifest.json"), r"outside"),
-    ("format-version-2", "open", edit(_set(["format_version"], 2)), r"format version 2"),
+    ("format-version-3", "open", edit(_set(["format_version"], 3)), r"format version 3"),
     ("format-version-true", "open", edit(_set(["format_version"], True)), r"version True"),
     ("format-version-missing", "open", edit(_del(["format_version"])), r"version None"),
     # manifest: shapes and sizes
