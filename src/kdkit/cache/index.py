@@ -286,15 +286,20 @@ class CacheIndex:
             )
         return block[inverse.reshape(-1)]
 
+    def _verify_positions(self) -> None:
+        _verify_positions_impl(self)
+
     def verify(self) -> None:
         """Check every file's size and checksum, that the key index matches the keys and
-        that keys are unique; raise :class:`CacheError` naming a bad file."""
+        that keys are unique, the offsets of a sequence cache, and every record of a sparse
+        teacher (:meth:`read_sparse`); raise :class:`CacheError` naming a bad file."""
         for name, entry in sorted(self.manifest["files"].items()):
             if checksum_of(self._file(name)) != entry[CHECKSUM]:
                 raise CacheError(
                     f"cache file {name!r} in {self.path} does not match its {CHECKSUM} checksum "
                     "(altered or corrupted)"
                 )
+        self._verify_positions()
         info = self.manifest["keys"]
         keys = self.keys()
         if self.num_samples:
@@ -317,6 +322,24 @@ class CacheIndex:
                     f"cache file {info['index']!r} in {self.path} does not match the keys in "
                     f"{info['file']!r}"
                 )
+
+
+def _verify_positions_impl(index: CacheIndex) -> None:
+    if index.is_sequence:
+        offsets = np.asarray(index.offsets())
+        if offsets[0] != 0 or offsets[-1] != index.num_positions or (np.diff(offsets) < 0).any():
+            raise CacheError(
+                f"cache file {index.manifest['positions']['file']!r} in {index.path} does not hold "
+                f"non-decreasing offsets from 0 to num_positions={index.num_positions}"
+            )
+    for name in index.teachers:
+        if index.is_sparse(name):
+            for start in range(0, index.num_positions, _VERIFY_BLOCK):
+                stop = min(start + _VERIFY_BLOCK, index.num_positions)
+                index.read_sparse(name, np.arange(start, stop))
+
+
+_VERIFY_BLOCK = 1 << 16
 
 
 def load_cache_index(cache_dir: str | os.PathLike[str]) -> CacheIndex:
