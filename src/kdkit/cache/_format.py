@@ -84,6 +84,16 @@ def position_dtype(info: dict[str, Any]) -> np.dtype:
     return np.dtype((DTYPES[info["dtype"]], (int(info["num_classes"]),)))
 
 
+def position_bytes(info: dict[str, Any]) -> int:
+    """Bytes of one stored position of a teacher (plain integer arithmetic: a manifest may
+    claim sizes no numpy dtype can hold)."""
+    value = np.dtype(DTYPES[info["dtype"]]).itemsize
+    if is_sparse(info):
+        index = np.dtype(INDEX_DTYPES[info["index_dtype"]]).itemsize
+        return int(info["top_k"]) * (index + value) + np.dtype(TAIL_DTYPE).itemsize
+    return int(info["num_classes"]) * value
+
+
 def num_positions(manifest: dict[str, Any]) -> int:
     """Stored positions ``P``: ``num_samples`` without a position axis, else the total."""
     positions = manifest.get("positions")
@@ -454,7 +464,7 @@ def expected_sizes(manifest: dict[str, Any]) -> dict[str, int]:
     if manifest.get("positions") is not None:
         sizes[manifest["positions"]["file"]] = 8 * (n + 1)
     for info in manifest["teachers"].values():
-        sizes[info["file"]] = p * position_dtype(info).itemsize
+        sizes[info["file"]] = p * position_bytes(info)
     return sizes
 
 

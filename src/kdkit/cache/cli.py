@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from kdkit.cache._format import CacheError, position_dtype
+from kdkit.cache._format import CacheError, position_bytes
 from kdkit.cache.index import load_cache_index, verify_cache
 
 __all__ = ["add_subcommands", "cache_info", "cache_verify"]
@@ -48,7 +48,7 @@ def cache_info(args: argparse.Namespace) -> int:
         if t.get("fused"):
             fused = f"  fused {t['fused']['strategy']} of {', '.join(t['fused']['teachers'])}"
         nbytes = m["files"][t["file"]]["bytes"]
-        per = position_dtype(t).itemsize
+        per = position_bytes(t)
         if t.get("kind") == "sparse":
             kind = (
                 f"sparse top_k={t['top_k']} of {t['num_classes']} classes, {t['index_dtype']} "

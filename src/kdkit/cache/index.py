@@ -19,6 +19,7 @@ import torch
 
 from kdkit.cache._format import (
     CHECKSUM,
+    DTYPES,
     FENCE,
     CacheError,
     MissingFileError,
@@ -160,12 +161,11 @@ class CacheIndex:
         if teacher not in self._maps:
             info = self.manifest["teachers"][teacher]
             raw = self._file(info["file"])
-            dtype = position_dtype(info)
-            if dtype.subdtype is not None:  # dense: (dtype, (C,))
-                base, (c,) = dtype.subdtype
-                self._maps[teacher] = raw.view(base).reshape(self.num_positions, c)
+            if is_sparse(info):
+                self._maps[teacher] = raw.view(position_dtype(info))
             else:
-                self._maps[teacher] = raw.view(dtype)
+                shape = (self.num_positions, int(info["num_classes"]))
+                self._maps[teacher] = raw.view(DTYPES[info["dtype"]]).reshape(shape)
         return self._maps[teacher]
 
     _logits_map = _teacher_map
