@@ -347,3 +347,13 @@ def test_loss_on_cached_k_equal_v_matches_dense(tmp_path):
         want = kd_loss(s, dense, 1.0, reduction="mean", mask=sp.mask)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert np.isfinite(index.lengths(KEYS)).all()
+
+
+def test_readme_sparse_example_runs(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Sparse top-k teachers", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    assert "['avg_confidence', 'ce_loss']" in capsys.readouterr().out
