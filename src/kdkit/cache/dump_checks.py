@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kdkit._validation import FUSION_STRATEGIES, check_choice, check_fusion_weights
-from kdkit.cache._format import FLOAT16_MAX, check_teacher_name, normalize_key, shown
+from kdkit.cache._format import FLOAT16_MAX, MAX_TOP_K, check_teacher_name, normalize_key, shown
 from kdkit.cache.index import CacheIndex
 
 
@@ -139,8 +139,10 @@ def check_top_k(top_k: object, temperature: object, names: Sequence[str]) -> dic
     else:
         chosen = dict.fromkeys(names, top_k)
     for name, k in chosen.items():
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"top_k for teacher {name!r} must be an integer >= 1, got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOP_K:
+            raise ValueError(
+                f"top_k for teacher {name!r} must be an integer in [1, {MAX_TOP_K}], got {k!r}"
+            )
     return {n: SparseSpec(k, float(temperature)) for n, k in chosen.items()}
 
 
