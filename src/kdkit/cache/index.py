@@ -262,21 +262,19 @@ class CacheIndex:
         info = self.manifest["teachers"][teacher]
         unique, inverse = np.unique(positions, return_inverse=True)
         block = self._teacher_map(teacher)[unique]
-        idx = block["indices"].astype(np.int64)
-        lp = block["logprobs"].astype(np.float32)
-        tail = block["tail"].astype(np.float32)
+        idx, lp, tail = block["indices"], block["logprobs"], block["tail"]  # stored dtypes
         problems = []
         v = int(info["num_classes"])
-        if ((idx < 0) | (idx >= v)).any():
+        if idx.size and (int(idx.max()) >= v or int(idx.min()) < 0):
             problems.append(f"class indices outside [0, {v})")
-        if idx.shape[1] > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
+        ordered = np.sort(idx, axis=1)
+        if idx.shape[1] > 1 and (ordered[:, 1:] == ordered[:, :-1]).any():
             problems.append("a class index repeated within a position")
         if np.isnan(lp).any() or np.isnan(tail).any() or (lp > 1e-3).any() or (tail > 1e-3).any():
             problems.append("NaN or log-probabilities above 0")
         else:
             tol = 1e-2 if info["dtype"] == "float16" else 1e-4
-            with np.errstate(over="ignore"):
-                total = np.exp(lp.astype(np.float64)).sum(axis=1)
+            total = np.exp(lp.astype(np.float32)).sum(axis=1, dtype=np.float64)
             if (total > 1 + tol).any():
                 problems.append("top-k probabilities summing to more than 1 (a negative tail mass)")
         if problems:
