@@ -234,7 +234,9 @@ def test_interrupted_sparse_dump_resumes(tmp_path):
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(ValueError, match=r"top_k for teacher 'big' must be an integer in \[1, 65536\], got 0"):
+    with pytest.raises(
+        ValueError, match=r"top_k for teacher 'big' must be an integer in \[1, 65536\], got 0"
+    ):
         _dump(tmp_path / "a", top_k={"big": 0})
     with pytest.raises(
         ValueError, match=r"top_k for teacher 'big' must be <= its 40 classes, got 41"
