@@ -137,9 +137,8 @@ def test_index_dtype_and_value_dtype_chosen_to_fit(tmp_path):
     size = index.manifest["files"][info["file"]]["bytes"]
     assert size == 4 * (2 * 4 + 2 * 2 + 4)
     sp = load_cached_logits(["c3"], index)
-    with torch.no_grad():
-        ref = sparse_topk(index and nn.Linear(3, big_v).eval()(data[3]["features"][None]), 2)
-    assert sp.indices.max() < big_v and ref.indices.shape == sp.indices.shape
+    assert sp.indices.dtype == torch.int64 and sp.logprobs.dtype == torch.float32
+    assert int(sp.indices.max()) < big_v
 
 
 def test_dataset_and_dataloader_workers(tmp_path):
