@@ -161,7 +161,9 @@ def kd_loss(
             (``create_graph=True``) or ``retain_graph=True`` pass ``'reference'``.
 
     Shape:
-        - student_logits, teacher_logits: ``[B, C]`` or ``[..., C]``, identical shapes.
+        - student_logits, teacher_logits: ``[B, C]`` or ``[..., C]``, identical shapes; or
+          teacher_logits a :class:`kdkit.SparseLogits` whose positions ``[B]``/``[B, L]``
+          are the student's ``shape[:-1]`` (its ``mask`` then also masks).
         - mask: ``[B]`` (``shape[:-1]``), bool.
         - output: ``[]``, or ``[B]`` (``shape[:-1]``) for ``reduction='none'``.
 
