@@ -331,6 +331,30 @@ def _fused_spec(text: str) -> tuple[str, dict[str, Any]]:
     return name, {"teachers": _names(members), "strategy": strategy or "mean"}
 
 
+def _top_k_spec(text: str) -> tuple[str | None, int]:
+    """``K`` (every teacher) or ``NAME=K``."""
+    name, sep, value = text.rpartition("=")
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1 or (sep and not name):
+        raise argparse.ArgumentTypeError(
+            f"expected K or NAME=K with an integer K >= 1, got {text!r}"
+        )
+    return (name or None), k
+
+
+def _top_k_option(specs: list[tuple[str | None, int]] | None) -> int | dict[str, int] | None:
+    if not specs:
+        return None
+    if len(specs) == 1 and specs[0][0] is None:
+        return specs[0][1]
+    if any(name is None for name, _ in specs):
+        raise ValueError("--top_k: give either one K for every teacher or NAME=K per teacher")
+    return {name: k for name, k in specs}  # type: ignore[misc]
+
+
 def _cmd_dump_teacher(args: argparse.Namespace) -> int:
     import torch
 
@@ -358,6 +382,9 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
                 trust_factories=args.trust_factories,
             )
         fused = dict(args.fused) if args.fused else None
+        top_k = _top_k_option(args.top_k)
+        if args.capture_temperature is not None and top_k is None:
+            raise ValueError("--capture_temperature applies to sparse teachers: pass --top_k too")
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
     _setup_logging()
@@ -374,6 +401,8 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
             ensembles=fused,
             progress=args.progress and sys.stderr.isatty() and env.is_main,
             allow_other_files=args.allow_other_files,
+            top_k=top_k,
+            capture_temperature=args.capture_temperature or 1.0,
         )
     except Exception as exc:  # the cache's own errors (CacheError) included
         if not isinstance(exc, (*_CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
@@ -422,6 +451,18 @@ def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
         "--allow_other_files",
         action="store_true",
         help="create a new cache in a directory that holds other files (never deleted)",
+    )
+    parser.add_argument(
+        "--top_k",
+        type=_top_k_spec,
+        action="append",
+        help="store teachers sparse: K (every teacher) or NAME=K (repeatable), the top-k "
+        "log-probabilities over the full vocabulary plus the tail mass",
+    )
+    parser.add_argument(
+        "--capture_temperature",
+        type=float,
+        help="temperature of the sparse log-probabilities (default 1; needs --top_k)",
     )
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
