@@ -24,6 +24,7 @@ from kdkit.losses.kd import (
     kd_loss,
 )
 from kdkit.losses.modules import KDLoss, StudentLoss
+from kdkit.sparse import SparseLogits
 
 # Training (kdkit.train: torch only; tqdm, safetensors and friends load when used).
 from kdkit.train import TrainConfig, TrainResult, train_student, train_teacher
@@ -31,6 +32,7 @@ from kdkit.train import TrainConfig, TrainResult, train_student, train_teacher
 __all__ = [
     "KDLoss",
     "KDLossConfig",
+    "SparseLogits",
     "StudentLoss",
     "TeacherLogitsDataset",
     "TrainConfig",

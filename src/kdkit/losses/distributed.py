@@ -134,7 +134,9 @@ def compute_student_loss_distributed(
     count = packed[0].clamp_min(1)
     scale = float(dist.get_world_size(group)) if gradients_averaged else 1.0
     local = combine(terms.ce_sum / count, kd_mean(terms.kd_sum, packed[1], alpha), alpha)
-    loss = (scale * local).to(result_dtype(student_logits, teacher_logits))
+    loss = (scale * local).to(
+        result_dtype(student_logits, getattr(teacher_logits, "logprobs", teacher_logits))
+    )
     ce = packed[4] / count
     kd = kd_mean(packed[5], packed[1], alpha)
     total = combine(ce, kd, alpha).to(loss.dtype)

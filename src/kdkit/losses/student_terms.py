@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from kdkit._validation import (
     bad_rows,
+    check_sparse_options,
     check_student_loss_args,
     check_student_loss_options,
     compute_dtype,
@@ -35,6 +36,8 @@ from kdkit._validation import (
     result_dtype,
 )
 from kdkit.losses.divergences import divergence
+from kdkit.losses.sparse import raise_uncovered, sparse_confidence, sparse_divergence
+from kdkit.sparse import SparseLogits
 
 __all__ = [
     "STUDENT_LOSS_STATS",
@@ -74,6 +77,8 @@ class StudentLossInputs(NamedTuple):
     domain_mask: torch.Tensor | None
     ignore_index: int
     implementation: str
+    sparse_tail: str = "bucket"  # with a SparseLogits teacher (kdkit.losses.sparse)
+    retemper: bool = False
 
 
 def kd_weight_schedule(epoch: float, warmup: float, ramp: float, target_alpha: float) -> float:
@@ -90,9 +95,17 @@ def checked_kd_weight(inputs: StudentLossInputs, current_epoch: float, config_ty
 
     ``config_type`` is ``KDLossConfig`` (passed in: its module imports this one).
     """
-    student, teacher, targets, config, domain_mask, ignore_index, implementation = inputs
+    student, teacher, targets, config, domain_mask, ignore_index, implementation = inputs[:7]
     check_student_loss_args(student, teacher, targets, domain_mask, current_epoch)
     check_student_loss_options(config, config_type, ignore_index, implementation)
+    if isinstance(teacher, SparseLogits):
+        check_sparse_options(
+            teacher,
+            float(config.temperature),
+            config.loss_type,
+            inputs.sparse_tail,
+            inputs.retemper,
+        )
     return kd_weight_schedule(
         float(current_epoch),
         float(config.warmup_epochs),
@@ -157,24 +170,44 @@ def student_loss_terms(
     inputs: StudentLossInputs, alpha: float, *, chunk_elements: int | None = None
 ) -> StudentLossTerms:
     """Sums and counts of the CE and weighted KD terms of one batch."""
-    student_logits, teacher_logits, targets, config, domain_mask, ignore_index, _ = inputs
-    dtype = compute_dtype(student_logits, teacher_logits, temperature=config.temperature)
+    student_logits, teacher_logits, targets, config, domain_mask, ignore_index = inputs[:6]
+    sparse = isinstance(teacher_logits, SparseLogits)
+    teacher_values = teacher_logits.logprobs if sparse else teacher_logits
+    dtype = compute_dtype(student_logits, teacher_values, temperature=config.temperature)
     student = student_logits.to(dtype)
-    teacher = teacher_logits.detach().to(dtype)
     valid = targets != ignore_index
     ce_sum, out_of_range = _cross_entropy_sum(student, targets, valid, ignore_index)
 
     # Confidence weights and the KD selection (cheap: teacher only).
-    confidence = teacher_confidence(teacher)
+    if sparse:
+        teacher = teacher_logits
+        confidence = sparse_confidence(teacher_logits, dtype)
+        uncovered = (valid & ~teacher_logits.mask).any()
+        teacher_bad = uncovered.to(dtype)  # reported by raise_for_flags
+    else:
+        teacher = teacher_logits.detach().to(dtype)
+        confidence = teacher_confidence(teacher)
+        teacher_bad = bad_rows(teacher).any().to(dtype)
     weights = confidence_weights(confidence, config.kd_weighting, config.confidence_threshold)
     keep = valid if domain_mask is None else valid & domain_mask
+    if sparse:
+        keep = keep & teacher_logits.mask
     weights = torch.where(keep, weights, 0.0)
     selected = weights > 0
 
     infinite = None
     kd_sum = student.new_zeros(())
     infinite_any = torch.zeros((), dtype=torch.bool, device=student.device)
-    if alpha > 0:  # during warmup the divergence is not computed at all
+    if alpha > 0 and sparse:
+        per_sample = sparse_divergence(
+            student_logits,
+            teacher_logits,
+            config.temperature,
+            config.loss_type,
+            config.jsd_beta,
+            inputs.sparse_tail,
+        )
+    if alpha > 0 and not sparse:  # during warmup the divergence is not computed at all
         per_sample = divergence(
             student_logits,
             teacher_logits,
@@ -184,6 +217,7 @@ def student_loss_terms(
             inputs.implementation,
             chunk_elements=chunk_elements,
         )
+    if alpha > 0:
         kd_sum = torch.where(selected, weights * per_sample, 0.0).sum()
         infinite = torch.isinf(per_sample.detach()) & selected
         infinite_any = infinite.any()
@@ -197,7 +231,7 @@ def student_loss_terms(
         flags=(
             out_of_range.any().to(dtype),
             bad_rows(student).any().to(dtype),
-            bad_rows(teacher).any().to(dtype),
+            teacher_bad,
             infinite_any.to(dtype),
         ),
         out_of_range=out_of_range,
@@ -246,6 +280,8 @@ def raise_for_flags(
         raise_out_of_range_targets(targets, terms.out_of_range, num_classes, inputs.ignore_index)
     if flags[1]:
         raise_bad_rows("student_logits", student_logits)
+    if flags[2] and isinstance(teacher_logits, SparseLogits):
+        raise_uncovered(targets != inputs.ignore_index, teacher_logits)
     if flags[2]:
         raise_bad_rows("teacher_logits", teacher_logits)
     if flags[3] and terms.infinite is not None:
@@ -266,7 +302,9 @@ def student_loss(
     kd = kd_mean(terms.kd_sum, terms.kd_weight_sum, alpha)
     coverage = terms.selected_count / count
     avg_confidence = terms.confidence_sum / count
-    total = combine(ce, kd, alpha).to(result_dtype(inputs.student_logits, inputs.teacher_logits))
+    teacher = inputs.teacher_logits
+    teacher_values = teacher.logprobs if isinstance(teacher, SparseLogits) else teacher
+    total = combine(ce, kd, alpha).to(result_dtype(inputs.student_logits, teacher_values))
     if tensor_stats:
         return total, stats_dict(
             total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, alpha
