@@ -6,7 +6,9 @@
 * :func:`lm_distillation_loss` -- the one loss function behind it;
 * :func:`student_from_teacher` -- a student made of every k-th teacher layer;
 * :func:`real_vocab_size` -- padded vocabularies and tokenizer checks;
-* :class:`CausalLMCollator`, :func:`load_lm_data` -- JSONL data (``input_ids`` or text).
+* :class:`CausalLMCollator`, :func:`load_lm_data` -- JSONL data (``input_ids`` or text);
+* :func:`dump_lm_teacher`, :func:`check_lm_cache` -- per-token teacher capture (dense or
+  top-k) keyed by sample id and ``input_ids`` fingerprint.
 
 The names load on first use (``kdkit.hf.cli`` builds its parser without ``transformers``);
 without ``transformers`` they raise ``ImportError`` naming the extra.
@@ -18,6 +20,9 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
+    "check_lm_cache": "kdkit.hf.capture",
+    "dump_lm_teacher": "kdkit.hf.capture",
+    "lm_cache_key": "kdkit.hf.capture",
     "CausalLMCollator": "kdkit.hf.data",
     "load_lm_data": "kdkit.hf.data",
     "kept_layers": "kdkit.hf.layers",
