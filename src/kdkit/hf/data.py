@@ -81,7 +81,9 @@ class CausalLMCollator:
     """Right-pads ``input_ids`` into ``input_ids``, ``attention_mask`` and ``labels``.
 
     ``labels`` are the input ids (or the sample's own ``labels``) with ``ignore_index``
-    at padding; the label shift happens once, in the loss.  ``sample_id`` is dropped.
+    at padding; the label shift happens once, in the loss.  With ``cache_keys=True`` the
+    batch also holds ``kd_keys``, the samples' teacher-cache keys
+    (:func:`~kdkit.hf.capture.lm_cache_key`); otherwise ``sample_id`` is dropped.
 
     Example:
         >>> batch = CausalLMCollator(pad_token_id=0)([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
@@ -89,11 +91,14 @@ class CausalLMCollator:
         [[5, 6, 7], [8, -100, -100]]
     """
 
-    def __init__(self, pad_token_id: int = 0, ignore_index: int = -100) -> None:
+    def __init__(
+        self, pad_token_id: int = 0, ignore_index: int = -100, *, cache_keys: bool = False
+    ) -> None:
         self.pad_token_id = pad_token_id
         self.ignore_index = ignore_index
+        self.cache_keys = cache_keys
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         length = max(len(s["input_ids"]) for s in samples)
         input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), length), self.ignore_index, dtype=torch.long)
@@ -105,4 +110,9 @@ class CausalLMCollator:
             mask[i, :n] = 1
             own = sample.get("labels")
             labels[i, :n] = ids if own is None else torch.as_tensor(own, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if self.cache_keys:
+            from kdkit.hf.capture import lm_cache_key
+
+            batch["kd_keys"] = [lm_cache_key(s["sample_id"], s["input_ids"]) for s in samples]
+        return batch

@@ -45,6 +45,7 @@ from kdkit.losses.student_terms import (
     student_loss_terms,
     teacher_confidence,
 )
+from kdkit.sparse import SparseLogits
 
 __all__ = ["HAS_LINEAR_PATH", "LMLossStats", "lm_distillation_loss", "shift_labels"]
 
@@ -99,6 +100,7 @@ def lm_distillation_loss(
     attention_mask: torch.Tensor | None = None,
     vocab_size: int | None = None,
     ignore_index: int = -100,
+    sparse_tail: str = "bucket",
 ) -> tuple[torch.Tensor, LMLossStats]:
     r"""The causal-LM distillation loss of one micro-batch, with ``KDLossConfig`` semantics.
 
@@ -123,7 +125,9 @@ def lm_distillation_loss(
         student_hidden: The student's final hidden states ``[B, L, H]`` (after the final
             norm), or its logits ``[B, L, V]`` when ``student_head`` is None.
         student_head: The student's output layer (``weight [V, H]``, optional bias).
-        teacher_logits: ``[B, L, V_t]`` (detached), ``V_t >= vocab_size``.
+        teacher_logits: ``[B, L, V_t]`` (detached), ``V_t >= vocab_size``, or a
+            :class:`~kdkit.SparseLogits` of a top-k cache (then the logits path is used,
+            with ``sparse_tail``).
         labels: ``[B, L]`` token ids (unshifted; ``ignore_index`` where not a target).
         attention_mask: ``[B, L]``; padding targets are ignored.
         vocab_size: The real vocabulary size (outputs are cut to it); default: the
@@ -139,7 +143,8 @@ def lm_distillation_loss(
             device-to-host transfer.
     """
     targets = shift_labels(labels, attention_mask, ignore_index)
-    if student_head is not None and not HAS_LINEAR_PATH:  # until the fused linear path lands
+    sparse = isinstance(teacher_logits, SparseLogits)
+    if student_head is not None and (sparse or not HAS_LINEAR_PATH):
         student_hidden = _head_logits(student_hidden, student_head, vocab_size)
         student_head = None
     if student_head is None:  # logits: kdkit's logits API
@@ -153,6 +158,7 @@ def lm_distillation_loss(
             kd_weight_total,
             vocab_size,
             ignore_index,
+            sparse_tail,
         )
     return _linear_loss(
         student_hidden,
@@ -187,13 +193,17 @@ def _logits_loss(
     kd_weight_total,
     vocab_size,
     ignore_index,
+    sparse_tail="bucket",
 ) -> tuple[torch.Tensor, LMLossStats]:
     """The loss on ``[B, L, V]`` student logits (``compute_student_loss``'s terms)."""
+    sparse = isinstance(teacher_logits, SparseLogits)
     if vocab_size is not None:
         student_logits = student_logits[..., :vocab_size]
-        teacher_logits = teacher_logits[..., :vocab_size]
+        if not sparse:
+            teacher_logits = teacher_logits[..., :vocab_size]
+    teacher = teacher_logits if sparse else teacher_logits.detach()
     inputs = StudentLossInputs(
-        student_logits, teacher_logits.detach(), targets, config, None, ignore_index, "auto"
+        student_logits, teacher, targets, config, None, ignore_index, "auto", sparse_tail
     )
     alpha = checked_kd_weight(inputs, progress, KDLossConfig)
     terms = student_loss_terms(inputs, alpha)

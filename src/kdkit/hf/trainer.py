@@ -33,6 +33,7 @@ from kdkit._extras import require
 from kdkit.hf.loss import LMLossStats, lm_distillation_loss, shift_labels
 from kdkit.hf.vocab import real_vocab_size
 from kdkit.losses.kd import KDLossConfig
+from kdkit.losses.sparse import sparse_confidence
 from kdkit.losses.student_terms import confidence_weights, teacher_confidence
 
 transformers = require("transformers", "hf", "kdkit.hf")
@@ -46,6 +47,13 @@ SCHEDULE_UNITS: tuple[str, ...] = ("epoch", "step")
 
 LOG_KEYS: tuple[str, ...] = ("kd_loss", "ce_loss", "kd_weight", "coverage", "teacher_confidence")
 """The keys :class:`DistillationTrainer` adds to the Trainer's training logs."""
+
+
+def _to_length(values: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, L']`` padded (zeros) or cut to ``[B, length]``."""
+    if values.shape[1] >= length:
+        return values[:, :length]
+    return torch.nn.functional.pad(values, (0, length - values.shape[1]))
 
 
 class _HiddenCapture:
@@ -69,10 +77,17 @@ class DistillationTrainer(transformers.Trainer):
     Args:
         model: The student (a ``*ForCausalLM`` model).
         args: ``transformers.TrainingArguments``.
-        teacher: The teacher, a causal LM sharing the student's tokenizer.  It is put in
-            eval mode with ``requires_grad=False``; if it sits on another device than the
-            student it stays there (its logits are moved), otherwise it is moved to the
+        teacher: The live teacher, a causal LM sharing the student's tokenizer.  It is put
+            in eval mode with ``requires_grad=False``; if it sits on another device than
+            the student it stays there (its logits are moved), otherwise it is moved to the
             student's device.
+        teacher_cache: Instead of ``teacher``: a cache of :func:`~kdkit.hf.dump_lm_teacher`
+            (a directory or ``CacheIndex``), checked against ``train_dataset`` before
+            training (:func:`~kdkit.hf.check_lm_cache`); batches need ``kd_keys``
+            (``CausalLMCollator(..., cache_keys=True)``).
+        cache_teacher: The teacher's name in ``teacher_cache`` (default: its only one).
+        sparse_tail: With a top-k cache: ``'bucket'`` or ``'renormalize'``
+            (see :func:`~kdkit.compute_student_loss`).
         kd_config: The KD settings (default ``KDLossConfig()``).
         schedule_unit: ``'epoch'`` (``warmup_epochs``/``kd_ramp_epochs`` in fractional
             epochs, ``state.epoch``) or ``'step'`` (in optimizer steps).
@@ -96,7 +111,10 @@ class DistillationTrainer(transformers.Trainer):
         model: nn.Module,
         args: Any = None,
         *,
-        teacher: nn.Module,
+        teacher: nn.Module | None = None,
+        teacher_cache: Any = None,
+        cache_teacher: str | None = None,
+        sparse_tail: str = "bucket",
         kd_config: KDLossConfig | None = None,
         schedule_unit: str = "epoch",
         teacher_tokenizer: Any = None,
@@ -104,7 +122,9 @@ class DistillationTrainer(transformers.Trainer):
         ignore_index: int = -100,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(teacher, nn.Module):
+        if (teacher is None) == (teacher_cache is None):
+            raise ValueError("give exactly one of teacher (a live model) and teacher_cache")
+        if teacher is not None and not isinstance(teacher, nn.Module):
             raise ValueError(
                 f"teacher must be a causal LM (nn.Module), got {type(teacher).__name__}"
             )
@@ -123,18 +143,46 @@ class DistillationTrainer(transformers.Trainer):
         self.kd_config = kd_config
         self.schedule_unit = schedule_unit
         self.ignore_index = ignore_index
+        self.cache = None
+        self.cache_teacher = cache_teacher
+        self.sparse_tail = sparse_tail
+        if teacher_cache is not None:
+            from kdkit.cache import load_cache_index
+            from kdkit.hf.capture import check_lm_cache
+
+            self.cache = (
+                teacher_cache
+                if hasattr(teacher_cache, "teacher_num_classes")
+                else load_cache_index(teacher_cache)
+            )
+            names = self.cache.teachers
+            if cache_teacher is None and len(names) == 1:
+                self.cache_teacher = names[0]
+            if self.cache_teacher not in names:
+                raise ValueError(
+                    f"cache_teacher must be one of the cache's teachers {list(names)}, "
+                    f"got {cache_teacher!r}"
+                )
+            if self.train_dataset is not None:
+                check_lm_cache(self.cache, self.train_dataset)
         self.vocab_size = real_vocab_size(
-            teacher,
+            teacher if teacher is not None else self.cache.teacher_num_classes[self.cache_teacher],
             model,
             vocab_size=vocab_size,
             tokenizer=self.processing_class,
             teacher_tokenizer=teacher_tokenizer,
         )
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
         self._teacher_placed = False
         self._normalisers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._window: torch.Tensor | None = None  # [ce, kd, N, W, selected, confidence]
         self._alpha = 0.0
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep ``sample_id`` (the cache key's first half) through the Trainer's column filter."""
+        super()._set_signature_columns_if_needed()
+        if "sample_id" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "sample_id"]
 
     # -- schedule and teacher ---------------------------------------------------------
 
@@ -154,8 +202,19 @@ class DistillationTrainer(transformers.Trainer):
         return device
 
     @torch.no_grad()
-    def teacher_logits(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """The teacher's ``[B, L, V_t]`` logits on the student's device (no graph)."""
+    def teacher_logits(self, inputs: dict[str, Any]) -> Any:
+        """The teacher's ``[B, L, V_t]`` logits on the student's device (no graph); from a
+        top-k cache a :class:`~kdkit.SparseLogits` (dense cache: a tensor)."""
+        if self.cache is not None:
+            from kdkit.cache import load_cached_logits
+
+            if "kd_keys" not in inputs:
+                raise KeyError(
+                    "batches need 'kd_keys' with a teacher cache: "
+                    "data_collator=CausalLMCollator(pad_id, cache_keys=True)"
+                )
+            cached = load_cached_logits(inputs["kd_keys"], self.cache, self.cache_teacher)
+            return cached.to(inputs["input_ids"].device)
         device = self._teacher_device()
         kwargs = {"input_ids": inputs["input_ids"].to(device)}
         if inputs.get("attention_mask") is not None:
@@ -197,8 +256,12 @@ class DistillationTrainer(transformers.Trainer):
             valid = targets != self.ignore_index
             counts[0] += valid.sum()
             if weighted:
-                logits = self.teacher_logits(batch)[..., : self.vocab_size].to(device)
-                confidence = teacher_confidence(logits.float())
+                logits = self.teacher_logits(batch)
+                if isinstance(logits, torch.Tensor):
+                    confidence = teacher_confidence(logits[..., : self.vocab_size].float())
+                else:  # top-k: the largest kept probability is the maximum
+                    confidence = sparse_confidence(logits, torch.float32)
+                confidence = _to_length(confidence.to(device), valid.shape[1])
                 weights = confidence_weights(
                     confidence, self.kd_config.kd_weighting, self.kd_config.confidence_threshold
                 )
@@ -221,11 +284,13 @@ class DistillationTrainer(transformers.Trainer):
     ) -> Any:
         """Training: the distillation loss of this micro-batch; evaluation: the model's CE."""
         if not model.training or self._normalisers is None:
+            inputs = {k: v for k, v in inputs.items() if k != "kd_keys"}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = self._labels(inputs)
         inputs.pop("labels", None)
         teacher_logits = self.teacher_logits(inputs)
+        inputs.pop("kd_keys", None)
         unwrapped = self.accelerator.unwrap_model(model)
         capture = _HiddenCapture()
         handle = unwrapped.base_model.register_forward_hook(capture)
@@ -246,6 +311,7 @@ class DistillationTrainer(transformers.Trainer):
             attention_mask=inputs.get("attention_mask"),
             vocab_size=self.vocab_size,
             ignore_index=self.ignore_index,
+            sparse_tail=self.sparse_tail,
         )
         self._record(stats)
         loss = loss * self.accelerator.num_processes

@@ -19,8 +19,13 @@ __all__ = ["check_tokenizers", "output_size", "real_vocab_size"]
 logger = logging.getLogger("kdkit.hf")
 
 
-def output_size(model: nn.Module) -> int:
-    """Number of output rows of a causal LM (its output embedding's first dimension)."""
+def output_size(model: nn.Module | int) -> int:
+    """Number of output rows of a causal LM (its output embedding's first dimension).
+
+    An ``int`` is taken as the size itself (a cached teacher's class count).
+    """
+    if isinstance(model, int):
+        return model
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
@@ -51,7 +56,7 @@ def check_tokenizers(teacher_tokenizer: Any, student_tokenizer: Any) -> int:
 
 
 def real_vocab_size(
-    teacher: nn.Module,
+    teacher: nn.Module | int,
     student: nn.Module,
     *,
     vocab_size: int | None = None,
