@@ -212,7 +212,10 @@ class DenseTeacher:
         self._workspace: torch_ops.Workspace | None = None
 
     def chunk(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        out.copy_(self.logits[start:stop, : self.vocab])
+        rows = self.logits[start:stop, : self.vocab]
+        if rows.dtype == out.dtype and rows.is_contiguous():
+            return rows  # no copy
+        out.copy_(rows)
         return out
 
     def confidence(self, chunk: torch.Tensor) -> torch.Tensor:
@@ -471,8 +474,10 @@ class LinearDivergence(torch.autograd.Function):
     (the gradient each per-row term will receive, up to one common factor) and keeps
     only the parameters' gradients.  Backward scales them by that factor (single use, in
     place), or recomputes the chunks when the incoming gradient is not a multiple of the
-    coefficients (or none were given).  Extra outputs (confidence, bad-row flags) are
-    not differentiable.
+    coefficients (or none were given).  The stored gradients are handed over (and
+    scaled in place) by the first backward; a second one (``retain_graph=True``)
+    recomputes the chunks.  Double backward (``create_graph=True``) raises.  Extra
+    outputs (confidence, bad-row flags) are not differentiable.
     """
 
     @staticmethod
@@ -501,7 +506,6 @@ class LinearDivergence(torch.autograd.Function):
         ctx.want = want
         ctx.coef = (kd_coef, ce_coef) if have_coef else None
         ctx.grads = result.grads if have_coef else None
-        ctx.used = False
         ctx.save_for_backward(hidden, weight, bias)
         ctx.mark_non_differentiable(result.confidence, result.bad_student, result.bad_teacher)
         return (
@@ -518,15 +522,11 @@ class LinearDivergence(torch.autograd.Function):
             raise RuntimeError(
                 "the fused linear KD loss does not support double backward (create_graph=True)"
             )
-        if ctx.used:
-            raise RuntimeError(
-                "the fused linear KD loss's backward is single use (retain_graph=True is "
-                "not supported): compute the loss again"
-            )
-        ctx.used = True
         hidden, weight, bias = ctx.saved_tensors
         plan: Plan = ctx.plan
-        factor = _common_factor(ctx.coef, g_kd, g_ce) if ctx.coef is not None else None
+        factor = None
+        if ctx.grads is not None:  # first backward: the gradients computed in forward
+            factor = _common_factor(ctx.coef, g_kd, g_ce)
         if factor is not None:
             grads = ctx.grads
             ctx.grads = None
