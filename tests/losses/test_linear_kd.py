@@ -26,6 +26,7 @@ from kdkit import (
     kd_loss,
     linear_kd_loss,
 )
+from kdkit.losses import linear
 from reference import ref_kd_loss, ref_linear_logits, ref_student_loss
 
 pytestmark = pytest.mark.usefixtures("kernel_backend")
@@ -534,3 +535,72 @@ def test_top_level_exports_and_module():
         == (linear_kd_loss(h, w, th, 2.0, "jsd", teacher_weight=tw, chunk_elements=100)).item()
     )
     assert "jsd" in repr(criterion)
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients from the forward pass; memory bounds measured by allocation
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weighting", ["none", "pmax"])
+def test_backward_uses_the_forward_gradients(monkeypatch, weighting):
+    """One chunk pass per loss: backward only scales what forward computed."""
+    calls = []
+    original = linear._chunk_loop
+    monkeypatch.setattr(linear, "_chunk_loop", lambda *a, **k: calls.append(1) or original(*a, **k))
+    h, w, b, th, tw, tb = _problem(seed=25)
+    linear_kd_loss(h, w, th, 2.0, "jsd", teacher_weight=tw, chunk_elements=50).backward()
+    assert len(calls) == 1
+    config = KDLossConfig(kd_alpha=0.5, kd_weighting=weighting)
+    targets = torch.randint(0, 23, (37,))
+    loss, _ = compute_student_loss_linear(h, w, th, targets, config, teacher_weight=tw)
+    (3.0 * loss).backward()
+    assert len(calls) == 2
+
+
+def _peak_bytes(fn) -> int:
+    """Peak bytes held by torch's CPU allocator while ``fn`` runs, above the start.
+
+    Deterministic: from the profiler's allocation events (every allocation and free,
+    temporaries inside kernels included), not from timings or RSS.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("loss_type", ["kldiv", "jsd"])
+@pytest.mark.parametrize("teacher_kind", ["live", "dense"])
+def test_extra_memory_is_a_fraction_of_the_logits(loss_type, teacher_kind, one_torch_thread):
+    n, hidden, vocab = 512, 32, 4096
+    logits_bytes = n * vocab * 4
+    h, w, b, th, tw, tb = _problem(lead=(n,), hidden=hidden, vocab=vocab, seed=26)
+    teacher = th if teacher_kind == "live" else ref_linear_logits(th, tw).float()
+    kwargs = {"teacher_weight": tw} if teacher_kind == "live" else {}
+    grads_bytes = (h.numel() + w.numel() + b.numel()) * 4  # the gradients themselves
+
+    def linear_step():
+        loss = linear_kd_loss(h, w, teacher, 1.0, loss_type, student_bias=b, **kwargs)
+        loss.backward()
+
+    def materialised_step():
+        z_t = teacher if teacher_kind == "dense" else th @ tw.T
+        loss = kd_loss(h @ w.T + b, z_t, 1.0, loss_type)
+        loss.backward()
+
+    for p in (h, w, b):
+        p.grad = None
+    extra = _peak_bytes(linear_step) - grads_bytes
+    for p in (h, w, b):
+        p.grad = None
+    materialised = _peak_bytes(materialised_step) - grads_bytes
+    ratios = (extra / logits_bytes, materialised / logits_bytes)
+    assert extra <= 0.25 * logits_bytes, ratios
+    assert materialised >= 1.0 * logits_bytes  # the logits path holds at least the logits

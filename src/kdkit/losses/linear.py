@@ -103,9 +103,11 @@ __all__ = [
     "teacher_source",
 ]
 
-LINEAR_SCRATCH_FRACTION: float = 1 / 16
-"""Default chunk: this fraction of the ``[N, V]`` logits (three chunk buffers of the
-compute dtype then take ~0.19x one float32 ``[N, V]`` tensor)."""
+LINEAR_SCRATCH_FRACTION: float = 1 / 32
+"""Default chunk: this fraction of the ``[N, V]`` logits.  Three chunk buffers of the
+compute dtype (student logits, teacher logits, gradient), the row kernel's scratch (none
+for the native kernel, 2-3 buffers for torch ops) and a temporary of ``logsumexp`` then
+stay below 0.25x one float32 ``[N, V]`` tensor."""
 
 MIN_LINEAR_CHUNK: int = 1 << 16
 MAX_LINEAR_CHUNK: int = 1 << 22
@@ -319,6 +321,7 @@ class Plan(NamedTuple):
     logit_scale: float | None
     softcap: float | None
     confidence: torch.Tensor | None  # [N] known before the loop (else computed in it)
+    with_confidence: bool  # compute the teacher confidence in the loop (student loss)
 
 
 class PassResult(NamedTuple):
@@ -355,7 +358,7 @@ def _chunk_loop(
     kd_rows = torch.zeros(num_rows, dtype=dtype, device=device)
     ce_rows = torch.zeros(num_rows, dtype=dtype, device=device)
     confidence = plan.confidence
-    computed_confidence = confidence is None and values
+    computed_confidence = confidence is None and values and plan.with_confidence
     if computed_confidence:
         confidence = torch.empty(num_rows, dtype=dtype, device=device)
     bad_s = torch.zeros(num_rows, dtype=torch.bool, device=device)
@@ -678,6 +681,7 @@ def _plan(
     kd: bool,
     targets: torch.Tensor | None = None,
     confidence: torch.Tensor | None = None,
+    with_confidence: bool = False,
 ) -> Plan:
     return Plan(
         prep.teacher,
@@ -692,6 +696,7 @@ def _plan(
         prep.logit_scale,
         prep.softcap,
         confidence,
+        with_confidence,
     )
 
 
@@ -1069,6 +1074,7 @@ def _student_terms(
         kd=alpha > 0,
         targets=safe_targets,
         confidence=confidence,
+        with_confidence=True,
     )
     kd_rows, ce_rows, confidence, bad_s, bad_t = _apply(prep, plan, coef)
     weights, selected = kd_selection(confidence, config, valid, domain_mask)
