@@ -604,3 +604,13 @@ def test_extra_memory_is_a_fraction_of_the_logits(loss_type, teacher_kind, one_t
     ratios = (extra / logits_bytes, materialised / logits_bytes)
     assert extra <= 0.25 * logits_bytes, ratios
     assert materialised >= 1.0 * logits_bytes  # the logits path holds at least the logits
+
+
+def test_readme_linear_example_runs(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Language models", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "True"
