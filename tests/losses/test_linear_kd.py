@@ -614,3 +614,39 @@ def test_readme_linear_example_runs(capsys):
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "True"
+
+
+@pytest.mark.parametrize("loss_type", ["kldiv", "reverse_kl", "jsd"])
+def test_student_loss_with_transforms_and_vocab_size(loss_type):
+    config = KDLossConfig(temperature=2.0, kd_alpha=0.4, loss_type=loss_type, kd_weighting="pmax")
+    h, w, b, th, tw, tb = _problem(lead=(4, 6), vocab=15, seed=27)
+    tw, tb = tw[:12], tb[:12]
+    targets = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(4))
+    targets[1, 4:] = -100
+    scale, cap = 0.8, 3.0
+    loss, stats = compute_student_loss_linear(
+        h,
+        w,
+        th,
+        targets,
+        config,
+        student_bias=b,
+        teacher_weight=tw,
+        teacher_bias=tb,
+        logit_scale=scale,
+        softcap=cap,
+        vocab_size=11,
+        chunk_elements=40,
+    )
+    z_s = ref_linear_logits(h, w, b, logit_scale=scale, softcap=cap, vocab_size=11)
+    z_t = ref_linear_logits(th, tw, tb, logit_scale=scale, softcap=cap)
+    z_t = torch.cat([z_t, torch.zeros(4, 6, 3, dtype=torch.float64)], -1)
+    z_t = torch.where(torch.arange(15) < 11, z_t, -math.inf)
+    expected, ref_stats = compute_student_loss(
+        z_s, z_t, targets, config, implementation="reference"
+    )
+    _close(loss.detach(), expected.detach(), floor=4e-6)
+    for key in stats:
+        assert stats[key] == pytest.approx(ref_stats[key], rel=1e-6, abs=4e-6), key
+    for g, e in zip(_grads(loss, (h, w, b)), _grads(expected, (h, w, b))):
+        _close(g, e, floor=1e-7)
