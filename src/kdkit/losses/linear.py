@@ -61,7 +61,6 @@ import torch
 import torch.distributed as dist
 
 from kdkit._validation import (
-    bad_rows,
     check_kd_loss_options,
     check_linear_inputs,
     check_linear_options,
@@ -195,8 +194,9 @@ class TeacherSource(Protocol):
     def confidence(self, chunk: Any) -> torch.Tensor:
         """Max probability at T = 1 of each row of ``chunk``, ``[n]``."""
 
-    def bad_rows(self, chunk: Any) -> torch.Tensor:
-        """Rows of ``chunk`` with NaN, +inf or no finite entry, ``[n]`` bool."""
+    def row_max(self, chunk: Any, out: torch.Tensor) -> None:
+        """Row maxima of ``chunk`` into ``out [n]``: a row is bad (NaN, +inf or no finite
+        entry) iff its maximum is not finite (:func:`kdkit._validation.bad_rows`)."""
 
     def row_pass(
         self,
@@ -232,8 +232,8 @@ class DenseTeacher:
     def confidence(self, chunk: torch.Tensor) -> torch.Tensor:
         return teacher_confidence(chunk)
 
-    def bad_rows(self, chunk: torch.Tensor) -> torch.Tensor:
-        return bad_rows(chunk)
+    def row_max(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
+        torch.amax(chunk, dim=-1, out=out)
 
     def row_pass(
         self,
@@ -370,8 +370,11 @@ def _chunk_loop(
     computed_confidence = confidence is None and values and plan.with_confidence
     if computed_confidence:
         confidence = torch.empty(num_rows, dtype=dtype, device=device)
-    bad_s = torch.zeros(num_rows, dtype=torch.bool, device=device)
-    bad_t = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    # Row maxima (one reduction per chunk); rows are bad iff the maximum is not finite.
+    max_s = torch.zeros(num_rows, dtype=dtype, device=device)
+    max_t = torch.zeros(num_rows, dtype=dtype, device=device)
+    kd_scale = _RowScale(kd_coef)
+    ce_scale = _RowScale(ce_coef)
     grad_h = torch.empty_like(hidden) if grads_needed and want[0] else None
     grad_w = None
     if grads_needed and want[1]:
@@ -394,12 +397,12 @@ def _chunk_loop(
         n = stop - start
         zs = layer.logits(start, stop, z_s[:n])
         if values:
-            bad_s[start:stop] = bad_rows(zs)
+            torch.amax(zs, dim=-1, out=max_s[start:stop])
         teacher_chunk = None
         if z_t is not None:
             teacher_chunk = plan.teacher.chunk(start, stop, z_t[:n])
             if values:
-                bad_t[start:stop] = plan.teacher.bad_rows(teacher_chunk)
+                plan.teacher.row_max(teacher_chunk, max_t[start:stop])
             if computed_confidence:
                 confidence[start:stop] = plan.teacher.confidence(teacher_chunk)  # type: ignore[index]
         gc = None if g is None else g[:n]
@@ -415,7 +418,7 @@ def _chunk_loop(
             )
         if gc is not None:
             if kd_grad:
-                _scale_rows(gc, kd_coef[start:stop])  # type: ignore[index]
+                kd_scale(gc, start, stop)
             else:
                 gc.zero_()
         if ce_needed:
@@ -428,7 +431,7 @@ def _chunk_loop(
                 p = scratch[:n]
                 torch.sub(zs, lse.unsqueeze(1), out=p).exp_()
                 p.scatter_add_(1, y.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-                _scale_rows(p, ce_coef[start:stop])
+                ce_scale(p, start, stop)
                 gc.add_(p)
         if gc is None:
             continue
@@ -440,13 +443,39 @@ def _chunk_loop(
         grad_b = grad_b.to(bias.dtype)  # type: ignore[union-attr]
     if confidence is None:
         confidence = torch.zeros(num_rows, dtype=dtype, device=device)
+    bad_s, bad_t = ~torch.isfinite(max_s), ~torch.isfinite(max_t)
     return PassResult(kd_rows, ce_rows, confidence, bad_s, bad_t, (grad_h, grad_w, grad_b))
 
 
-def _scale_rows(grad: torch.Tensor, coef: torch.Tensor) -> None:
-    """``grad[i] *= coef[i]``, and exactly 0 where ``coef[i] == 0`` (also over NaN rows)."""
-    grad.mul_(coef.to(grad.dtype).unsqueeze(1))
-    grad.masked_fill_((coef == 0).unsqueeze(1), 0.0)
+class _RowScale:
+    """``grad[i] *= coef[i]``, exactly 0 where ``coef[i] == 0`` (also over NaN rows).
+
+    On CPU the coefficients are inspected once per pass, so a uniform vector (e.g.
+    ``'batchmean'`` without a mask) costs one scalar multiply per chunk and a vector
+    without zeros no mask fill: every op of a chunk costs a parallel region.
+    """
+
+    def __init__(self, coef: torch.Tensor | None) -> None:
+        self.coef = coef
+        self.scalar: float | None = None
+        self.zeros = True
+        if coef is not None and coef.device.type == "cpu" and coef.numel():
+            lo, hi = (float(v) for v in torch.aminmax(coef))
+            self.zeros = lo <= 0.0 <= hi and bool((coef == 0).any())
+            if lo == hi:
+                self.scalar = lo
+
+    def __call__(self, grad: torch.Tensor, start: int, stop: int) -> None:
+        if self.scalar is not None:
+            if self.scalar == 0.0:
+                grad.zero_()
+            elif self.scalar != 1.0:
+                grad.mul_(self.scalar)
+            return
+        coef = self.coef[start:stop]  # type: ignore[index]
+        grad.mul_(coef.to(grad.dtype).unsqueeze(1))
+        if self.zeros:
+            grad.masked_fill_((coef == 0).unsqueeze(1), 0.0)
 
 
 def _accumulate(

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from kdkit.domains import create_domain_mask
 from kdkit.losses.distributed import compute_student_loss_distributed
+from kdkit.train.guards import grads_finite, non_finite_error
 from kdkit.train.logging import MetricsLogger, progress_bar
 from kdkit.train.setup import Run
 
@@ -35,6 +36,7 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
         steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and env.is_main
     )
     for step, batch in enumerate(run.loader):
+        run.position = (epoch, step)
         kd_epoch = epoch + step / steps_per_epoch if config.schedule_per_step else epoch
         stats, acc = _train_step(run, batch, kd_epoch)
         for k in STEP_STATS:
@@ -78,11 +80,18 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
 
 
 def _train_step(run: Run, batch: dict[str, Any], kd_epoch: float) -> tuple[dict[str, float], float]:
-    """One optimiser step on ``batch``; return the loss stats and the batch accuracy."""
+    """One optimiser step on ``batch``; return the loss stats and the batch accuracy.
+
+    Host transfers per step: one without a teacher (loss, accuracy and the finiteness
+    flag of loss and gradients, stacked); two with one (the KD loss's own, which also
+    validates its inputs, and accuracy + flag).  A non-finite loss or gradient raises
+    :class:`~kdkit.train.guards.NonFiniteError` before the optimiser step.
+    """
     device = run.env.device
     features = batch["features"].to(device)
     targets = torch.as_tensor(batch["label"]).to(device)
     logits = run.train_model(features)
+    stats: dict[str, float] | None = None
     if run.teacher is not None:
         teacher_logits = run.teacher.logits(list(batch["path"])).to(device)
         mask = None
@@ -93,15 +102,26 @@ def _train_step(run: Run, batch: dict[str, Any], kd_epoch: float) -> tuple[dict[
             )
             mask = mask[1].to(device)
         # Normalised over all ranks (exactly compute_student_loss on one).
-        loss, stats = compute_student_loss_distributed(
-            logits, teacher_logits, targets, run.config.kd, kd_epoch, domain_mask=mask
-        )
+        try:
+            loss, stats = compute_student_loss_distributed(
+                logits, teacher_logits, targets, run.config.kd, kd_epoch, domain_mask=mask
+            )
+        except ValueError:
+            if not bool(torch.isfinite(logits.detach()).all()):  # error path only
+                raise non_finite_error(run.position, batch, features, "student logits") from None
+            raise
     else:
         loss = F.cross_entropy(logits, targets)
-        value = float(loss.detach())
-        stats = {"total_loss": value, "ce_loss": value}
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    hits = (logits.detach().argmax(dim=-1) == targets).float().mean()
+    finite = (torch.isfinite(loss.detach()) & grads_finite(run.model.parameters())).float()
+    if stats is None:  # the step's one transfer
+        value, acc, ok = torch.stack([loss.detach().float(), hits, finite]).tolist()
+        stats = {"total_loss": value, "ce_loss": value}
+    else:
+        acc, ok = torch.stack([hits, finite]).tolist()
+    if not ok:
+        raise non_finite_error(run.position, batch, features, "loss or gradient")
     run.optimizer.step()
-    acc = float((logits.detach().argmax(dim=-1) == targets).float().mean())
     return stats, acc

@@ -6,7 +6,8 @@ teacher, model, optimiser, loader, resume state), :mod:`kdkit.train.epoch` (the 
 one epoch), :mod:`kdkit.train.evaluation` (per-domain metrics) and
 :mod:`kdkit.train.checkpoints`.
 
-Outputs in ``config.output_dir``: ``config.json`` (the resolved config),
+Outputs in ``config.output_dir``: ``config.json`` (the resolved config and its
+``segments``, one per invocation: see :mod:`kdkit.train.resume`),
 ``metrics.jsonl``, ``epochs.csv``, ``results.json``, ``checkpoints/{best,last}.safetensors`` with their
 ``.json`` metadata and ``checkpoints/last_state.pt`` (optimiser, scheduler, RNG states,
 read back with ``weights_only=True``).
@@ -14,8 +15,11 @@ read back with ``weights_only=True``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +28,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from kdkit._validation import check_device
 from kdkit.train.checkpoints import capture_rng_state, save_training_state, save_weights
 from kdkit.train.config import TrainConfig
 from kdkit.train.epoch import train_one_epoch
 from kdkit.train.evaluation import evaluate
+from kdkit.train.guards import TrainingInterrupted
 from kdkit.train.logging import MetricsLogger, write_epochs_csv
+from kdkit.train.outputs import claim_output_dir, write_run_config
 from kdkit.train.setup import Run, check_extras, setup_run
 from kdkit.train.torchrun import init_from_env
 
@@ -80,14 +87,29 @@ def _run(
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
     check_extras(config)  # a missing optional package fails before any work
+    check_device(config.device)
     env = init_from_env(config.device)  # torchrun: WORLD_SIZE/RANK/LOCAL_RANK
     try:
-        run = setup_run(
-            env, config, model=model, train_data=train_data, eval_data=eval_data, distil=distil
-        )
-        return _train(run)
+        with claim_output_dir(config, is_main=env.is_main):  # locked for the run's lifetime
+            run = setup_run(
+                env, config, model=model, train_data=train_data, eval_data=eval_data, distil=distil
+            )
+            with _interruptible(run):
+                return _train(run)
     finally:
         env.close()
+
+
+@contextlib.contextmanager
+def _interruptible(run: Run) -> Iterator[None]:
+    """Ctrl-C: say where the run stopped and how to continue it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        epoch, step = run.position
+        raise TrainingInterrupted(
+            f"interrupted at epoch {epoch + 1} step {step + 1}; resume with --resume"
+        ) from None
 
 
 def _train(run: Run) -> TrainResult:
@@ -95,7 +117,7 @@ def _train(run: Run) -> TrainResult:
     config, env = run.config, run.env
     sink: MetricsLogger | None = None
     if env.is_main:
-        config.save(run.out / "config.json")
+        write_run_config(run.out / "config.json", config, run.segments)
         sink = MetricsLogger(
             run.out,
             start_epoch=run.start_epoch,
@@ -138,6 +160,7 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any], sink: MetricsLogger
         record.update({f"eval/{k}": v for k, v in metrics.items()})
     if sink is not None:
         sink.log(record)
+    _warn_if_no_kd(run, epoch, record)
     run.history.append({k: v for k, v in record.items() if k != "kind"})
     write_epochs_csv(run.out / "epochs.csv", run.history)
     logger.info(
@@ -149,6 +172,26 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any], sink: MetricsLogger
         f", eval acc {metrics['acc']:.3f}" if metrics else "",
     )
     _save_checkpoints(run, epoch, metrics, metrics.get(config.best_metric, record["train_acc"]))
+
+
+def _warn_if_no_kd(run: Run, epoch: int, record: dict[str, Any]) -> None:
+    """Warn (once a run) when KD reached no sample in a whole epoch (coverage 0)."""
+    if run.teacher is None or record.get("coverage", 1.0) != 0:
+        return
+    if any(h.get("coverage") == 0 for h in run.history):
+        return  # said before
+    config = run.config
+    why = (
+        f"no training sample is a target (kd_on='target', source_domain={config.source_domain})"
+        if config.kd_on == "target"
+        else f"no teacher prediction passed the {config.kd.kd_weighting!r} weighting"
+    )
+    warnings.warn(
+        f"epoch {epoch + 1}: knowledge distillation applied to no sample (coverage 0): {why}; "
+        "the run is training with cross-entropy only",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def _save_checkpoints(run: Run, epoch: int, metrics: dict[str, float], value: float) -> None:
@@ -170,6 +213,8 @@ def _save_checkpoints(run: Run, epoch: int, metrics: dict[str, float], value: fl
         "history": run.history,
         "best_epoch": run.best_epoch,
         "best_metrics": run.best_metrics,
+        "config": run.config.to_dict(),  # what a resume compares against
+        "segments": run.segments,
     }
     save_weights(run.model, run.ckpt_dir, "last", last_meta)
     save_training_state(  # written last: the commit point of a resume
