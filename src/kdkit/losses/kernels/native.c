@@ -29,7 +29,7 @@
 #include <pthread.h>
 #endif
 
-#define KDKIT_ABI 1
+#define KDKIT_ABI 2
 
 enum { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
 enum { LT_KLDIV = 0, LT_SOFT_CE = 1, LT_REVERSE_KL = 2, LT_JSD = 3 };
@@ -255,6 +255,65 @@ static void *worker(void *arg) {
     }
     free(scratch);
     return NULL;
+}
+
+/* ---- backward: grad[i, :] *= scale[i] for half gradients, one rounding ---------------- */
+
+typedef struct {
+    void *grad;
+    const float *scale;
+    int64_t n, C, block, next;
+    int dtype;
+} scale_ctx_t;
+
+static void *scale_worker(void *arg) {
+    scale_ctx_t *c = (scale_ctx_t *)arg;
+    for (;;) {
+        int64_t begin = __atomic_fetch_add(&c->next, c->block, __ATOMIC_RELAXED);
+        if (begin >= c->n) break;
+        int64_t end = begin + c->block < c->n ? begin + c->block : c->n;
+        for (int64_t r = begin; r < end; r++) {
+            const float k = c->scale[r];
+            if (c->dtype == DT_BF16) {
+                uint16_t *g = (uint16_t *)c->grad + r * c->C;
+                _Pragma("omp simd")
+                for (int64_t j = 0; j < c->C; j++) g[j] = bf16_store(bf16_load(g[j]) * k);
+            }
+#if HAVE_F16
+            else {
+                _Float16 *g = (_Float16 *)c->grad + r * c->C;
+                _Pragma("omp simd")
+                for (int64_t j = 0; j < c->C; j++) g[j] = f16_store(f16_load(g[j]) * k);
+            }
+#endif
+        }
+    }
+    return NULL;
+}
+
+/* Scale each row of a bfloat16 / float16 [n, C] gradient by a float32 factor in float32,
+ * rounding once.  Returns 0, or -1 for an unsupported dtype. */
+int kdkit_scale_rows(void *grad, const float *scale, int64_t n, int64_t C, int dtype,
+                     int num_threads, int64_t block_elements) {
+    if (dtype != DT_BF16 && !(HAVE_F16 && dtype == DT_F16)) return -1;
+    if (n <= 0 || C <= 0) return 0;
+    scale_ctx_t c = {grad, scale, n, C, block_elements / C > 1 ? block_elements / C : 1, 0, dtype};
+    int64_t blocks = (n + c.block - 1) / c.block;
+    int threads = num_threads < 1 ? 1 : num_threads;
+    if (threads > blocks) threads = (int)blocks;
+    if (threads > 256) threads = 256;
+#ifdef KDKIT_USE_OPENMP
+#pragma omp parallel num_threads(threads)
+    scale_worker(&c);
+#else
+    pthread_t ids[256];
+    int started = 0;
+    for (int k = 1; k < threads; k++)
+        if (pthread_create(&ids[started], NULL, scale_worker, &c) == 0) started++;
+    scale_worker(&c);
+    for (int k = 0; k < started; k++) pthread_join(ids[k], NULL);
+#endif
+    return 0;
 }
 
 /*

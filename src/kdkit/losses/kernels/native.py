@@ -37,9 +37,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["LOSS_CODES", "available", "cache_dir", "info", "load", "row_pass"]
+__all__ = [
+    "LOSS_CODES",
+    "available",
+    "cache_dir",
+    "info",
+    "load",
+    "row_pass",
+    "scale_rows",
+    "supports",
+]
 
-ABI = 1
+ABI = 2
 """Must equal ``KDKIT_ABI`` of native.c."""
 
 FLAGS: tuple[str, ...] = (
@@ -184,6 +193,17 @@ def _open(path: Path) -> ctypes.CDLL:
     fn = lib.kdkit_row_pass
     fn.restype = ctypes.c_int
     fn.argtypes = ARGTYPES
+    scale = lib.kdkit_scale_rows
+    scale.restype = ctypes.c_int
+    scale.argtypes = [
+        ctypes.c_void_p,  # grad [n, C], bfloat16 or float16
+        ctypes.c_void_p,  # scale [n], float32
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int,  # dtype code
+        ctypes.c_int,  # threads
+        ctypes.c_int64,  # block elements
+    ]
     return lib
 
 
@@ -245,10 +265,6 @@ def supports(student: torch.Tensor, teacher: torch.Tensor, dtype: torch.dtype) -
         and student.dtype == teacher.dtype
         and student.dtype in _DTYPE_CODES
         and dtype in (torch.float32, torch.float64)
-        # float64 compute of lower-precision inputs (T > 100): the kernel divides by T
-        # before promoting, which loses 1e-5 at T = 1e6 (test_loss_reliability.py); torch
-        # ops promote first.
-        and not (dtype == torch.float64 and student.dtype != torch.float64)
     )
 
 
@@ -289,3 +305,27 @@ def row_pass(
         raise (MemoryError if status > 0 else TypeError)(
             f"native row pass failed with status {status} for dtype {student.dtype}"
         )
+
+
+def scale_rows(grad: torch.Tensor, scale: torch.Tensor) -> bool:
+    """``grad[i] *= scale[i]`` in float32 for a contiguous half ``grad [n, C]`` on CPU, one
+    rounding and one call; returns False (nothing done) where the kernel does not apply."""
+    lib = load()
+    if (
+        lib is None
+        or grad.device.type != "cpu"
+        or grad.dtype not in (torch.bfloat16, torch.float16)
+        or not grad.is_contiguous()
+    ):
+        return False
+    scale = scale.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    status = lib.kdkit_scale_rows(
+        grad.data_ptr(),
+        scale.data_ptr(),
+        grad.shape[0],
+        grad.shape[1],
+        _DTYPE_CODES[grad.dtype],
+        torch.get_num_threads(),
+        BLOCK_ELEMENTS,
+    )
+    return status == 0
