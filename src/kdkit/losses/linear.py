@@ -963,18 +963,36 @@ def compute_student_loss_linear_distributed(
     *,
     group: Any = None,
     gradients_averaged: bool = True,
-    **kwargs: Any,
+    student_bias: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+    chunk_elements: int | None = None,
+    tensor_stats: bool = False,
+    ignore_index: int = -100,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     r""":func:`compute_student_loss_linear` normalised over all ranks of ``group``.
 
     The global normalisation of
     :func:`~kdkit.losses.distributed.compute_student_loss_distributed` (same return
-    values, same single all-reduce of the stats and checks, shared code), plus one
-    all-reduce of the two counts (valid positions, sum of KD weights) *before* the chunk
-    pass, because they scale every gradient the pass computes.  Keyword arguments as
-    :func:`compute_student_loss_linear`.  Without a process group (or with one rank) it
-    is :func:`compute_student_loss_linear`.
+    values: the per-rank loss ``L_r`` and global stats; same single all-reduce of the
+    stats and checks, shared code), plus one all-reduce of the two counts (valid
+    positions, sum of KD weights) *before* the chunk pass, because they scale every
+    gradient the pass computes.  Other arguments as :func:`compute_student_loss_linear`.
+    Without a process group (or with one rank) it is :func:`compute_student_loss_linear`.
     """
+    options = {
+        "student_bias": student_bias,
+        "teacher_weight": teacher_weight,
+        "teacher_bias": teacher_bias,
+        "logit_scale": logit_scale,
+        "softcap": softcap,
+        "vocab_size": vocab_size,
+        "chunk_elements": chunk_elements,
+        "ignore_index": ignore_index,
+    }
     if not is_distributed(group):
         return compute_student_loss_linear(
             student_hidden,
@@ -984,28 +1002,26 @@ def compute_student_loss_linear_distributed(
             config,
             current_epoch,
             domain_mask,
-            **kwargs,
+            tensor_stats=tensor_stats,
+            **options,
         )
-    tensor_stats = kwargs.pop("tensor_stats", False)
     setup = _student_setup(
         student_hidden,
-        kwargs.pop("student_weight", student_weight),
-        kwargs.pop("student_bias", None),
+        student_weight,
+        student_bias,
         teacher,
-        kwargs.pop("teacher_weight", None),
-        kwargs.pop("teacher_bias", None),
+        teacher_weight,
+        teacher_bias,
         targets,
         config,
         current_epoch,
         domain_mask,
-        kwargs.pop("logit_scale", None),
-        kwargs.pop("softcap", None),
-        kwargs.pop("vocab_size", None),
-        kwargs.pop("chunk_elements", None),
-        kwargs.pop("ignore_index", -100),
+        logit_scale,
+        softcap,
+        vocab_size,
+        chunk_elements,
+        ignore_index,
     )
-    if kwargs:
-        raise TypeError(f"unexpected keyword argument(s) {sorted(kwargs)}")
     scale = float(dist.get_world_size(group)) if gradients_averaged else 1.0
     terms, raise_flags = _student_terms(setup, counts=(group, scale))
     return finish_student_loss_distributed(
