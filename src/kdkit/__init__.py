@@ -32,6 +32,7 @@ from kdkit.losses.linear import (
     linear_kd_loss,
 )
 from kdkit.losses.modules import KDLoss, LinearKDLoss, StudentLoss
+from kdkit.sparse import SparseLogits
 
 # Training (kdkit.train: torch only; tqdm, safetensors and friends load when used).
 from kdkit.train import TrainConfig, TrainResult, train_student, train_teacher
@@ -40,6 +41,7 @@ __all__ = [
     "KDLoss",
     "KDLossConfig",
     "LinearKDLoss",
+    "SparseLogits",
     "StudentLoss",
     "TeacherLogitsDataset",
     "TrainConfig",

@@ -26,6 +26,7 @@ from kdkit.losses.student_terms import (
     raise_for_flags,
     stats_dict,
     student_loss_terms,
+    teacher_values,
 )
 
 __all__ = [
@@ -128,7 +129,7 @@ def compute_student_loss_distributed(
     return finish_student_loss_distributed(
         terms,
         alpha,
-        result_dtype(student_logits, teacher_logits),
+        result_dtype(student_logits, teacher_values(teacher_logits)),
         lambda flags: raise_for_flags(flags, terms, inputs),
         group=group,
         gradients_averaged=gradients_averaged,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from kdkit._validation import (
     bad_rows,
+    check_sparse_options,
     check_student_loss_args,
     check_student_loss_options,
     compute_dtype,
@@ -38,6 +39,8 @@ from kdkit._validation import (
     result_dtype,
 )
 from kdkit.losses.divergences import divergence
+from kdkit.losses.sparse import raise_uncovered, sparse_confidence, sparse_divergence
+from kdkit.sparse import SparseLogits
 
 __all__ = [
     "STUDENT_LOSS_STATS",
@@ -55,6 +58,7 @@ __all__ = [
     "student_loss",
     "student_loss_terms",
     "teacher_confidence",
+    "teacher_values",
     "weighted_kd_sum",
 ]
 
@@ -80,6 +84,8 @@ class StudentLossInputs(NamedTuple):
     domain_mask: torch.Tensor | None
     ignore_index: int
     implementation: str
+    sparse_tail: str = "bucket"  # with a SparseLogits teacher (kdkit.losses.sparse)
+    retemper: bool = False
 
 
 def kd_weight_schedule(epoch: float, warmup: float, ramp: float, target_alpha: float) -> float:
@@ -96,9 +102,17 @@ def checked_kd_weight(inputs: StudentLossInputs, current_epoch: float, config_ty
 
     ``config_type`` is ``KDLossConfig`` (passed in: its module imports this one).
     """
-    student, teacher, targets, config, domain_mask, ignore_index, implementation = inputs
+    student, teacher, targets, config, domain_mask, ignore_index, implementation = inputs[:7]
     check_student_loss_args(student, teacher, targets, domain_mask, current_epoch)
     check_student_loss_options(config, config_type, ignore_index, implementation)
+    if isinstance(teacher, SparseLogits):
+        check_sparse_options(
+            teacher,
+            float(config.temperature),
+            config.loss_type,
+            inputs.sparse_tail,
+            inputs.retemper,
+        )
     return kd_weight_schedule(
         float(current_epoch),
         float(config.warmup_epochs),
@@ -180,21 +194,42 @@ def student_loss_terms(
     inputs: StudentLossInputs, alpha: float, *, chunk_elements: int | None = None
 ) -> StudentLossTerms:
     """Sums and counts of the CE and weighted KD terms of one batch."""
-    student_logits, teacher_logits, targets, config, domain_mask, ignore_index, _ = inputs
-    dtype = compute_dtype(student_logits, teacher_logits, temperature=config.temperature)
+    student_logits, teacher_logits, targets, config, domain_mask, ignore_index = inputs[:6]
+    sparse = isinstance(teacher_logits, SparseLogits)
+    teacher_values = teacher_logits.logprobs if sparse else teacher_logits
+    dtype = compute_dtype(student_logits, teacher_values, temperature=config.temperature)
     student = student_logits.to(dtype)
-    teacher = teacher_logits.detach().to(dtype)
     valid = targets != ignore_index
     ce_sum, out_of_range = _cross_entropy_sum(student, targets, valid, ignore_index)
 
     # Confidence weights and the KD selection (cheap: teacher only).
-    confidence = teacher_confidence(teacher)
-    weights, selected = kd_selection(confidence, config, valid, domain_mask)
+    if sparse:
+        teacher = teacher_logits
+        confidence = sparse_confidence(teacher_logits, dtype)
+        uncovered = (valid & ~teacher_logits.mask).any()
+        teacher_bad = uncovered.to(dtype)  # reported by raise_for_flags
+    else:
+        teacher = teacher_logits.detach().to(dtype)
+        confidence = teacher_confidence(teacher)
+        teacher_bad = bad_rows(teacher).any().to(dtype)
+    keep = domain_mask
+    if sparse:
+        keep = teacher_logits.mask if keep is None else keep & teacher_logits.mask
+    weights, selected = kd_selection(confidence, config, valid, keep)
 
     infinite = None
     kd_sum = student.new_zeros(())
     infinite_any = torch.zeros((), dtype=torch.bool, device=student.device)
-    if alpha > 0:  # during warmup the divergence is not computed at all
+    if alpha > 0 and sparse:
+        per_sample = sparse_divergence(
+            student_logits,
+            teacher_logits,
+            config.temperature,
+            config.loss_type,
+            config.jsd_beta,
+            inputs.sparse_tail,
+        )
+    if alpha > 0 and not sparse:  # during warmup the divergence is not computed at all
         per_sample = divergence(
             student_logits,
             teacher_logits,
@@ -204,6 +239,7 @@ def student_loss_terms(
             inputs.implementation,
             chunk_elements=chunk_elements,
         )
+    if alpha > 0:
         kd_sum = weighted_kd_sum(per_sample, weights, selected)
         infinite = torch.isinf(per_sample.detach()) & selected
         infinite_any = infinite.any()
@@ -217,7 +253,7 @@ def student_loss_terms(
         flags=(
             out_of_range.any().to(dtype),
             bad_rows(student).any().to(dtype),
-            bad_rows(teacher).any().to(dtype),
+            teacher_bad,
             infinite_any.to(dtype),
         ),
         out_of_range=out_of_range,
@@ -266,6 +302,8 @@ def raise_for_flags(
         raise_out_of_range_targets(targets, terms.out_of_range, num_classes, inputs.ignore_index)
     if flags[1]:
         raise_bad_rows("student_logits", student_logits)
+    if flags[2] and isinstance(teacher_logits, SparseLogits):
+        raise_uncovered(targets != inputs.ignore_index, teacher_logits)
     if flags[2]:
         raise_bad_rows("teacher_logits", teacher_logits)
     if flags[3] and terms.infinite is not None:
@@ -284,10 +322,15 @@ def student_loss(
     return finish_student_loss(
         terms,
         alpha,
-        result_dtype(inputs.student_logits, inputs.teacher_logits),
+        result_dtype(inputs.student_logits, teacher_values(inputs.teacher_logits)),
         lambda flags: raise_for_flags(flags, terms, inputs),
         tensor_stats=tensor_stats,
     )
+
+
+def teacher_values(teacher: Any) -> torch.Tensor:
+    """The tensor that sets the result dtype: the logits, or a sparse teacher's log-probs."""
+    return teacher.logprobs if isinstance(teacher, SparseLogits) else teacher
 
 
 def finish_student_loss(

@@ -1,8 +1,9 @@
 """Training: :func:`train_student`, :func:`train_teacher`, :class:`TrainConfig`.
 
 Layout: ``config`` (the validated settings), ``setup`` (everything built before the first
-step), ``epoch`` (the steps of one epoch), ``evaluation`` (per-domain metrics), ``loop``
-(the two entry points, orchestrating), ``checkpoints`` and ``logging``.
+step), ``teachers`` (cached and live teachers, fused), ``hooks`` (augmentation and feature
+KD in the step), ``epoch`` (the steps of one epoch), ``evaluation`` (per-domain metrics),
+``loop`` (the two entry points, orchestrating), ``checkpoints`` and ``logging``.
 
 Imports only torch and kdkit; tqdm, safetensors, TensorBoard and W&B are imported when
 used.

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kdkit.augment import mixed_loss
 from kdkit.domains import create_domain_mask
 from kdkit.losses.distributed import compute_student_loss_distributed
 from kdkit.train.guards import grads_finite, non_finite_error
@@ -31,7 +32,9 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
     if run.sampler is not None:
         run.sampler.set_epoch(epoch)
     steps_per_epoch = len(run.loader)
-    sums = dict.fromkeys((*STEP_STATS, "train_acc"), 0.0)
+    run.hooks.start_epoch(epoch)  # seeds the augmentation of this epoch
+    stat_names = (*STEP_STATS, *run.hooks.stat_names)
+    sums = dict.fromkeys((*stat_names, "train_acc"), 0.0)
     bar = progress_bar(
         steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and env.is_main
     )
@@ -39,7 +42,7 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
         run.position = (epoch, step)
         kd_epoch = epoch + step / steps_per_epoch if config.schedule_per_step else epoch
         stats, acc = _train_step(run, batch, kd_epoch)
-        for k in STEP_STATS:
+        for k in stat_names:
             sums[k] += float(stats.get(k, 0.0))
         sums["train_acc"] += acc
         if sink is not None and (step + 1) % config.log_every == 0:
@@ -90,28 +93,13 @@ def _train_step(run: Run, batch: dict[str, Any], kd_epoch: float) -> tuple[dict[
     device = run.env.device
     features = batch["features"].to(device)
     targets = torch.as_tensor(batch["label"]).to(device)
-    logits = run.train_model(features)
-    stats: dict[str, float] | None = None
-    if run.teacher is not None:
-        teacher_logits = run.teacher.logits(list(batch["path"])).to(device)
-        mask = None
-        if run.config.kd_on == "target":
-            source = run.config.source_domain
-            mask = create_domain_mask(
-                batch, source_domain=source[0] if len(source) == 1 else source
-            )
-            mask = mask[1].to(device)
-        # Normalised over all ranks (exactly compute_student_loss on one).
-        try:
-            loss, stats = compute_student_loss_distributed(
-                logits, teacher_logits, targets, run.config.kd, kd_epoch, domain_mask=mask
-            )
-        except ValueError:
-            if not bool(torch.isfinite(logits.detach()).all()):  # error path only
-                raise non_finite_error(run.position, batch, features, "student logits") from None
-            raise
-    else:
-        loss = F.cross_entropy(logits, targets)
+    view, mix = run.hooks.augment(features)  # (None, None) without augmentation
+    with run.hooks.capture():  # the forward passes feature_kd matches
+        loss, stats, logits = _loss(run, batch, features, view, mix, targets, kd_epoch)
+        if stats is None and run.hooks.distiller is not None:
+            stats = _ce_stats(loss)
+        if stats is not None:
+            loss, stats = run.hooks.add_feature_loss(loss, stats)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     hits = (logits.detach().argmax(dim=-1) == targets).float().mean()
@@ -125,3 +113,58 @@ def _train_step(run: Run, batch: dict[str, Any], kd_epoch: float) -> tuple[dict[
         raise non_finite_error(run.position, batch, features, "loss or gradient")
     run.optimizer.step()
     return stats, acc
+
+
+def _loss(
+    run: Run,
+    batch: dict[str, Any],
+    features: torch.Tensor,
+    view: torch.Tensor | None,
+    mix: Any,
+    targets: torch.Tensor,
+    kd_epoch: float,
+) -> tuple[torch.Tensor, dict[str, float] | None, torch.Tensor]:
+    """The step's loss (mixup: mixed targets, :func:`kdkit.augment.mixed_loss`), stats, logits.
+
+    The stats are ``None`` for plain cross-entropy: they come with the step's one transfer.
+    """
+    device = run.env.device
+    logits = run.train_model(features if view is None else view)
+    if run.teacher is not None:
+        paths = list(batch["path"]) if "path" in batch else None
+        teacher_logits = run.teacher.logits(paths, features, view, mix)
+        mask = None
+        if run.config.kd_on == "target":
+            source = run.config.source_domain
+            mask = create_domain_mask(
+                batch, source_domain=source[0] if len(source) == 1 else source
+            )
+            mask = mask[1].to(device)
+        # Normalised over all ranks (exactly compute_student_loss on one).
+        try:
+            loss, stats = mixed_loss(
+                lambda y: compute_student_loss_distributed(
+                    logits, teacher_logits, y, run.config.kd, kd_epoch, domain_mask=mask
+                ),
+                targets,
+                mix,
+            )
+        except ValueError:
+            if not bool(torch.isfinite(logits.detach()).all()):  # error path only
+                raise non_finite_error(run.position, batch, features, "student logits") from None
+            raise
+        return loss, stats, logits
+    if mix is None:  # stats come with the step's one transfer
+        return F.cross_entropy(logits, targets), None, logits
+    loss, stats = mixed_loss(lambda y: _cross_entropy(logits, y), targets, mix)
+    return loss, stats, logits
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    loss = F.cross_entropy(logits, targets)
+    return loss, _ce_stats(loss)
+
+
+def _ce_stats(loss: torch.Tensor) -> dict[str, float]:
+    value = float(loss.detach())
+    return {"total_loss": value, "ce_loss": value}
