@@ -299,10 +299,16 @@ def teacher_source(
 ) -> TeacherSource:
     """The :class:`TeacherSource` for a validated teacher argument.
 
-    Seam: a cached ``SparseLogits`` teacher (kdkit's sparse top-k type) becomes a third
-    source here -- ``chunk`` slices its ``indices``/``logprobs``/``tail_logprob`` rows,
-    ``row_pass`` computes the sparse divergence and its gradient over the student's full
-    chunk logits, ``confidence`` is ``exp`` of the top-1 log-probability.
+    Seam: a cached :class:`kdkit.sparse.SparseLogits` teacher (now on main) becomes a
+    third source here, built from its flattened rows: ``chunk`` returns the rows
+    ``start:stop`` as a ``SparseLogits``; ``row_pass`` computes
+    :func:`kdkit.losses.sparse.sparse_divergence` on the chunk's student logits and its
+    per-row gradient (rows are independent, so one local ``autograd.grad`` of the sum
+    per chunk, or a sparse row kernel); ``confidence`` is
+    :func:`kdkit.losses.sparse.sparse_confidence`; ``row_max`` the stored log-probs'
+    maxima.  The front ends then add ``sparse_tail``/``retemper`` (checked by
+    ``_validation.check_sparse_options``), the teacher's ``mask`` to the KD selection and
+    the uncovered-position flag, as ``student_terms.student_loss_terms`` does.
     """
     if teacher_weight is None:
         return DenseTeacher(teacher.reshape(-1, teacher.shape[-1]), vocab)
