@@ -4,7 +4,8 @@ Written independently of kdkit: plain Python loops over rows and classes with ``
 (no ``log_softmax`` from torch), so a bug in kdkit cannot be mirrored here.  One family:
 ``ref_log_softmax`` -> ``ref_divergence_row`` (every loss type) -> ``ref_kd_per_sample``
 -> ``ref_kd_loss`` / ``ref_student_loss``, with the gradients ``ref_kd_grad`` and
-``ref_student_loss_grad``; and ``ref_fuse`` for multi-teacher fusion.
+``ref_student_loss_grad``; ``ref_linear_logits`` (the output layer, for the linear
+losses); and ``ref_fuse`` for multi-teacher fusion.
 """
 
 from __future__ import annotations
@@ -230,6 +231,33 @@ def ref_student_loss_grad(
     if alpha > 0 and float(w.sum()) > 0:
         grad = grad + alpha * ref_kd_grad(student, teacher, temperature, w / float(w.sum()))
     return grad
+
+
+def ref_linear_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """``softcap(logit_scale * (h @ W.T + b))`` in float64, differentiable (``[..., V]``).
+
+    ``softcap(u) = c * tanh(u / c)``.  With ``vocab_size`` the classes from ``vocab_size``
+    on are ``-inf`` (excluded), the classes kept are the first ``vocab_size``.
+    """
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if vocab_size is not None:
+        keep = torch.arange(z.shape[-1]) < vocab_size
+        z = torch.where(keep, z, -math.inf)
+    return z
 
 
 def ref_fuse(logits, strategy, weights=None):

@@ -3,7 +3,7 @@ selection and the fallback, and the native kernel's on-disk cache.
 
 Values are compared with the float64 references of tests/reference.py; gradients with
 the float64 autograd of the reference path (itself pinned by gradcheck in
-tests/test_divergences.py).  Triton: tests/test_triton_kernel.py.
+tests/losses/test_divergences.py).  Triton: tests/losses/test_triton_kernel.py.
 """
 
 from __future__ import annotations

@@ -10,14 +10,17 @@ functions trust their inputs.
   through :mod:`kdkit._validation`, and the scheduled KD weight ``alpha``;
 * :func:`student_loss_terms` -- the sums and counts of one batch (:class:`StudentLossTerms`);
 * :func:`kd_mean`, :func:`combine`, :func:`stats_dict` -- from sums to the loss and stats;
+* :func:`kd_selection`, :func:`weighted_kd_sum` -- the KD weights and the weighted sum;
 * :func:`raise_for_flags` -- the value errors, after the one host transfer;
+* :func:`finish_student_loss` -- from the terms to the loss and stats (one process; also
+  used by the linear student loss of :mod:`kdkit.losses.linear`);
 * :func:`student_loss` -- all of it for one process: the body of ``compute_student_loss``
   after validation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -46,13 +49,17 @@ __all__ = [
     "checked_kd_weight",
     "combine",
     "confidence_weights",
+    "finish_student_loss",
     "kd_mean",
+    "kd_selection",
     "kd_weight_schedule",
     "raise_for_flags",
     "stats_dict",
     "student_loss",
     "student_loss_terms",
     "teacher_confidence",
+    "teacher_values",
+    "weighted_kd_sum",
 ]
 
 STUDENT_LOSS_STATS: tuple[str, ...] = (
@@ -146,6 +153,23 @@ class StudentLossTerms(NamedTuple):
     infinite: torch.Tensor | None  # [...] bool, selected positions with infinite KD
 
 
+def kd_selection(
+    confidence: torch.Tensor, config: Any, valid: torch.Tensor, domain_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights w_i m_i, selected)``: the KD weights, 0 outside ``valid`` and the mask."""
+    weights = confidence_weights(confidence, config.kd_weighting, config.confidence_threshold)
+    keep = valid if domain_mask is None else valid & domain_mask
+    weights = torch.where(keep, weights, 0.0)
+    return weights, weights > 0
+
+
+def weighted_kd_sum(
+    per_sample: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor:
+    """``sum_i w_i m_i l_i`` over the selected positions (others exactly 0, NaN-safe)."""
+    return torch.where(selected, weights * per_sample, 0.0).sum()
+
+
 def _cross_entropy_sum(
     student: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +212,10 @@ def student_loss_terms(
         teacher = teacher_logits.detach().to(dtype)
         confidence = teacher_confidence(teacher)
         teacher_bad = bad_rows(teacher).any().to(dtype)
-    weights = confidence_weights(confidence, config.kd_weighting, config.confidence_threshold)
-    keep = valid if domain_mask is None else valid & domain_mask
+    keep = domain_mask
     if sparse:
-        keep = keep & teacher_logits.mask
-    weights = torch.where(keep, weights, 0.0)
-    selected = weights > 0
+        keep = teacher_logits.mask if keep is None else keep & teacher_logits.mask
+    weights, selected = kd_selection(confidence, config, valid, keep)
 
     infinite = None
     kd_sum = student.new_zeros(())
@@ -218,7 +240,7 @@ def student_loss_terms(
             chunk_elements=chunk_elements,
         )
     if alpha > 0:
-        kd_sum = torch.where(selected, weights * per_sample, 0.0).sum()
+        kd_sum = weighted_kd_sum(per_sample, weights, selected)
         infinite = torch.isinf(per_sample.detach()) & selected
         infinite_any = infinite.any()
     return StudentLossTerms(
@@ -297,14 +319,37 @@ def student_loss(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``compute_student_loss`` on validated ``inputs``, with ``alpha`` already scheduled."""
     terms = student_loss_terms(inputs, alpha, chunk_elements=chunk_elements)
+    return finish_student_loss(
+        terms,
+        alpha,
+        result_dtype(inputs.student_logits, teacher_values(inputs.teacher_logits)),
+        lambda flags: raise_for_flags(flags, terms, inputs),
+        tensor_stats=tensor_stats,
+    )
+
+
+def teacher_values(teacher: Any) -> torch.Tensor:
+    """The tensor that sets the result dtype: the logits, or a sparse teacher's log-probs."""
+    return teacher.logprobs if isinstance(teacher, SparseLogits) else teacher
+
+
+def finish_student_loss(
+    terms: StudentLossTerms,
+    alpha: float,
+    dtype: torch.dtype,
+    raise_flags: Callable[[Sequence[float]], None],
+    *,
+    tensor_stats: bool,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """From one batch's terms to ``(loss, stats)`` (one host transfer, 0 with
+    ``tensor_stats``); ``raise_flags`` raises for the host values of ``terms.flags``.
+    Shared by the logits and the linear student losses."""
     count = terms.valid_count.clamp_min(1)
     ce = terms.ce_sum / count
     kd = kd_mean(terms.kd_sum, terms.kd_weight_sum, alpha)
     coverage = terms.selected_count / count
     avg_confidence = terms.confidence_sum / count
-    teacher = inputs.teacher_logits
-    teacher_values = teacher.logprobs if isinstance(teacher, SparseLogits) else teacher
-    total = combine(ce, kd, alpha).to(result_dtype(inputs.student_logits, teacher_values))
+    total = combine(ce, kd, alpha).to(dtype)
     if tensor_stats:
         return total, stats_dict(
             total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, alpha
@@ -313,6 +358,6 @@ def student_loss(
     values = torch.stack(
         [total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, *terms.flags]
     ).tolist()  # the one device-to-host transfer: stats and value checks together
-    raise_for_flags(values[5:], terms, inputs)
+    raise_flags(values[5:])
     raise_infinite_ce(values[1], alpha)
     return total, stats_dict(*values[:5], alpha)
