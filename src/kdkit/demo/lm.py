@@ -9,15 +9,15 @@ Pipeline (CPU, offline, nothing downloaded; ``transformers``, ``tokenizers`` and
 3. Blocks of ``block`` tokens; the teacher (a randomly initialised Llama-style model) is
    trained with CE on all training blocks; the students see only the first quarter of
    them (the regime where a teacher trained on more data has something to give).
-4. The same small student (the teacher's width, half its layers) trained three ways,
+4. The same small student (the teacher's width, half its layers) trained five ways,
    each over several seeds: CE only (``transformers.Trainer``); KD from the live teacher
-   (:class:`~kdkit.hf.DistillationTrainer`); the teacher's layers 0, 2, ... as the
-   initialisation (:func:`~kdkit.hf.student_from_teacher`) + KD.
+   (:class:`~kdkit.hf.DistillationTrainer`); KD from the teacher's top-8 and top-64
+   caches; the teacher's layers 0, 2, ... as the initialisation
+   (:func:`~kdkit.hf.student_from_teacher`) + KD.
 5. Held-out perplexity and next-token accuracy (mean ± std over seeds, last step; no
    model selection on the held-out files), learning curves, ``report.md``.
 
-KD from a top-k teacher cache needs per-token sequence caches (not in this version yet):
-those conditions are not run, and the report says so.
+KD from top-k teacher caches (two K) runs from ``kdkit.hf.dump_lm_teacher`` caches.
 """
 
 from __future__ import annotations
@@ -48,7 +48,15 @@ LM_DEMO_EXTRAS: tuple[tuple[str, str], ...] = (
 )
 """Packages the LM demo needs and the extra that brings each, checked before it starts."""
 
-LM_CONDITIONS: tuple[str, ...] = ("CE only", "KD (live teacher)", "layer-dropped init + KD")
+CACHE_KS: tuple[int, ...] = (8, 64)
+"""The two K of the top-k teacher caches."""
+
+LM_CONDITIONS: tuple[str, ...] = (
+    "CE only",
+    "KD (live teacher)",
+    *(f"KD (top-{k} cache)" for k in CACHE_KS),
+    "layer-dropped init + KD",
+)
 """Student conditions, in table order."""
 
 logger = logging.getLogger("kdkit.demo")
@@ -269,6 +277,12 @@ def _train(
     )
     if teacher is None:
         trainer = Trainer(student, args, **common)
+    elif isinstance(teacher, (str, Path)):  # a top-k cache of dump_lm_teacher
+        kd = KDLossConfig(temperature=config.temperature, kd_alpha=config.kd_alpha)
+        common["data_collator"] = CausalLMCollator(tokenizer.pad_token_id, cache_keys=True)
+        trainer = DistillationTrainer(
+            student, args, teacher_cache=teacher, kd_config=kd, processing_class=tokenizer, **common
+        )
     else:
         kd = KDLossConfig(temperature=config.temperature, kd_alpha=config.kd_alpha)
         trainer = DistillationTrainer(
@@ -306,7 +320,7 @@ def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
     config = LMDemoConfig() if config is None else config
     from transformers.utils import logging as hf_logging
 
-    from kdkit.hf import student_from_teacher
+    from kdkit.hf import dump_lm_teacher, student_from_teacher
 
     start = time.perf_counter()
     out = Path(config.output_dir)
@@ -351,6 +365,15 @@ def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
         teacher.save_pretrained(out / "teacher")
         tokenizer.save_pretrained(out / "teacher")
         teacher.eval()
+        caches, cache_bytes = {}, {}
+        for k in CACHE_KS:
+            caches[k] = out / f"cache-top{k}"
+            index = dump_lm_teacher(teacher, student_blocks, caches[k], top_k=k, dtype="float16")
+            data_bytes = sum(
+                f.stat().st_size for f in caches[k].rglob("*") if f.is_file() and f.suffix == ".bin"
+            )
+            cache_bytes[k] = data_bytes / max(1, index.num_positions)
+            logger.info("top-%d cache: %.0f bytes per token", k, cache_bytes[k])
 
         finals: dict[str, list[dict[str, float]]] = {c: [] for c in LM_CONDITIONS}
         curves: dict[str, list[list[tuple[int, float]]]] = {c: [] for c in LM_CONDITIONS}
@@ -361,7 +384,10 @@ def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
                     student = student_from_teacher(teacher, 2)
                 else:
                     student = _llama(vocab, 2, config.block, seed=seed)
-                live = None if condition == "CE only" else teacher
+                live: Any = None if condition == "CE only" else teacher
+                for k in CACHE_KS:
+                    if condition == f"KD (top-{k} cache)":
+                        live = caches[k]
                 slug = condition.lower().replace(" ", "-").replace("(", "").replace(")", "")
                 metrics, curve, logs = _train(
                     condition,
@@ -399,7 +425,13 @@ def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
         "student_blocks": len(student_blocks),
         "held_blocks": len(held_out),
         "vocab": vocab,
+        "cache_bytes_per_token": {str(k): v for k, v in cache_bytes.items()},
     }
+    table += (
+        "\n\nTeacher cache, bytes per token (float16 top-k + tail): "
+        + ", ".join(f"top-{k}: {v:.0f}" for k, v in cache_bytes.items())
+        + f" (dense float16: {2 * vocab})."
+    )
     report = _report(config, table, summary, plots, wall, facts)
     report_path = out / "report.md"
     report_path.write_text(report, encoding="utf-8")
@@ -508,8 +540,11 @@ def _report(
         "warmup; the live teacher runs in eval mode under no_grad "
         "(`kdkit.hf.DistillationTrainer`). Layer-dropped init: the teacher's layers 0 and 2 "
         "(`kdkit.hf.student_from_teacher(teacher, 2)`).",
-        "* Not run: KD from a top-k teacher cache (two K) and cache bytes per token: LM "
-        "teacher caches need per-token sequence caches, not in this version yet.",
+        "* Top-k caches: the teacher's "
+        + " and ".join(f"top-{k}" for k in CACHE_KS)
+        + " log-probabilities (float16, plus the tail mass) per token of the students' "
+        "blocks (`kdkit.hf.dump_lm_teacher`), read back as `SparseLogits` "
+        "(`DistillationTrainer(teacher_cache=...)`, `sparse_tail='bucket'`).",
         "",
         "## Results",
         "",
