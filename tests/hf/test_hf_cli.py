@@ -133,3 +133,22 @@ def test_student_dir_with_another_tokenizer_fails_before_training(tmp_path, teac
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "teacher and student tokenizers differ on" in err
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_distill_lm_from_a_top_k_cache(tmp_path, capsys, one_torch_thread):
+    from kdkit.hf import dump_lm_teacher, load_lm_data
+
+    data = _ids(tmp_path)
+    samples = load_lm_data(data)
+    dump_lm_teacher(tiny_llama(2, seed=1), samples, tmp_path / "cache", top_k=8)
+    dump_lm_teacher(tiny_llama(2, seed=1), samples[:5], tmp_path / "small", top_k=8)
+    config_json = tmp_path / "student.json"
+    config_json.write_text(json.dumps(tiny_llama(1).config.to_dict()))
+    argv = ["distill-lm", "--data", str(data), "--student_config", str(config_json)]
+    argv += ["--max_steps", "1", "--temperature", "1"]
+    out = str(tmp_path / "s")
+    assert main([*argv, "--cache", str(tmp_path / "cache"), "--output_dir", out]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--cache", str(tmp_path / "small"), "--output_dir", out + "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "of 8 samples, 3 missing from the cache" in err

@@ -56,8 +56,10 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     data.add_argument("--tokenizer", help="local tokenizer directory (default: the teacher's)")
     teacher = parser.add_argument_group("teacher (one of)")
     teacher.add_argument("--teacher_model", help="local teacher model directory")
-    teacher.add_argument("--cache", help="teacher cache directory (with --teacher NAME)")
-    teacher.add_argument("--teacher", help="teacher name in --cache")
+    teacher.add_argument(
+        "--cache", help="teacher cache of kdkit.hf.dump_lm_teacher (dense or top-k per token)"
+    )
+    teacher.add_argument("--teacher", help="teacher name in --cache (default: its only one)")
     student = parser.add_argument_group("student (one of)")
     student.add_argument("--student_model", help="local student model directory")
     student.add_argument(
@@ -123,8 +125,9 @@ def _cmd_distill_lm(args: argparse.Namespace) -> int:
         config = build_config(args)
         from kdkit.hf.recipe import local_dir
 
-        local_dir(config.teacher_model, "--teacher_model")
         for flag, value in (
+            ("--teacher_model", config.teacher_model),
+            ("--cache", config.cache),
             ("--student_model", config.student_model),
             ("--tokenizer", config.tokenizer),
         ):

@@ -85,11 +85,8 @@ class LMDistillConfig:
             raise ValueError("no training data: give --data FILE.jsonl")
         if (self.teacher_model is None) == (self.cache is None):
             raise ValueError("give exactly one teacher source: --teacher_model DIR or --cache DIR")
-        if self.cache is not None:
-            raise ValueError(
-                "--cache: LM teacher caches need per-token (sequence) caches, not available "
-                "in this version yet; use --teacher_model DIR (a live teacher)"
-            )
+        if self.cache is not None and self.student_from_teacher is not None:
+            raise ValueError("--student_from_teacher needs --teacher_model (the teacher's layers)")
         students = [
             self.student_model is not None,
             self.student_config is not None,
@@ -175,7 +172,7 @@ def _tokenizers(config: LMDistillConfig) -> tuple[Any, Any]:
     """
     from transformers import AutoTokenizer
 
-    teacher = _dir_tokenizer(config.teacher_model)
+    teacher = _dir_tokenizer(config.teacher_model)  # None with a cache
     if config.tokenizer is not None:
         path = local_dir(config.tokenizer, "--tokenizer")
         return AutoTokenizer.from_pretrained(path, local_files_only=True), teacher
@@ -192,7 +189,11 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
         ImportError: ``kdkit[hf]`` not installed.
     """
     config.validate()
-    teacher_dir = local_dir(config.teacher_model, "--teacher_model")
+    teacher_dir = None
+    if config.teacher_model is not None:
+        teacher_dir = local_dir(config.teacher_model, "--teacher_model")
+    else:
+        local_dir(config.cache, "--cache")
     if config.student_model is not None:
         local_dir(config.student_model, "--student_model")
     from kdkit._extras import require
@@ -209,7 +210,11 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
         else None
     )
     transformers.set_seed(config.seed)
-    teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_dir, local_files_only=True)
+    teacher = None
+    if teacher_dir is not None:
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(
+            teacher_dir, local_files_only=True
+        )
     student = _load_student(config, teacher)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad = pad if pad is not None else (student.config.pad_token_id or 0)
@@ -234,12 +239,14 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
         student,
         args,
         teacher=teacher,
+        teacher_cache=config.cache,
+        cache_teacher=config.teacher,
         kd_config=config.kd,
         schedule_unit=config.schedule_unit,
         vocab_size=config.vocab_size,
         train_dataset=train_data,
         eval_dataset=eval_data,
-        data_collator=CausalLMCollator(pad),
+        data_collator=CausalLMCollator(pad, cache_keys=config.cache is not None),
         processing_class=tokenizer,
         teacher_tokenizer=teacher_tokenizer,
     )
