@@ -17,10 +17,12 @@ chunk's logits are then dropped.  No autograd graph spans the chunks:
 The teacher is a :class:`TeacherSource`: dense logits ``[..., V]``
 (:class:`DenseTeacher`), or hidden states plus its own output layer
 (:class:`LinearTeacher`, computed under ``no_grad`` with the same ``logit_scale`` and
-``softcap``).  **Seam for a cached ``SparseLogits`` teacher**: a third
-:class:`TeacherSource` (``chunk`` returns the chunk's top-k entries, ``row_pass`` the
-sparse row pass, ``confidence`` the top-1 probability) returned by
-:func:`teacher_source`; nothing else in this module changes.
+``softcap``), or a cached top-k teacher, :class:`kdkit.sparse.SparseLogits`
+(:class:`SparseTeacher`: ``chunk`` returns the chunk's top-k entries, ``row_pass``
+evaluates :func:`kdkit.losses.sparse.sparse_divergence` on the chunk's student logits and
+its gradient by one local ``autograd.grad`` per chunk, ``confidence`` the stored top-1
+probability); the front ends then take ``sparse_tail``/``retemper`` and put the
+teacher's ``mask`` into the KD selection, as the logits path does.
 
 **One formula each.**  The per-position values are those of the logits path: the
 divergence and its gradient come from :func:`kdkit.losses.kernels.row_pass`, the
@@ -364,19 +366,10 @@ def teacher_source(
     softcap: float | None,
     sparse_tail: str = "bucket",
 ) -> TeacherSource:
-    """The :class:`TeacherSource` for a validated teacher argument.
-
-    Seam: a cached :class:`kdkit.sparse.SparseLogits` teacher (now on main) becomes a
-    third source here, built from its flattened rows: ``chunk`` returns the rows
-    ``start:stop`` as a ``SparseLogits``; ``row_pass`` computes
-    :func:`kdkit.losses.sparse.sparse_divergence` on the chunk's student logits and its
-    per-row gradient (rows are independent, so one local ``autograd.grad`` of the sum
-    per chunk, or a sparse row kernel); ``confidence`` is
-    :func:`kdkit.losses.sparse.sparse_confidence`; ``row_max`` the stored log-probs'
-    maxima.  The front ends then add ``sparse_tail``/``retemper`` (checked by
-    ``_validation.check_sparse_options``), the teacher's ``mask`` to the KD selection and
-    the uncovered-position flag, as ``student_terms.student_loss_terms`` does.
-    """
+    """The :class:`TeacherSource` for a validated teacher argument: a
+    :class:`kdkit.sparse.SparseLogits` (:class:`SparseTeacher`, with ``sparse_tail``),
+    dense logits (:class:`DenseTeacher`) or hidden states with ``teacher_weight``
+    (:class:`LinearTeacher`)."""
     if isinstance(teacher, SparseLogits):
         return SparseTeacher(teacher, sparse_tail)
     if teacher_weight is None:
@@ -895,7 +888,9 @@ def linear_kd_loss(
         student_hidden: Student hidden states ``[..., H]`` (the output layer's input).
         student_weight: Student output weight ``[V_s, H]`` (``lm_head.weight``).
         teacher: Teacher hidden states ``[..., H_t]`` if ``teacher_weight`` is given, else
-            teacher logits ``[..., V_t]``; always detached.
+            teacher logits ``[..., V_t]``, or a cached top-k teacher
+            (:class:`kdkit.sparse.SparseLogits`, positions ``[...]``, its ``vocab_size``
+            equal to the student's vocabulary); always detached.
         temperature, loss_type, reduction, mask, jsd_beta, check_finite: As in
             :func:`~kdkit.losses.kd.kd_loss`.
         student_bias: Optional ``[V_s]``.
@@ -906,6 +901,9 @@ def linear_kd_loss(
             classes ``>= vocab_size`` are excluded exactly, as ``-inf`` logits.
         chunk_elements: Logits per chunk (rows x vocabulary); default
             :func:`linear_chunk_elements`.
+        sparse_tail, retemper: With a ``SparseLogits`` teacher, as in
+            :func:`~kdkit.losses.kd.kd_loss` (its uncovered positions count as masked);
+            ignored for dense teachers.
 
     Shape:
         - student_hidden: ``[B, H]`` or ``[..., H]``; teacher: the same leading shape.
@@ -1018,7 +1016,10 @@ def compute_student_loss_linear(
     confidence is computed in a first pass over the chunks, because the KD weights'
     sum normalises every gradient (for a live teacher this costs one more teacher
     matmul).  Arguments as in :func:`linear_kd_loss` and ``compute_student_loss``;
-    ``targets`` must lie in ``[0, vocab)`` (or be ``ignore_index``).
+    ``targets`` must lie in ``[0, vocab)`` (or be ``ignore_index``).  A
+    :class:`kdkit.sparse.SparseLogits` teacher is accepted with ``sparse_tail``/``retemper``
+    as in ``compute_student_loss`` (its mask joins the KD selection; its confidence is the
+    stored top-1 probability).
 
     Returns:
         ``(loss, stats)`` as :func:`~kdkit.losses.kd.compute_student_loss`.
