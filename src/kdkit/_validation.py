@@ -581,6 +581,8 @@ def check_linear_inputs(
     """
     hidden = check_logits("student_hidden", student_hidden)
     student_vocab = _check_layer("student", hidden, student_weight, student_bias)
+    if isinstance(teacher, SparseLogits):
+        return _check_linear_sparse(hidden, student_vocab, teacher, teacher_weight, vocab_size)
     if teacher_weight is None:
         if teacher_bias is not None:
             raise ValueError("teacher_bias needs teacher_weight (teacher hidden states)")
@@ -615,6 +617,50 @@ def check_linear_inputs(
         raise ValueError(
             f"vocab_size must be <= both vocabularies (student {student_vocab}, teacher "
             f"{teacher_vocab}), got {vocab}"
+        )
+    return vocab
+
+
+def _check_linear_sparse(
+    hidden: torch.Tensor,
+    student_vocab: int,
+    teacher: SparseLogits,
+    teacher_weight: object,
+    vocab_size: object,
+) -> int:
+    """A sparse teacher of the linear losses: positions, device and vocabulary must match
+    (the student's vocabulary, ``vocab_size`` or ``student_weight``'s rows, equals the
+    teacher's ``vocab_size``)."""
+    if teacher_weight is not None:
+        raise ValueError(
+            "teacher_weight is for teacher hidden states; a sparse teacher (SparseLogits) "
+            "takes no output layer"
+        )
+    if teacher.positions_shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"student_hidden {tuple(hidden.shape)} and the sparse teacher's positions "
+            f"{tuple(teacher.positions_shape)} must have the same leading (position) shape"
+        )
+    if teacher.device != hidden.device:
+        raise ValueError(
+            f"student_hidden (on {hidden.device}) and the sparse teacher (on {teacher.device}) "
+            "must be on the same device; use teacher.to(device)"
+        )
+    if vocab_size is None:
+        vocab, source = student_vocab, f"student_weight: {student_vocab} rows"
+    else:
+        vocab = check_int("vocab_size", vocab_size, minimum=1)
+        if vocab > student_vocab:
+            raise ValueError(
+                f"vocab_size must be <= the student's vocabulary (student_weight: "
+                f"{student_vocab} rows), got {vocab}"
+            )
+        source = f"vocab_size={vocab}"
+    if vocab != teacher.vocab_size:
+        raise ValueError(
+            f"the student's vocabulary ({source}) and the sparse teacher's "
+            f"(SparseLogits.vocab_size={teacher.vocab_size}) differ; pass "
+            f"vocab_size={teacher.vocab_size} if student_weight has padded rows"
         )
     return vocab
 

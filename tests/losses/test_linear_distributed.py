@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from kdkit import KDLossConfig, compute_student_loss_linear
 from kdkit.losses import linear
+from kdkit.sparse import SparseLogits, sparse_topk
 
 N, H, V = 12, 6, 9
 WEIGHTINGS = ("none", "pmax", "threshold")
@@ -60,6 +61,30 @@ def _run(h, w, b, th, tw, y, mask, config, fn, **kwargs):
     return loss.detach(), stats, grads
 
 
+def _sparse(th, tw):
+    """A cached top-3 teacher of the same positions (position 2, ignored, not covered)."""
+    covered = torch.ones(N, dtype=torch.bool)
+    covered[2] = False
+    return sparse_topk(th @ tw.T, 3, 2.0, covered)
+
+
+def _rows(teacher: SparseLogits, part: slice) -> SparseLogits:
+    return SparseLogits(
+        teacher.indices[part],
+        teacher.logprobs[part],
+        teacher.tail_logprob[part],
+        teacher.vocab_size,
+        teacher.temperature,
+        teacher.mask[part],  # type: ignore[index]
+    )
+
+
+def _run_sparse(h, w, b, teacher, y, mask, config, fn):
+    h, w, b = (x.clone().requires_grad_() for x in (h, w, b))
+    loss, stats = fn(h, w, teacher, y, config, 1.0, mask, student_bias=b, chunk_elements=2 * V)
+    return loss.detach(), stats, torch.autograd.grad(loss, (h, w, b))
+
+
 def _worker(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -85,6 +110,20 @@ def _worker(rank: int, store: str, out: str) -> None:
                 dist.all_reduce(g)
                 g /= 2
             results[(split_name, weighting)] = (stats, gh, gw, gb)
+            loss, stats, (gh, gw, gb) = _run_sparse(
+                h[part],
+                w,
+                b,
+                _rows(_sparse(th, tw), part),
+                y[part],
+                mask[part],
+                _config(weighting),
+                linear.compute_student_loss_linear_distributed,
+            )
+            for g in (gw, gb):
+                dist.all_reduce(g)
+                g /= 2
+            results[("sparse", split_name, weighting)] = (stats, gh, gw, gb)
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -106,18 +145,26 @@ def test_two_ranks_equal_one_process(tmp_path):
             process.join(timeout=5)
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
     problem = _problem()
-    for split_name in SPLITS:
-        for weighting in WEIGHTINGS:
+    h, w, b, th, tw, y, mask = problem
+    for key in [(s, wt) for s in SPLITS for wt in WEIGHTINGS] + [
+        ("sparse", s, wt) for s in SPLITS for wt in WEIGHTINGS
+    ]:
+        weighting = key[-1]
+        if key[0] == "sparse":  # a cached SparseLogits teacher (its mask in the selection)
+            _, want_stats, (gh, gw, gb) = _run_sparse(
+                h, w, b, _sparse(th, tw), y, mask, _config(weighting), compute_student_loss_linear
+            )
+        else:
             _, want_stats, (gh, gw, gb) = _run(
                 *problem, _config(weighting), compute_student_loss_linear
             )
-            r0, r1 = ranks[0][(split_name, weighting)], ranks[1][(split_name, weighting)]
-            for key, value in want_stats.items():
-                assert r0[0][key] == pytest.approx(value, rel=1e-12), key
-                assert r1[0][key] == pytest.approx(value, rel=1e-12), key
-            torch.testing.assert_close(torch.cat([r0[1], r1[1]]) / 2, gh, rtol=1e-10, atol=1e-14)
-            torch.testing.assert_close(r0[2], gw, rtol=1e-10, atol=1e-14)
-            torch.testing.assert_close(r0[3], gb, rtol=1e-10, atol=1e-14)
+        r0, r1 = ranks[0][key], ranks[1][key]
+        for name, value in want_stats.items():
+            assert r0[0][name] == pytest.approx(value, rel=1e-12), (key, name)
+            assert r1[0][name] == pytest.approx(value, rel=1e-12), (key, name)
+        torch.testing.assert_close(torch.cat([r0[1], r1[1]]) / 2, gh, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(r0[2], gw, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(r0[3], gb, rtol=1e-10, atol=1e-14)
 
 
 def test_without_process_group_it_is_compute_student_loss_linear():

@@ -17,10 +17,12 @@ chunk's logits are then dropped.  No autograd graph spans the chunks:
 The teacher is a :class:`TeacherSource`: dense logits ``[..., V]``
 (:class:`DenseTeacher`), or hidden states plus its own output layer
 (:class:`LinearTeacher`, computed under ``no_grad`` with the same ``logit_scale`` and
-``softcap``).  **Seam for a cached ``SparseLogits`` teacher**: a third
-:class:`TeacherSource` (``chunk`` returns the chunk's top-k entries, ``row_pass`` the
-sparse row pass, ``confidence`` the top-1 probability) returned by
-:func:`teacher_source`; nothing else in this module changes.
+``softcap``), or a cached top-k teacher, :class:`kdkit.sparse.SparseLogits`
+(:class:`SparseTeacher`: ``chunk`` returns the chunk's top-k entries, ``row_pass``
+evaluates :func:`kdkit.losses.sparse.sparse_divergence` on the chunk's student logits and
+its gradient by one local ``autograd.grad`` per chunk, ``confidence`` the stored top-1
+probability); the front ends then take ``sparse_tail``/``retemper`` and put the
+teacher's ``mask`` into the KD selection, as the logits path does.
 
 **One formula each.**  The per-position values are those of the logits path: the
 divergence and its gradient come from :func:`kdkit.losses.kernels.row_pass`, the
@@ -66,6 +68,7 @@ from kdkit._validation import (
     check_linear_options,
     check_mask,
     check_non_negative,
+    check_sparse_options,
     check_student_loss_options,
     check_targets,
     compute_dtype,
@@ -78,6 +81,7 @@ from kdkit.losses.distributed import finish_student_loss_distributed, is_distrib
 from kdkit.losses.divergences import reduce
 from kdkit.losses.kd import KDLossConfig
 from kdkit.losses.kernels import torch_ops
+from kdkit.losses.sparse import raise_uncovered, sparse_confidence, sparse_divergence
 from kdkit.losses.student_terms import (
     StudentLossTerms,
     combine,
@@ -88,12 +92,14 @@ from kdkit.losses.student_terms import (
     teacher_confidence,
     weighted_kd_sum,
 )
+from kdkit.sparse import SparseLogits
 
 __all__ = [
     "DenseTeacher",
     "LinearDivergence",
     "LinearTeacher",
     "OutputLayer",
+    "SparseTeacher",
     "TeacherSource",
     "compute_student_loss_linear",
     "compute_student_loss_linear_distributed",
@@ -289,6 +295,68 @@ class LinearTeacher(DenseTeacher):
             return self.layer.logits(start, stop, out)
 
 
+class SparseTeacher:
+    """A cached top-k teacher (:class:`kdkit.sparse.SparseLogits`), positions flattened.
+
+    The maths is :mod:`kdkit.losses.sparse`'s, per chunk: ``row_pass`` is
+    :func:`~kdkit.losses.sparse.sparse_divergence` on the chunk's student logits and its
+    gradient one local ``autograd.grad`` of the row sum (rows are independent, so that
+    is each row's own gradient); ``confidence`` is
+    :func:`~kdkit.losses.sparse.sparse_confidence`.
+    """
+
+    name = "the sparse teacher"
+    dense = False  # the chunk loop keeps no [rows, V] teacher buffer
+
+    def __init__(self, teacher: SparseLogits, sparse_tail: str = "bucket") -> None:
+        k = teacher.top_k
+        self.teacher = teacher
+        self.sparse_tail = sparse_tail
+        self.indices = teacher.indices.reshape(-1, k)
+        self.logprobs = teacher.logprobs.detach().reshape(-1, k)
+        self.tail = teacher.tail_logprob.detach().reshape(-1)
+        self.mask = teacher.mask.reshape(-1)  # type: ignore[union-attr]
+
+    def chunk(self, start: int, stop: int, out: torch.Tensor) -> SparseLogits:
+        t = self.teacher
+        return SparseLogits(
+            self.indices[start:stop],
+            self.logprobs[start:stop],
+            self.tail[start:stop],
+            t.vocab_size,
+            t.temperature,
+            self.mask[start:stop],
+        )
+
+    def full_confidence(self, dtype: torch.dtype) -> torch.Tensor:
+        """The confidence of every position ``[N]`` (cheap: no student, no pass)."""
+        return sparse_confidence(self.teacher, dtype).reshape(-1)
+
+    def confidence(self, chunk: SparseLogits) -> torch.Tensor:
+        return sparse_confidence(chunk, chunk.logprobs.dtype)
+
+    def row_max(self, chunk: SparseLogits, out: torch.Tensor) -> None:
+        out.copy_(chunk.logprobs.amax(dim=-1))
+
+    def row_pass(
+        self,
+        student: torch.Tensor,
+        chunk: SparseLogits,
+        temperature: float,
+        loss_type: str,
+        beta: float,
+        loss_out: torch.Tensor,
+        grad_out: torch.Tensor | None,
+    ) -> None:
+        with torch.enable_grad():
+            s = student.detach().requires_grad_(grad_out is not None)
+            rows = sparse_divergence(s, chunk, temperature, loss_type, beta, self.sparse_tail)
+            loss_out.copy_(rows.detach())
+            if grad_out is not None:
+                (grad,) = torch.autograd.grad(rows.sum(), s)
+                grad_out.copy_(grad)
+
+
 def teacher_source(
     teacher: Any,
     teacher_weight: torch.Tensor | None,
@@ -296,20 +364,14 @@ def teacher_source(
     vocab: int,
     logit_scale: float | None,
     softcap: float | None,
+    sparse_tail: str = "bucket",
 ) -> TeacherSource:
-    """The :class:`TeacherSource` for a validated teacher argument.
-
-    Seam: a cached :class:`kdkit.sparse.SparseLogits` teacher (now on main) becomes a
-    third source here, built from its flattened rows: ``chunk`` returns the rows
-    ``start:stop`` as a ``SparseLogits``; ``row_pass`` computes
-    :func:`kdkit.losses.sparse.sparse_divergence` on the chunk's student logits and its
-    per-row gradient (rows are independent, so one local ``autograd.grad`` of the sum
-    per chunk, or a sparse row kernel); ``confidence`` is
-    :func:`kdkit.losses.sparse.sparse_confidence`; ``row_max`` the stored log-probs'
-    maxima.  The front ends then add ``sparse_tail``/``retemper`` (checked by
-    ``_validation.check_sparse_options``), the teacher's ``mask`` to the KD selection and
-    the uncovered-position flag, as ``student_terms.student_loss_terms`` does.
-    """
+    """The :class:`TeacherSource` for a validated teacher argument: a
+    :class:`kdkit.sparse.SparseLogits` (:class:`SparseTeacher`, with ``sparse_tail``),
+    dense logits (:class:`DenseTeacher`) or hidden states with ``teacher_weight``
+    (:class:`LinearTeacher`)."""
+    if isinstance(teacher, SparseLogits):
+        return SparseTeacher(teacher, sparse_tail)
     if teacher_weight is None:
         return DenseTeacher(teacher.reshape(-1, teacher.shape[-1]), vocab)
     hidden = teacher.reshape(-1, teacher.shape[-1])
@@ -395,9 +457,13 @@ def _chunk_loop(
 
     rows = plan.rows_per_chunk
     z_s = torch.empty(rows, vocab, dtype=dtype, device=device)
-    z_t = torch.empty(rows, vocab, dtype=dtype, device=device) if need_teacher else None
+    dense = getattr(plan.teacher, "dense", True)
+    width = vocab if dense else 0
+    z_t = torch.empty(rows, width, dtype=dtype, device=device) if need_teacher else None
     g = torch.empty(rows, vocab, dtype=dtype, device=device) if grads_needed else None
-    scratch = z_t if z_t is not None else torch.empty(rows, vocab, dtype=dtype, device=device)
+    scratch = (
+        z_t if z_t is not None and dense else torch.empty(rows, vocab, dtype=dtype, device=device)
+    )
     kd_grad = plan.kd and grads_needed and kd_coef is not None
     ce_needed = plan.targets is not None and (values or (grads_needed and ce_coef is not None))
     for start in range(0, num_rows, rows):
@@ -681,8 +747,11 @@ def _prepare(
     softcap: Any,
     vocab_size: Any,
     chunk_elements: Any,
+    sparse_tail: str = "bucket",
 ) -> _Prepared:
-    """Validate the tensors and options shared by both front ends; flatten positions."""
+    """Validate the tensors and options shared by both front ends; flatten positions.
+
+    ``sparse_tail`` (already checked) is used with a sparse teacher only."""
     vocab = check_linear_inputs(
         student_hidden,
         student_weight,
@@ -696,7 +765,8 @@ def _prepare(
         logit_scale, softcap, chunk_elements
     )
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    tensors = [student_hidden, teacher] + ([teacher_weight] if teacher_weight is not None else [])
+    values = teacher.logprobs if isinstance(teacher, SparseLogits) else teacher
+    tensors = [student_hidden, values] + ([teacher_weight] if teacher_weight is not None else [])
     dtype = compute_dtype(*tensors, temperature=temperature)
     num_rows = hidden.shape[0]
     if chunk_elements is None:
@@ -705,7 +775,9 @@ def _prepare(
         per_element = scratch_bytes_per_element(dtype, backend)
         chunk_elements = linear_chunk_elements(num_rows, vocab, per_element)
     rows = max(1, min(max(num_rows, 1), chunk_elements // vocab))
-    source = teacher_source(teacher, teacher_weight, teacher_bias, vocab, logit_scale, softcap)
+    source = teacher_source(
+        teacher, teacher_weight, teacher_bias, vocab, logit_scale, softcap, sparse_tail
+    )
     return _Prepared(
         hidden,
         student_weight,
@@ -717,7 +789,7 @@ def _prepare(
         rows,
         logit_scale,
         softcap,
-        compute_dtype(student_hidden, teacher),
+        compute_dtype(student_hidden, values),
     )
 
 
@@ -757,6 +829,8 @@ def _apply(
 
 def _teacher_confidence_pass(prep: _Prepared) -> torch.Tensor:
     """Teacher confidence ``[N]`` before the main pass (needed by pmax/threshold weights)."""
+    if isinstance(prep.teacher, SparseTeacher):  # stored: no pass
+        return prep.teacher.full_confidence(prep.dtype)
     num_rows = prep.hidden.shape[0]
     out = torch.empty(num_rows, dtype=prep.dtype, device=prep.hidden.device)
     buffer = torch.empty(prep.rows_per_chunk, prep.vocab, dtype=prep.dtype, device=out.device)
@@ -794,6 +868,8 @@ def linear_kd_loss(
     vocab_size: int | None = None,
     chunk_elements: int | None = None,
     check_finite: bool = True,
+    sparse_tail: str = "bucket",
+    retemper: bool = False,
 ) -> torch.Tensor:
     r""":func:`~kdkit.losses.kd.kd_loss` through the output layer, without the logits.
 
@@ -812,7 +888,9 @@ def linear_kd_loss(
         student_hidden: Student hidden states ``[..., H]`` (the output layer's input).
         student_weight: Student output weight ``[V_s, H]`` (``lm_head.weight``).
         teacher: Teacher hidden states ``[..., H_t]`` if ``teacher_weight`` is given, else
-            teacher logits ``[..., V_t]``; always detached.
+            teacher logits ``[..., V_t]``, or a cached top-k teacher
+            (:class:`kdkit.sparse.SparseLogits`, positions ``[...]``, its ``vocab_size``
+            equal to the student's vocabulary); always detached.
         temperature, loss_type, reduction, mask, jsd_beta, check_finite: As in
             :func:`~kdkit.losses.kd.kd_loss`.
         student_bias: Optional ``[V_s]``.
@@ -823,6 +901,9 @@ def linear_kd_loss(
             classes ``>= vocab_size`` are excluded exactly, as ``-inf`` logits.
         chunk_elements: Logits per chunk (rows x vocabulary); default
             :func:`linear_chunk_elements`.
+        sparse_tail, retemper: With a ``SparseLogits`` teacher, as in
+            :func:`~kdkit.losses.kd.kd_loss` (its uncovered positions count as masked);
+            ignored for dense teachers.
 
     Shape:
         - student_hidden: ``[B, H]`` or ``[..., H]``; teacher: the same leading shape.
@@ -850,6 +931,7 @@ def linear_kd_loss(
     temperature, jsd_beta = check_kd_loss_options(
         temperature, loss_type, reduction, jsd_beta, "auto"
     )
+    sparse = isinstance(teacher, SparseLogits)
     prep = _prepare(
         student_hidden,
         student_weight,
@@ -863,14 +945,21 @@ def linear_kd_loss(
         vocab_size,
         chunk_elements,
     )
+    if sparse:  # after _prepare: the teacher is known to be a SparseLogits that fits
+        tail = check_sparse_options(teacher, temperature, loss_type, sparse_tail, retemper)
+        prep.teacher.sparse_tail = tail  # type: ignore[attr-defined]
     if mask is not None:
         check_mask("mask", mask, prep.batch_shape, student_hidden.device)
     num_rows = prep.hidden.shape[0]
-    flat_mask = None if mask is None else mask.reshape(-1)
+    # A sparse teacher's uncovered positions count as masked (as sparse_kd_loss does).
+    keep = mask
+    if sparse:
+        keep = teacher.mask if mask is None else mask & teacher.mask
+    flat_mask = None if keep is None else keep.reshape(-1)
 
     def reduced(kd_rows: torch.Tensor, _ce: torch.Tensor) -> torch.Tensor:
         rows = kd_rows.reshape(prep.batch_shape)
-        return reduce(rows, reduction, mask)  # the logits path's reduction, shared
+        return reduce(rows, reduction, keep)  # the logits path's reduction, shared
 
     coef: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
     if reduction != "none" and torch.is_grad_enabled():
@@ -881,9 +970,14 @@ def linear_kd_loss(
         infinite = torch.isinf(kd_rows.detach())
         if flat_mask is not None:
             infinite = infinite & flat_mask
+        if sparse:  # the stored log-probs are not checked; positions it lacks are
+            uncovered = (mask & ~teacher.mask) if mask is not None else torch.zeros_like(bad_t)
+            bad_t = uncovered.reshape(-1)
         flags = torch.stack([bad_s.any(), bad_t.any(), infinite.any()]).tolist()
         if flags[0]:
             raise_flagged_rows(_student_name(prep), bad_s)
+        if flags[1] and sparse:
+            raise_uncovered(mask, teacher)  # type: ignore[arg-type]
         if flags[1]:
             raise_flagged_rows(prep.teacher.name, bad_t)  # type: ignore[attr-defined]
         if flags[2]:
@@ -909,6 +1003,8 @@ def compute_student_loss_linear(
     chunk_elements: int | None = None,
     tensor_stats: bool = False,
     ignore_index: int = -100,
+    sparse_tail: str = "bucket",
+    retemper: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     r""":func:`~kdkit.losses.kd.compute_student_loss` through the output layer.
 
@@ -920,7 +1016,10 @@ def compute_student_loss_linear(
     confidence is computed in a first pass over the chunks, because the KD weights'
     sum normalises every gradient (for a live teacher this costs one more teacher
     matmul).  Arguments as in :func:`linear_kd_loss` and ``compute_student_loss``;
-    ``targets`` must lie in ``[0, vocab)`` (or be ``ignore_index``).
+    ``targets`` must lie in ``[0, vocab)`` (or be ``ignore_index``).  A
+    :class:`kdkit.sparse.SparseLogits` teacher is accepted with ``sparse_tail``/``retemper``
+    as in ``compute_student_loss`` (its mask joins the KD selection; its confidence is the
+    stored top-1 probability).
 
     Returns:
         ``(loss, stats)`` as :func:`~kdkit.losses.kd.compute_student_loss`.
@@ -951,6 +1050,8 @@ def compute_student_loss_linear(
         vocab_size,
         chunk_elements,
         ignore_index,
+        sparse_tail,
+        retemper,
     )
     terms, raise_flags = _student_terms(setup, counts=None)
     return finish_student_loss(
@@ -978,6 +1079,8 @@ def compute_student_loss_linear_distributed(
     chunk_elements: int | None = None,
     tensor_stats: bool = False,
     ignore_index: int = -100,
+    sparse_tail: str = "bucket",
+    retemper: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     r""":func:`compute_student_loss_linear` normalised over all ranks of ``group``.
 
@@ -998,6 +1101,8 @@ def compute_student_loss_linear_distributed(
         "vocab_size": vocab_size,
         "chunk_elements": chunk_elements,
         "ignore_index": ignore_index,
+        "sparse_tail": sparse_tail,
+        "retemper": retemper,
     }
     if not is_distributed(group):
         return compute_student_loss_linear(
@@ -1027,6 +1132,8 @@ def compute_student_loss_linear_distributed(
         vocab_size,
         chunk_elements,
         ignore_index,
+        sparse_tail,
+        retemper,
     )
     scale = float(dist.get_world_size(group)) if gradients_averaged else 1.0
     terms, raise_flags = _student_terms(setup, counts=(group, scale))
@@ -1066,6 +1173,8 @@ def _student_setup(
     vocab_size: Any,
     chunk_elements: Any,
     ignore_index: Any,
+    sparse_tail: Any = "bucket",
+    retemper: Any = False,
 ) -> _StudentSetup:
     """Validate the student loss's arguments (once, naming them); schedule alpha."""
     check_student_loss_options(config, KDLossConfig, ignore_index, "auto")
@@ -1082,6 +1191,11 @@ def _student_setup(
         vocab_size,
         chunk_elements,
     )
+    if isinstance(teacher, SparseLogits):
+        tail = check_sparse_options(
+            teacher, float(config.temperature), config.loss_type, sparse_tail, retemper
+        )
+        prep.teacher.sparse_tail = tail  # type: ignore[attr-defined]
     check_targets(targets, prep.batch_shape, student_hidden.device)
     if domain_mask is not None:
         check_mask("domain_mask", domain_mask, prep.batch_shape, student_hidden.device)
@@ -1105,7 +1219,11 @@ def _student_terms(
     out_of_range = valid & ((targets < 0) | (targets >= vocab))
     safe_targets = torch.where(valid, targets.clamp(0, vocab - 1), 0).long()
 
-    needs_confidence = alpha > 0 and config.kd_weighting != "none"
+    sparse = isinstance(prep.teacher, SparseTeacher)
+    if sparse:  # its uncovered positions leave the KD selection (student_loss_terms)
+        teacher_mask = prep.teacher.mask  # type: ignore[attr-defined]
+        domain_mask = teacher_mask if domain_mask is None else domain_mask & teacher_mask
+    needs_confidence = sparse or (alpha > 0 and config.kd_weighting != "none")
     confidence = _teacher_confidence_pass(prep) if needs_confidence else None
     # 'none' weights do not depend on the confidence: ones stand in for it before the pass.
     stand_in = (
@@ -1142,6 +1260,8 @@ def _student_terms(
         with_confidence=True,
     )
     kd_rows, ce_rows, confidence, bad_s, bad_t = _apply(prep, plan, coef)
+    if sparse:  # the stored log-probs are not checked; valid positions it lacks are
+        bad_t = valid & ~prep.teacher.mask  # type: ignore[attr-defined]
     weights, selected = kd_selection(confidence, config, valid, domain_mask)
     infinite = None
     infinite_any = torch.zeros((), dtype=torch.bool, device=device)
@@ -1172,6 +1292,9 @@ def _student_terms(
             raise_out_of_range_targets(targets, out_of_range, vocab, ignore_index)
         if flags[1]:
             raise_flagged_rows(_student_name(prep), bad_s)
+        if flags[2] and sparse:
+            batch_valid = valid.reshape(prep.batch_shape)
+            raise_uncovered(batch_valid, prep.teacher.teacher)  # type: ignore[attr-defined]
         if flags[2]:
             raise_flagged_rows(prep.teacher.name, bad_t)  # type: ignore[attr-defined]
         if flags[3] and infinite is not None:
