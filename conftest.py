@@ -1,5 +1,12 @@
 """Repository-level pytest configuration (doctest collection of src/kdkit)."""
 
+import importlib.util
+
 # Needs the optional triton package, and must be imported only after TRITON_INTERPRET is
 # decided (tests/losses/test_triton_kernel.py); it has no doctests.
 collect_ignore = ["src/kdkit/losses/kernels/triton_kernel.py"]
+
+# ``--doctest-modules`` imports every module under ``src/kdkit``; ``kdkit.hf`` needs
+# ``transformers`` (``pip install 'kdkit[hf]'``), so without it the package is not
+# collected (its tests under ``tests/hf/`` skip through ``pytest.importorskip``).
+collect_ignore_glob = [] if importlib.util.find_spec("transformers") else ["src/kdkit/hf/*"]

@@ -8,7 +8,9 @@ Subcommands::
                         --temperature 4 --kd_alpha 0.7 --kd_weighting pmax \\
                         --warmup_epochs 5 --kd_ramp_epochs 10 --output_dir runs/s
     kdkit cache info|verify CACHE_DIR
+    kdkit distill-lm --data train.jsonl --teacher_model DIR --student_from_teacher 2 ...
     kdkit demo [--quick] [--output_dir ./kdkit-demo]
+    kdkit demo --lm [--quick] [--output_dir ./kdkit-lm-demo]
 
 Settings flow: ``--config FILE`` (TOML or YAML) -> flags given on the command line ->
 one validated :class:`~kdkit.train.config.TrainConfig` -> ``train_student`` /
@@ -472,6 +474,10 @@ def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.lm:  # the language-model demo (kdkit.demo.lm)
+        from kdkit.demo.lm import main_lm_demo
+
+        return main_lm_demo(args)
     from kdkit.demo import DemoConfig, run_demo
     from kdkit.demo.run import check_demo_extras
 
@@ -482,7 +488,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 1
     try:
         config = DemoConfig(
-            output_dir=args.output_dir, quick=args.quick, seeds=args.seeds, progress=args.progress
+            output_dir=args.output_dir or "kdkit-demo",
+            quick=args.quick,
+            seeds=args.seeds,
+            progress=args.progress,
         )
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
@@ -496,8 +505,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_demo_parser(subparsers) -> argparse.ArgumentParser:
     text = "the end-to-end demo on built-in data: teachers, cache, CE vs KD students, report"
     parser = subparsers.add_parser("demo", help=text, description=text, allow_abbrev=False)
-    parser.add_argument("--output_dir", default="kdkit-demo", help="default: ./kdkit-demo")
+    parser.add_argument("--output_dir", help="default: ./kdkit-demo (--lm: ./kdkit-lm-demo)")
     parser.add_argument("--quick", action="store_true", help="tiny settings for CI (one seed)")
+    parser.add_argument(
+        "--lm", action="store_true", help="the language-model demo (needs kdkit[hf])"
+    )
     parser.add_argument("--seeds", type=int, help="number of seeds (default: 3; --quick: 1)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.set_defaults(func=_cmd_demo)
@@ -508,6 +520,12 @@ def _add_cache_parser(subparsers) -> None:
     from kdkit.cache.cli import add_subcommands
 
     add_subcommands(subparsers)
+
+
+def _add_hf_parser(subparsers) -> None:
+    from kdkit.hf.cli import add_subcommand  # builds the parser without transformers
+
+    add_subcommand(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -528,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dump_parser(subparsers)
     _add_train_parser(subparsers, "train-student", student=True)
     _add_cache_parser(subparsers)
+    _add_hf_parser(subparsers)
     _add_demo_parser(subparsers)
     return parser
 

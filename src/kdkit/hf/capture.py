@@ -1,0 +1,140 @@
+"""Teacher capture for causal LMs: :func:`dump_lm_teacher` through kdkit's dump.
+
+A Hugging Face causal LM is run over tokenised samples (:func:`~kdkit.hf.data.load_lm_data`)
+by :func:`kdkit.dump_teacher_logits` (resumable, sharded under ``torchrun``, dense or
+top-k per token, only the real positions stored).  Each sample is keyed
+``"<sample_id>@<fingerprint>"`` with a BLAKE2b fingerprint of its ``input_ids``, so a
+cache made for other token sequences can never be read as if it matched:
+:func:`check_lm_cache` says, before training, how many samples are missing and how many
+were cached for other tokens, with examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+__all__ = ["check_lm_cache", "dump_lm_teacher", "input_ids_fingerprint", "lm_cache_key"]
+
+
+def input_ids_fingerprint(input_ids: Sequence[int] | torch.Tensor) -> str:
+    """16 hex digits of BLAKE2b over the ids as little-endian int64.
+
+    Example:
+        >>> input_ids_fingerprint([1, 2, 3]) == input_ids_fingerprint(torch.tensor([1, 2, 3]))
+        True
+        >>> input_ids_fingerprint([1, 2, 3]) == input_ids_fingerprint([1, 2, 4])
+        False
+    """
+    ids = np.asarray(torch.as_tensor(input_ids).tolist(), dtype="<i8")
+    return hashlib.blake2b(ids.tobytes(), digest_size=8).hexdigest()
+
+
+def lm_cache_key(sample_id: str, input_ids: Sequence[int] | torch.Tensor) -> str:
+    """The cache key of a sample: ``"<sample_id>@<fingerprint of input_ids>"``."""
+    return f"{sample_id}@{input_ids_fingerprint(input_ids)}"
+
+
+class _Logits(nn.Module):
+    """A causal LM as a module returning its ``[B, L, V]`` logits (what the dump stores)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits  # causal: right padding is harmless
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    length = max(len(s["input_ids"]) for s in samples)
+    ids = torch.zeros((len(samples), length), dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[i, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
+        mask[i, :n] = 1
+    keys = [lm_cache_key(s["sample_id"], s["input_ids"]) for s in samples]
+    return {"input_ids": ids, "attention_mask": mask, "key": keys}
+
+
+def dump_lm_teacher(
+    teacher: nn.Module,
+    samples: Sequence[dict[str, Any]],
+    cache_dir: str | os.PathLike[str],
+    *,
+    name: str = "teacher",
+    top_k: int | None = None,
+    dtype: str = "float16",
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    capture_temperature: float = 1.0,
+    progress: bool = False,
+) -> Any:
+    """Cache a causal LM's per-token outputs for ``samples`` (``{"input_ids", "sample_id"}``).
+
+    Dense (``top_k=None``) or the ``top_k`` most probable tokens per position (log-probs
+    over the full vocabulary plus the tail mass, see :mod:`kdkit.sparse`), stored by
+    :func:`kdkit.dump_teacher_logits` under :func:`lm_cache_key`.  Calling it again
+    resumes or extends the cache.  Returns the :class:`~kdkit.cache.CacheIndex`.
+    """
+    from kdkit.cache import dump_teacher_logits
+
+    loader = DataLoader(list(samples), batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    return dump_teacher_logits(
+        {name: _Logits(teacher).to(device)},
+        loader,
+        cache_dir,
+        input_key="input_ids",
+        key_field="key",
+        top_k=top_k,
+        dtype=dtype,
+        device=device,
+        capture_temperature=capture_temperature,
+        mask_field="attention_mask",
+        progress=progress,
+    )
+
+
+def check_lm_cache(index: Any, samples: Sequence[dict[str, Any]]) -> None:
+    """Raise ``ValueError`` unless every sample is cached for exactly its ``input_ids``.
+
+    The message gives the number of samples missing from the cache and the number cached
+    for other token sequences (same sample id, other fingerprint), with examples.
+    """
+    from kdkit.cache import load_cache_index
+
+    if not hasattr(index, "keys"):
+        index = load_cache_index(index)
+    cached: dict[str, set[str]] = {}
+    for key in index.keys():  # noqa: SIM118 (a CacheIndex, not a dict)
+        sample_id, _, fingerprint = key.rpartition("@")
+        cached.setdefault(sample_id, set()).add(fingerprint)
+    missing, changed = [], []
+    for s in samples:
+        prints = cached.get(str(s["sample_id"]))
+        if prints is None:
+            missing.append(str(s["sample_id"]))
+        elif input_ids_fingerprint(s["input_ids"]) not in prints:
+            changed.append(str(s["sample_id"]))
+    if missing or changed:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing from the cache (e.g. {missing[:3]})")
+        if changed:
+            parts.append(
+                f"{len(changed)} cached for other token sequences (e.g. {changed[:3]}: "
+                "their input_ids fingerprints differ)"
+            )
+        raise ValueError(
+            f"teacher cache {str(index.path)!r} does not match the training data: of "
+            f"{len(samples)} samples, {' and '.join(parts)}; dump the teacher on this data "
+            "(kdkit.hf.dump_lm_teacher)"
+        )

@@ -1,0 +1,155 @@
+"""``kdkit distill-lm``: argument parsing only (the work is :func:`kdkit.hf.recipe.distill_lm`).
+
+::
+
+    kdkit distill-lm --data train.jsonl --teacher_model runs/teacher \\
+        --student_from_teacher 2 --temperature 2 --kd_alpha 0.5 \\
+        --per_device_train_batch_size 8 --gradient_accumulation_steps 4 \\
+        --learning_rate 5e-4 --num_train_epochs 1 --output_dir runs/student
+
+Building the parser needs no ``transformers``; running the command checks ``kdkit[hf]``
+first (exit 1, one line).  Bad flags, a missing directory, a hub id (nothing is
+downloaded) or bad data: exit 2, one line.  The KD flags are those of ``train-student``
+(derived from :class:`~kdkit.losses.kd.KDLossConfig`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+__all__ = ["add_subcommand", "build_config"]
+
+HF_MODULES: tuple[str, ...] = ("transformers", "tokenizers", "accelerate")
+"""Packages of ``kdkit[hf]``, checked before any work."""
+
+_TRAINER_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("per_device_train_batch_size", int, "sequences per device and micro-batch"),
+    ("gradient_accumulation_steps", int, "micro-batches per optimizer step"),
+    ("learning_rate", float, "peak learning rate (linear decay)"),
+    ("num_train_epochs", float, "epochs (ignored when --max_steps > 0)"),
+    ("max_steps", int, "optimizer steps (overrides --num_train_epochs)"),
+    ("seed", int, "random seed"),
+    ("logging_steps", int, "log every N optimizer steps"),
+    ("max_length", int, "longer sequences are split into blocks of this many tokens"),
+    (
+        "vocab_size",
+        int,
+        "real vocabulary size (default: the tokenizer's, else the smaller model's)",
+    ),
+)
+
+
+def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``distill-lm`` on the ``kdkit`` subparsers."""
+    from kdkit.cli import _add, train_flags
+
+    text = "distil a causal LM (Hugging Face transformers) from a teacher; local dirs only"
+    parser = subparsers.add_parser("distill-lm", help=text, description=text, allow_abbrev=False)
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data", help="training JSONL: {'input_ids': [...]} or {'text': ...} per line"
+    )
+    data.add_argument("--eval_data", help="held-out JSONL (reports eval loss and perplexity)")
+    data.add_argument("--tokenizer", help="local tokenizer directory (default: the teacher's)")
+    teacher = parser.add_argument_group("teacher (one of)")
+    teacher.add_argument("--teacher_model", help="local teacher model directory")
+    teacher.add_argument(
+        "--cache", help="teacher cache of kdkit.hf.dump_lm_teacher (dense or top-k per token)"
+    )
+    teacher.add_argument("--teacher", help="teacher name in --cache (default: its only one)")
+    student = parser.add_argument_group("student (one of)")
+    student.add_argument("--student_model", help="local student model directory")
+    student.add_argument(
+        "--student_config", help="config JSON of a new, randomly initialised student"
+    )
+    student.add_argument(
+        "--student_from_teacher",
+        type=int,
+        metavar="EVERY_K",
+        help="the teacher's layers 0, k, 2k, ... (DistilBERT's initialisation)",
+    )
+    kd = parser.add_argument_group("KD loss (the spec's flags)")
+    _add(kd, train_flags(student=True)[2])
+    kd.add_argument(
+        "--schedule_unit",
+        choices=["epoch", "step"],
+        default=argparse.SUPPRESS,
+        help="what --warmup_epochs/--kd_ramp_epochs count (default: epoch)",
+    )
+    loop = parser.add_argument_group("training (transformers.TrainingArguments)")
+    for name, kind, help_text in _TRAINER_FLAGS:
+        loop.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS, help=help_text)
+    loop.add_argument(
+        "--bf16", action="store_true", default=argparse.SUPPRESS, help="bfloat16 mixed precision"
+    )
+    loop.add_argument("--output_dir", default=argparse.SUPPRESS, help="default: runs/lm-student")
+    parser.set_defaults(func=_cmd_distill_lm)
+    return parser
+
+
+def build_config(args: argparse.Namespace):
+    """CLI flags -> one validated :class:`~kdkit.hf.recipe.LMDistillConfig`."""
+    import dataclasses
+
+    from kdkit.hf.recipe import LMDistillConfig
+    from kdkit.losses.kd import KDLossConfig
+
+    kd_names = {f.name for f in dataclasses.fields(KDLossConfig)}
+    values: dict[str, Any] = {}
+    kd: dict[str, Any] = {}
+    for field in dataclasses.fields(LMDistillConfig):
+        if field.name != "kd" and getattr(args, field.name, None) is not None:
+            values[field.name] = getattr(args, field.name)
+    for name in kd_names:
+        if hasattr(args, name):
+            kd[name] = getattr(args, name)
+    config = LMDistillConfig(**values, kd=KDLossConfig.from_dict(kd))
+    config.validate()
+    return config
+
+
+def _cmd_distill_lm(args: argparse.Namespace) -> int:
+    from kdkit._extras import require_installed
+    from kdkit.cli import _CONFIG_ERRORS, _message, _setup_logging
+
+    try:
+        for module in HF_MODULES:
+            require_installed(module, "hf", "kdkit distill-lm")
+    except ImportError as exc:
+        print(_message(exc), file=sys.stderr)
+        return 1
+    try:
+        config = build_config(args)
+        from kdkit.hf.recipe import local_dir
+
+        for flag, value in (
+            ("--teacher_model", config.teacher_model),
+            ("--cache", config.cache),
+            ("--student_model", config.student_model),
+            ("--tokenizer", config.tokenizer),
+        ):
+            if value is not None:
+                local_dir(value, flag)
+        for flag, value in (("--data", config.data), ("--eval_data", config.eval_data)):
+            if value is not None and not os.path.isfile(value):
+                raise ValueError(f"{flag} {value!r} is not a file")
+    except _CONFIG_ERRORS as exc:
+        args._parser.error(_message(exc))
+    _setup_logging()
+    from transformers.utils import logging as hf_logging
+
+    from kdkit.hf.recipe import distill_lm
+
+    hf_logging.disable_progress_bar()  # errors stay one line; no bars per weight file
+
+    try:
+        result = distill_lm(config)
+    except _CONFIG_ERRORS as exc:  # bad data, different tokenizers: before any training
+        args._parser.error(_message(exc))
+    if os.environ.get("RANK", "0") == "0":
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        print(f"finished: {metrics}; student in {result.output_dir}")
+    return 0

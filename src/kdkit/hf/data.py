@@ -1,0 +1,118 @@
+"""Causal-LM data: JSONL files of ``input_ids`` or ``text``, and a padding collator.
+
+One JSON object per line, either ``{"input_ids": [1, 2, ...]}`` (already tokenised) or
+``{"text": "..."}`` (tokenised with a local tokenizer), with an optional ``"id"`` (the
+sample id; default: the line number).  Sequences longer than ``max_length`` are split
+into consecutive blocks (ids ``"<id>#<block>"``), so no token is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CausalLMCollator", "load_lm_data"]
+
+
+def load_lm_data(
+    path: str | os.PathLike[str], tokenizer: Any = None, *, max_length: int | None = None
+) -> list[dict[str, Any]]:
+    """Read a JSONL file into ``[{"input_ids": [...], "sample_id": str}, ...]``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line that is not a JSON object, has neither ``input_ids`` nor
+            ``text``, has ``text`` but no tokenizer was given, or non-integer / negative
+            ids; an empty file.  The message names the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if max_length is not None and (isinstance(max_length, bool) or max_length < 2):
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    samples: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            ids = _record_ids(record, tokenizer, where)
+            sample_id = str(record.get("id", number))
+            step = max_length or max(len(ids), 1)
+            blocks = [ids[i : i + step] for i in range(0, len(ids), step)] or [ids]
+            for b, block in enumerate(blocks):
+                suffix = f"#{b}" if len(blocks) > 1 else ""
+                samples.append({"input_ids": block, "sample_id": sample_id + suffix})
+    if not samples:
+        raise ValueError(f"data file {str(path)!r} holds no samples")
+    return samples
+
+
+def _record_ids(record: dict[str, Any], tokenizer: Any, where: str) -> list[int]:
+    if "input_ids" in record:
+        ids = record["input_ids"]
+        if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+        ):
+            raise ValueError(f"{where}: input_ids must be a list of integers >= 0")
+        return ids
+    if "text" in record:
+        if tokenizer is None:
+            raise ValueError(f"{where}: a 'text' record needs a tokenizer (--tokenizer DIR)")
+        if not isinstance(record["text"], str):
+            raise ValueError(f"{where}: text must be a string")
+        return list(tokenizer(record["text"], add_special_tokens=True)["input_ids"])
+    raise ValueError(
+        f"{where}: a record needs 'input_ids' (token ids) or 'text', got keys {sorted(record)}"
+    )
+
+
+class CausalLMCollator:
+    """Right-pads ``input_ids`` into ``input_ids``, ``attention_mask`` and ``labels``.
+
+    ``labels`` are the input ids (or the sample's own ``labels``) with ``ignore_index``
+    at padding; the label shift happens once, in the loss.  With ``cache_keys=True`` the
+    batch also holds ``kd_keys``, the samples' teacher-cache keys
+    (:func:`~kdkit.hf.capture.lm_cache_key`); otherwise ``sample_id`` is dropped.
+
+    Example:
+        >>> batch = CausalLMCollator(pad_token_id=0)([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
+        >>> batch["labels"].tolist()
+        [[5, 6, 7], [8, -100, -100]]
+    """
+
+    def __init__(
+        self, pad_token_id: int = 0, ignore_index: int = -100, *, cache_keys: bool = False
+    ) -> None:
+        self.pad_token_id = pad_token_id
+        self.ignore_index = ignore_index
+        self.cache_keys = cache_keys
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        length = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), length), self.ignore_index, dtype=torch.long)
+        mask = torch.zeros((len(samples), length), dtype=torch.long)
+        for i, sample in enumerate(samples):
+            ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
+            n = len(ids)
+            input_ids[i, :n] = ids
+            mask[i, :n] = 1
+            own = sample.get("labels")
+            labels[i, :n] = ids if own is None else torch.as_tensor(own, dtype=torch.long)
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if self.cache_keys:
+            from kdkit.hf.capture import lm_cache_key
+
+            batch["kd_keys"] = [lm_cache_key(s["sample_id"], s["input_ids"]) for s in samples]
+        return batch

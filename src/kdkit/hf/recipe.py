@@ -1,0 +1,263 @@
+"""The LM distillation recipe behind ``kdkit distill-lm``: local dirs in, a student out.
+
+:class:`LMDistillConfig` (one validated dataclass) -> :func:`distill_lm`: load the
+teacher, the student (a model directory, a config JSON, or every k-th teacher layer) and
+the tokenizer from **local** paths only (``local_files_only``; a hub id is an error, never
+a download), read the JSONL data, train with
+:class:`~kdkit.hf.trainer.DistillationTrainer`, save the student and
+``kdkit_config.json`` (the resolved settings) in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdkit.losses.kd import KDLossConfig
+
+__all__ = ["LMDistillConfig", "LMDistillResult", "distill_lm", "local_dir"]
+
+logger = logging.getLogger("kdkit.hf")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def local_dir(path: str, what: str) -> Path:
+    """``path`` as an existing local directory; else ``ValueError`` (hub ids named as such).
+
+    Example:
+        >>> local_dir("meta-llama/Llama-3.2-1B", "--teacher_model")
+        Traceback (most recent call last):
+        ...
+        ValueError: --teacher_model 'meta-llama/Llama-3.2-1B' is not a local directory; it looks like a Hugging Face hub id, but kdkit loads local model directories only (nothing is downloaded): download it first and pass its directory
+    """
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if not p.exists() and _HUB_ID.match(path) and not path.startswith((".", "/")):
+        raise ValueError(
+            f"{what} {path!r} is not a local directory; it looks like a Hugging Face hub id, "
+            "but kdkit loads local model directories only (nothing is downloaded): "
+            "download it first and pass its directory"
+        )
+    raise ValueError(
+        f"{what} {path!r} is not a directory" + ("" if p.exists() else " (no such path)")
+    )
+
+
+@dataclasses.dataclass
+class LMDistillConfig:
+    """Settings of :func:`distill_lm` (the flags of ``kdkit distill-lm``)."""
+
+    data: str | None = None
+    output_dir: str = "runs/lm-student"
+    tokenizer: str | None = None
+    eval_data: str | None = None
+    max_length: int = 512
+    teacher_model: str | None = None
+    cache: str | None = None
+    teacher: str | None = None
+    student_model: str | None = None
+    student_config: str | None = None
+    student_from_teacher: int | None = None
+    kd: KDLossConfig = dataclasses.field(default_factory=KDLossConfig)
+    schedule_unit: str = "epoch"
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    bf16: bool = False
+    seed: int = 0
+    logging_steps: int = 10
+    vocab_size: int | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the setting, before anything is loaded."""
+        if not self.data:
+            raise ValueError("no training data: give --data FILE.jsonl")
+        if (self.teacher_model is None) == (self.cache is None):
+            raise ValueError("give exactly one teacher source: --teacher_model DIR or --cache DIR")
+        if self.cache is not None and self.student_from_teacher is not None:
+            raise ValueError("--student_from_teacher needs --teacher_model (the teacher's layers)")
+        students = [
+            self.student_model is not None,
+            self.student_config is not None,
+            self.student_from_teacher is not None,
+        ]
+        if sum(students) != 1:
+            raise ValueError(
+                "give exactly one student: --student_model DIR, --student_config JSON or "
+                "--student_from_teacher EVERY_K"
+            )
+        for name in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.student_from_teacher is not None and self.student_from_teacher < 1:
+            raise ValueError(
+                f"student_from_teacher must be an integer >= 1, got {self.student_from_teacher!r}"
+            )
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.schedule_unit not in ("epoch", "step"):
+            raise ValueError(f"schedule_unit must be 'epoch' or 'step', got {self.schedule_unit!r}")
+        self.kd.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class LMDistillResult:
+    """What :func:`distill_lm` returns."""
+
+    output_dir: Path
+    metrics: dict[str, float]
+    trainer: Any
+
+
+def _load_student(config: LMDistillConfig, teacher: Any) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kdkit.hf.layers import student_from_teacher
+
+    if config.student_model is not None:
+        path = local_dir(config.student_model, "--student_model")
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    if config.student_config is not None:
+        path = Path(config.student_config)
+        if not path.is_file():
+            raise ValueError(f"--student_config {str(path)!r} is not a file")
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"--student_config {str(path)!r}: not valid JSON ({exc.msg})"
+            ) from None
+        if not isinstance(values, dict) or "model_type" not in values:
+            raise ValueError(
+                f"--student_config {str(path)!r} must be a JSON object with a 'model_type' "
+                "(e.g. a model directory's config.json)"
+            )
+        model_config = AutoConfig.for_model(values.pop("model_type"), **values)
+        return AutoModelForCausalLM.from_config(model_config)
+    return student_from_teacher(teacher, config.student_from_teacher)
+
+
+def _dir_tokenizer(path: str | Path | None) -> Any:
+    """The tokenizer saved in a model directory, or None."""
+    from transformers import AutoTokenizer
+
+    if path is None:
+        return None
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _tokenizers(config: LMDistillConfig) -> tuple[Any, Any]:
+    """``(student tokenizer, teacher tokenizer)``; both may be None.
+
+    The student's: ``--tokenizer``, else the student directory's, else the teacher's.  The
+    teacher's directory tokenizer is compared with it before training.
+    """
+    from transformers import AutoTokenizer
+
+    teacher = _dir_tokenizer(config.teacher_model)  # None with a cache
+    if config.tokenizer is not None:
+        path = local_dir(config.tokenizer, "--tokenizer")
+        return AutoTokenizer.from_pretrained(path, local_files_only=True), teacher
+    student = _dir_tokenizer(config.student_model)
+    return (student if student is not None else teacher), teacher
+
+
+def distill_lm(config: LMDistillConfig) -> LMDistillResult:
+    """Run the recipe; see the module docstring.
+
+    Raises:
+        ValueError: bad settings, a missing directory or a hub id, bad data (before any
+            training), different tokenizers.
+        ImportError: ``kdkit[hf]`` not installed.
+    """
+    config.validate()
+    teacher_dir = None
+    if config.teacher_model is not None:
+        teacher_dir = local_dir(config.teacher_model, "--teacher_model")
+    else:
+        local_dir(config.cache, "--cache")
+    if config.student_model is not None:
+        local_dir(config.student_model, "--student_model")
+    from kdkit._extras import require
+
+    transformers = require("transformers", "hf", "kdkit distill-lm")
+    from kdkit.hf.data import CausalLMCollator, load_lm_data
+    from kdkit.hf.trainer import DistillationTrainer
+
+    tokenizer, teacher_tokenizer = _tokenizers(config)
+    train_data = load_lm_data(config.data, tokenizer, max_length=config.max_length)
+    eval_data = (
+        load_lm_data(config.eval_data, tokenizer, max_length=config.max_length)
+        if config.eval_data
+        else None
+    )
+    transformers.set_seed(config.seed)
+    teacher = None
+    if teacher_dir is not None:
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(
+            teacher_dir, local_files_only=True
+        )
+    student = _load_student(config, teacher)
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    pad = pad if pad is not None else (student.config.pad_token_id or 0)
+    out = Path(config.output_dir)
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        bf16=config.bf16,
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    trainer = DistillationTrainer(
+        student,
+        args,
+        teacher=teacher,
+        teacher_cache=config.cache,
+        cache_teacher=config.teacher,
+        kd_config=config.kd,
+        schedule_unit=config.schedule_unit,
+        vocab_size=config.vocab_size,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=CausalLMCollator(pad, cache_keys=config.cache is not None),
+        processing_class=tokenizer,
+        teacher_tokenizer=teacher_tokenizer,
+    )
+    output = trainer.train()
+    metrics = {"train_loss": float(output.training_loss)}
+    if eval_data is not None:
+        loss = trainer.evaluate()["eval_loss"]
+        metrics.update(eval_loss=float(loss), eval_perplexity=math.exp(min(loss, 700.0)))
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        (out / "kdkit_config.json").write_text(
+            json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8"
+        )
+    return LMDistillResult(out, metrics, trainer)

@@ -1,0 +1,360 @@
+"""``DistillationTrainer``: a ``transformers.Trainer`` that distils a causal LM.
+
+What it changes in the Trainer, and why:
+
+* :meth:`~DistillationTrainer.compute_loss` runs the student, the live teacher (eval mode,
+  ``torch.no_grad()``, on its own device if you put it there) and
+  :func:`kdkit.hf.loss.lm_distillation_loss`; evaluation keeps the model's own CE loss
+  (so ``eval_loss`` is the held-out next-token CE and ``exp(eval_loss)`` the perplexity).
+* :meth:`~DistillationTrainer.get_batch_samples` counts, before the first forward of an
+  optimizer step, the real target tokens ``N`` (after the label shift) and the KD weight
+  sum ``W`` of **all** its gradient-accumulation micro-batches, summed over ranks (one
+  ``all_reduce``).  Each micro-batch then contributes ``(1 - a) S_CE / N + a S_KD / W``
+  (times the world size, which DDP/FSDP average away), so the step's gradient is the
+  gradient of the global batch's loss however it is split over micro-batches and ranks
+  (TRL #4719 was this bug).  ``loss_is_scaled_for_ga = True`` keeps the Trainer from
+  dividing again.
+* :meth:`~DistillationTrainer.log` adds ``kd_loss``, ``ce_loss``, ``kd_weight``,
+  ``coverage`` and ``teacher_confidence`` (means over the tokens since the last log,
+  over all ranks) to the Trainer's logs, so every reporting callback receives them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kdkit._extras import require
+from kdkit.hf.loss import LMLossStats, lm_distillation_loss, shift_labels
+from kdkit.hf.vocab import real_vocab_size
+from kdkit.losses.kd import KDLossConfig
+from kdkit.losses.sparse import sparse_confidence
+from kdkit.losses.student_terms import confidence_weights, teacher_confidence
+
+transformers = require("transformers", "hf", "kdkit.hf")
+
+__all__ = ["SCHEDULE_UNITS", "DistillationTrainer"]
+
+logger = logging.getLogger("kdkit.hf")
+
+SCHEDULE_UNITS: tuple[str, ...] = ("epoch", "step")
+"""What ``warmup_epochs``/``kd_ramp_epochs`` count: epochs (fractional) or optimizer steps."""
+
+LOG_KEYS: tuple[str, ...] = ("kd_loss", "ce_loss", "kd_weight", "coverage", "teacher_confidence")
+"""The keys :class:`DistillationTrainer` adds to the Trainer's training logs."""
+
+
+def _to_length(values: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, L']`` padded (zeros) or cut to ``[B, length]``."""
+    if values.shape[1] >= length:
+        return values[:, :length]
+    return torch.nn.functional.pad(values, (0, length - values.shape[1]))
+
+
+class _HiddenCapture:
+    """Forward hook on the base model keeping its ``last_hidden_state`` (after the final norm)."""
+
+    def __init__(self) -> None:
+        self.hidden: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+
+class DistillationTrainer(transformers.Trainer):
+    """``transformers.Trainer`` for causal-LM distillation from a live teacher.
+
+    The loss is ``(1 - alpha) * CE + alpha * KD`` with :class:`~kdkit.KDLossConfig`
+    semantics (``T**2``, ``loss_type`` incl. ``'reverse_kl'``/``'jsd'``, per-token
+    confidence weighting, the warmup + ramp schedule of ``alpha``), both terms normalised
+    by the real target tokens of the whole optimizer step (all micro-batches and ranks).
+
+    Args:
+        model: The student (a ``*ForCausalLM`` model).
+        args: ``transformers.TrainingArguments``.
+        teacher: The live teacher, a causal LM sharing the student's tokenizer.  It is put
+            in eval mode with ``requires_grad=False``; if it sits on another device than
+            the student it stays there (its logits are moved), otherwise it is moved to the
+            student's device.
+        teacher_cache: Instead of ``teacher``: a cache of :func:`~kdkit.hf.dump_lm_teacher`
+            (a directory or ``CacheIndex``), checked against ``train_dataset`` before
+            training (:func:`~kdkit.hf.check_lm_cache`); batches need ``kd_keys``
+            (``CausalLMCollator(..., cache_keys=True)``).
+        cache_teacher: The teacher's name in ``teacher_cache`` (default: its only one).
+        sparse_tail: With a top-k cache: ``'bucket'`` or ``'renormalize'``
+            (see :func:`~kdkit.compute_student_loss`).
+        kd_config: The KD settings (default ``KDLossConfig()``).
+        schedule_unit: ``'epoch'`` (``warmup_epochs``/``kd_ramp_epochs`` in fractional
+            epochs, ``state.epoch``) or ``'step'`` (in optimizer steps).
+        teacher_tokenizer: The teacher's tokenizer, compared with ``processing_class``
+            (the student's) before training: different vocabularies are an error.
+        vocab_size: The real vocabulary size, when the embedding matrices are padded and
+            no tokenizer is given (default: from the tokenizer, else the smaller output).
+        ignore_index: The label value that marks non-targets.
+        **kwargs: Passed to ``transformers.Trainer`` (``train_dataset``,
+            ``data_collator``, ``processing_class``, ``callbacks``...).
+
+    Raises:
+        ValueError: no teacher, different tokenizers, an unknown ``schedule_unit``,
+            ``args.n_gpu > 1`` (DataParallel: launch with torchrun / accelerate instead).
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: Any = None,
+        *,
+        teacher: nn.Module | None = None,
+        teacher_cache: Any = None,
+        cache_teacher: str | None = None,
+        sparse_tail: str = "bucket",
+        kd_config: KDLossConfig | None = None,
+        schedule_unit: str = "epoch",
+        teacher_tokenizer: Any = None,
+        vocab_size: int | None = None,
+        ignore_index: int = -100,
+        **kwargs: Any,
+    ) -> None:
+        if (teacher is None) == (teacher_cache is None):
+            raise ValueError("give exactly one of teacher (a live model) and teacher_cache")
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise ValueError(
+                f"teacher must be a causal LM (nn.Module), got {type(teacher).__name__}"
+            )
+        if schedule_unit not in SCHEDULE_UNITS:
+            raise ValueError(
+                f"schedule_unit must be one of {list(SCHEDULE_UNITS)}, got {schedule_unit!r}"
+            )
+        kd_config = KDLossConfig() if kd_config is None else kd_config
+        kd_config.validate()
+        super().__init__(model=model, args=args, **kwargs)
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"DistillationTrainer does not support DataParallel over {self.args.n_gpu} "
+                "GPUs in one process: launch one process per GPU (torchrun or accelerate launch)"
+            )
+        self.kd_config = kd_config
+        self.schedule_unit = schedule_unit
+        self.ignore_index = ignore_index
+        self.cache = None
+        self.cache_teacher = cache_teacher
+        self.sparse_tail = sparse_tail
+        if teacher_cache is not None:
+            from kdkit.cache import load_cache_index
+            from kdkit.hf.capture import check_lm_cache
+
+            self.cache = (
+                teacher_cache
+                if hasattr(teacher_cache, "teacher_num_classes")
+                else load_cache_index(teacher_cache)
+            )
+            names = self.cache.teachers
+            if cache_teacher is None and len(names) == 1:
+                self.cache_teacher = names[0]
+            if self.cache_teacher not in names:
+                raise ValueError(
+                    f"cache_teacher must be one of the cache's teachers {list(names)}, "
+                    f"got {cache_teacher!r}"
+                )
+            if self.train_dataset is not None:
+                check_lm_cache(self.cache, self.train_dataset)
+        self.vocab_size = real_vocab_size(
+            teacher if teacher is not None else self.cache.teacher_num_classes[self.cache_teacher],
+            model,
+            vocab_size=vocab_size,
+            tokenizer=self.processing_class,
+            teacher_tokenizer=teacher_tokenizer,
+        )
+        self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
+        self._teacher_placed = False
+        self._normalisers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._window: torch.Tensor | None = None  # [ce, kd, N, W, selected, confidence]
+        self._alpha = 0.0
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep ``sample_id`` (the cache key's first half) through the Trainer's column filter."""
+        super()._set_signature_columns_if_needed()
+        if "sample_id" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "sample_id"]
+
+    # -- schedule and teacher ---------------------------------------------------------
+
+    def kd_progress(self) -> float:
+        """Where the schedule stands: the fractional epoch, or the optimizer step."""
+        if self.schedule_unit == "step":
+            return float(self.state.global_step)
+        return float(self.state.epoch or 0.0)
+
+    def _teacher_device(self) -> torch.device:
+        device = next(self.teacher.parameters()).device
+        if not self._teacher_placed:
+            self._teacher_placed = True
+            if device.type == "cpu" and self.args.device.type != "cpu":
+                self.teacher.to(self.args.device)  # not placed by the user: follow the student
+                device = self.args.device
+        return device
+
+    @torch.no_grad()
+    def teacher_logits(self, inputs: dict[str, Any]) -> Any:
+        """The teacher's ``[B, L, V_t]`` logits on the student's device (no graph); from a
+        top-k cache a :class:`~kdkit.SparseLogits` (dense cache: a tensor)."""
+        if self.cache is not None:
+            from kdkit.cache import load_cached_logits
+
+            if "kd_keys" not in inputs:
+                raise KeyError(
+                    "batches need 'kd_keys' with a teacher cache: "
+                    "data_collator=CausalLMCollator(pad_id, cache_keys=True)"
+                )
+            cached = load_cached_logits(inputs["kd_keys"], self.cache, self.cache_teacher)
+            return cached.to(inputs["input_ids"].device)
+        device = self._teacher_device()
+        kwargs = {"input_ids": inputs["input_ids"].to(device)}
+        if inputs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = inputs["attention_mask"].to(device)
+        self.teacher.eval()
+        return self.teacher(**kwargs).logits.to(inputs["input_ids"].device)
+
+    def _labels(self, inputs: dict[str, Any]) -> torch.Tensor:
+        labels = inputs.get("labels")
+        if labels is None:  # plain LM data: every real token is a target
+            labels = inputs["input_ids"]
+            if inputs.get("attention_mask") is not None:
+                labels = labels.masked_fill(inputs["attention_mask"] == 0, self.ignore_index)
+        return labels
+
+    # -- normalisation over accumulation steps and ranks -------------------------------
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | None]:
+        """The step's micro-batches, and its real target tokens summed over ranks.
+
+        Also stores ``(N, W)`` for :meth:`compute_loss`.  With ``kd_weighting`` other than
+        ``'none'``, ``W`` needs the teacher's confidence on every micro-batch first: one
+        extra teacher forward per micro-batch (no student work).
+        """
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        counts = torch.zeros(2, dtype=torch.float64, device=device)
+        weighted = self.kd_config.kd_weighting != "none"
+        for batch in batches:
+            targets = shift_labels(
+                self._labels(batch), batch.get("attention_mask"), self.ignore_index
+            ).to(device)
+            valid = targets != self.ignore_index
+            counts[0] += valid.sum()
+            if weighted:
+                logits = self.teacher_logits(batch)
+                if isinstance(logits, torch.Tensor):
+                    confidence = teacher_confidence(logits[..., : self.vocab_size].float())
+                else:  # top-k: the largest kept probability is the maximum
+                    confidence = sparse_confidence(logits, torch.float32)
+                confidence = _to_length(confidence.to(device), valid.shape[1])
+                weights = confidence_weights(
+                    confidence, self.kd_config.kd_weighting, self.kd_config.confidence_threshold
+                )
+                counts[1] += torch.where(valid, weights, 0.0).sum()
+        if not weighted:
+            counts[1] = counts[0]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        self._normalisers = (counts[0], counts[1])
+        return batches, counts[0]
+
+    # -- the loss ----------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """Training: the distillation loss of this micro-batch; evaluation: the model's CE."""
+        if not model.training or self._normalisers is None:
+            inputs = {k: v for k, v in inputs.items() if k != "kd_keys"}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = self._labels(inputs)
+        inputs.pop("labels", None)
+        teacher_logits = self.teacher_logits(inputs)
+        inputs.pop("kd_keys", None)
+        unwrapped = self.accelerator.unwrap_model(model)
+        capture = _HiddenCapture()
+        handle = unwrapped.base_model.register_forward_hook(capture)
+        try:
+            outputs = model(**inputs, **self._forward_kwargs(unwrapped))
+        finally:
+            handle.remove()
+        num_tokens, kd_weight_total = self._normalisers
+        loss, stats = lm_distillation_loss(
+            capture.hidden,
+            unwrapped.get_output_embeddings(),
+            teacher_logits,
+            labels,
+            self.kd_config,
+            self.kd_progress(),
+            num_tokens=num_tokens,
+            kd_weight_total=kd_weight_total,
+            attention_mask=inputs.get("attention_mask"),
+            vocab_size=self.vocab_size,
+            ignore_index=self.ignore_index,
+            sparse_tail=self.sparse_tail,
+        )
+        self._record(stats)
+        loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+        """Ask for the last position's logits only (the loss uses the hidden states)."""
+        import inspect
+
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            return {"logits_to_keep": 1}
+        return {}
+
+    # -- logging -----------------------------------------------------------------------
+
+    def _record(self, stats: LMLossStats) -> None:
+        values = torch.stack(
+            [
+                stats.ce_sum,
+                stats.kd_sum,
+                stats.num_tokens,
+                stats.kd_weight_sum,
+                stats.selected,
+                stats.confidence_sum,
+            ]
+        ).to(torch.float64)
+        self._window = values if self._window is None else self._window + values
+        self._alpha = stats.alpha
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the KD statistics (see :data:`LOG_KEYS`) to training logs."""
+        if "loss" in logs and self._window is not None:
+            window = self._window
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                window = window.clone()
+                dist.all_reduce(window, op=dist.ReduceOp.SUM)
+            ce, kd, n, w, selected, confidence = window.tolist()
+            n = max(n, 1.0)
+            logs["ce_loss"] = ce / n
+            logs["kd_loss"] = kd / w if w > 0 else 0.0
+            logs["kd_weight"] = self._alpha
+            logs["coverage"] = selected / n
+            logs["teacher_confidence"] = confidence / n
+            self._window = None
+        super().log(logs, start_time)

@@ -1,0 +1,48 @@
+"""``kdkit demo --lm`` (kdkit.demo.lm) on tiny settings, and its missing-extra message."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from kdkit.cli import main
+
+
+def test_lm_demo_tiny(tmp_path, one_torch_thread):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    from kdkit.demo.lm import LM_CONDITIONS, LMDemoConfig, run_lm_demo
+
+    threads = torch.get_num_threads()
+    config = LMDemoConfig(
+        output_dir=str(tmp_path / "lm"),
+        quick=True,
+        progress=False,
+        corpus_chars=20_000,
+        vocab_size=300,
+        teacher_steps=3,
+        student_steps=2,
+    )
+    result = run_lm_demo(config)
+    assert torch.get_num_threads() == threads  # restored
+    assert set(result.summary) == set(LM_CONDITIONS)
+    for stats in result.summary.values():
+        assert stats["perplexity"][0] > 1 and 0 <= stats["accuracy"][0] <= 1
+    report = result.report_path.read_text()
+    assert "## Results" in report and "layer-dropped init + KD" in report
+    for png in ("perplexity_curves.png", "kd_losses.png"):
+        assert (tmp_path / "lm" / png).read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "lm" / "teacher" / "config.json").is_file()
+    assert (tmp_path / "lm" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_lm_demo_without_transformers_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # simulates "not installed"
+    out = tmp_path / "lm"
+    assert main(["demo", "--lm", "--quick", "--output_dir", str(out), "--no-progress"]) == 1
+    assert (
+        capsys.readouterr().err == "kdkit demo --lm needs transformers: pip install 'kdkit[hf]'\n"
+    )
+    assert not out.exists()

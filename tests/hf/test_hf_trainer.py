@@ -1,0 +1,175 @@
+"""kdkit.hf.DistillationTrainer: the loss of the global batch, however it is split."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hf_testing import VOCAB, grad_grab, lm_samples, reference_grads, tiny_gpt2, tiny_llama
+from transformers import TrainingArguments
+
+from kdkit.hf import LOG_KEYS, CausalLMCollator, DistillationTrainer
+from kdkit.losses.kd import KDLossConfig
+
+
+def _args(tmp_path, batch: int, accumulation: int = 1, **kwargs) -> TrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(kwargs)
+    return TrainingArguments(**values)
+
+
+def _train(tmp_path, batch, accumulation, config, make=tiny_llama, **kwargs):
+    grab = grad_grab()
+    trainer = DistillationTrainer(
+        make(2, seed=2),
+        _args(tmp_path, batch, accumulation),
+        teacher=make(3, seed=1),
+        kd_config=config,
+        train_dataset=lm_samples(8),
+        data_collator=CausalLMCollator(0),
+        callbacks=[grab],
+        **kwargs,
+    )
+    trainer.train()
+    return trainer, grab.grads
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        KDLossConfig(temperature=2.0, kd_alpha=0.6),
+        KDLossConfig(temperature=1.0, kd_alpha=0.5, loss_type="jsd", kd_weighting="pmax"),
+    ],
+    ids=["kldiv-none", "jsd-pmax"],
+)
+def test_same_gradient_for_8x1_4x2_2x4_and_the_global_batch(tmp_path, config, one_torch_thread):
+    reference = reference_grads(config)
+    for batch, accumulation in ((8, 1), (4, 2), (2, 4)):
+        _, grads = _train(tmp_path / f"{batch}x{accumulation}", batch, accumulation, config)
+        for got, want in zip(grads, reference):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_logs_kd_statistics_through_the_trainer(tmp_path, one_torch_thread):
+    trainer, _ = _train(tmp_path, 4, 2, KDLossConfig(temperature=2.0, kd_alpha=0.6))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and set(LOG_KEYS) <= set(logs[0])
+    entry = logs[0]
+    assert entry["kd_weight"] == pytest.approx(0.6) and entry["coverage"] == pytest.approx(1.0)
+    assert 0 < entry["teacher_confidence"] <= 1 and entry["kd_loss"] > 0
+    # The Trainer's loss is (1 - a) CE + a KD of the global batch.
+    want = 0.4 * entry["ce_loss"] + 0.6 * entry["kd_loss"]
+    assert entry["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_schedule_by_step(tmp_path, one_torch_thread):
+    config = KDLossConfig(kd_alpha=0.8, warmup_epochs=2, kd_ramp_epochs=2)
+    trainer = DistillationTrainer(
+        tiny_llama(2, seed=2),
+        _args(tmp_path, 4, max_steps=5),
+        teacher=tiny_llama(3, seed=1),
+        kd_config=config,
+        schedule_unit="step",
+        train_dataset=lm_samples(8),
+        data_collator=CausalLMCollator(0),
+    )
+    trainer.train()
+    alphas = [h["kd_weight"] for h in trainer.state.log_history if "kd_weight" in h]
+    assert alphas == pytest.approx([0.0, 0.0, 0.0, 0.4, 0.8])  # steps 0..4
+    with pytest.raises(ValueError, match="schedule_unit"):
+        DistillationTrainer(
+            tiny_llama(), _args(tmp_path, 2), teacher=tiny_llama(), schedule_unit="x"
+        )
+
+
+def test_padded_vocabulary_is_cut_and_said_once(tmp_path, caplog, one_torch_thread):
+    caplog.set_level(logging.INFO, logger="kdkit.hf")
+    teacher = tiny_gpt2(2, vocab=VOCAB + 16, seed=1)  # padded embedding matrix
+    trainer = DistillationTrainer(
+        tiny_gpt2(1, seed=2),
+        _args(tmp_path, 4, max_steps=2),
+        teacher=teacher,
+        kd_config=KDLossConfig(kd_alpha=0.5),
+        train_dataset=lm_samples(8),
+        data_collator=CausalLMCollator(0),
+    )
+    trainer.train()
+    assert trainer.vocab_size == VOCAB
+    said = [r for r in caplog.records if "padded vocabulary" in r.getMessage()]
+    assert len(said) == 1 and f"real vocabulary {VOCAB}" in said[0].getMessage()
+
+
+def _tokenizer(words):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *words])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def test_different_tokenizers_fail_before_training(tmp_path):
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    same = DistillationTrainer(
+        tiny_llama(),
+        _args(tmp_path, 2),
+        teacher=tiny_llama(),
+        processing_class=_tokenizer(words),
+        teacher_tokenizer=_tokenizer(words),
+    )
+    assert same.vocab_size == VOCAB
+    other = list(reversed(words))
+    with pytest.raises(ValueError, match=r"tokenizers differ on \d+ of 48 token ids \(id 2:"):
+        DistillationTrainer(
+            tiny_llama(),
+            _args(tmp_path, 2),
+            teacher=tiny_llama(),
+            processing_class=_tokenizer(words),
+            teacher_tokenizer=_tokenizer(other),
+        )
+
+
+def test_a_smaller_teacher_vocabulary_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="teacher has 40 output rows, fewer than"):
+        DistillationTrainer(
+            tiny_llama(),
+            _args(tmp_path, 2),
+            teacher=tiny_llama(vocab=40),
+            processing_class=_tokenizer([f"w{i}" for i in range(VOCAB - 2)]),
+        )
+
+
+def test_evaluation_reports_the_students_own_ce(tmp_path, one_torch_thread):
+    trainer = DistillationTrainer(
+        tiny_llama(2, seed=2),
+        _args(tmp_path, 4, per_device_eval_batch_size=8),
+        teacher=tiny_llama(3, seed=1),
+        train_dataset=lm_samples(8),
+        eval_dataset=lm_samples(8),
+        data_collator=CausalLMCollator(0),
+    )
+    metrics = trainer.evaluate()
+    student = tiny_llama(2, seed=2)
+    batch = CausalLMCollator(0)(lm_samples(8))
+    with torch.no_grad():
+        want = student(**batch).loss.item()
+    assert metrics["eval_loss"] == pytest.approx(want, rel=1e-5)
