@@ -9,6 +9,7 @@ functions trust their inputs.
 * :class:`StudentLossInputs` and :func:`checked_kd_weight` -- the arguments, validated
   through :mod:`kdkit._validation`, and the scheduled KD weight ``alpha``;
 * :func:`student_loss_terms` -- the sums and counts of one batch (:class:`StudentLossTerms`);
+* :func:`normaliser_counts` -- its two denominators from the teacher alone (accumulation);
 * :func:`kd_mean`, :func:`combine`, :func:`stats_dict` -- from sums to the loss and stats;
 * :func:`raise_for_flags` -- the value errors, after the one host transfer;
 * :func:`student_loss` -- all of it for one process: the body of ``compute_student_loss``
@@ -44,7 +45,9 @@ __all__ = [
     "combine",
     "confidence_weights",
     "kd_mean",
+    "kd_selection",
     "kd_weight_schedule",
+    "normaliser_counts",
     "raise_for_flags",
     "stats_dict",
     "student_loss",
@@ -153,6 +156,40 @@ def _cross_entropy_sum(
     return ce_sum, out_of_range
 
 
+def kd_selection(
+    teacher: torch.Tensor, valid: torch.Tensor, domain_mask: torch.Tensor | None, config: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(teacher confidence, KD weight w_i m_i)`` per position (cheap: teacher only).
+
+    ``teacher`` is already in the compute dtype; positions that are not ``valid`` or
+    are outside ``domain_mask`` get weight 0.
+    """
+    confidence = teacher_confidence(teacher)
+    weights = confidence_weights(confidence, config.kd_weighting, config.confidence_threshold)
+    keep = valid if domain_mask is None else valid & domain_mask
+    return confidence, torch.where(keep, weights, 0.0)
+
+
+def normaliser_counts(
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    config: Any,
+    domain_mask: torch.Tensor | None,
+    ignore_index: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``[valid_count, kd_weight_sum]`` of a batch from the teacher alone (no student).
+
+    The same two numbers as ``student_loss_terms(...).valid_count`` and
+    ``.kd_weight_sum``, known before the student's forward: gradient accumulation
+    (:mod:`kdkit.train.accumulation`) sums them over the micro-batches of a step first,
+    so every micro-batch's loss is divided by the counts of the whole step.
+    """
+    valid = targets != ignore_index
+    _, weights = kd_selection(teacher_logits.detach().to(dtype), valid, domain_mask, config)
+    return torch.stack([valid.sum().to(dtype), weights.sum()])
+
+
 def student_loss_terms(
     inputs: StudentLossInputs, alpha: float, *, chunk_elements: int | None = None
 ) -> StudentLossTerms:
@@ -164,11 +201,7 @@ def student_loss_terms(
     valid = targets != ignore_index
     ce_sum, out_of_range = _cross_entropy_sum(student, targets, valid, ignore_index)
 
-    # Confidence weights and the KD selection (cheap: teacher only).
-    confidence = teacher_confidence(teacher)
-    weights = confidence_weights(confidence, config.kd_weighting, config.confidence_threshold)
-    keep = valid if domain_mask is None else valid & domain_mask
-    weights = torch.where(keep, weights, 0.0)
+    confidence, weights = kd_selection(teacher, valid, domain_mask, config)
     selected = weights > 0
 
     infinite = None

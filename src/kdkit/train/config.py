@@ -41,14 +41,18 @@ from kdkit._validation import (
     check_instance,
     check_int,
     check_non_negative,
+    check_open_unit,
     check_positive_finite,
+    check_precision,
     check_str,
     is_real_number,
 )
 from kdkit.losses.kd import LOSS_TYPES, WEIGHTINGS, KDLossConfig
+from kdkit.train.precision import PRECISIONS
 
 __all__ = [
     "BEST_METRICS",
+    "BEST_ON",
     "FIELD_CHOICES",
     "FIELD_HELP",
     "FILE_ONLY_FIELDS",
@@ -57,6 +61,7 @@ __all__ = [
     "KD_ON",
     "LR_SCHEDULES",
     "OPTIMIZERS",
+    "PRECISIONS",
     "STUDENT_FIELDS",
     "WANDB_MODES",
     "TrainConfig",
@@ -70,6 +75,8 @@ FUSIONS: tuple[str, ...] = FUSION_STRATEGIES
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 BEST_METRICS: tuple[str, ...] = ("acc", "source_acc", "target_acc")
+BEST_ON: tuple[str, ...] = ("raw", "ema")
+"""Which weights ``best_metric`` is measured on (and ``best`` holds): raw or their EMA."""
 WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
 
 
@@ -102,6 +109,17 @@ class TrainConfig:
 
     Loop: ``epochs`` in total; ``stop_after_epoch`` ends this invocation early (resume
     later with ``resume=True``).  ``best_metric`` selects the best checkpoint.
+
+    GPU runs (:mod:`kdkit.train.precision`, :mod:`~kdkit.train.accumulation`,
+    :mod:`~kdkit.train.warmup`, :mod:`~kdkit.train.ema`, :mod:`~kdkit.train.compiled`):
+    ``precision`` ``'32'``, ``'bf16'`` or ``'fp16'`` (autocast; fp16 with a GradScaler,
+    CUDA only; more than ``max_skipped_steps`` skipped fp16 steps in a row stop the
+    run); ``grad_accum`` micro-batches of ``batch_size`` per optimiser step, normalised
+    over the accumulated global batch; ``clip_grad_norm`` (max global L2 norm, ``None``:
+    off); ``lr_warmup_epochs`` of linear warmup multiplying ``lr_schedule``; an EMA of
+    the weights with ``ema_decay`` (``None``: off), ``best_on`` naming the weights
+    (``'raw'`` or ``'ema'``) that ``best_metric`` is measured on; ``compile`` the student
+    with ``torch.compile``.
 
     Defaults of ``kd`` are the specification's recommended settings: T = 4, alpha = 0.7,
     pmax weighting, 5 warmup epochs, 10 ramp epochs.
@@ -138,6 +156,15 @@ class TrainConfig:
     optimizer: str = "adam"
     momentum: float = 0.9
     lr_schedule: str = "cosine"
+    # GPU-run options (issue 17)
+    precision: str = "32"
+    grad_accum: int = 1
+    clip_grad_norm: float | None = None
+    lr_warmup_epochs: float = 0.0
+    ema_decay: float | None = None
+    best_on: str = "raw"
+    compile: bool = False
+    max_skipped_steps: int = 20
     seed: int = 0
     device: str = "cpu"
     num_workers: int = 0
@@ -197,9 +224,25 @@ class TrainConfig:
                 f"teacher must be a non-empty list of names or None, got {self.teacher!r}"
             )
         self._validate_fusion()
+        self._validate_gpu_options()
         self.source_domain = _int_list("source_domain", self.source_domain)
         for name in ("schedule_per_step", "resume", "progress", "tensorboard", "wandb"):
             check_bool(name, getattr(self, name))
+
+    def _validate_gpu_options(self) -> None:
+        """precision, grad_accum, clip_grad_norm, lr_warmup_epochs, EMA and compile."""
+        check_precision(self.precision, self.device, PRECISIONS)
+        check_int("grad_accum", self.grad_accum, minimum=1)
+        check_int("max_skipped_steps", self.max_skipped_steps, minimum=1)
+        if self.clip_grad_norm is not None:
+            check_positive_finite("clip_grad_norm", self.clip_grad_norm)
+        check_non_negative("lr_warmup_epochs", self.lr_warmup_epochs)
+        if self.ema_decay is not None:
+            check_open_unit("ema_decay", self.ema_decay)
+        check_choice("best_on", self.best_on, BEST_ON)
+        if self.best_on == "ema" and self.ema_decay is None:
+            raise ValueError("best_on 'ema' needs an EMA: set ema_decay (e.g. 0.999)")
+        check_bool("compile", self.compile)
 
     def _validate_fusion(self) -> None:
         """``fusion`` and ``fusion_weights`` (one per teacher; rule of ``check_fusion``)."""
@@ -277,6 +320,14 @@ FIELD_HELP: dict[str, str] = {
     "optimizer": "optimiser",
     "momentum": "momentum of the sgd optimiser",
     "lr_schedule": "learning-rate schedule over the epochs",
+    "precision": "32: float32; bf16: bfloat16 autocast; fp16: float16 autocast + GradScaler (CUDA only)",
+    "grad_accum": "micro-batches of batch_size per optimiser step (loss normalised over all of them)",
+    "clip_grad_norm": "clip the global gradient L2 norm to this value (default: no clipping)",
+    "lr_warmup_epochs": "epochs of linear LR warmup, multiplying lr_schedule (0: none)",
+    "ema_decay": "keep an EMA of the weights with this decay in (0, 1), e.g. 0.999 (default: none)",
+    "best_on": "weights best_metric is measured on and 'best' holds: raw or ema",
+    "compile": "train the student under torch.compile (checkpoints stay plain)",
+    "max_skipped_steps": "fp16: stop after more than this many skipped steps in a row",
     "seed": "random seed",
     "device": "torch device",
     "num_workers": "DataLoader workers",
@@ -310,6 +361,8 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS,
     "lr_schedule": LR_SCHEDULES,
     "best_metric": BEST_METRICS,
+    "best_on": BEST_ON,
+    "precision": PRECISIONS,
     "wandb_mode": WANDB_MODES,
     "loss_type": LOSS_TYPES,
     "kd_weighting": WEIGHTINGS,

@@ -1,8 +1,17 @@
 """One training epoch: :func:`train_one_epoch` runs the steps and returns the epoch record.
 
-A step is CE + KD (:func:`~kdkit.losses.distributed.compute_student_loss_distributed`, which is
-exactly :func:`~kdkit.losses.kd.compute_student_loss` on one rank) when the run has a
-teacher, cross-entropy otherwise.
+A step is CE + KD when the run has a teacher, cross-entropy otherwise, over
+``grad_accum`` micro-batches normalised as one batch across micro-batches and ranks
+(:mod:`kdkit.train.accumulation`: with ``grad_accum=1`` exactly
+:func:`~kdkit.losses.distributed.compute_student_loss_distributed`, i.e.
+:func:`~kdkit.losses.kd.compute_student_loss` on one rank).  The student's forward runs
+under the precision policy (:mod:`kdkit.train.precision`); then, in order: gradient
+clipping (fp16: after unscaling), the one host transfer of the step's stats, the
+optimiser step under the warmup factor (:mod:`kdkit.train.warmup`), the EMA update.
+
+Host syncs per optimiser step: **one** (the stats transfer: loss stats, accuracy, input
+checks, gradient norm and skipped-fp16 count together), plus under fp16 the one inside
+:meth:`torch.amp.GradScaler.step`; ``tests/train/test_host_syncs.py`` pins the numbers.
 """
 
 from __future__ import annotations
@@ -10,12 +19,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from kdkit._validation import compute_dtype
 from kdkit.domains import create_domain_mask
-from kdkit.losses.distributed import compute_student_loss_distributed
+from kdkit.train.accumulation import (
+    MicroBatch,
+    StepTotals,
+    micro_batch_groups,
+    optimizer_steps,
+    step_normaliser,
+    sync_context,
+)
 from kdkit.train.logging import MetricsLogger, progress_bar
 from kdkit.train.setup import Run
+from kdkit.train.transfer import to_device
+from kdkit.train.warmup import scaled_lr, warmup_factor
 
 __all__ = ["STEP_STATS", "train_one_epoch"]
 
@@ -29,14 +47,15 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
     run.train_model.train()
     if run.sampler is not None:
         run.sampler.set_epoch(epoch)
-    steps_per_epoch = len(run.loader)
+    steps_per_epoch = optimizer_steps(len(run.loader), config.grad_accum)
     sums = dict.fromkeys((*STEP_STATS, "train_acc"), 0.0)
     bar = progress_bar(
         steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and env.is_main
     )
-    for step, batch in enumerate(run.loader):
+    for step, batches in enumerate(micro_batch_groups(run.loader, config.grad_accum)):
         kd_epoch = epoch + step / steps_per_epoch if config.schedule_per_step else epoch
-        stats, acc = _train_step(run, batch, kd_epoch)
+        lr_factor = warmup_factor(epoch, step, steps_per_epoch, config.lr_warmup_epochs)
+        stats, acc = _train_step(run, batches, kd_epoch, lr_factor)
         for k in STEP_STATS:
             sums[k] += float(stats.get(k, 0.0))
         sums["train_acc"] += acc
@@ -49,7 +68,11 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
             }
             record.update({k: float(v) for k, v in stats.items()})
             record.update(
-                {"train_acc": acc, "kd_epoch": kd_epoch, "lr": run.optimizer.param_groups[0]["lr"]}
+                {
+                    "train_acc": acc,
+                    "kd_epoch": kd_epoch,
+                    "lr": run.optimizer.param_groups[0]["lr"] * lr_factor,
+                }
             )
             sink.log(record)
         if bar is not None:
@@ -77,31 +100,63 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
     }
 
 
-def _train_step(run: Run, batch: dict[str, Any], kd_epoch: float) -> tuple[dict[str, float], float]:
-    """One optimiser step on ``batch``; return the loss stats and the batch accuracy."""
+def _train_step(
+    run: Run, batches: list[dict[str, Any]], kd_epoch: float, lr_factor: float = 1.0
+) -> tuple[dict[str, float], float]:
+    """One optimiser step on ``batches`` (its ``grad_accum`` micro-batches).
+
+    Returns the loss stats of the accumulated global batch and its accuracy, read in the
+    step's one host transfer (:meth:`~kdkit.train.accumulation.StepTotals.finish`).
+    """
+    config = run.config
+    micro = [_micro_batch(run, batch) for batch in batches]
+    kd = config.kd if run.teacher is not None else None
+    totals = StepTotals(step_normaliser(micro, config.kd, _loss_dtype(run, micro[0])), kd, kd_epoch)
+    run.optimizer.zero_grad(set_to_none=True)
+    for i, mb in enumerate(micro):
+        with sync_context(run.train_model, last=i == len(micro) - 1):
+            with run.precision.autocast():  # the forward only: the losses run in float32
+                logits = run.train_model(mb.features)
+            run.precision.backward(totals.loss(logits, mb))
+    extra = []
+    if config.clip_grad_norm is not None:
+        run.precision.unscale_(run.optimizer)
+        params = run.model.parameters()
+        extra.append(torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm))
+    if run.precision.skipped_in_a_row is not None:
+        extra.append(run.precision.skipped_in_a_row)  # of the steps before this one
+    stats, acc, values = totals.finish(extra)
+    if config.clip_grad_norm is not None:
+        stats["grad_norm"] = values[0]  # before clipping
+    if run.precision.skipped_in_a_row is not None:
+        run.precision.check_skipped(values[-1])
+    with scaled_lr(run.optimizer, lr_factor):
+        run.precision.step(run.optimizer)
+    if run.ema is not None:
+        run.ema.update()
+    return stats, acc
+
+
+def _micro_batch(run: Run, batch: dict[str, Any]) -> MicroBatch:
+    """A loader batch on the device, with its teacher logits and KD mask (``kd_on``)."""
     device = run.env.device
-    features = batch["features"].to(device)
-    targets = torch.as_tensor(batch["label"]).to(device)
-    logits = run.train_model(features)
+    features = to_device(batch["features"], device)
+    targets = to_device(torch.as_tensor(batch["label"]), device)
+    teacher_logits = mask = None
     if run.teacher is not None:
-        teacher_logits = run.teacher.logits(list(batch["path"])).to(device)
-        mask = None
+        teacher_logits = to_device(run.teacher.logits(list(batch["path"])), device)
         if run.config.kd_on == "target":
             source = run.config.source_domain
-            mask = create_domain_mask(
+            _, target = create_domain_mask(
                 batch, source_domain=source[0] if len(source) == 1 else source
             )
-            mask = mask[1].to(device)
-        # Normalised over all ranks (exactly compute_student_loss on one).
-        loss, stats = compute_student_loss_distributed(
-            logits, teacher_logits, targets, run.config.kd, kd_epoch, domain_mask=mask
-        )
-    else:
-        loss = F.cross_entropy(logits, targets)
-        value = float(loss.detach())
-        stats = {"total_loss": value, "ce_loss": value}
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.optimizer.step()
-    acc = float((logits.detach().argmax(dim=-1) == targets).float().mean())
-    return stats, acc
+            mask = to_device(target, device)
+    return MicroBatch(features, targets, teacher_logits, mask)
+
+
+def _loss_dtype(run: Run, mb: MicroBatch) -> torch.dtype:
+    """The dtype the losses compute in (float32, or float64 for a float64 student)."""
+    proto = next(run.model.parameters())
+    if mb.teacher_logits is None:
+        return compute_dtype(proto)
+    return compute_dtype(proto, mb.teacher_logits, temperature=run.config.kd.temperature)

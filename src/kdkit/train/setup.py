@@ -34,7 +34,10 @@ from kdkit.cache.index import CacheIndex, keys_to_rows, read_selection, resolve_
 from kdkit.data import ManifestDataset
 from kdkit.models import build_model, load_factory, resolve_model_kwargs
 from kdkit.train.checkpoints import load_training_state, restore_rng_state
+from kdkit.train.compiled import compile_student
 from kdkit.train.config import TrainConfig
+from kdkit.train.ema import ModelEMA
+from kdkit.train.precision import Precision
 from kdkit.train.torchrun import DistributedEnv
 
 __all__ = ["Run", "TeacherSource", "check_extras", "setup_run"]
@@ -42,7 +45,7 @@ __all__ = ["Run", "TeacherSource", "check_extras", "setup_run"]
 logger = logging.getLogger("kdkit.train")
 
 # Settings a resumed run may change without changing the result.
-_RESUME_FREE = ("resume", "stop_after_epoch", "progress", "log_every", "num_workers")
+_RESUME_FREE = ("resume", "stop_after_epoch", "progress", "log_every", "num_workers", "compile")
 
 
 @dataclass
@@ -67,7 +70,7 @@ class Run:
     config: TrainConfig
     env: DistributedEnv
     model: nn.Module  # the unwrapped module: evaluated and checkpointed
-    train_model: nn.Module  # ``model``, or its DistributedDataParallel wrapper
+    train_model: nn.Module  # ``model``, its DDP wrapper and/or torch.compile of them
     optimizer: torch.optim.Optimizer
     scheduler: Any
     generator: torch.Generator
@@ -84,6 +87,8 @@ class Run:
     best_epoch: int | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_value: float = -math.inf
+    precision: Precision | None = None  # autocast + fp16 GradScaler (setup: never None)
+    ema: ModelEMA | None = None  # the EMA of ``model``'s weights (ema_decay)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -168,6 +173,7 @@ def setup_run(
             sampler=sampler,
             generator=generator,
             num_workers=config.num_workers,
+            pin_memory=env.device.type == "cuda",  # non_blocking copies in the step
         ),
         eval_data=eval_data,
         teacher=teacher,
@@ -176,6 +182,7 @@ def setup_run(
         model_kwargs=model_kwargs,
         out=out,
     )
+    _attach_step_options(run)
     if config.resume:
         _load_resume_state(run)
     # Checkpoints hold the unwrapped module's state, so a run resumes on any number of
@@ -183,7 +190,17 @@ def setup_run(
     if env.enabled:
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
         run.train_model = DistributedDataParallel(model, device_ids=device_ids)
+    if config.compile:  # torch.compile(DDP(model)); checkpoints keep using run.model
+        run.train_model = compile_student(run.train_model)
     return run
+
+
+def _attach_step_options(run: Run) -> None:
+    """The precision policy (autocast, fp16 GradScaler) and the EMA of the weights."""
+    config = run.config
+    run.precision = Precision(config.precision, run.env.device, config.max_skipped_steps)
+    if config.ema_decay is not None:
+        run.ema = ModelEMA(run.model, config.ema_decay)
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,6 +357,12 @@ def _load_resume_state(run: Run) -> None:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    run.precision.load_state_dict(state.get("precision", {}))
+    if run.ema is not None:  # a run that had no EMA starts it from the resumed weights
+        if "ema" in state:
+            run.ema.load_state_dict(state["ema"])
+        else:
+            run.ema.reset()
     restore_rng_state(state["rng"], run.generator)
     run.start_epoch = int(state["epoch"]) + 1
     meta = json.loads(state["meta"])
