@@ -25,7 +25,8 @@ on a source-domain-heavy micro-batch) is therefore weighted by what it holds.
 ``N`` and ``W`` depend on the targets, teacher logits and domain mask only
 (:func:`~kdkit.losses.student_terms.normaliser_counts`), so they are computed for all
 micro-batches of a step **before** the first forward and summed over ranks in one
-``all_reduce``; the forwards and backwards then run one micro-batch at a time (the
+``all_reduce`` (a step of one micro-batch takes them from its loss terms instead, as
+the distributed loss does); the forwards and backwards then run one micro-batch at a time (the
 memory of one micro-batch), with DDP's ``no_sync`` on all but the last.  The sums use
 :func:`~kdkit.losses.student_terms.student_loss_terms` -- the one implementation of the
 maths.  The detached sums, the accuracy, the input-check flags and the step's extra
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kdkit._validation import raise_infinite_ce, result_dtype
+from kdkit._validation import compute_dtype, raise_infinite_ce, result_dtype
 from kdkit.losses.distributed import is_distributed
 from kdkit.losses.kd import KDLossConfig
 from kdkit.losses.student_terms import (
@@ -135,12 +136,16 @@ class StepTotals:
     """The losses of the micro-batches of one step and their running detached sums.
 
     Args:
-        normaliser: :func:`step_normaliser` of the step.
+        normaliser: :func:`step_normaliser` of the step; ``None`` for a step of one
+            micro-batch, whose counts are then taken from its loss terms (saving a
+            second pass over the teacher logits).
         kd: The KD settings (``None`` for a cross-entropy-only run).
         kd_epoch: The (fractional) epoch of the KD schedule.
     """
 
-    def __init__(self, normaliser: torch.Tensor, kd: KDLossConfig | None, kd_epoch: float) -> None:
+    def __init__(
+        self, normaliser: torch.Tensor | None, kd: KDLossConfig | None, kd_epoch: float
+    ) -> None:
         self.normaliser = normaliser
         self.kd = kd
         self.kd_epoch = kd_epoch
@@ -149,24 +154,37 @@ class StepTotals:
         self._sums: torch.Tensor | None = None
         self._checked: list[tuple[StudentLossTerms, StudentLossInputs]] = []
 
+    def _counts(self, valid_count: torch.Tensor, kd_weight_sum: torch.Tensor) -> torch.Tensor:
+        """The step's ``[N, W]``: given, or these counts summed over ranks (one micro-batch)."""
+        if self.normaliser is None:
+            self.normaliser = torch.stack([valid_count, kd_weight_sum])
+            if is_distributed():
+                dist.all_reduce(self.normaliser)
+        return self.normaliser
+
     def loss(self, logits: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         """The loss micro-batch ``mb`` backpropagates (:math:`L_{rk}`), in float32."""
-        count = self.normaliser[0].clamp_min(1)
-        correct = (logits.detach().argmax(dim=-1) == mb.targets).sum().to(count.dtype)
         if mb.teacher_logits is None:
-            ce_sum = F.cross_entropy(logits.float(), mb.targets, reduction="sum")
+            dtype = compute_dtype(logits)
+            valid = (mb.targets != IGNORE_INDEX).sum().to(dtype)
+            count = self._counts(valid, torch.zeros_like(valid))[0].clamp_min(1)
+            ce_sum = F.cross_entropy(logits.to(dtype), mb.targets, reduction="sum")
             local = ce_sum / count
             zero = torch.zeros_like(count)
-            sums = torch.stack([ce_sum.detach().to(count.dtype), zero, zero, zero, correct])
+            correct = (logits.detach().argmax(dim=-1) == mb.targets).sum().to(dtype)
+            sums = torch.stack([ce_sum.detach(), zero, zero, zero, correct])
         else:
             inputs = StudentLossInputs(
                 logits, mb.teacher_logits, mb.targets, self.kd, mb.domain_mask, IGNORE_INDEX, "auto"
             )
             self.alpha = checked_kd_weight(inputs, self.kd_epoch, KDLossConfig)
             terms = student_loss_terms(inputs, self.alpha)
-            kd = kd_mean(terms.kd_sum, self.normaliser[1], self.alpha)
+            normaliser = self._counts(terms.valid_count, terms.kd_weight_sum)
+            count = normaliser[0].clamp_min(1)
+            kd = kd_mean(terms.kd_sum, normaliser[1], self.alpha)
             local = combine(terms.ce_sum / count, kd, self.alpha)
             local = local.to(result_dtype(logits, mb.teacher_logits))
+            correct = (logits.detach().argmax(dim=-1) == mb.targets).sum().to(count.dtype)
             sums = torch.stack(
                 [
                     terms.ce_sum.detach(),

@@ -111,7 +111,10 @@ def _train_step(
     config = run.config
     micro = [_micro_batch(run, batch) for batch in batches]
     kd = config.kd if run.teacher is not None else None
-    totals = StepTotals(step_normaliser(micro, config.kd, _loss_dtype(run, micro[0])), kd, kd_epoch)
+    normaliser = None  # one micro-batch: the counts come from its loss terms
+    if len(micro) > 1:
+        normaliser = step_normaliser(micro, config.kd, _loss_dtype(run, micro[0]))
+    totals = StepTotals(normaliser, kd, kd_epoch)
     run.optimizer.zero_grad(set_to_none=True)
     for i, mb in enumerate(micro):
         with sync_context(run.train_model, last=i == len(micro) - 1):
