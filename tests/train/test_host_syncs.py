@@ -112,3 +112,21 @@ def test_the_counter_sees_an_added_sync(tmp_path, monkeypatch):
     monkeypatch.setattr(epoch_module, "to_device", syncing)
     train_student(tiny(tmp_path, **SGD), train_data=TRAIN)
     assert counter.per_step == [3] * 6  # features and labels: two more
+
+
+def test_to_device_on_cpu_is_a_plain_move():
+    from kdkit.train.transfer import to_device
+
+    x = torch.randn(3)
+    assert to_device(x, torch.device("cpu")) is x
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_to_device_pins_and_copies_asynchronously():  # untested here: no GPU in CI
+    from kdkit.train.transfer import to_device
+
+    x = torch.randn(4, 3)
+    y = to_device(x, torch.device("cuda"))
+    assert y.device.type == "cuda" and torch.equal(y.cpu(), x)
+    pinned = torch.randn(4, 3).pin_memory()
+    assert to_device(pinned, torch.device("cuda")).device.type == "cuda"
