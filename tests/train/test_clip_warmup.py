@@ -96,3 +96,19 @@ def test_resume_with_every_option_is_bit_for_bit(tmp_path, request, kd):
         a = (full.output_dir / "checkpoints" / f"{name}.safetensors").read_bytes()
         b = (resumed.output_dir / "checkpoints" / f"{name}.safetensors").read_bytes()
         assert a == b, name
+
+
+def test_warmup_composes_with_the_step_schedule(tmp_path):
+    config = tiny(
+        tmp_path,
+        epochs=4,
+        lr=0.1,
+        lr_warmup_epochs=2,
+        lr_schedule="step",
+        lr_step_epochs=1,
+        lr_gamma=0.5,
+    )
+    result = train_student(config, train_data=TRAIN)  # 3 steps per epoch
+    steps = read_metrics(result.output_dir / "metrics.jsonl", "step")
+    expected = [0.1 * 0.5**e * min(1.0, (3 * e + s + 1) / 6) for e in range(4) for s in range(3)]
+    assert [r["lr"] for r in steps] == pytest.approx(expected, rel=1e-12)

@@ -73,7 +73,9 @@ KD_ON: tuple[str, ...] = ("all", "target")
 FUSIONS: tuple[str, ...] = FUSION_STRATEGIES
 """The teacher fusions: :data:`kdkit.fusion.FUSION_STRATEGIES` (one list, never a copy)."""
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
-LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
+"""Per-epoch LR schedules: constant; cosine over ``epochs``; ``step``: times
+``lr_gamma`` every ``lr_step_epochs`` epochs."""
 BEST_METRICS: tuple[str, ...] = ("acc", "source_acc", "target_acc")
 BEST_ON: tuple[str, ...] = ("raw", "ema")
 """Which weights ``best_metric`` is measured on (and ``best`` holds): raw or their EMA."""
@@ -116,7 +118,8 @@ class TrainConfig:
     CUDA only; more than ``max_skipped_steps`` skipped fp16 steps in a row stop the
     run); ``grad_accum`` micro-batches of ``batch_size`` per optimiser step, normalised
     over the accumulated global batch; ``clip_grad_norm`` (max global L2 norm, ``None``:
-    off); ``lr_warmup_epochs`` of linear warmup multiplying ``lr_schedule``; an EMA of
+    off); ``lr_warmup_epochs`` of linear warmup multiplying ``lr_schedule`` (``'step'``:
+    times ``lr_gamma`` every ``lr_step_epochs``); an EMA of
     the weights with ``ema_decay`` (``None``: off), ``best_on`` naming the weights
     (``'raw'`` or ``'ema'``) that ``best_metric`` is measured on; ``compile`` the student
     with ``torch.compile``.
@@ -161,6 +164,8 @@ class TrainConfig:
     grad_accum: int = 1
     clip_grad_norm: float | None = None
     lr_warmup_epochs: float = 0.0
+    lr_step_epochs: int = 30
+    lr_gamma: float = 0.1
     ema_decay: float | None = None
     best_on: str = "raw"
     compile: bool = False
@@ -237,6 +242,8 @@ class TrainConfig:
         if self.clip_grad_norm is not None:
             check_positive_finite("clip_grad_norm", self.clip_grad_norm)
         check_non_negative("lr_warmup_epochs", self.lr_warmup_epochs)
+        check_int("lr_step_epochs", self.lr_step_epochs, minimum=1)
+        check_positive_finite("lr_gamma", self.lr_gamma)
         if self.ema_decay is not None:
             check_open_unit("ema_decay", self.ema_decay)
         check_choice("best_on", self.best_on, BEST_ON)
@@ -324,6 +331,8 @@ FIELD_HELP: dict[str, str] = {
     "grad_accum": "micro-batches of batch_size per optimiser step (loss normalised over all of them)",
     "clip_grad_norm": "clip the global gradient L2 norm to this value (default: no clipping)",
     "lr_warmup_epochs": "epochs of linear LR warmup, multiplying lr_schedule (0: none)",
+    "lr_step_epochs": "lr_schedule step: multiply the LR by lr_gamma every this many epochs",
+    "lr_gamma": "lr_schedule step: the factor applied every lr_step_epochs",
     "ema_decay": "keep an EMA of the weights with this decay in (0, 1), e.g. 0.999 (default: none)",
     "best_on": "weights best_metric is measured on and 'best' holds: raw or ema",
     "compile": "train the student under torch.compile (checkpoints stay plain)",

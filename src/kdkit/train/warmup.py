@@ -7,7 +7,8 @@ The learning rate of optimiser step ``s`` (0-based, counted within the epoch) of
           \min\!\left(1, \frac{e S + s + 1}{W S}\right)
 
 where :math:`\mathrm{lr}_{\mathrm{schedule}}(e)` is the ``lr_schedule`` of the epoch
-(``constant``: ``lr``; ``cosine``: ``lr (1 + cos(pi e / epochs)) / 2``), so the warmup
+(``constant``: ``lr``; ``cosine``: ``lr (1 + cos(pi e / epochs)) / 2``; ``step``:
+``lr * lr_gamma ** (e // lr_step_epochs)``), so the warmup
 multiplies whatever the schedule gives: the first step uses ``lr_schedule(0) / (W S)``
 and the ramp reaches the schedule at the end of epoch ``W`` (``W`` may be fractional;
 ``0`` disables it).  The factor is a pure function of ``(e, s)`` and is applied around
