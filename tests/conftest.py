@@ -1,6 +1,7 @@
 """Shared test configuration."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,3 +32,30 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+HOLDER = """
+import sys, time
+from kdkit._lock import directory_lock
+with directory_lock(sys.argv[1], "test"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A process holding the lock of ``tmp_path / 'dir'``; yields (directory, process)."""
+    directory = tmp_path / "dir"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(directory)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield directory, proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()

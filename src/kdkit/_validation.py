@@ -97,6 +97,11 @@ def is_real_number(value: object) -> bool:
 
 
 def _as_float(name: str, value: object) -> float:
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise TypeError(
+            f"{name} is a tensor that requires grad, but kdkit uses it as a constant (a "
+            f"float), which would silently drop its gradient; pass a number or {name}.detach()"
+        )
     if not is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)  # type: ignore[arg-type]
@@ -196,6 +201,70 @@ def check_instance(name: str, value: object, cls: type) -> Any:
 # ---------------------------------------------------------------------------------------
 # Tensors
 # ---------------------------------------------------------------------------------------
+
+
+def check_device(device: object, name: str = "device") -> torch.device:
+    """``device`` as a :class:`torch.device` that this machine has; ``ValueError`` if not.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+        >>> check_device("gpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: device 'gpu' is not a torch device (e.g. cpu, cuda, cuda:1, mps)
+    """
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{name} {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ValueError(
+                f"{name} {device!r} is not available: this machine has {count} CUDA "
+                f"device(s) (torch {torch.__version__}); use --device cpu"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name} {device!r} is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        try:
+            torch.empty(0, device=dev)
+        except Exception:  # any backend's "not available"
+            raise ValueError(f"{name} {device!r} is not available on this machine") from None
+    return dev
+
+
+def check_factory_kwargs(spec: str, factory: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the keys of ``kwargs`` that ``factory`` does not accept.
+
+    Example:
+        >>> from kdkit.models import mlp
+        >>> check_factory_kwargs("kdkit.models:mlp", mlp, {"hiden": [8]})
+        Traceback (most recent call last):
+        ...
+        ValueError: model_kwargs key(s) ['hiden'] are not arguments of model 'kdkit.models:mlp' (did you mean 'hidden'?); it takes ['dropout', 'hidden', 'input_shape', 'num_classes']
+    """
+    import difflib
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    names = sorted(n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    unknown = sorted(k for k in kwargs if k not in params)
+    if unknown:
+        hints = [h for u in unknown for h in difflib.get_close_matches(u, names, n=1)]
+        hint = f" (did you mean {', '.join(repr(h) for h in hints)}?)" if hints else ""
+        raise ValueError(
+            f"model_kwargs key(s) {unknown} are not arguments of model {spec!r}{hint}; "
+            f"it takes {names}"
+        )
 
 
 def check_logits(name: str, logits: object) -> torch.Tensor:

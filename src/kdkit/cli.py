@@ -67,6 +67,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+_TRUST_FLAG: dict[str, Any] = {
+    "action": "store_true",
+    "help": "call model factories named in files (run directories, --config) even if they "
+    "are not kdkit's built-ins: only for files you trust (see kdkit.trust)",
+}
+
+
 def _json_dict(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -212,6 +219,7 @@ def _add_train_parser(subparsers, name: str, student: bool) -> argparse.Argument
     )
     parser = subparsers.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
     parser.add_argument("--config", help="TOML or YAML config file; flags given here override it")
+    parser.add_argument("--trust_factories", **_TRUST_FLAG)
     loop, teacher, kd = train_flags(student)
     _add(parser.add_argument_group("data, model and loop"), loop)
     if student:
@@ -226,9 +234,16 @@ def build_config(args: argparse.Namespace, student: bool):
     from kdkit.train.config import TrainConfig, load_config_file
 
     values: dict[str, Any] = {}
-    if args.config:
-        values = load_config_file(args.config)
-    kd = dict(values.get("kd") or {})
+    if args.config:  # a factory named by --model replaces the file's: nothing to trust
+        trust = getattr(args, "trust_factories", False) or hasattr(args, "model")
+        values = load_config_file(args.config, trust_factories=trust)
+    kd = values.get("kd") or {}
+    if not isinstance(kd, dict):
+        raise TypeError(
+            f"kd must be a table of KD settings (TOML: [kd] then temperature = 4.0, ...), "
+            f"got {kd!r}"
+        )
+    kd = dict(kd)
     loop, teacher, kd_flags = train_flags(student)
     for flag in loop + teacher:
         if hasattr(args, flag.field):
@@ -256,6 +271,17 @@ def _train(args: argparse.Namespace, student: bool) -> int:
         args._parser.error(_message(exc))
     if config.manifest is None:
         args._parser.error("no training data: give --manifest (or manifest in --config)")
+    from kdkit._validation import check_device, check_factory_kwargs
+    from kdkit.models import load_factory
+    from kdkit.train.outputs import check_output_dir
+
+    try:
+        check_device(config.device, "--device")
+        check_factory_kwargs(config.model, load_factory(config.model), config.model_kwargs)
+        if _is_rank_zero():  # rank 0 owns the directory (and may have written to it)
+            check_output_dir(config)  # the run checks again under the directory's lock
+    except (OSError, ValueError) as exc:
+        args._parser.error(_message(exc))
     _setup_logging()
     run = train_student if student else train_teacher
     try:
@@ -302,19 +328,30 @@ def _fused_spec(text: str) -> tuple[str, dict[str, Any]]:
 def _cmd_dump_teacher(args: argparse.Namespace) -> int:
     import torch
 
+    from kdkit._validation import check_device
     from kdkit.cache import dump_teacher_logits
     from kdkit.data import ManifestDataset
     from kdkit.models import build_model, load_factory, resolve_model_kwargs
     from kdkit.train.checkpoints import load_model_from_run, load_weights
 
     try:
+        check_device(args.device, "--device")
         dataset = ManifestDataset(args.manifest, split=args.split)
         teachers: dict[str, torch.nn.Module] = {}
         for name, location in args.teacher:
             if name in teachers:
                 raise ValueError(f"teacher name {name!r} given twice")
+            if not Path(location).exists():
+                raise FileNotFoundError(
+                    f"--teacher {name}={location}: {location} does not exist (expected a kdkit "
+                    "run directory or a .safetensors weights file)"
+                )
             if Path(location).is_dir():
-                teachers[name] = load_model_from_run(location, which=args.checkpoint)
+                teachers[name] = load_model_from_run(
+                    location,
+                    which=args.checkpoint,
+                    trust_factories=args.trust_factories or [args.model] * bool(args.model),
+                )
             else:
                 if args.model is None:
                     raise ValueError(f"--teacher {name}={location}: a weights file needs --model")
@@ -341,6 +378,7 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
             device=env.device,
             ensembles=fused,
             progress=args.progress and sys.stderr.isatty() and env.is_main,
+            allow_other_files=args.allow_other_files,
         )
     except Exception as exc:  # the cache's own errors (CacheError) included
         if not isinstance(exc, (*_CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
@@ -377,12 +415,18 @@ def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
         "and num_classes = largest label + 1 unless --model_kwargs sets them)",
     )
     parser.add_argument("--model_kwargs", type=_json_dict, help="factory arguments as JSON")
+    parser.add_argument("--trust_factories", **_TRUST_FLAG)
     parser.add_argument("--split", action="append", help="only these splits (default: all samples)")
     parser.add_argument(
         "--fused",
         type=_fused_spec,
         action="append",
         help="also store NAME=a,b[:strategy] fused logits",
+    )
+    parser.add_argument(
+        "--allow_other_files",
+        action="store_true",
+        help="create a new cache in a directory that holds other files (never deleted)",
     )
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
@@ -440,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"kdkit {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks (anywhere on the command line)"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train_parser(subparsers, "train-teacher", student=False)
     _add_dump_parser(subparsers)
@@ -461,8 +508,17 @@ def _find_subparser(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``kdkit`` command line; return the exit status (2 for bad usage)."""
+    """Run the ``kdkit`` command line; return the exit status.
+
+    0: success; 2: bad usage or input (one line); 1: the run failed (one line); 130:
+    interrupted (Ctrl-C; one line saying where, and how to resume).  ``--debug``
+    anywhere on the command line shows the traceback instead of the one line.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
+    args = argparse.Namespace(_parser=parser)
     try:
         args, extras = parser.parse_known_args(argv)
         args._parser = _find_subparser(parser, args)
@@ -472,6 +528,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(func(args) or 0)
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        print(f"{args._parser.prog}: {_message(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        text = _message(exc) or type(exc).__name__
+        print(f"{args._parser.prog}: error: {text} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 def entrypoint() -> None:

@@ -68,6 +68,8 @@ def _as_int(value: Any, field: str, where: str) -> int:
         raise ValueError(f"{where}: {field} must be an integer, got {value!r}") from None
     if not number.is_integer():
         raise ValueError(f"{where}: {field} must be an integer, got {value!r}")
+    if not -(2**31) <= number < 2**31:
+        raise ValueError(f"{where}: {field} must be an integer below 2**31, got {value!r}")
     return int(number)
 
 
@@ -99,7 +101,7 @@ def read_manifest(path: str | Path) -> list[ManifestRecord]:
     suffix = path.suffix.lower()
     records: list[ManifestRecord] = []
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:  # a UTF-8 BOM is accepted
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -112,7 +114,7 @@ def read_manifest(path: str | Path) -> list[ManifestRecord]:
                     raise ValueError(f"{where}: each line must be a JSON object")
                 records.append(_record(row, where))
     elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:  # spreadsheets write a BOM
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not set(_REQUIRED) <= set(reader.fieldnames):
                 raise ValueError(
@@ -171,7 +173,8 @@ class ManifestDataset(Dataset):
 
     Raises:
         ValueError: no sample matches ``split``/``domains`` (the message lists the splits
-            present), or see :func:`read_manifest`.
+            present), or see :func:`read_manifest`.  Reading an item whose features
+            differ in shape from the first item read (both files and shapes named).
 
     Example:
         >>> import tempfile, numpy as np
@@ -191,6 +194,7 @@ class ManifestDataset(Dataset):
     ) -> None:
         self.manifest = Path(manifest)
         self.root = self.manifest.resolve().parent
+        self._first: tuple[Path, tuple[int, ...]] | None = None
         records = read_manifest(self.manifest)
         splits = None if split is None else ({split} if isinstance(split, str) else set(split))
         keep_domains = None if domains is None else set(domains)
@@ -216,6 +220,13 @@ class ManifestDataset(Dataset):
         if not file.is_absolute():
             file = self.root / file
         features = torch.from_numpy(np.asarray(_load_features(file), dtype=np.float32))
+        if self._first is None:  # the shape every other sample must have
+            self._first = (file, tuple(features.shape))
+        elif tuple(features.shape) != self._first[1]:
+            raise ValueError(
+                f"{file}: features of shape {tuple(features.shape)}, but {self._first[0]} "
+                f"has {self._first[1]}; every sample of a data set needs the same shape"
+            )
         return _sample_item(features, record.label, record.domain, record.path)
 
 

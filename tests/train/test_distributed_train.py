@@ -113,7 +113,7 @@ def _dump_problem(n: int = 19):
     teachers = {"a": torch.nn.Linear(4, 3), "b": torch.nn.Linear(4, 3)}
     data = [{"features": torch.randn(4), "path": f"clips//{i}.wav"} for i in range(n)]
     kwargs = {"batch_size": 4, "checkpoint_rows": 6, "progress": False}
-    kwargs["fused"] = {"ens": {"teachers": ["a", "b"]}}
+    kwargs["ensembles"] = {"ens": {"teachers": ["a", "b"]}}
     return teachers, data, kwargs
 
 

@@ -9,7 +9,7 @@ import torch
 from train_support import TEST, TRAIN, tiny, weights
 
 from kdkit.train import load_model_from_run, train_student
-from kdkit.train.checkpoints import load_training_state, load_weights
+from kdkit.train.checkpoints import load_training_state, load_weights, save_training_state
 from kdkit.train.ema import ModelEMA
 from kdkit.train.logging import read_metrics
 
@@ -78,15 +78,26 @@ def test_ema_off_writes_no_ema_files(tmp_path):
     assert "ema" not in load_training_state(ckpt / "last_state.pt")
 
 
-def test_resume_of_a_run_without_ema_starts_the_ema_from_the_resumed_weights(tmp_path):
+def test_resume_may_not_add_an_ema(tmp_path):
+    train_student(tiny(tmp_path, epochs=2, stop_after_epoch=1), train_data=TRAIN)
+    with pytest.raises(ValueError, match=r"cannot resume .*ema_decay None -> 0.999"):
+        train_student(tiny(tmp_path, epochs=2, resume=True, ema_decay=0.999), train_data=TRAIN)
+
+
+def test_resume_of_a_checkpoint_from_before_the_ema_starts_it_from_the_resumed_weights(
+    tmp_path,
+):
     first = train_student(tiny(tmp_path, epochs=2, stop_after_epoch=1), train_data=TRAIN)
     resumed_from = weights(first.model)
-    with pytest.warns(UserWarning, match="changed setting"):
-        result = train_student(
-            tiny(tmp_path, epochs=2, resume=True, ema_decay=0.999), train_data=TRAIN
-        )
+    path = tmp_path / "run" / "checkpoints" / "last_state.pt"
+    state = load_training_state(path)
+    meta = json.loads(state["meta"])
+    del meta["config"]["ema_decay"]  # as written before ema_decay existed
+    state["meta"] = json.dumps(meta)
+    save_training_state(path.parent, "last", state)
+    result = train_student(tiny(tmp_path, epochs=2, resume=True, ema_decay=0.999), train_data=TRAIN)
     assert result.completed
-    ema = load_training_state(result.output_dir / "checkpoints" / "last_state.pt")["ema"]
+    ema = load_training_state(path)["ema"]
     raw = weights(result.model)
     for key, value in ema.items():  # 3 steps at decay 0.999: still next to the start
         step = raw[key] - resumed_from[key]

@@ -214,3 +214,32 @@ def test_ddp_two_ranks_with_accumulation_equal_one_batch(tmp_path, cache_dir, kd
         ddp = torch.load(tmp_path / f"weights.{rank}", weights_only=True)
         for k, v in weights(one.model).items():
             torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+class _PoisonGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_non_finite_gradient_in_an_accumulated_step_stops_before_the_update(tmp_path):
+    from kdkit.train.guards import NonFiniteError
+
+    class Poisoned(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return _PoisonGrad.apply(self.linear(x))
+
+    model = Poisoned()
+    before = weights(model)
+    config = _config(tmp_path, "nan", batch_size=8, grad_accum=2)
+    with pytest.raises(NonFiniteError, match="epoch 1 step 1: non-finite loss or gradient"):
+        train_student(config, model=model, train_data=TRAIN)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kdkit._lock import directory_lock
 from kdkit._modes import eval_mode
 from kdkit._progress import optional_tqdm
 from kdkit._validation import check_choice
@@ -28,6 +29,7 @@ from kdkit.cache.dump_checks import (
     check_against_cache,
     check_default_fusion,
     check_ensembles,
+    check_new_cache_dir,
     check_placement,
     check_positive_ints,
     check_teachers,
@@ -77,6 +79,7 @@ def dump_teacher_logits(
     default_fusion: str | Mapping[str, Any] | None = None,
     progress: bool = True,
     checkpoint_rows: int = 65536,
+    allow_other_files: bool = False,
 ) -> CacheIndex:
     """Run teachers over a data set and store their logits in a memory-mappable cache.
 
@@ -102,12 +105,17 @@ def dump_teacher_logits(
             ``{'strategy', 'teachers', 'weights'}``.
         progress: show a tqdm progress bar (if tqdm is installed).
         checkpoint_rows: rows per committed chunk (the most work an interruption loses).
+        allow_other_files: start a new cache in a directory that already holds other
+            files (they are never deleted); without it such a directory is refused.
 
     Returns:
         the :class:`CacheIndex` of the committed cache.
 
     Raises:
-        ValueError: duplicate keys, NaN/Inf logits, float16 overflow (keys named), a teacher
+        kdkit._lock.DirectoryLockedError: another dump is writing ``cache_dir`` (its pid
+            is named); reading a cache during a dump is allowed.
+        ValueError: ``cache_dir`` is not empty and not a kdkit cache (the unexpected files
+            are named; pass ``allow_other_files=True``), duplicate keys, NaN/Inf logits, float16 overflow (keys named), a teacher
             whose weights or class count differ from the cached one, a dtype different from
             the cache's, new samples while a cached teacher is not passed.
         KeyError: batches without ``key_field``/``input_key``.
@@ -128,6 +136,10 @@ def dump_teacher_logits(
     options = dict(input_key=input_key, key_field=key_field, key_fn=key_fn)
 
     def write(produce: Callable[[CacheWriter], Iterable[LogitsRecord]]) -> CacheIndex:
+        with directory_lock(cache_dir, "cache dump"):  # one writer; readers take no lock
+            return write_locked(produce)
+
+    def write_locked(produce: Callable[[CacheWriter], Iterable[LogitsRecord]]) -> CacheIndex:
         check_choice("dtype", dtype, tuple(DTYPES))
         check_placement(models, dev)
         ensemble_defs = check_ensembles(ensembles, list(models))
@@ -136,6 +148,8 @@ def dump_teacher_logits(
         root = Path(cache_dir)
         root.mkdir(parents=True, exist_ok=True)
         old = load_cache_index(root) if (root / MANIFEST).is_file() else None
+        if old is None and not allow_other_files:
+            check_new_cache_dir(root)
         fingerprints = {name: teacher_fingerprint(m) for name, m in models.items()}
         check_against_cache(root, old, fingerprints, ensemble_defs, dtype)
         writer = CacheWriter(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kdkit._validation import FUSION_STRATEGIES, check_choice, check_fusion_weights
-from kdkit.cache._format import FLOAT16_MAX, check_teacher_name, normalize_key, shown
+from kdkit.cache._format import FLOAT16_MAX, PARTIAL_DIR, check_teacher_name, normalize_key, shown
 from kdkit.cache.index import CacheIndex
 
 
@@ -226,3 +226,21 @@ def check_logit_values(name: str, keys: list[str], y: torch.Tensor, dtype: str) 
                 f"teacher {name!r} produced logits beyond the float16 range (|x| > {FLOAT16_MAX:g}) "
                 f"for {len(bad)} sample(s): {shown(bad)}; dump with dtype='float32'"
             )
+
+
+def check_new_cache_dir(root: Path) -> None:
+    """Refuse to start a cache in a directory holding files that are not kdkit's.
+
+    A directory without ``manifest.json`` may hold only an unfinished dump
+    (``.partial/``) and the dump's lock file; anything else is named in the error.
+    """
+    from kdkit._lock import LOCK_NAME
+
+    others = sorted(p.name for p in root.iterdir() if p.name not in (PARTIAL_DIR, LOCK_NAME))
+    if others:
+        raise ValueError(
+            f"{root} is not empty and not a kdkit cache (it holds {shown(others)}); "
+            "use an empty directory, or pass allow_other_files=True "
+            "(CLI: --allow_other_files) to create the cache next to them "
+            "(kdkit never deletes files it did not write)"
+        )

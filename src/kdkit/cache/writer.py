@@ -36,6 +36,7 @@ from kdkit.cache._format import (
     file_entry,
     fsync_dir,
     hash_keys,
+    is_file_name,
     shown,
     sorted_hash_index,
     write_bytes_durably,
@@ -244,9 +245,12 @@ class CacheWriter:
             "files": files,
             "checksum": CHECKSUM,
             "byte_order": "little",
+            # What the cleanup below deletes, recorded first so that a dump killed
+            # between the commit and the cleanup can finish it next time.
+            "superseded_files": _superseded(old_manifest, files),
         }
         write_json_durably(root / MANIFEST, manifest)
-        _cleanup(root, files)
+        _cleanup(root, files, old_manifest)
         return load_cache_index(root)
 
     def _write_keys(
@@ -351,15 +355,28 @@ class CacheWriter:
         fsync_file(self.root / fname)
 
 
-def _cleanup(root: Path, files: dict[str, Any]) -> None:
-    """Delete data files of older generations and the journal (after the manifest commit)."""
-    for path in root.iterdir():
-        if path.name in files or path.name == MANIFEST:
-            continue
-        is_ours = path.suffix in (".bin", ".txt", ".tmp") and (
-            path.name.startswith(("keys-", "logits-")) or path.name.endswith(".tmp")
-        )
-        if is_ours and path.is_file():
-            path.unlink()
+def _superseded(old_manifest: dict[str, Any], files: dict[str, Any]) -> list[str]:
+    """Files the previous manifest named (or had still to delete) that ``files`` drops."""
+    pending = old_manifest.get("superseded_files", [])
+    names = set(old_manifest.get("files", {}))
+    if isinstance(pending, list):
+        names |= {n for n in pending if is_file_name(n)}
+    return sorted(n for n in names if n not in files and n != MANIFEST and is_file_name(n))
+
+
+def _cleanup(root: Path, files: dict[str, Any], old_manifest: dict[str, Any]) -> None:
+    """Delete what kdkit wrote and no longer needs (after the manifest commit).
+
+    Only files a manifest of this cache named (the previous one's ``files``, and its
+    ``superseded_files`` that a killed dump had not deleted yet) and the temporary names
+    of the files this commit wrote are removed -- never a file merely because its name
+    looks like a cache file: a user's ``keys-mine.txt`` or ``backup.tmp`` stays.
+    """
+    for name in _superseded(old_manifest, files):
+        path = root / name
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+    for name in (*files, *old_manifest.get("files", {}), MANIFEST):
+        (root / f".{name}.tmp").unlink(missing_ok=True)
     shutil.rmtree(root / PARTIAL_DIR, ignore_errors=True)
     fsync_dir(root)

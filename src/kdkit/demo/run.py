@@ -315,7 +315,8 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         data = make_demo_data(seed=0)
         manifest = data.write(out / "data")
         logger.info("data: %d samples, 4 domains; manifest %s", len(data.labels), manifest)
-        common = {"progress": config.progress, "eval_split": None, "lr": 3e-3}
+        # The demo owns its directory: a second demo replaces the runs of the first.
+        common = {"progress": config.progress, "eval_split": None, "lr": 3e-3, "overwrite": True}
 
         teacher_models, teacher_metrics = _train_teachers(config, out, data, common)
         cache_dir = out / "cache"

@@ -145,7 +145,10 @@ def _scaled_log_softmax(
     if temperature == 1.0:
         torch.log_softmax(logits, dim=-1, dtype=out.dtype, out=out)
     else:
-        torch.div(logits, temperature, out=scratch)
+        # Promote first, then divide in the compute dtype: torch.div(..., out=) would
+        # divide in the inputs' dtype and only then cast (a float32 x / T lost 1e-5 of
+        # the float64 result at T = 1e6).
+        scratch.copy_(logits).div_(temperature)
         torch.log_softmax(scratch, dim=-1, out=out)
 
 

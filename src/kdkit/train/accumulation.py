@@ -219,17 +219,26 @@ class StepTotals:
         ce = sums[0] / count
         accuracy = sums[4] / count
         if self.kd is None:
-            values = torch.stack([ce, accuracy, *(e.to(ce.dtype) for e in extra)]).tolist()
+            values = torch.stack(
+                [ce, accuracy, *(e.to(ce.device, ce.dtype) for e in extra)]
+            ).tolist()
             return {"total_loss": values[0], "ce_loss": values[0]}, values[1], values[2:]
         alpha = self.alpha
         kd = kd_mean(sums[1], self.normaliser[1], alpha)
         total = combine(ce, kd, alpha)
         head = [total, ce, kd, sums[2] / count, sums[3] / count, accuracy, *sums[5:9]]
-        values = torch.stack([*head, *(e.to(ce.dtype) for e in extra)]).tolist()
+        values = torch.stack([*head, *(e.to(ce.device, ce.dtype) for e in extra)]).tolist()
         if any(values[6:10]):
             self._raise(values[6:10])
         raise_infinite_ce(values[1], alpha)
         return stats_dict(*values[:5], alpha), values[5], values[10:]
+
+    def non_finite_logits(self) -> int | None:
+        """Index of the first micro-batch with non-finite student logits (error path)."""
+        for i, (_, inputs) in enumerate(self._checked):
+            if not bool(torch.isfinite(inputs.student_logits).all()):
+                return i
+        return None
 
     def _raise(self, flags: Sequence[float]) -> None:
         """The error of the first bad micro-batch of this rank, or one naming the checks."""

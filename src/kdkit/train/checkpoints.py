@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,25 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: missing, unexpected or differently shaped tensors (named).
+        ValueError: not a safetensors file; missing, unexpected or differently shaped
+            tensors (named).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    st = _safetensors()
     try:
-        missing, unexpected = _safetensors().load_model(model, str(path), strict=False)
+        missing, unexpected = st.load_model(model, str(path), strict=False)
     except RuntimeError as exc:  # shape mismatches
         details = "; ".join(line.strip() for line in str(exc).splitlines()[1:4])
         raise ValueError(f"checkpoint {path} does not fit the model: {details}") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ValueError(
+            f"{path} is not a safetensors file ({' '.join(str(exc).split())}); kdkit reads "
+            "weights only as safetensors (save them with safetensors.torch.save_model)"
+        ) from None
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not fit the model: missing keys {sorted(missing)[:5]}, "
@@ -122,20 +132,46 @@ def save_training_state(directory: str | Path, name: str, state: dict[str, Any])
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
-    """Read a state written by :func:`save_training_state`, with ``weights_only=True``."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Read a state written by :func:`save_training_state`, with ``weights_only=True``.
+
+    Raises:
+        ValueError: the file is damaged or is not a kdkit training state (one line;
+            torch's own message, which suggests unpickling arbitrary objects with
+            ``weights_only=False``, is deliberately not passed on).
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+        raise ValueError(
+            f"{path} is damaged or not a kdkit training state ({type(exc).__name__}); "
+            "it cannot be resumed: start again with --overwrite, or restore the file "
+            "from a backup"
+        ) from None
+    return state
 
 
-def load_model_from_run(run_dir: str | Path, which: str = "best") -> nn.Module:
+def load_model_from_run(
+    run_dir: str | Path,
+    which: str = "best",
+    *,
+    trust_factories: bool | Collection[str] = False,
+) -> nn.Module:
     """Rebuild the model of a kdkit run directory and load its ``best`` or ``last`` weights.
 
     Uses the factory and resolved keyword arguments recorded in
-    ``checkpoints/<which>.json``, so no Python object is ever unpickled.
+    ``checkpoints/<which>.json``, so no Python object is ever unpickled.  A factory other
+    than kdkit's built-ins is imported only if ``trust_factories`` is ``True`` or names
+    it (:mod:`kdkit.trust`): a run directory from someone else never runs code.
 
     Raises:
         FileNotFoundError: the run has no such checkpoint.
+        kdkit.trust.UntrustedFactoryError: the recorded factory is not trusted.
     """
     from kdkit.models import build_model
+    from kdkit.trust import check_factory_trusted
 
     directory = Path(run_dir) / "checkpoints"
     meta_path = directory / f"{which}.json"
@@ -147,5 +183,6 @@ def load_model_from_run(run_dir: str | Path, which: str = "best") -> nn.Module:
             f"{meta_path} records no model factory (the run used a Python-API model); "
             "build the model yourself and call load_weights"
         )
+    check_factory_trusted(meta["model"], str(meta_path), trust_factories)
     model = build_model(meta["model"], meta["model_kwargs"])
     return load_weights(model, directory / f"{which}.safetensors")

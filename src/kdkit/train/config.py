@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ from kdkit._validation import (
 )
 from kdkit.losses.kd import LOSS_TYPES, WEIGHTINGS, KDLossConfig
 from kdkit.train.precision import PRECISIONS
+from kdkit.trust import check_factory_trusted
 
 __all__ = [
     "BEST_METRICS",
@@ -175,6 +178,7 @@ class TrainConfig:
     num_workers: int = 0
     output_dir: str = "runs/student"
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     log_every: int = 1
     best_metric: str = "acc"
@@ -231,8 +235,11 @@ class TrainConfig:
         self._validate_fusion()
         self._validate_gpu_options()
         self.source_domain = _int_list("source_domain", self.source_domain)
-        for name in ("schedule_per_step", "resume", "progress", "tensorboard", "wandb"):
+        for name in ("schedule_per_step", "resume", "overwrite", "progress", "tensorboard"):
             check_bool(name, getattr(self, name))
+        check_bool("wandb", self.wandb)
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue or replace")
 
     def _validate_gpu_options(self) -> None:
         """precision, grad_accum, clip_grad_norm, lr_warmup_epochs, EMA and compile."""
@@ -342,6 +349,7 @@ FIELD_HELP: dict[str, str] = {
     "num_workers": "DataLoader workers",
     "output_dir": "where config, metrics and checkpoints go",
     "resume": "continue from OUTPUT_DIR's last checkpoint",
+    "overwrite": "replace the run in OUTPUT_DIR (deletes only the files kdkit wrote there)",
     "progress": "tqdm progress bars (on a terminal)",
     "log_every": "write step metrics every N steps",
     "best_metric": "evaluation metric that selects the best checkpoint",
@@ -425,8 +433,38 @@ def _raise_empty(name: str) -> list[int]:
     raise ValueError(f"{name} must name at least one domain")
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
+_YAML_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+"""YAML 1.1 floats, plus exponents without a dot (``1e-3``), as YAML 1.2 and users write them."""
+
+
+def _yaml_loader(yaml: Any) -> type:
+    """``yaml.SafeLoader`` that reads ``lr: 1e-3`` as a number, not the string "1e-3"."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        key: [r for r in resolvers if r[0] != "tag:yaml.org,2002:float"]
+        for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
+    return Loader
+
+
+def load_config_file(
+    path: str | Path, *, trust_factories: bool | Collection[str] = False
+) -> dict[str, Any]:
     """Read a ``.toml`` or ``.yaml``/``.yml`` config file into a dict (not yet validated).
+
+    A ``model`` factory other than kdkit's built-ins is refused unless
+    ``trust_factories`` is ``True`` or names it (:mod:`kdkit.trust`).
 
     TOML uses :mod:`tomllib` (Python >= 3.11) or the ``tomli`` package; YAML needs
     ``pyyaml`` (``pip install kdkit[train]``).
@@ -435,6 +473,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: the file does not exist.
         ValueError: unknown extension, a parse error, or a top level that is not a table.
         ImportError: the parser for the format is not installed (says what to install).
+        kdkit.trust.UntrustedFactoryError: an untrusted ``model`` factory.
     """
     path = Path(path)
     if not path.is_file():
@@ -458,7 +497,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     elif suffix in (".yaml", ".yml"):
         yaml = require("yaml", "train", "reading YAML configs")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader(yaml))
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: invalid YAML: {exc}") from None
         values = {} if values is None else values
@@ -466,4 +505,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
     if not isinstance(values, dict):
         raise ValueError(f"{path}: the top level must be a table of settings")
+    if "model" in values:
+        check_factory_trusted(values["model"], str(path), trust_factories)
     return values

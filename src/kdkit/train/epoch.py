@@ -10,12 +10,16 @@ clipping (fp16: after unscaling), the one host transfer of the step's stats, the
 optimiser step under the warmup factor (:mod:`kdkit.train.warmup`), the EMA update.
 
 Host syncs per optimiser step: **one** (the stats transfer: loss stats, accuracy, input
-checks, gradient norm and skipped-fp16 count together), plus under fp16 the one inside
-:meth:`torch.amp.GradScaler.step`; ``tests/train/test_host_syncs.py`` pins the numbers.
+checks, the finiteness flag of the gradients, gradient norm and skipped-fp16 count
+together), plus under fp16 the one inside :meth:`torch.amp.GradScaler.step`;
+``tests/train/test_host_syncs.py`` pins the numbers.  A non-finite loss or gradient
+raises :class:`~kdkit.train.guards.NonFiniteError` before the optimiser step (under
+fp16 non-finite gradients are the scaler's to skip; the loss must still be finite).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,6 +34,7 @@ from kdkit.train.accumulation import (
     step_normaliser,
     sync_context,
 )
+from kdkit.train.guards import grads_finite, non_finite_error
 from kdkit.train.logging import MetricsLogger, progress_bar
 from kdkit.train.setup import Run
 from kdkit.train.transfer import to_device
@@ -53,6 +58,7 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
         steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and env.is_main
     )
     for step, batches in enumerate(micro_batch_groups(run.loader, config.grad_accum)):
+        run.position = (epoch, step)
         kd_epoch = epoch + step / steps_per_epoch if config.schedule_per_step else epoch
         lr_factor = warmup_factor(epoch, step, steps_per_epoch, config.lr_warmup_epochs)
         stats, acc = _train_step(run, batches, kd_epoch, lr_factor)
@@ -121,23 +127,44 @@ def _train_step(
             with run.precision.autocast():  # the forward only: the losses run in float32
                 logits = run.train_model(mb.features)
             run.precision.backward(totals.loss(logits, mb))
-    extra = []
+    scaled = run.precision.scaler is not None  # fp16: inf/NaN gradients skip the step
+    extra = [
+        torch.ones(()) if scaled else grads_finite(run.model.parameters())
+    ]  # to device in finish
     if config.clip_grad_norm is not None:
         run.precision.unscale_(run.optimizer)
         params = run.model.parameters()
         extra.append(torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm))
-    if run.precision.skipped_in_a_row is not None:
+    if scaled:
         extra.append(run.precision.skipped_in_a_row)  # of the steps before this one
-    stats, acc, values = totals.finish(extra)
+    try:
+        stats, acc, values = totals.finish(extra)
+    except ValueError:
+        bad = totals.non_finite_logits()  # error path only
+        if bad is None:
+            raise
+        raise non_finite_error(
+            run.position, batches[bad], micro[bad].features, "student logits"
+        ) from None
+    if not (values[0] and math.isfinite(stats["total_loss"])):
+        raise _non_finite(run, batches, micro)
     if config.clip_grad_norm is not None:
-        stats["grad_norm"] = values[0]  # before clipping
-    if run.precision.skipped_in_a_row is not None:
+        stats["grad_norm"] = values[1]  # before clipping
+    if scaled:
         run.precision.check_skipped(values[-1])
     with scaled_lr(run.optimizer, lr_factor):
         run.precision.step(run.optimizer)
     if run.ema is not None:
         run.ema.update()
     return stats, acc
+
+
+def _non_finite(run: Run, batches: list[dict[str, Any]], micro: list[MicroBatch]) -> Exception:
+    """The error of a step whose loss or gradient is not finite (names bad inputs)."""
+    for batch, mb in zip(batches, micro):  # error path only: the first bad micro-batch
+        if not bool(torch.isfinite(mb.features).all()):
+            return non_finite_error(run.position, batch, mb.features, "loss or gradient")
+    return non_finite_error(run.position, batches[0], micro[0].features, "loss or gradient")
 
 
 def _micro_batch(run: Run, batch: dict[str, Any]) -> MicroBatch:

@@ -6,7 +6,8 @@ teacher, model, optimiser, loader, resume state), :mod:`kdkit.train.epoch` (the 
 one epoch), :mod:`kdkit.train.evaluation` (per-domain metrics) and
 :mod:`kdkit.train.checkpoints`.
 
-Outputs in ``config.output_dir``: ``config.json`` (the resolved config),
+Outputs in ``config.output_dir``: ``config.json`` (the resolved config and its
+``segments``, one per invocation: see :mod:`kdkit.train.resume`),
 ``metrics.jsonl``, ``epochs.csv``, ``results.json``, ``checkpoints/{best,last}.safetensors`` with their
 ``.json`` metadata, ``checkpoints/last_ema.safetensors`` with ``ema_decay``, and
 ``checkpoints/last_state.pt`` (optimiser, scheduler, RNG, fp16 GradScaler and EMA
@@ -17,8 +18,11 @@ the weights ``best_on`` names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +31,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from kdkit._validation import check_device
 from kdkit.train.checkpoints import capture_rng_state, save_training_state, save_weights
 from kdkit.train.config import TrainConfig
 from kdkit.train.epoch import train_one_epoch
 from kdkit.train.evaluation import evaluate
+from kdkit.train.guards import TrainingInterrupted
 from kdkit.train.logging import MetricsLogger, write_epochs_csv
+from kdkit.train.outputs import claim_output_dir, write_run_config
 from kdkit.train.setup import Run, check_extras, setup_run
 from kdkit.train.torchrun import init_from_env
 
@@ -83,14 +90,29 @@ def _run(
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
     check_extras(config)  # a missing optional package fails before any work
+    check_device(config.device)
     env = init_from_env(config.device)  # torchrun: WORLD_SIZE/RANK/LOCAL_RANK
     try:
-        run = setup_run(
-            env, config, model=model, train_data=train_data, eval_data=eval_data, distil=distil
-        )
-        return _train(run)
+        with claim_output_dir(config, is_main=env.is_main):  # locked for the run's lifetime
+            run = setup_run(
+                env, config, model=model, train_data=train_data, eval_data=eval_data, distil=distil
+            )
+            with _interruptible(run):
+                return _train(run)
     finally:
         env.close()
+
+
+@contextlib.contextmanager
+def _interruptible(run: Run) -> Iterator[None]:
+    """Ctrl-C: say where the run stopped and how to continue it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        epoch, step = run.position
+        raise TrainingInterrupted(
+            f"interrupted at epoch {epoch + 1} step {step + 1}; resume with --resume"
+        ) from None
 
 
 def _train(run: Run) -> TrainResult:
@@ -98,7 +120,7 @@ def _train(run: Run) -> TrainResult:
     config, env = run.config, run.env
     sink: MetricsLogger | None = None
     if env.is_main:
-        config.save(run.out / "config.json")
+        write_run_config(run.out / "config.json", config, run.segments)
         sink = MetricsLogger(
             run.out,
             start_epoch=run.start_epoch,
@@ -139,6 +161,7 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any], sink: MetricsLogger
             record.update({f"eval_ema/{k}": v for k, v in ema_metrics.items()})
     if sink is not None:
         sink.log(record)
+    _warn_if_no_kd(run, epoch, record)
     run.history.append({k: v for k, v in record.items() if k != "kind"})
     write_epochs_csv(run.out / "epochs.csv", run.history)
     logger.info(
@@ -156,6 +179,26 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any], sink: MetricsLogger
         best_metrics, best_model = ema_metrics, run.ema.module
     value = best_metrics.get(config.best_metric, record["train_acc"])
     _save_checkpoints(run, epoch, metrics, value, best_metrics, best_model)
+
+
+def _warn_if_no_kd(run: Run, epoch: int, record: dict[str, Any]) -> None:
+    """Warn (once a run) when KD reached no sample in a whole epoch (coverage 0)."""
+    if run.teacher is None or record.get("coverage", 1.0) != 0:
+        return
+    if any(h.get("coverage") == 0 for h in run.history):
+        return  # said before
+    config = run.config
+    why = (
+        f"no training sample is a target (kd_on='target', source_domain={config.source_domain})"
+        if config.kd_on == "target"
+        else f"no teacher prediction passed the {config.kd.kd_weighting!r} weighting"
+    )
+    warnings.warn(
+        f"epoch {epoch + 1}: knowledge distillation applied to no sample (coverage 0): {why}; "
+        "the run is training with cross-entropy only",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def _evaluate(run: Run, model: nn.Module) -> dict[str, float]:
@@ -201,6 +244,8 @@ def _save_checkpoints(
         "history": run.history,
         "best_epoch": run.best_epoch,
         "best_metrics": run.best_metrics,
+        "config": run.config.to_dict(),  # what a resume compares against
+        "segments": run.segments,
     }
     save_weights(run.model, run.ckpt_dir, "last", last_meta)
     state = {

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import random
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +37,12 @@ from kdkit.train.compiled import compile_student
 from kdkit.train.config import TrainConfig
 from kdkit.train.ema import ModelEMA
 from kdkit.train.precision import Precision
+from kdkit.train.resume import check_resume, extend_schedule, new_segment
 from kdkit.train.torchrun import DistributedEnv
 
 __all__ = ["Run", "TeacherSource", "check_extras", "setup_run"]
 
 logger = logging.getLogger("kdkit.train")
-
-# Settings a resumed run may change without changing the result.
-_RESUME_FREE = ("resume", "stop_after_epoch", "progress", "log_every", "num_workers", "compile")
 
 
 @dataclass
@@ -87,6 +84,8 @@ class Run:
     best_epoch: int | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_value: float = -math.inf
+    position: tuple[int, int] = (0, 0)  # (epoch, step) running: for errors and Ctrl-C
+    segments: list[dict[str, Any]] = field(default_factory=list)  # invocations (resume)
     precision: Precision | None = None  # autocast + fp16 GradScaler (setup: never None)
     ema: ModelEMA | None = None  # the EMA of ``model``'s weights (ema_decay)
 
@@ -133,6 +132,8 @@ def setup_run(
     train_data, eval_data = _resolve_data(config, train_data, eval_data)
     first = _check_item(train_data, "train_data")
     teacher, num_classes = _prepare_teacher(config, train_data, first, distil)
+    if eval_data is not None:
+        _check_labels(eval_data, num_classes, "eval")
     out = Path(config.output_dir)
     state_path = out / "checkpoints" / "last_state.pt"
     if config.resume and not state_path.is_file():
@@ -185,6 +186,8 @@ def setup_run(
     _attach_step_options(run)
     if config.resume:
         _load_resume_state(run)
+    else:
+        run.segments = [new_segment(0, config.epochs)]
     # Checkpoints hold the unwrapped module's state, so a run resumes on any number of
     # ranks; DDP broadcasts rank 0's (identical, just loaded) weights on construction.
     if env.enabled:
@@ -269,12 +272,32 @@ def _prepare_teacher(
             )
         teacher = _open_teacher(config, keys, num_classes)
         num_classes = num_classes or teacher.index.num_classes
-    num_classes = num_classes or (max(labels) + 1)
+    if not num_classes:
+        num_classes = max(labels) + 1
+        missing = num_classes - len(set(labels))
+        if missing:  # e.g. one label far beyond the others
+            logger.warning(
+                "the model gets %d outputs (largest train label %d + 1) but %d of those "
+                "classes have no training sample; set num_classes to make this explicit",
+                num_classes,
+                num_classes - 1,
+                missing,
+            )
     if min(labels) < 0 or max(labels) >= num_classes:
         raise ValueError(
             f"labels must be class indices in [0, {num_classes}), got {min(labels)}..{max(labels)}"
         )
     return teacher, num_classes
+
+
+def _check_labels(dataset: Dataset, num_classes: int, name: str) -> None:
+    """Every label of ``dataset`` a class index in ``[0, num_classes)`` (first bad named)."""
+    labels, _, keys = _sample_fields(dataset)
+    for label, key in zip(labels, keys):
+        if not 0 <= label < num_classes:
+            raise ValueError(
+                f"{name} label {label} of sample {key!r} is not a class index in [0, {num_classes})"
+            )
 
 
 def _open_teacher(
@@ -353,41 +376,38 @@ def _load_resume_state(run: Run) -> None:
     """Restore weights, optimiser, scheduler, RNG and progress from ``last_state.pt``.
 
     ``last_state.pt`` is the single commit point: everything comes from it, never from
-    files an interrupted checkpoint may have replaced.
+    files an interrupted checkpoint may have replaced.  Changed settings are honoured or
+    refused by :func:`kdkit.train.resume.check_resume`.
     """
-    if run.env.is_main:
-        _warn_if_config_changed(run.config, run.out / "config.json")
     state = load_training_state(run.state_path)
+    meta = json.loads(state["meta"])
+    start_epoch = int(state["epoch"]) + 1
+    saved = meta.get("config") or _saved_config(run.out / "config.json")
+    changed = check_resume(saved, run.config.to_dict(), start_epoch, str(run.out))
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.precision.load_state_dict(state.get("precision", {}))
-    if run.ema is not None:  # a run that had no EMA starts it from the resumed weights
+    if run.ema is not None:  # a checkpoint from before ema_decay existed: start from it
         if "ema" in state:
             run.ema.load_state_dict(state["ema"])
         else:
             run.ema.reset()
+    if saved.get("epochs", run.config.epochs) != run.config.epochs:
+        extend_schedule(run.scheduler, run.optimizer, run.config.epochs)
     restore_rng_state(state["rng"], run.generator)
-    run.start_epoch = int(state["epoch"]) + 1
-    meta = json.loads(state["meta"])
+    run.start_epoch = start_epoch
     run.history = meta["history"]
     run.best_epoch = meta["best_epoch"]
     run.best_metrics = meta["best_metrics"]
     run.best_value = run.best_metrics.get(run.config.best_metric, -math.inf)
+    previous = meta.get("segments") or [new_segment(0, saved.get("epochs", run.config.epochs))]
+    run.segments = [*previous, new_segment(start_epoch, run.config.epochs, changed)]
 
 
-def _warn_if_config_changed(config: TrainConfig, saved_path: Path) -> None:
-    """Warn when a resumed run changes settings that shape training."""
-    if not saved_path.is_file():
-        return
-    saved = json.loads(saved_path.read_text(encoding="utf-8"))
-    current = config.to_dict()
-    changed = sorted(
-        k for k in current if k not in _RESUME_FREE and saved.get(k, current[k]) != current[k]
-    )
-    if changed:
-        warnings.warn(
-            f"resuming {saved_path.parent} with changed setting(s) {changed}; the result will "
-            "differ from an uninterrupted run",
-            stacklevel=6,  # the caller of train_student / train_teacher
-        )
+def _saved_config(path: Path) -> dict[str, Any]:
+    """The settings of a run whose checkpoint predates recording them."""
+    if not path.is_file():
+        return {}
+    values = json.loads(path.read_text(encoding="utf-8"))
+    return values if isinstance(values, dict) else {}
