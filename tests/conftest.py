@@ -59,3 +59,23 @@ def holder(tmp_path):
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def _native_or_skip() -> None:
+    from kdkit.losses.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.info().get('reason')}")
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernel_backend(request, monkeypatch):
+    """Run a test once per CPU row-pass backend (``KDKIT_KERNEL``); yields its name.
+
+    The native case is skipped (not failed) where no C compiler is installed; the torch
+    case is the fallback such a machine takes.  Triton: tests/test_kernels.py.
+    """
+    if request.param == "native":
+        _native_or_skip()
+    monkeypatch.setenv("KDKIT_KERNEL", request.param)
+    return request.param

@@ -460,16 +460,9 @@ def raise_infinite_ce(ce_value: float, alpha: float) -> None:
 
 
 def check_implementation(implementation: object, loss_type: str) -> str:
-    """Raise unless ``implementation`` is known and, if ``'fused'``, fits ``loss_type``."""
-    # Imported here: kdkit.losses imports this module (fused.py itself imports only torch).
-    from kdkit.losses.fused import FUSED_LOSS_TYPES
-
+    """Raise unless ``implementation`` is known (every loss type has a fused path)."""
+    del loss_type  # kept in the signature: every LOSS_TYPES entry is fused now
     check_choice("implementation", implementation, IMPLEMENTATIONS)
-    if implementation == "fused" and loss_type not in FUSED_LOSS_TYPES:
-        raise ValueError(
-            f"implementation='fused' supports loss_type {FUSED_LOSS_TYPES}, got {loss_type!r}; "
-            "use implementation='auto' or 'reference'"
-        )
     return implementation  # type: ignore[return-value]
 
 

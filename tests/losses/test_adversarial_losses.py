@@ -216,3 +216,24 @@ def test_device_mismatch():
         ValueError, match=r"targets \(on cuda:0\) must be on the logits' device cpu"
     ):
         _student(targets=Y.cuda())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_adversarial_case_on_the_fused_path(case: Case, kernel_backend, monkeypatch):
+    """Every case again with 'auto' sending even these tiny inputs to the fused path, once
+    per row-pass backend (native, torch ops): same values, same errors."""
+    from kdkit.losses import divergences
+
+    monkeypatch.setattr(divergences, "FUSED_MIN_ELEMENTS", 0)
+    test_adversarial_case(case)
+
+
+@pytest.mark.parametrize("loss_type", ["kldiv", "soft_ce", "reverse_kl", "jsd"])
+def test_fused_gradients_finite_for_masked_and_extreme_inputs(loss_type, kernel_backend):
+    pairs = [(S_MASK_BOTH, T_MASK_BOTH), (HUGE16, HUGE16_T)]
+    if loss_type != "reverse_kl":  # reverse KL is infinite where only the teacher masks
+        pairs.append((S, T_MASK_ONLY))
+    for s, t in pairs:
+        x = s.clone().requires_grad_()
+        kd_loss(x, t, loss_type=loss_type, implementation="fused").backward()
+        assert torch.isfinite(x.grad).all()

@@ -2,6 +2,8 @@
 
 Every value is compared with the float64 references of tests/reference.py, gradients
 included, for both implementations ('fused' and 'reference') so that the two cannot drift.
+Every test runs once per CPU row-pass backend (native C kernel, torch ops): the
+``kernel_backend`` fixture of conftest.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from kdkit.losses.divergences import divergence_loss
 from kdkit.losses.fused import fused_divergence
 from kdkit.losses.student_terms import StudentLossInputs, checked_kd_weight, student_loss
 from reference import ref_kd_grad, ref_kd_loss, ref_kd_per_sample, ref_student_loss
+
+pytestmark = pytest.mark.usefixtures("kernel_backend")
 
 IMPLEMENTATIONS = ("fused", "reference")
 REDUCTIONS = ("batchmean", "mean", "sum", "none")
@@ -290,17 +294,18 @@ def test_auto_dispatch(monkeypatch):
     big = (4, divergences.FUSED_MIN_ELEMENTS // 4)
     kd_loss(torch.randn(big), torch.randn(big))
     assert calls == [big]
-    kd_loss(torch.randn(big), torch.randn(big), loss_type="reverse_kl")
+    kd_loss(torch.randn(big), torch.randn(big), loss_type="reverse_kl")  # fused too now
+    assert calls == [big, big]
     kd_loss(torch.randn(big), torch.randn(big), implementation="reference")
-    assert calls == [big]
+    assert calls == [big, big]
 
 
 def test_bad_implementation_is_rejected():
     s, t = torch.randn(2, 3), torch.randn(2, 3)
     with pytest.raises(ValueError, match="implementation must be one of"):
         kd_loss(s, t, implementation="triton")
-    with pytest.raises(ValueError, match="supports loss_type"):
-        kd_loss(s, t, loss_type="jsd", implementation="fused")
+    for loss_type in ("reverse_kl", "jsd"):  # every loss type has a fused path now
+        kd_loss(s, t, loss_type=loss_type, implementation="fused")
     with pytest.raises(ValueError, match="student has 3 classes, teacher has 4"):
         kd_loss(s, torch.randn(2, 4))
 

@@ -131,7 +131,13 @@ def divergence(
     teacher = teacher_logits.detach()
     if use_fused(student_logits, loss_type, implementation):
         return fused_divergence(
-            student_logits, teacher, temperature, loss_type, dtype, chunk_elements=chunk_elements
+            student_logits,
+            teacher,
+            temperature,
+            loss_type,
+            dtype,
+            jsd_beta=jsd_beta,
+            chunk_elements=chunk_elements,
         )
     return per_position_divergence(
         student_logits.to(dtype), teacher.to(dtype), temperature, loss_type, jsd_beta

@@ -1,18 +1,22 @@
-r"""Fused KD divergence: loss and student gradient in one chunked pass.
+r"""Fused KD divergence: loss and student gradient in one pass per row.
 
 The plain autograd formula ``kl_div(log_softmax(s / T), softmax(t / T)) * T**2`` keeps
-several ``[N, C]`` temporaries alive for the backward pass (about 5x the logits).  Both
-``T**2 * KL(p_t || p_s)`` and ``T**2 * H(p_t, p_s)`` have the same gradient with respect
-to the student logits,
-
-.. math:: \frac{\partial \ell}{\partial s} = T \, (p_s - p_t),
-
-so :class:`FusedDivergence` computes the per-row loss *and* this gradient in its forward
-pass, over row chunks (see :func:`chunk_elements_for`: as few as possible, since each op
-of a chunk costs a parallel region, with the reused scratch buffers kept ~6% of the
-logits), writing the gradient once into a buffer of the logits' shape and dtype.  That
+several ``[N, C]`` temporaries alive for the backward pass (about 5x the logits).
+:class:`FusedDivergence` instead computes the per-row loss *and* its gradient with
+respect to the student logits in the forward pass, with the row pass of
+:mod:`kdkit.losses.kernels` (native C kernel on CPU, Triton on CUDA, torch ops as the
+fallback), writing the gradient once into a buffer of the logits' shape and dtype.  That
 buffer is the only ``[N, C]`` tensor kept for the backward pass, which scales it in place
-by the incoming per-row gradient and returns it.
+by the incoming per-row gradient and returns it.  Gradients (``T`` included):
+
+* ``'kldiv'``, ``'soft_ce'``: :math:`T (p_s - p_t)`;
+* ``'reverse_kl'``: :math:`T\, p_s (\log p_s - \log p_t - \mathrm{KL}(p_s \| p_t))`;
+* ``'jsd'``: :math:`T (1 - \beta)\, p_s (\log p_s - \log m - \mathrm{KL}(p_s \| m))`.
+
+The native and Triton backends run over all rows in one call (rows split across threads
+or programs once).  The torch-ops backend runs over row chunks (see
+:func:`chunk_elements_for`: as few as possible, since each op of a chunk costs a parallel
+region, with the reused scratch buffers kept ~6% of the logits).
 
 Inner module: :func:`kdkit.losses.kd.kd_loss` and
 :func:`kdkit.losses.kd.compute_student_loss` validate their inputs and
@@ -26,14 +30,18 @@ from typing import Any
 
 import torch
 
+from kdkit.losses import kernels
+from kdkit.losses.kernels import native, torch_ops
+
 __all__ = ["FUSED_LOSS_TYPES", "FusedDivergence", "chunk_elements_for", "fused_divergence"]
 
-FUSED_LOSS_TYPES: tuple[str, ...] = ("kldiv", "soft_ce")
-"""Loss types with a fused implementation (they share the gradient ``T (p_s - p_t)``)."""
+FUSED_LOSS_TYPES: tuple[str, ...] = ("kldiv", "soft_ce", "reverse_kl", "jsd")
+"""Loss types with a fused implementation (every kdkit divergence)."""
 
 SCRATCH_FRACTION: float = 0.06
-"""Scratch budget as a fraction of the logits' bytes.  Chunks are as large as this allows:
-each op of a chunk costs a parallel region, which is expensive on a loaded CPU."""
+"""Scratch budget of the torch-ops backend as a fraction of the logits' bytes.  Chunks are
+as large as this allows: each op of a chunk costs a parallel region, which is expensive
+on a loaded CPU."""
 
 MIN_CHUNK_ELEMENTS: int = 1 << 16
 MAX_CHUNK_ELEMENTS: int = 1 << 23
@@ -47,15 +55,18 @@ def chunk_elements_for(numel: int, logits_itemsize: int, scratch_bytes_per_eleme
 
 
 class FusedDivergence(torch.autograd.Function):
-    """``[N, C], [N, C] -> [N]``: per-row ``T**2 * KL(p_t || p_s)`` or ``T**2 * H(p_t, p_s)``.
+    """``[N, C], [N, C] -> [N]``: per-row ``T**2 * D`` for any kdkit divergence ``D``.
 
     Forward arguments: ``student [N, C]`` (any floating dtype, may require grad),
-    ``teacher [N, C]`` (detached), ``temperature``, ``loss_type``, ``compute dtype``
-    (float32, or float64), ``chunk_elements`` and ``need_grad`` (skip the gradient
-    buffer when False).  The backward pass is single use: it scales the saved gradient in
-    place, so a second backward through the same graph (``retain_graph=True``) raises
-    autograd's "modified by an inplace operation" error, and a backward with
-    ``create_graph=True`` (double backward) raises a ``RuntimeError`` naming the fix.
+    ``teacher [N, C]`` (detached), ``temperature``, ``loss_type`` (canonical: see
+    :func:`kdkit.losses.kernels.canonical`), ``beta``, compute ``dtype`` (float32 or
+    float64), ``chunk_elements`` (``None``: one call, for backends that are not chunked),
+    ``need_grad`` (skip the gradient buffer when False) and the chosen
+    :class:`kdkit.losses.kernels.Backend`.  The backward pass is single use: it scales the
+    saved gradient in place, so a second backward through the same graph
+    (``retain_graph=True``) raises autograd's "modified by an inplace operation" error,
+    and a backward with ``create_graph=True`` (double backward) raises a ``RuntimeError``
+    naming the fix.
     """
 
     @staticmethod
@@ -65,56 +76,42 @@ class FusedDivergence(torch.autograd.Function):
         teacher: torch.Tensor,
         temperature: float,
         loss_type: str,
+        beta: float,
         dtype: torch.dtype,
-        chunk_elements: int,
+        chunk_elements: int | None,
         need_grad: bool,
+        backend: kernels.Backend,
     ) -> torch.Tensor:
         num_rows, num_classes = student.shape
         per_row = torch.empty(num_rows, dtype=dtype, device=student.device)
         grad = (
             torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else None
         )
-        rows_per_chunk = max(1, min(num_rows, chunk_elements // num_classes))
-        shape = (rows_per_chunk, num_classes)
-        # Scratch reused by every chunk: x / T, then the loss terms (the gradient buffer's
-        # own rows when it has the compute dtype, else a buffer that also holds the float32
-        # gradient of half inputs); log p_s; log p_t, then p_t in place; a mask.
-        in_grad = grad is not None and grad.dtype == dtype
-        scratch = None if in_grad else student.new_empty(shape, dtype=dtype)
-        log_ps = student.new_empty(shape, dtype=dtype)
-        log_pt = torch.empty_like(log_ps)
-        zero = torch.empty(shape, dtype=torch.bool, device=student.device)
+        if chunk_elements is None:
+            rows_per_chunk = max(num_rows, 1)
+        else:
+            rows_per_chunk = max(1, min(num_rows, chunk_elements // max(num_classes, 1)))
+        extra: dict[str, Any] = {}
+        if backend.chunked:
+            extra["workspace"] = torch_ops.Workspace(
+                rows_per_chunk, num_classes, dtype, student.device, loss_type == "jsd"
+            )
         for start in range(0, num_rows, rows_per_chunk):
             stop = min(start + rows_per_chunk, num_rows)
-            n = stop - start
-            x = grad[start:stop] if in_grad else scratch[:n]
-            lps, lpt, z = log_ps[:n], log_pt[:n], zero[:n]
-            _scaled_log_softmax(student[start:stop], temperature, x, lps)
-            _scaled_log_softmax(teacher[start:stop], temperature, x, lpt)
-            # Loss terms p_t * (log p_t - log p_s) or p_t * log p_s, zero where p_t == 0
-            # (there 0 * inf would give NaN when a class is masked with -inf).
-            if loss_type == "kldiv":
-                torch.sub(lpt, lps, out=x)
-            pt = lpt.exp_()
-            if loss_type == "kldiv":
-                x.mul_(pt)
-            else:
-                torch.mul(lps, pt, out=x)
-            torch.eq(pt, 0, out=z)
-            x.masked_fill_(z, 0.0)
-            torch.sum(x, dim=-1, out=per_row[start:stop])
-            if grad is not None:
-                # d loss / d s = T * (p_s - p_t): p_s - p_t is written once into the
-                # gradient buffer and the factor T is applied in backward.
-                torch.exp(lps, out=x)
-                x.sub_(pt)
-                if not in_grad:
-                    grad[start:stop].copy_(x)
-        per_row.mul_(temperature * temperature if loss_type == "kldiv" else -(temperature**2))
+            backend.row_pass(
+                student[start:stop],
+                teacher[start:stop],
+                temperature,
+                loss_type,
+                beta,
+                per_row[start:stop],
+                None if grad is None else grad[start:stop],
+                **extra,
+            )
         if grad is not None:
             ctx.save_for_backward(grad)
-            ctx.temperature = temperature
             ctx.rows_per_chunk = rows_per_chunk
+            ctx.native = backend.name == "native"
         return per_row
 
     @staticmethod
@@ -126,30 +123,18 @@ class FusedDivergence(torch.autograd.Function):
             )
         (grad,) = ctx.saved_tensors
         # In place: the buffer is not needed after this (single-use backward, see class doc).
-        scale = (grad_rows * ctx.temperature).unsqueeze(-1)
+        scale = grad_rows.unsqueeze(-1)
         if grad.dtype == scale.dtype:
             grad.mul_(scale)
+        elif ctx.native and native.scale_rows(grad, grad_rows):
+            pass  # half gradient on CPU: one native call (many small ops stall a busy CPU)
         else:
             # Half gradient, float32 scale: an in-place op with type promotion computes into
             # a full-size float32 temporary, so go chunk by chunk (one rounding, O(chunk)).
-            step = ctx.rows_per_chunk
+            step = max(1, min(ctx.rows_per_chunk, (1 << 20) // max(grad.shape[-1], 1)))
             for start in range(0, grad.shape[0], step):
                 grad[start : start + step].mul_(scale[start : start + step])
-        return grad, None, None, None, None, None, None
-
-
-def _scaled_log_softmax(
-    logits: torch.Tensor, temperature: float, scratch: torch.Tensor, out: torch.Tensor
-) -> None:
-    """``out = log_softmax(logits / T)`` in ``out.dtype``, using ``scratch`` for ``logits / T``."""
-    if temperature == 1.0:
-        torch.log_softmax(logits, dim=-1, dtype=out.dtype, out=out)
-    else:
-        # Promote first, then divide in the compute dtype: torch.div(..., out=) would
-        # divide in the inputs' dtype and only then cast (a float32 x / T lost 1e-5 of
-        # the float64 result at T = 1e6).
-        scratch.copy_(logits).div_(temperature)
-        torch.log_softmax(scratch, dim=-1, out=out)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def fused_divergence(
@@ -159,26 +144,37 @@ def fused_divergence(
     loss_type: str,
     dtype: torch.dtype,
     *,
+    jsd_beta: float = 0.5,
     chunk_elements: int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Per-position fused divergence ``[..., C] -> [...]`` in ``dtype``.
 
     ``student`` and ``teacher`` keep their own dtypes (no full-size cast is made); the
-    computation runs chunk by chunk in ``dtype`` and the gradient buffer has the
-    student's dtype.  ``chunk_elements`` defaults to :func:`chunk_elements_for`.
+    computation runs in ``dtype`` and the gradient buffer has the student's dtype.
+    ``backend`` (default ``$KDKIT_KERNEL``, else ``'auto'``) is chosen by
+    :func:`kdkit.losses.kernels.select_backend`; ``chunk_elements`` defaults to one call
+    over all rows (native, Triton) or :func:`chunk_elements_for` (torch ops).
     """
     need_grad = torch.is_grad_enabled() and student.requires_grad
-    if chunk_elements is None:
-        # Scratch per element: log p_s, log p_t and a mask, plus x when the gradient buffer
-        # (student dtype) cannot hold the compute-dtype loss terms.
-        item = torch.empty((), dtype=dtype).element_size()
-        x_in_grad = need_grad and student.dtype == dtype
-        per_element = 2 * item + 1 + (0 if x_in_grad else item)
-        chunk_elements = chunk_elements_for(student.numel(), student.element_size(), per_element)
+    loss_type = kernels.canonical(loss_type, jsd_beta)
     num_classes = student.shape[-1]
     flat_student = student.reshape(-1, num_classes)
     flat_teacher = teacher.detach().reshape(-1, num_classes)
+    chosen = kernels.select_backend(flat_student, flat_teacher, dtype, backend)
+    if chunk_elements is None and chosen.chunked:
+        x_in_grad = need_grad and student.dtype == dtype
+        per_element = torch_ops.scratch_bytes_per_element(loss_type, dtype, x_in_grad)
+        chunk_elements = chunk_elements_for(student.numel(), student.element_size(), per_element)
     per_row = FusedDivergence.apply(
-        flat_student, flat_teacher, temperature, loss_type, dtype, chunk_elements, need_grad
+        flat_student,
+        flat_teacher,
+        temperature,
+        loss_type,
+        jsd_beta,
+        dtype,
+        chunk_elements,
+        need_grad,
+        chosen,
     )
     return per_row.reshape(student.shape[:-1])
