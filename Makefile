@@ -2,7 +2,7 @@
 # Both create .venv/ on first use and install pinned dependencies, each only what it needs:
 # `make demo` the demo's extra (.[demo]), `make test` / `make lint` the development extra
 # (.[dev]: the demo's packages plus pytest, hypothesis, ruff).  `make install-all` adds
-# every optional extra (TensorBoard, W&B): what CI runs the tests with.
+# every optional extra (TensorBoard, W&B, Triton): what CI runs the tests with.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,7 +26,7 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(PY)
 	touch $@
 
 $(VENV)/.installed-all: pyproject.toml constraints.txt | $(PY)
-	$(PIP) -e '.[dev,cache,train,demo,tensorboard,wandb]'
+	$(PIP) -e '.[dev,cache,train,demo,tensorboard,triton,wandb]'
 	touch $(VENV)/.installed-dev $(VENV)/.installed-demo $@
 
 demo: install-demo

@@ -4,7 +4,8 @@ Written independently of kdkit: plain Python loops over rows and classes with ``
 (no ``log_softmax`` from torch), so a bug in kdkit cannot be mirrored here.  One family:
 ``ref_log_softmax`` -> ``ref_divergence_row`` (every loss type) -> ``ref_kd_per_sample``
 -> ``ref_kd_loss`` / ``ref_student_loss``, with the gradients ``ref_kd_grad`` and
-``ref_student_loss_grad``; and ``ref_fuse`` for multi-teacher fusion.
+``ref_student_loss_grad``; ``ref_linear_logits`` (the output layer, for the linear
+losses); and ``ref_fuse`` for multi-teacher fusion.
 """
 
 from __future__ import annotations
@@ -232,6 +233,33 @@ def ref_student_loss_grad(
     return grad
 
 
+def ref_linear_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """``softcap(logit_scale * (h @ W.T + b))`` in float64, differentiable (``[..., V]``).
+
+    ``softcap(u) = c * tanh(u / c)``.  With ``vocab_size`` the classes from ``vocab_size``
+    on are ``-inf`` (excluded), the classes kept are the first ``vocab_size``.
+    """
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if vocab_size is not None:
+        keep = torch.arange(z.shape[-1]) < vocab_size
+        z = torch.where(keep, z, -math.inf)
+    return z
+
+
 def ref_fuse(logits, strategy, weights=None):
     """Reference of ``fuse_teacher_logits`` for ``[B, C]`` logits: loops over samples and teachers."""
     k = len(logits)
@@ -260,3 +288,144 @@ def ref_fuse(logits, strategy, weights=None):
                 best = max(range(k), key=lambda j: (max(probs[j]), -j))
                 out[i] = torch.tensor(zs[best])
     return out
+
+
+# -- sparse top-k teachers (kdkit.sparse, kdkit.losses.sparse) --------------------------
+
+
+def ref_sparse_topk(row: list[float], k: int, temperature: float = 1.0):
+    """``(indices, log q_k, log tail)`` of one row: top-k of the *full-vocabulary* log
+    softmax at ``temperature`` (ties broken by the lower index), tail = log of the rest."""
+    log_q = ref_log_softmax(row, temperature)
+    order = sorted(range(len(row)), key=lambda j: (-log_q[j], j))[:k]
+    rest = [log_q[j] for j in range(len(row)) if j not in set(order)]
+    finite = [v for v in rest if v != -math.inf]
+    if finite:
+        m = max(finite)
+        tail = m + math.log(sum(math.exp(v - m) for v in finite))
+    else:
+        tail = -math.inf
+    return order, [log_q[j] for j in order], tail
+
+
+def _ref_logsumexp(values: list[float]) -> float:
+    finite = [v for v in values if v != -math.inf]
+    if not finite:
+        return -math.inf
+    m = max(finite)
+    return m + math.log(sum(math.exp(v - m) for v in finite))
+
+
+def ref_sparse_targets(
+    idx: list[int],
+    lp: list[float],
+    tail: float,
+    vocab: int,
+    temperature: float,
+    capture_temperature: float,
+    sparse_tail: str,
+) -> list[float]:
+    """The teacher's target log-probabilities of one position: ``K`` (renormalize) or
+    ``K + 1`` (bucket, tail last), re-tempered by ``a = T_c / T`` (tail spread uniformly
+    over the ``V - K`` classes left out)."""
+    a = capture_temperature / temperature
+    k = len(idx)
+    lp = [a * v for v in lp]
+    if tail != -math.inf and vocab > k:
+        rest = math.log(vocab - k)
+        tail = rest + a * (tail - rest)
+    slots = lp if sparse_tail == "renormalize" else [*lp, tail]
+    z = _ref_logsumexp(slots)
+    return [v - z for v in slots]
+
+
+def ref_sparse_divergence_row(
+    student: list[float],
+    idx: list[int],
+    lp: list[float],
+    tail: float,
+    vocab: int,
+    temperature: float,
+    capture_temperature: float,
+    loss_type: str,
+    sparse_tail: str,
+    beta: float = 0.5,
+) -> float:
+    """``T**2 * D`` of one position against a sparse teacher (see kdkit.losses.sparse):
+    bucket = the divergence of the (K+1)-class distributions (kept classes + the rest),
+    renormalize = the renormalised top-k against the student's full-vocabulary log p_k."""
+    log_ps = ref_log_softmax(student, temperature)
+    kept = [log_ps[j] for j in idx]
+    outside = _ref_logsumexp([log_ps[j] for j in range(len(student)) if j not in set(idx)])
+    log_pt = ref_sparse_targets(idx, lp, tail, vocab, temperature, capture_temperature, sparse_tail)
+    log_s = kept if sparse_tail == "renormalize" else [*kept, outside]
+    if loss_type == "kldiv" or (loss_type == "jsd" and beta == 0.0):
+        value = ref_kl_row(log_pt, log_s)
+    elif loss_type == "soft_ce":
+        value = sum(-math.exp(t) * s for t, s in zip(log_pt, log_s) if t != -math.inf)
+    elif loss_type == "reverse_kl" or (loss_type == "jsd" and beta == 1.0):
+        value = ref_kl_row(log_s, log_pt)
+    else:
+        pm = [beta * math.exp(a) + (1 - beta) * math.exp(b) for a, b in zip(log_pt, log_s)]
+        log_m = [math.log(v) if v > 0 else -math.inf for v in pm]
+        value = beta * ref_kl_row(log_pt, log_m) + (1 - beta) * ref_kl_row(log_s, log_m)
+    return temperature * temperature * value
+
+
+def ref_sparse_kd_per_position(
+    student, sparse, temperature, loss_type="kldiv", sparse_tail="bucket", beta=0.5
+):
+    """Per-position sparse KD loss ``[..., V] -> [...]`` in float64 (``sparse``: a SparseLogits)."""
+    k = sparse.top_k
+    out = [
+        ref_sparse_divergence_row(
+            s,
+            [int(i) for i in idx],
+            lp,
+            tail,
+            sparse.vocab_size,
+            temperature,
+            sparse.temperature,
+            loss_type,
+            sparse_tail,
+            beta,
+        )
+        for s, idx, lp, tail in zip(
+            _rows(student),
+            sparse.indices.reshape(-1, k).tolist(),
+            sparse.logprobs.double().reshape(-1, k).tolist(),
+            sparse.tail_logprob.double().reshape(-1).tolist(),
+        )
+    ]
+    return torch.tensor(out, dtype=torch.float64).reshape(student.shape[:-1])
+
+
+def ref_sparse_grad(student, sparse, temperature, sparse_tail, row_weights):
+    """Gradient wrt the student of ``sum_i w_i l_i`` for 'kldiv'/'soft_ce' on sparse targets
+    (same for both), closed form: ``T * (p_j - q_j)`` for kept ``j`` and
+    ``T * p_j * (1 - r / p_outside)`` outside them (bucket; ``r = 0`` for renormalize)."""
+    k = sparse.top_k
+    rows = []
+    for s, idx, lp, tail, w in zip(
+        _rows(student),
+        sparse.indices.reshape(-1, k).tolist(),
+        sparse.logprobs.double().reshape(-1, k).tolist(),
+        sparse.tail_logprob.double().reshape(-1).tolist(),
+        row_weights.double().reshape(-1).tolist(),
+    ):
+        log_pt = ref_sparse_targets(
+            idx, lp, tail, sparse.vocab_size, temperature, sparse.temperature, sparse_tail
+        )
+        p = [math.exp(v) for v in ref_log_softmax(s, temperature)]
+        q = dict(zip(idx, [math.exp(v) for v in log_pt[:k]]))
+        r = math.exp(log_pt[k]) if sparse_tail == "bucket" else 0.0
+        p_out = sum(pj for j, pj in enumerate(p) if j not in q)
+        row = []
+        for j, pj in enumerate(p):
+            if j in q:
+                g = pj - q[j]
+            else:
+                g = pj * (1.0 - (r / p_out if p_out > 0 else 0.0))
+            row.append(w * temperature * g)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64).reshape(student.shape)

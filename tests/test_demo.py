@@ -35,7 +35,14 @@ def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--output_dir", str(out), "--no-progress"]) == 0
     assert torch.get_num_threads() == threads  # restored
     printed = capsys.readouterr().out
-    for row in ("teacher: mlp", "teacher: cnn", "student: CE only", "student: KD (MLP teacher)"):
+    for row in (
+        "teacher: mlp",
+        "teacher: cnn",
+        "student: CE only",
+        "student: KD (MLP teacher)",
+        "student: KD + augment, cached logits",
+        "student: KD + augment, live teacher",
+    ):
         assert row in printed
     assert "target mean" in printed
     report = (out / "report.md").read_text()
@@ -44,6 +51,9 @@ def test_demo_quick(tmp_path, capsys):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "data" / "manifest.jsonl").is_file()
     assert (out / "students" / "kd-mlp-teacher-seed0" / "metrics.jsonl").is_file()
+    live = out / "students" / "kd-augment-live-teacher-seed0"
+    assert '"augment": [' in (live / "config.json").read_text()
+    assert "consistent" in report and "live teacher" in report
 
 
 def test_demo_without_matplotlib_fails_before_any_work(tmp_path, monkeypatch, capsys):

@@ -160,8 +160,10 @@ def test_raise_out_of_range_targets_and_infinite_ce():
 
 def test_check_kd_loss_options():
     assert validation.check_kd_loss_options(2, "jsd", "sum", 1, "reference") == (2.0, 1.0)
-    with pytest.raises(ValueError, match=r"implementation='fused' supports loss_type .*got 'jsd'"):
-        validation.check_kd_loss_options(2, "jsd", "sum", 0.5, "fused")
+    # Every loss type has a fused path now (the native row kernel): 'fused' is accepted.
+    assert validation.check_kd_loss_options(2, "jsd", "sum", 0.5, "fused") == (2.0, 0.5)
+    with pytest.raises(ValueError, match=r"implementation must be one of"):
+        validation.check_kd_loss_options(2, "jsd", "sum", 0.5, "gpu")
     with pytest.raises(ValueError, match=r"reduction must be one of"):
         validation.check_kd_loss_options(2, "kldiv", "avg", 0.5, "auto")
 
@@ -187,8 +189,9 @@ def test_kdloss_validates_without_running_a_forward(monkeypatch):
         KDLoss(temperature=-1)
     with pytest.raises(ValueError, match=r"reduction must be one of .*got 'avg'"):
         KDLoss(reduction="avg")
-    with pytest.raises(ValueError, match=r"implementation='fused' supports loss_type"):
-        KDLoss(loss_type="reverse_kl", implementation="fused")
+    with pytest.raises(ValueError, match=r"implementation must be one of .*got 'gpu'"):
+        KDLoss(loss_type="reverse_kl", implementation="gpu")
+    KDLoss(loss_type="reverse_kl", implementation="fused")  # fused for every loss type now
 
 
 @pytest.mark.parametrize(
@@ -198,7 +201,7 @@ def test_kdloss_validates_without_running_a_forward(monkeypatch):
         ({"ignore_index": 1.5}, TypeError, r"ignore_index must be an integer, got float 1.5"),
         ({"ignore_index": True}, TypeError, r"ignore_index must be an integer, got bool"),
         ({"implementation": "gpu"}, ValueError, r"implementation must be one of 'auto', 'fused', 'reference'; got 'gpu'"),
-        ({"config": KDLossConfig(loss_type="jsd"), "implementation": "fused"}, ValueError, r"implementation='fused' supports loss_type"),
+        ({"config": KDLossConfig(loss_type="jsd"), "implementation": "gpu"}, ValueError, r"implementation must be one of"),
         ({"config": {"kd_alpha": 0.5}}, TypeError, r"config must be a KDLossConfig, got dict"),
     ],
 )  # fmt: skip

@@ -35,7 +35,6 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = ["entrypoint", "main"]
@@ -148,7 +147,7 @@ def _show_default(value: Any) -> str:
 
 def _config_flags(cls: type, help_table: dict[str, str], defaults: Any) -> list[Flag]:
     """One flag per field of dataclass ``cls``: type from the hint, help from the table."""
-    from kdkit.train.config import FIELD_CHOICES, FILE_ONLY_FIELDS
+    from kdkit.train.config import FIELD_CHOICES, FILE_ONLY_FIELDS, REPEATABLE_FIELDS
 
     hints = typing.get_type_hints(cls)
     flags = []
@@ -161,6 +160,8 @@ def _config_flags(cls: type, help_table: dict[str, str], defaults: Any) -> list[
             choices = FIELD_CHOICES[f.name]
             kwargs["type"] = _choice(f.name, choices)
             kwargs["metavar"] = "{" + ",".join(choices) + "}"
+        elif f.name in REPEATABLE_FIELDS:  # list[str], one entry per flag
+            kwargs["action"] = "append"
         elif kind is None:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -213,7 +214,7 @@ def _add(group: argparse._ArgumentGroup, flags: list[Flag]) -> None:
 
 def _add_train_parser(subparsers, name: str, student: bool) -> argparse.ArgumentParser:
     help_text = (
-        "train a student with CE + KD from cached teacher logits"
+        "train a student with CE + KD from cached teacher logits or live teachers"
         if student
         else "train a model with cross-entropy (a teacher or a baseline)"
     )
@@ -237,6 +238,9 @@ def build_config(args: argparse.Namespace, student: bool):
     if args.config:  # a factory named by --model replaces the file's: nothing to trust
         trust = getattr(args, "trust_factories", False) or hasattr(args, "model")
         values = load_config_file(args.config, trust_factories=trust)
+        from kdkit.augment import check_file_augment
+
+        check_file_augment(values, args.config)  # callables only from the command line
     kd = values.get("kd") or {}
     if not isinstance(kd, dict):
         raise TypeError(
@@ -287,8 +291,10 @@ def _train(args: argparse.Namespace, student: bool) -> int:
     try:
         result = run(config)
     except _CONFIG_ERRORS as exc:
+        from kdkit.errors import InputError
+
         print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, InputError) else 1  # bad input seen at the first step
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items() if "/" not in k)
     state = "finished" if result.completed else f"stopped after epoch {len(result.history)}"
     if _is_rank_zero():  # under torchrun only rank 0 reports
@@ -309,12 +315,12 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def _teacher_spec(text: str) -> tuple[str, str]:
-    name, sep, location = text.partition("=")
-    if not sep or not name or not location:
-        raise argparse.ArgumentTypeError(
-            f"expected NAME=RUN_DIR or NAME=WEIGHTS.safetensors, got {text!r}"
-        )
-    return name, location
+    from kdkit.train.teachers import split_teacher_spec
+
+    try:
+        return split_teacher_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fused_spec(text: str) -> tuple[str, dict[str, Any]]:
@@ -325,14 +331,37 @@ def _fused_spec(text: str) -> tuple[str, dict[str, Any]]:
     return name, {"teachers": _names(members), "strategy": strategy or "mean"}
 
 
+def _top_k_spec(text: str) -> tuple[str | None, int]:
+    """``K`` (every teacher) or ``NAME=K``."""
+    name, sep, value = text.rpartition("=")
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1 or (sep and not name):
+        raise argparse.ArgumentTypeError(
+            f"expected K or NAME=K with an integer K >= 1, got {text!r}"
+        )
+    return (name or None), k
+
+
+def _top_k_option(specs: list[tuple[str | None, int]] | None) -> int | dict[str, int] | None:
+    if not specs:
+        return None
+    if len(specs) == 1 and specs[0][0] is None:
+        return specs[0][1]
+    if any(name is None for name, _ in specs):
+        raise ValueError("--top_k: give either one K for every teacher or NAME=K per teacher")
+    return {name: k for name, k in specs}  # type: ignore[misc]
+
+
 def _cmd_dump_teacher(args: argparse.Namespace) -> int:
     import torch
 
     from kdkit._validation import check_device
     from kdkit.cache import dump_teacher_logits
     from kdkit.data import ManifestDataset
-    from kdkit.models import build_model, load_factory, resolve_model_kwargs
-    from kdkit.train.checkpoints import load_model_from_run, load_weights
+    from kdkit.train.teachers import load_teacher_model
 
     try:
         check_device(args.device, "--device")
@@ -341,28 +370,21 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
         for name, location in args.teacher:
             if name in teachers:
                 raise ValueError(f"teacher name {name!r} given twice")
-            if not Path(location).exists():
-                raise FileNotFoundError(
-                    f"--teacher {name}={location}: {location} does not exist (expected a kdkit "
-                    "run directory or a .safetensors weights file)"
-                )
-            if Path(location).is_dir():
-                teachers[name] = load_model_from_run(
-                    location,
-                    which=args.checkpoint,
-                    trust_factories=args.trust_factories or [args.model] * bool(args.model),
-                )
-            else:
-                if args.model is None:
-                    raise ValueError(f"--teacher {name}={location}: a weights file needs --model")
-                kwargs = resolve_model_kwargs(
-                    load_factory(args.model),
-                    args.model_kwargs or {},
-                    input_shape=tuple(dataset[0]["features"].shape),
-                    num_classes=max(r.label for r in dataset.records) + 1,
-                )
-                teachers[name] = load_weights(build_model(args.model, kwargs), location)
+            teachers[name] = load_teacher_model(
+                name,
+                location,
+                checkpoint=args.checkpoint,
+                factory=args.model,
+                factory_kwargs=args.model_kwargs,
+                input_shape=tuple(dataset[0]["features"].shape),
+                num_classes=max(r.label for r in dataset.records) + 1,
+                factory_option="--model",
+                trust_factories=args.trust_factories,
+            )
         fused = dict(args.fused) if args.fused else None
+        top_k = _top_k_option(args.top_k)
+        if args.capture_temperature is not None and top_k is None:
+            raise ValueError("--capture_temperature applies to sparse teachers: pass --top_k too")
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
     _setup_logging()
@@ -379,6 +401,8 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
             ensembles=fused,
             progress=args.progress and sys.stderr.isatty() and env.is_main,
             allow_other_files=args.allow_other_files,
+            top_k=top_k,
+            capture_temperature=args.capture_temperature or 1.0,
         )
     except Exception as exc:  # the cache's own errors (CacheError) included
         if not isinstance(exc, (*_CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
@@ -427,6 +451,18 @@ def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
         "--allow_other_files",
         action="store_true",
         help="create a new cache in a directory that holds other files (never deleted)",
+    )
+    parser.add_argument(
+        "--top_k",
+        type=_top_k_spec,
+        action="append",
+        help="store teachers sparse: K (every teacher) or NAME=K (repeatable), the top-k "
+        "log-probabilities over the full vocabulary plus the tail mass",
+    )
+    parser.add_argument(
+        "--capture_temperature",
+        type=float,
+        help="temperature of the sparse log-probabilities (default 1; needs --top_k)",
     )
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="cpu")

@@ -172,14 +172,7 @@ FILES = ["manifest.json", "logits-a-g1.bin", "logits-ens-g1.bin", "keys-g1.txt"]
 FILES += ["keys-index-g1.bin"]
 
 
-@settings(
-    max_examples=EXAMPLES,
-    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],  # report unshrunk
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-@given(data=st.data())
-def test_fuzzed_cache_gives_documented_errors_only(template, data):
+def _fuzz_once(template, data, files, run):
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "cache"
         shutil.copytree(template, d)
@@ -189,7 +182,7 @@ def test_fuzzed_cache_gives_documented_errors_only(template, data):
                 if isinstance(manifest, (dict, list)) and len(_paths(manifest)) > 1:
                     _mutate_json(manifest, data)
             else:
-                name = data.draw(st.sampled_from(FILES), label="file")
+                name = data.draw(st.sampled_from(files), label="file")
                 if name == "manifest.json":  # bytes of the manifest as it stands
                     blob = (
                         manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
@@ -218,11 +211,103 @@ def test_fuzzed_cache_gives_documented_errors_only(template, data):
         (d / "manifest.json").write_bytes(raw)
         tracemalloc.start()
         try:
-            _run_readers(d)
+            run(d)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
         assert peak < PEAK_BYTES, f"peak allocation {peak} bytes"
+
+
+FUZZ_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],  # report unshrunk
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@FUZZ_SETTINGS
+@given(data=st.data())
+def test_fuzzed_cache_gives_documented_errors_only(template, data):
+    _fuzz_once(template, data, FILES, _run_readers)
+
+
+# -- sequences and a sparse top-k teacher (issue 12) -------------------------------------
+
+
+class _TokenLM(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, vocab)
+
+    def forward(self, x):
+        return self.embed(x)
+
+
+def _sequence_items():
+    return [
+        {
+            "ids": torch.arange(5) * (i + 1) % 30,
+            "lengths": i % 5 + 1,
+            "path": KEYS[i],
+        }
+        for i in range(N)
+    ]
+
+
+@pytest.fixture(scope="module")
+def sparse_template(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz-sparse-template")
+    torch.manual_seed(0)
+    dump_teacher_logits(
+        {"big": _TokenLM(30), "small": _TokenLM(30)},
+        _sequence_items(),
+        root,
+        input_key="ids",
+        top_k={"big": 3},
+        capture_temperature=2.0,
+        progress=False,
+        dtype="float16",
+        default_fusion="big",
+    )
+    return root
+
+
+def _run_sparse_readers(d):
+    outcomes = []
+    for call in (
+        lambda: load_cache_index(d),
+        lambda: load_cached_logits(KEYS, d),
+        lambda: load_cached_logits(KEYS[::-1], d, teacher="small"),
+        lambda: load_cache_index(d).lengths(KEYS),
+        lambda: verify_cache(d),
+        lambda: TeacherLogitsDataset(_sequence_items(), d).__getitems__(list(range(N))),
+    ):
+        try:
+            call()
+            outcomes.append(None)
+        except ALLOWED as e:
+            outcomes.append(type(e).__name__)
+        except ValueError as e:  # a valid cache whose manifest dropped its default fusion
+            if "records no default fusion" not in str(e) and "cannot be fused" not in str(e):
+                raise
+            outcomes.append("ValueError")
+    assert _cli(["cache", "info", str(d)]) in (0, 1)
+    assert _cli(["cache", "verify", str(d)]) in (0, 1)
+    return outcomes
+
+
+SPARSE_FILES = ["manifest.json", "topk-big-g1.bin", "logits-small-g1.bin", "offsets-g1.bin"]
+
+
+@FUZZ_SETTINGS
+@given(data=st.data())
+def test_fuzzed_sparse_cache_gives_documented_errors_only(sparse_template, data):
+    _fuzz_once(sparse_template, data, SPARSE_FILES, _run_sparse_readers)
+
+
+def test_unmutated_sparse_template_reads_cleanly(sparse_template):
+    assert _run_sparse_readers(sparse_template) == [None] * 6
 
 
 def test_unmutated_template_reads_cleanly(template):

@@ -294,7 +294,7 @@ CASES = [
     ("manifest-huge-int", "open", raw_manifest('{"n": ' + "9" * 5000 + "}"), r"not valid UTF-8"),
     ("manifest-over-16MiB", "open", raw_manifest(HUGE_MANIFEST), r"larger than 16777216 bytes"),
     ("manifest-symlink-outside", "open", symlink_outside("manifest.json"), r"outside"),
-    ("format-version-2", "open", edit(_set(["format_version"], 2)), r"format version 2"),
+    ("format-version-3", "open", edit(_set(["format_version"], 3)), r"format version 3"),
     ("format-version-true", "open", edit(_set(["format_version"], True)), r"version True"),
     ("format-version-missing", "open", edit(_del(["format_version"])), r"version None"),
     # manifest: shapes and sizes
@@ -537,3 +537,279 @@ def test_damaged_unfinished_dump_is_discarded(damage, template, tmp_path):
     want = load_cached_logits(KEYS, template)
     assert torch.equal(load_cached_logits(KEYS, d), want)
     assert not (d / ".partial").exists()
+
+
+# -- sequences and sparse top-k teachers (issue 12) -------------------------------------------
+
+SEQ_LEN, VOCAB, TOP_K = 6, 50, 4
+SPARSE_FILE, DENSE_SEQ_FILE, OFFSETS = "topk-big-g1.bin", "logits-small-g1.bin", "offsets-g1.bin"
+
+
+class _TokenLM(nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(VOCAB, VOCAB)
+
+    def forward(self, x):
+        return self.embed(x)
+
+
+def make_sequence_items():
+    return [
+        {
+            "input_ids": torch.arange(SEQ_LEN) * (i + 1) % VOCAB,
+            "attention_mask": (torch.arange(SEQ_LEN) < (i % SEQ_LEN) + 1).long(),
+            "path": KEYS[i],
+        }
+        for i in range(N)
+    ]
+
+
+@pytest.fixture(scope="module")
+def sparse_template(tmp_path_factory):
+    root = tmp_path_factory.mktemp("valid-sparse-cache")
+    teachers = {"big": _TokenLM(0), "small": _TokenLM(1)}
+    dump_teacher_logits(
+        teachers,
+        make_sequence_items(),
+        root,
+        input_key="input_ids",
+        top_k={"big": TOP_K},
+        dtype="float16",
+        progress=False,
+    )
+    return root
+
+
+def _forge(d, name):
+    """Re-record the size and checksum of ``name`` so the damage passes the cheap checks."""
+    m = _manifest(d)
+    blob = (d / name).read_bytes()
+    m["files"][name] = {"bytes": len(blob), "blake2b": hashlib.blake2b(blob).hexdigest()}
+    _save(d, m)
+
+
+def records(fn, forge=True):
+    """Edit the sparse teacher's records (a structured numpy array) with ``fn``."""
+
+    def mutate(d, marker):
+        from kdkit.cache._format import position_dtype
+
+        info = _manifest(d)["teachers"]["big"]
+        rec = np.fromfile(d / SPARSE_FILE, dtype=position_dtype(info))
+        fn(rec)
+        rec.tofile(d / SPARSE_FILE)
+        if forge:
+            _forge(d, SPARSE_FILE)
+
+    return mutate
+
+
+def offsets(fn):
+    def mutate(d, marker):
+        off = np.fromfile(d / OFFSETS, dtype="<i8")
+        fn(off)
+        off.tofile(d / OFFSETS)
+        _forge(d, OFFSETS)
+
+    return mutate
+
+
+def _assign(field, index, value):
+    def fn(rec):
+        rec[field][index] = value
+
+    return fn
+
+
+def _repeat_index(rec):
+    rec["indices"][2, 1] = rec["indices"][2, 0]
+
+
+def _negative_tail_mass(rec):
+    rec["logprobs"][1, :] = np.log(0.9)
+
+
+def _decreasing(off):
+    off[4] = off[3] - 1
+
+
+def _beyond(off):
+    off[5] = 10**12
+
+
+SPARSE_CASES = [
+    (
+        "sparse-index-out-of-range",
+        "read",
+        records(_assign("indices", (0, 1), VOCAB)),
+        r"topk-big-g1\.bin.*outside \[0, 50\)",
+    ),
+    ("sparse-index-repeated", "read", records(_repeat_index), r"topk-big-g1\.bin.*repeated"),
+    (
+        "sparse-tail-mass-negative",
+        "read",
+        records(_negative_tail_mass),
+        r"topk-big-g1\.bin.*more than 1",
+    ),
+    (
+        "sparse-nan-logprob",
+        "read",
+        records(_assign("logprobs", (3, 0), np.nan)),
+        r"topk-big-g1\.bin.*NaN",
+    ),
+    (
+        "sparse-positive-logprob",
+        "read",
+        records(_assign("logprobs", (3, 0), 2.0)),
+        r"topk-big-g1\.bin.*above 0",
+    ),
+    ("sparse-inf-tail", "read", records(_assign("tail", 5, np.inf)), r"topk-big-g1\.bin.*above 0"),
+    (
+        "sparse-value-altered",
+        "verify",
+        records(_assign("logprobs", (3, 3), -30.0), forge=False),
+        r"topk-big-g1\.bin",
+    ),
+    ("sparse-truncated", "open", truncate(SPARSE_FILE, 3), r"topk-big-g1\.bin.*bytes"),
+    ("offsets-decreasing", "read", offsets(_decreasing), r"offsets-g1\.bin"),
+    (
+        "offsets-beyond-positions",
+        "read",
+        offsets(_beyond),
+        r"offsets-g1\.bin",
+    ),
+    ("offsets-truncated", "open", truncate(OFFSETS, 8), r"offsets-g1\.bin.*bytes"),
+    ("offsets-removed", "open", remove(OFFSETS), r"offsets-g1\.bin.*missing"),
+    ("dense-seq-truncated", "open", truncate(DENSE_SEQ_FILE, 2), r"logits-small-g1\.bin"),
+    ("sparse-top-k-zero", "open", edit(_set(["teachers", "big", "top_k"], 0)), r"top_k"),
+    (
+        "sparse-top-k-above-vocab",
+        "open",
+        edit(_set(["teachers", "big", "top_k"], VOCAB + 1)),
+        r"top_k",
+    ),
+    ("sparse-top-k-string", "open", edit(_set(["teachers", "big", "top_k"], "4")), r"top_k"),
+    (
+        "sparse-index-dtype",
+        "open",
+        edit(_set(["teachers", "big", "index_dtype"], "int32")),
+        r"index_dtype",
+    ),
+    (
+        "sparse-index-dtype-unknown",
+        "open",
+        edit(_set(["teachers", "big", "index_dtype"], "u8")),
+        r"index_dtype",
+    ),
+    (
+        "sparse-capture-temperature-zero",
+        "open",
+        edit(_set(["teachers", "big", "capture_temperature"], 0)),
+        r"capture_temperature",
+    ),
+    (
+        "sparse-capture-temperature-bool",
+        "open",
+        edit(_set(["teachers", "big", "capture_temperature"], True)),
+        r"capture_temperature",
+    ),
+    (
+        "sparse-capture-temperature-missing",
+        "open",
+        edit(_del(["teachers", "big", "capture_temperature"])),
+        r"capture_temperature",
+    ),
+    ("sparse-kind-unknown", "open", edit(_set(["teachers", "big", "kind"], "compressed")), r"kind"),
+    ("sparse-in-version-1", "open", edit(_set(["format_version"], 1)), r"format_version 2"),
+    (
+        "sparse-fused",
+        "open",
+        edit(
+            _set(
+                ["teachers", "big", "fused"],
+                {"teachers": ["small"], "strategy": "mean", "weights": None},
+            )
+        ),
+        r"'fused'\] must be",
+    ),
+    (
+        "fusion-of-sparse",
+        "open",
+        edit(
+            _set(
+                ["default_fusion"],
+                {"teachers": ["big", "small"], "strategy": "mean", "weights": None},
+            )
+        ),
+        r"default_fusion",
+    ),
+    ("positions-not-object", "open", edit(_set(["positions"], [1])), r"positions"),
+    ("positions-count-wrong", "open", edit(_set(["positions", "num_positions"], 7)), r"bytes"),
+    ("positions-count-huge", "open", edit(_set(["positions", "num_positions"], 2**40)), r"bytes"),
+    ("positions-dropped", "open", edit(_set(["positions"], None)), r"bytes|checksum"),
+    (
+        "positions-file-outside",
+        "open",
+        edit(_set(["positions", "file"], "../x.bin")),
+        r"without a checksum|invalid",
+    ),
+]
+
+
+def _sparse_entry_points(d):
+    errors = []
+    for call in (
+        lambda: load_cache_index(d),
+        lambda: load_cached_logits(KEYS, d, teacher="big"),
+        lambda: load_cached_logits(KEYS[::-1], d, teacher="small"),
+        lambda: load_cache_index(d).lengths(KEYS),
+        lambda: verify_cache(d),
+        lambda: TeacherLogitsDataset(make_sequence_items(), d, teacher="big").__getitems__(
+            list(range(N))
+        ),
+    ):
+        try:
+            call()
+        except _ALLOWED as e:
+            errors.append(e)
+    return errors
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=[c[0] for c in SPARSE_CASES])
+def test_hostile_sparse_cache(case, sparse_template, tmp_path):
+    name, when, mutate, pattern = case
+    d = tmp_path / "cache"
+    shutil.copytree(sparse_template, d)
+    marker = tmp_path / "PWNED"
+    mutate(d, marker)
+    tracemalloc.start()
+    try:
+        if when == "open":
+            with pytest.raises(CacheError, match=pattern):
+                load_cache_index(d)
+        else:
+            index = load_cache_index(d)
+            if when == "read":
+                with pytest.raises(CacheError, match=pattern):
+                    load_cached_logits(KEYS, index, teacher="big")
+                    load_cached_logits(KEYS, index, teacher="small")
+            with pytest.raises(CacheError, match=pattern.split(".*")[0]):
+                verify_cache(d)
+        errors = _sparse_entry_points(d)
+        verify_status, verify_err = _cli(["cache", "verify", str(d)])
+        info_status, _ = _cli(["cache", "info", str(d)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert errors, "every damaged cache must be refused by some reader"
+    assert verify_status == 1 and verify_err.startswith("error: ")
+    assert info_status == (1 if when == "open" else 0)
+    assert not marker.exists()
+    assert peak < PEAK_BYTES, f"{name}: peak allocation {peak} bytes"
+
+
+def test_intact_sparse_template_passes_everything(sparse_template):
+    assert not _sparse_entry_points(sparse_template)
+    assert _cli(["cache", "verify", str(sparse_template)]) == (0, "")

@@ -243,3 +243,24 @@ def test_non_finite_gradient_in_an_accumulated_step_stops_before_the_update(tmp_
     with pytest.raises(NonFiniteError, match="epoch 1 step 1: non-finite loss or gradient"):
         train_student(config, model=model, train_data=TRAIN)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"augment": ["mixup"]}, {"augment": ["noise", "mixup:1.0"]}, {"feature_kd": ["1:0:0.5"]}],
+)
+def test_mixup_and_feature_kd_are_refused_with_accumulation(overrides):
+    """Not integrated with step-wide normalisation yet: refused at validation (decisions.md)."""
+    from kdkit.train import TrainConfig
+
+    with pytest.raises(ValueError, match="grad_accum > 1 does not support mixup / feature_kd"):
+        TrainConfig(grad_accum=2, **overrides)
+    TrainConfig(grad_accum=1, **overrides)  # issue 15's step, unchanged
+
+
+def test_augmented_view_with_accumulation_trains(tmp_path):
+    """Augmentation without mixup runs per micro-batch under accumulation."""
+    result = train_student(
+        _config(tmp_path, "aug", batch_size=8, grad_accum=2, augment=["noise"]), train_data=TRAIN
+    )
+    assert result.history

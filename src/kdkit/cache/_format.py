@@ -22,7 +22,10 @@ from kdkit._io import READ_BLOCK, atomic_write, blake2b_hex, file_blocks, fsync_
 from kdkit._validation import FUSION_STRATEGIES, check_fusion_weights
 
 FORMAT_NAME = "kdkit-teacher-logits"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Written when a cache holds sequences or sparse teachers; plain dense ``[N, C]`` caches
+are still written as version 1 (byte-identical to older kdkit), and both are read."""
+DENSE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTIAL_DIR = ".partial"
 JOURNAL = "journal.json"
@@ -46,6 +49,55 @@ BLOCK_ROWS = 1 << 16
 """Rows copied (or fused) at a time when a dump merges into new files."""
 MAX_ROWS = 2**40
 MAX_CLASSES = 2**31
+MAX_TOP_K = 2**16
+INDEX_DTYPES: dict[str, str] = {"uint16": "<u2", "int32": "<i4"}
+TAIL_DTYPE = "<f4"
+
+
+def index_dtype_for(num_classes: int) -> str:
+    """The index dtype of a sparse teacher with ``num_classes`` classes (the smallest fitting)."""
+    return "uint16" if num_classes <= 1 << 16 else "int32"
+
+
+def sparse_record_dtype(top_k: int, index_dtype: str, dtype: str) -> np.dtype:
+    """One stored position of a sparse teacher: ``indices [K]``, ``logprobs [K]``, ``tail``."""
+    return np.dtype(
+        [
+            ("indices", INDEX_DTYPES[index_dtype], (top_k,)),
+            ("logprobs", DTYPES[dtype], (top_k,)),
+            ("tail", TAIL_DTYPE),
+        ]
+    )
+
+
+def is_sparse(info: dict[str, Any]) -> bool:
+    """Whether a manifest teacher entry is a sparse top-k teacher."""
+    return info.get("kind", "dense") == "sparse"
+
+
+def position_dtype(info: dict[str, Any]) -> np.dtype:
+    """The numpy dtype of one stored position of a teacher (from its manifest entry):
+    ``(dtype, (C,))`` for a dense teacher (so a file maps as ``[P, C]``), the record of
+    :func:`sparse_record_dtype` for a sparse one (a file maps as ``[P]``)."""
+    if is_sparse(info):
+        return sparse_record_dtype(int(info["top_k"]), info["index_dtype"], info["dtype"])
+    return np.dtype((DTYPES[info["dtype"]], (int(info["num_classes"]),)))
+
+
+def position_bytes(info: dict[str, Any]) -> int:
+    """Bytes of one stored position of a teacher (plain integer arithmetic: a manifest may
+    claim sizes no numpy dtype can hold)."""
+    value = np.dtype(DTYPES[info["dtype"]]).itemsize
+    if is_sparse(info):
+        index = np.dtype(INDEX_DTYPES[info["index_dtype"]]).itemsize
+        return int(info["top_k"]) * (index + value) + np.dtype(TAIL_DTYPE).itemsize
+    return int(info["num_classes"]) * value
+
+
+def num_positions(manifest: dict[str, Any]) -> int:
+    """Stored positions ``P``: ``num_samples`` without a position axis, else the total."""
+    positions = manifest.get("positions")
+    return int(manifest["num_samples"]) if positions is None else int(positions["num_positions"])
 
 
 class CacheError(ValueError):
@@ -261,10 +313,10 @@ def read_manifest(cache_dir: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{MANIFEST} in {cache_dir} is not a {FORMAT_NAME!r} manifest")
     version = manifest.get("format_version")
-    if not _is_int(version, FORMAT_VERSION, FORMAT_VERSION):
+    if not _is_int(version, DENSE_FORMAT_VERSION, FORMAT_VERSION):
         raise CacheError(
-            f"{cache_dir} uses cache format version {version!r}; this kdkit reads version "
-            f"{FORMAT_VERSION}"
+            f"{cache_dir} uses cache format version {version!r}; this kdkit reads versions "
+            f"{DENSE_FORMAT_VERSION} to {FORMAT_VERSION}"
         )
     _check_manifest_fields(manifest, f"{MANIFEST} in {cache_dir}")
     return manifest
@@ -299,6 +351,15 @@ def _check_manifest_fields(m: dict[str, Any], where: str) -> None:
     if not isinstance(keys, dict):
         raise bad("keys", keys, "an object {file, index, hash}")
     named = [keys.get("file"), keys.get("index")]
+    positions = m.get("positions")
+    if positions is not None:
+        if m.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{where}: positions need format_version {FORMAT_VERSION}")
+        if not isinstance(positions, dict) or not _is_int(
+            positions.get("num_positions"), 0, MAX_ROWS
+        ):
+            raise bad("positions", positions, "null or {file, num_positions (an integer >= 0)}")
+        named.append(positions.get("file"))
     teachers = m["teachers"]
     if not isinstance(teachers, dict):
         raise bad("teachers", teachers, "an object {name: {...}}")
@@ -315,8 +376,14 @@ def _check_manifest_fields(m: dict[str, Any], where: str) -> None:
                 info.get("num_classes"),
                 f"an integer in [1, {MAX_CLASSES}]",
             )
+        if info.get("kind", "dense") not in ("dense", "sparse"):
+            raise bad(f"teachers[{name!r}]['kind']", info.get("kind"), "'dense' or 'sparse'")
+        if is_sparse(info):
+            _check_sparse_entry(name, info, m, bad)
         fused = info.get("fused")
-        if fused is not None and not _is_fusion_spec(fused, teachers, allow_name=False):
+        if fused is not None and (
+            is_sparse(info) or not _is_fusion_spec(fused, teachers, allow_name=False)
+        ):
             raise bad(
                 f"teachers[{name!r}]['fused']", fused, "null or {teachers, strategy, weights}"
             )
@@ -333,6 +400,26 @@ def _check_manifest_fields(m: dict[str, Any], where: str) -> None:
         raise CacheError(f"{where} uses one file for two purposes: {named!r}")
 
 
+def _check_sparse_entry(name: str, info: dict[str, Any], m: dict[str, Any], bad: Any) -> None:
+    """The fields of a sparse teacher's manifest entry (``top_k``, ``index_dtype``, ...)."""
+    if m.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"sparse teacher {name!r} needs format_version {FORMAT_VERSION}")
+    c = info["num_classes"]
+    if not _is_int(info.get("top_k"), 1, min(c, MAX_TOP_K)):
+        raise bad(
+            f"teachers[{name!r}]['top_k']",
+            info.get("top_k"),
+            f"an integer in [1, {min(c, MAX_TOP_K)}]",
+        )
+    if info.get("index_dtype") != index_dtype_for(c):
+        raise bad(
+            f"teachers[{name!r}]['index_dtype']", info.get("index_dtype"), repr(index_dtype_for(c))
+        )
+    t = info.get("capture_temperature")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+        raise bad(f"teachers[{name!r}]['capture_temperature']", t, "a finite number > 0")
+
+
 def _is_fusion_spec(spec: object, teachers: dict[str, Any], *, allow_name: bool) -> bool:
     if not isinstance(spec, dict):
         return False
@@ -344,6 +431,7 @@ def _is_fusion_spec(spec: object, teachers: dict[str, Any], *, allow_name: bool)
         and isinstance(members, list)
         and members
         and all(isinstance(t, str) and t in teachers for t in members)
+        and not any(isinstance(teachers[t], dict) and is_sparse(teachers[t]) for t in members)
     ):
         return False
     if strategy != "weighted_mean":
@@ -372,9 +460,11 @@ def expected_sizes(manifest: dict[str, Any]) -> dict[str, int]:
     """The byte size every data file must have, derived from shapes in the manifest."""
     n = int(manifest["num_samples"])
     sizes = {manifest["keys"]["index"]: 3 * 8 * n}
+    p = num_positions(manifest)
+    if manifest.get("positions") is not None:
+        sizes[manifest["positions"]["file"]] = 8 * (n + 1)
     for info in manifest["teachers"].values():
-        itemsize = np.dtype(DTYPES[info["dtype"]]).itemsize
-        sizes[info["file"]] = n * int(info["num_classes"]) * itemsize
+        sizes[info["file"]] = p * position_bytes(info)
     return sizes
 
 

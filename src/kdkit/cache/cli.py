@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from kdkit.cache._format import CacheError
+from kdkit.cache._format import CacheError, position_bytes
 from kdkit.cache.index import load_cache_index, verify_cache
 
 __all__ = ["add_subcommands", "cache_info", "cache_verify"]
@@ -37,6 +37,8 @@ def cache_info(args: argparse.Namespace) -> int:
     print(f"cache:       {index.path}")
     print(f"format:      {m['format']} v{m['format_version']} (kdkit {m.get('kdkit_version')})")
     print(f"samples:     {index.num_samples}")
+    if index.is_sequence:
+        print(f"positions:   {index.num_positions} (sequences, flat with per-sample offsets)")
     print(f"size:        {_size(total)} in {len(m['files'])} files")
     rule = m.get("key_normalization")
     print(f"keys:        {rule.get('rule') if isinstance(rule, dict) else rule}")
@@ -45,8 +47,16 @@ def cache_info(args: argparse.Namespace) -> int:
         fused = ""
         if t.get("fused"):
             fused = f"  fused {t['fused']['strategy']} of {', '.join(t['fused']['teachers'])}"
-        size = _size(m["files"][t["file"]]["bytes"])
-        print(f"  {name}: {t['num_classes']} classes, {t['dtype']}, {size}{fused}")
+        nbytes = m["files"][t["file"]]["bytes"]
+        per = position_bytes(t)
+        if t.get("kind") == "sparse":
+            kind = (
+                f"sparse top_k={t['top_k']} of {t['num_classes']} classes, {t['index_dtype']} "
+                f"indices, {t['dtype']} log-probs, T_capture={t['capture_temperature']:g}"
+            )
+        else:
+            kind = f"{t['num_classes']} classes, {t['dtype']}, dense"
+        print(f"  {name}: {kind}, {_size(nbytes)} ({per} bytes/position){fused}")
     default = m.get("default_fusion")
     if default:
         print(f"default:     {default}")

@@ -33,6 +33,7 @@ from kdkit.cache.dump_checks import (
     check_placement,
     check_positive_ints,
     check_teachers,
+    check_top_k,
     pick_ensembles,
 )
 from kdkit.cache.index import CacheIndex, load_cache_index
@@ -79,6 +80,10 @@ def dump_teacher_logits(
     default_fusion: str | Mapping[str, Any] | None = None,
     progress: bool = True,
     checkpoint_rows: int = 65536,
+    top_k: int | Mapping[str, int | None] | None = None,
+    capture_temperature: float = 1.0,
+    mask_field: str = "attention_mask",
+    lengths_field: str = "lengths",
     allow_other_files: bool = False,
 ) -> CacheIndex:
     """Run teachers over a data set and store their logits in a memory-mappable cache.
@@ -86,6 +91,13 @@ def dump_teacher_logits(
     Each teacher runs in eval mode under ``torch.no_grad()`` on ``batch[input_key]``; its
     ``[B, C]`` output is stored under the normalised sample key (:func:`normalize_key` of
     ``batch[key_field]``, or of ``key_fn(batch)``).  Training modes are restored afterwards.
+
+    Sequence teachers return ``[B, L, V]``; the real positions of each sample are given by
+    ``batch[mask_field]`` (``[B, L]``, right padding) or ``batch[lengths_field]`` (``[B]``),
+    else all ``L`` are real, and only those are stored (flat, with per-sample offsets).
+    With ``top_k`` a teacher is stored sparse: per position the ``K`` most probable classes
+    of ``log_softmax(logits / capture_temperature)`` over the full vocabulary, their
+    log-probabilities (in ``dtype``) and the tail log mass (see :mod:`kdkit.sparse`).
 
     Calling it again on the same ``cache_dir`` resumes an interrupted dump, adds the samples
     that are not cached yet, adds new teachers (they must then see every cached sample), or
@@ -105,6 +117,12 @@ def dump_teacher_logits(
             ``{'strategy', 'teachers', 'weights'}``.
         progress: show a tqdm progress bar (if tqdm is installed).
         checkpoint_rows: rows per committed chunk (the most work an interruption loses).
+        top_k: ``K`` for every teacher, or ``{name: K or None}`` (``None``/absent: dense),
+            so one cache can hold a dense small teacher and a sparse large one.
+        capture_temperature: ``T_c > 0`` of the sparse log-probabilities (recorded in the
+            manifest; training at another temperature needs ``retemper=True``).
+        mask_field, lengths_field: the batch fields giving the real positions of
+            ``[B, L, V]`` outputs.
         allow_other_files: start a new cache in a directory that already holds other
             files (they are never deleted); without it such a directory is refused.
 
@@ -133,7 +151,15 @@ def dump_teacher_logits(
     ensembles = pick_ensembles(ensembles, fused)
     models = check_teachers(teachers)
     dev = torch.device(device)
-    options = dict(input_key=input_key, key_field=key_field, key_fn=key_fn)
+    sparse = check_top_k(top_k, capture_temperature, list(models))
+    options = dict(
+        input_key=input_key,
+        key_field=key_field,
+        key_fn=key_fn,
+        sparse=sparse,
+        mask_field=mask_field,
+        lengths_field=lengths_field,
+    )
 
     def write(produce: Callable[[CacheWriter], Iterable[LogitsRecord]]) -> CacheIndex:
         with directory_lock(cache_dir, "cache dump"):  # one writer; readers take no lock
@@ -151,7 +177,7 @@ def dump_teacher_logits(
         if old is None and not allow_other_files:
             check_new_cache_dir(root)
         fingerprints = {name: teacher_fingerprint(m) for name, m in models.items()}
-        check_against_cache(root, old, fingerprints, ensemble_defs, dtype)
+        check_against_cache(root, old, fingerprints, ensemble_defs, dtype, sparse)
         writer = CacheWriter(
             root,
             old,
@@ -160,6 +186,7 @@ def dump_teacher_logits(
             checkpoint_rows=checkpoint_rows,
             ensembles=ensemble_defs,
             default=default,
+            sparse=sparse,
         )
         with eval_mode(*models.values()), torch.no_grad():
             writer.consume(produce(writer))

@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from kdkit._validation import FUSION_STRATEGIES, check_choice, check_fusion_weights
-from kdkit.cache._format import FLOAT16_MAX, PARTIAL_DIR, check_teacher_name, normalize_key, shown
+from kdkit.cache._format import (
+    FLOAT16_MAX,
+    MAX_TOP_K,
+    PARTIAL_DIR,
+    check_teacher_name,
+    normalize_key,
+    shown,
+)
 from kdkit.cache.index import CacheIndex
 
 
@@ -116,6 +123,36 @@ def check_placement(models: dict[str, nn.Module], device: torch.device) -> None:
             )
 
 
+def check_top_k(top_k: object, temperature: object, names: Sequence[str]) -> dict[str, Any]:
+    """``{teacher: SparseSpec}`` of the teachers to store sparse (``top_k`` an int for all,
+    or a mapping ``{name: K or None}``)."""
+    from kdkit.cache.capture import SparseSpec
+
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (0 < temperature < float("inf"))
+    ):
+        raise ValueError(f"capture_temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is None:
+        return {}
+    if isinstance(top_k, Mapping):
+        unknown = sorted(set(top_k) - set(names))
+        if unknown:
+            raise ValueError(
+                f"top_k names teachers {unknown!r} that are not passed in teachers {list(names)!r}"
+            )
+        chosen = {n: k for n, k in top_k.items() if k is not None}
+    else:
+        chosen = dict.fromkeys(names, top_k)
+    for name, k in chosen.items():
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOP_K:
+            raise ValueError(
+                f"top_k for teacher {name!r} must be an integer in [1, {MAX_TOP_K}], got {k!r}"
+            )
+    return {n: SparseSpec(k, float(temperature)) for n, k in chosen.items()}
+
+
 def check_positive_ints(**values: object) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -128,8 +165,10 @@ def check_against_cache(
     fingerprints: dict[str, str],
     ensembles: dict[str, dict[str, Any]],
     dtype: str,
+    sparse: Mapping[str, Any] | None = None,
 ) -> None:
     """The teachers, ensembles and dtype of a dump must fit the cache already in ``root``."""
+    sparse = sparse or {}
     old_teachers: dict[str, Any] = old.manifest["teachers"] if old else {}
     if old is not None:
         old_dtypes = {t["dtype"] for t in old_teachers.values()}
@@ -146,6 +185,14 @@ def check_against_cache(
                 raise ValueError(
                     f"teacher {name!r} is an ensemble teacher in the cache at {root}; pick "
                     "another name"
+                )
+            was = (info.get("top_k"), info.get("capture_temperature"))
+            spec = sparse.get(name)
+            now = (spec.top_k, spec.temperature) if spec is not None else (None, None)
+            if was != now:
+                raise ValueError(
+                    f"teacher {name!r} is cached in {root} with (top_k, capture_temperature) = "
+                    f"{was}, got {now}; pass the same top_k, or use another name or cache_dir"
                 )
             if info["fingerprint"] != fingerprint:
                 raise ValueError(

@@ -65,6 +65,11 @@ def write_ensembles(
 def _check_members(name: str, members: list[str], teachers_meta: dict[str, Any]) -> int:
     """The class count of an ensemble's members (which must be plain teachers, all alike)."""
     for m in members:
+        if m in teachers_meta and teachers_meta[m].get("kind") == "sparse":
+            raise ValueError(
+                f"ensemble teacher {name!r} uses the sparse teacher {m!r}: sparse teachers "
+                "cannot be fused (ensembles combine dense teachers only)"
+            )
         if m not in teachers_meta or teachers_meta[m].get("fused"):
             raise ValueError(
                 f"ensemble teacher {name!r} uses {m!r}, which is not a (non-ensemble) teacher of "
@@ -116,9 +121,16 @@ def resolve_default(
     if default is None:
         return old_manifest.get("default_fusion")
     base = sorted(n for n, t in teachers_meta.items() if not t.get("fused"))
+    if isinstance(default, str) and default in teachers_meta:
+        return {"teacher": default}
+    chosen = base if isinstance(default, str) else list(default.get("teachers") or base)
+    sparse = [m for m in chosen if teachers_meta.get(m, {}).get("kind") == "sparse"]
+    if sparse:
+        raise ValueError(
+            f"default_fusion={default!r} would fuse the sparse teacher(s) {sparse!r}: sparse "
+            "teachers cannot be fused; name one teacher as default_fusion instead"
+        )
     if isinstance(default, str):
-        if default in teachers_meta:
-            return {"teacher": default}
         if default in FUSION_STRATEGIES and default != "weighted_mean":
             return {"strategy": default, "teachers": base, "weights": None}
         raise ValueError(

@@ -26,14 +26,19 @@ from kdkit.cache._format import (
     checksum_of,
     file_sizes,
     hash_keys,
+    is_sparse,
     lookup_hashes,
     map_file,
     normalize_key,
+    num_positions,
+    position_dtype,
     read_keys_text,
     read_manifest,
     shown,
 )
+from kdkit.cache.capture import flat_positions
 from kdkit.fusion import FUSION_STRATEGIES, fuse_teacher_logits
+from kdkit.sparse import SparseLogits
 
 __all__ = ["CacheIndex", "load_cache_index", "load_cached_logits", "verify_cache"]
 
@@ -109,6 +114,20 @@ class CacheIndex:
         return int(self.manifest["num_samples"])
 
     @property
+    def is_sequence(self) -> bool:
+        """Whether samples hold a variable number of positions (``[B, L, V]`` teachers)."""
+        return self.manifest.get("positions") is not None
+
+    @property
+    def num_positions(self) -> int:
+        """Stored positions ``P`` (``num_samples`` for a cache without a position axis)."""
+        return num_positions(self.manifest)
+
+    def is_sparse(self, teacher: str) -> bool:
+        """Whether ``teacher`` is stored as sparse top-k log-probabilities."""
+        return is_sparse(self.manifest["teachers"][teacher])
+
+    @property
     def default_fusion(self) -> dict[str, Any] | None:
         return self.manifest.get("default_fusion")
 
@@ -137,13 +156,52 @@ class CacheIndex:
             self._index = raw.view("<u8").reshape(3, n)
         return self._index
 
-    def _logits_map(self, teacher: str) -> np.ndarray:
+    def _teacher_map(self, teacher: str) -> np.ndarray:
+        """The stored positions of ``teacher``: ``[P, C]`` (dense) or ``[P]`` records (sparse)."""
         if teacher not in self._maps:
             info = self.manifest["teachers"][teacher]
-            shape = (self.num_samples, int(info["num_classes"]))
             raw = self._file(info["file"])
-            self._maps[teacher] = raw.view(DTYPES[info["dtype"]]).reshape(shape)
+            if is_sparse(info):
+                self._maps[teacher] = raw.view(position_dtype(info))
+            else:
+                shape = (self.num_positions, int(info["num_classes"]))
+                self._maps[teacher] = raw.view(DTYPES[info["dtype"]]).reshape(shape)
         return self._maps[teacher]
+
+    _logits_map = _teacher_map
+
+    def offsets(self) -> np.ndarray:
+        """``int64 [N + 1]``: sample ``i`` owns positions ``offsets[i]:offsets[i + 1]``
+        (``arange(N + 1)`` without a position axis)."""
+        if not self.is_sequence:
+            return np.arange(self.num_samples + 1, dtype=np.int64)
+        return self._file(self.manifest["positions"]["file"]).view("<i8")
+
+    def lengths_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Positions ``int64 [B]`` of each of ``rows``; :class:`CacheError` if the offsets
+        file contradicts itself there."""
+        return self._spans(rows)[1]
+
+    def _spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.is_sequence:
+            return rows, np.ones(len(rows), dtype=np.int64)
+        offsets = self.offsets()
+        starts, ends = offsets[rows].astype(np.int64), offsets[rows + 1].astype(np.int64)
+        bad = (starts < 0) | (ends < starts) | (ends > self.num_positions)
+        if bad.any():
+            raise CacheError(
+                f"cache file {self.manifest['positions']['file']!r} in {self.path} holds offsets "
+                f"outside [0, {self.num_positions}] or decreasing at row(s) "
+                f"{rows[bad][:5].tolist()} (corrupted; run verify_cache)"
+            )
+        return starts, ends - starts
+
+    def lengths(self, keys: Iterable[object]) -> np.ndarray:
+        """Cached positions ``int64 [B]`` of each key (1 without a position axis).
+
+        Raises ``KeyError`` for keys that are not cached."""
+        return self.lengths_of_rows(keys_to_rows(self, keys))
 
     # -- lookups ---------------------------------------------------------------------------
     def rows(self, keys: Iterable[object]) -> np.ndarray:
@@ -182,8 +240,9 @@ class CacheIndex:
         return read_keys_text(self.path / name, self.num_samples, bytes(self._file(name)))
 
     def read(self, teacher: str, rows: np.ndarray) -> np.ndarray:
-        """``float32 [len(rows), C]`` logits of ``teacher`` at ``rows`` (one vectorised read)."""
-        data = self._logits_map(teacher)
+        """``float32 [len(rows), C]`` logits of dense ``teacher`` at positions ``rows`` (one
+        vectorised read; for a cache without a position axis a position is a sample)."""
+        data = self._teacher_map(teacher)
         unique, inverse = np.unique(rows, return_inverse=True)
         block = data[unique]  # one read of sorted unique rows, in the stored dtype
         finite = np.isfinite(block).all(axis=1)
@@ -194,15 +253,51 @@ class CacheIndex:
             )
         return block[inverse.reshape(-1)].astype(np.float32)
 
+    def read_sparse(self, teacher: str, positions: np.ndarray) -> np.ndarray:
+        """The checked records of sparse ``teacher`` at ``positions`` (one vectorised read).
+
+        Raises :class:`CacheError` naming the file for indices out of ``[0, V)`` or repeated
+        within a position, NaN/+inf values, log-probabilities or a tail above 0, or top-k
+        probabilities summing to more than 1 (a negative tail mass)."""
+        info = self.manifest["teachers"][teacher]
+        unique, inverse = np.unique(positions, return_inverse=True)
+        block = self._teacher_map(teacher)[unique]
+        idx, lp, tail = block["indices"], block["logprobs"], block["tail"]  # stored dtypes
+        problems = []
+        v = int(info["num_classes"])
+        if idx.size and (int(idx.max()) >= v or int(idx.min()) < 0):
+            problems.append(f"class indices outside [0, {v})")
+        ordered = np.sort(idx, axis=1)
+        if idx.shape[1] > 1 and (ordered[:, 1:] == ordered[:, :-1]).any():
+            problems.append("a class index repeated within a position")
+        if np.isnan(lp).any() or np.isnan(tail).any() or (lp > 1e-3).any() or (tail > 1e-3).any():
+            problems.append("NaN or log-probabilities above 0")
+        else:
+            tol = 1e-2 if info["dtype"] == "float16" else 1e-4
+            total = np.exp(lp.astype(np.float32)).sum(axis=1, dtype=np.float64)
+            if (total > 1 + tol).any():
+                problems.append("top-k probabilities summing to more than 1 (a negative tail mass)")
+        if problems:
+            raise CacheError(
+                f"cache file {info['file']!r} in {self.path} holds {'; '.join(problems)} "
+                "(corrupted; run verify_cache)"
+            )
+        return block[inverse.reshape(-1)]
+
+    def _verify_positions(self) -> None:
+        _verify_positions_impl(self)
+
     def verify(self) -> None:
         """Check every file's size and checksum, that the key index matches the keys and
-        that keys are unique; raise :class:`CacheError` naming a bad file."""
+        that keys are unique, the offsets of a sequence cache, and every record of a sparse
+        teacher (:meth:`read_sparse`); raise :class:`CacheError` naming a bad file."""
         for name, entry in sorted(self.manifest["files"].items()):
             if checksum_of(self._file(name)) != entry[CHECKSUM]:
                 raise CacheError(
                     f"cache file {name!r} in {self.path} does not match its {CHECKSUM} checksum "
                     "(altered or corrupted)"
                 )
+        self._verify_positions()
         info = self.manifest["keys"]
         keys = self.keys()
         if self.num_samples:
@@ -225,6 +320,24 @@ class CacheIndex:
                     f"cache file {info['index']!r} in {self.path} does not match the keys in "
                     f"{info['file']!r}"
                 )
+
+
+def _verify_positions_impl(index: CacheIndex) -> None:
+    if index.is_sequence:
+        offsets = np.asarray(index.offsets())
+        if offsets[0] != 0 or offsets[-1] != index.num_positions or (np.diff(offsets) < 0).any():
+            raise CacheError(
+                f"cache file {index.manifest['positions']['file']!r} in {index.path} does not hold "
+                f"non-decreasing offsets from 0 to num_positions={index.num_positions}"
+            )
+    for name in index.teachers:
+        if index.is_sparse(name):
+            for start in range(0, index.num_positions, _VERIFY_BLOCK):
+                stop = min(start + _VERIFY_BLOCK, index.num_positions)
+                index.read_sparse(name, np.arange(start, stop))
+
+
+_VERIFY_BLOCK = 1 << 16
 
 
 def load_cache_index(cache_dir: str | os.PathLike[str]) -> CacheIndex:
@@ -353,12 +466,62 @@ def read_selection(
     names: list[str],
     strategy: str | None,
     weights: Sequence[float] | None,
-) -> torch.Tensor:
-    """float32 ``[B, C]`` for resolved teachers at ``rows`` (fused if ``strategy``)."""
-    if strategy is None:
-        return torch.from_numpy(index.read(names[0], rows))
-    parts = [torch.from_numpy(index.read(n, rows)) for n in names]
-    return fuse_teacher_logits(parts, strategy, weights)
+    keys: Sequence[str] | None = None,
+) -> torch.Tensor | SparseLogits:
+    """The resolved teachers at ``rows`` (fused if ``strategy``): float32 ``[B, C]``
+    (``[B, L, C]`` zero-padded for sequences) or a :class:`~kdkit.sparse.SparseLogits`."""
+    sparse = [n for n in names if index.is_sparse(n)]
+    if sparse and (strategy is not None or len(names) > 1):
+        raise ValueError(
+            f"sparse teachers {sparse!r} cannot be fused (fusion={strategy!r} of {names!r}): "
+            "load one of them with teacher='<name>'; fusion combines dense teachers only"
+        )
+    if not index.is_sequence and not sparse:  # the dense [N, C] path, unchanged
+        if strategy is None:
+            return torch.from_numpy(index.read(names[0], rows))
+        parts = [torch.from_numpy(index.read(n, rows)) for n in names]
+        return fuse_teacher_logits(parts, strategy, weights)
+    starts, lengths = index._spans(rows)
+    positions = flat_positions(starts, lengths)
+    if sparse:
+        return _sparse_batch(index, names[0], index.read_sparse(names[0], positions), lengths, keys)
+    parts = [torch.from_numpy(index.read(n, positions)) for n in names]
+    flat = parts[0] if strategy is None else fuse_teacher_logits(parts, strategy, weights)
+    return _pad(flat, lengths, 0.0)
+
+
+def _pad(flat: torch.Tensor, lengths: np.ndarray, fill: float) -> torch.Tensor:
+    """``[P, ...]`` flat positions to ``[B, L_max, ...]`` (``fill`` at padding)."""
+    b, length = len(lengths), int(lengths.max()) if len(lengths) else 0
+    out = flat.new_full((b, length, *flat.shape[1:]), fill)
+    mask = torch.arange(length) < torch.from_numpy(lengths)[:, None]
+    out[mask] = flat
+    return out
+
+
+def _sparse_batch(
+    index: CacheIndex,
+    teacher: str,
+    records: np.ndarray,
+    lengths: np.ndarray,
+    keys: Sequence[str] | None,
+) -> SparseLogits:
+    info = index.manifest["teachers"][teacher]
+    idx = torch.from_numpy(records["indices"].astype(np.int64))
+    lp = torch.from_numpy(records["logprobs"].astype(np.float32))
+    tail = torch.from_numpy(records["tail"].astype(np.float32))
+    v, k, t = int(info["num_classes"]), int(info["top_k"]), float(info["capture_temperature"])
+    keys = None if keys is None else tuple(keys)
+    if not index.is_sequence:
+        mask = torch.ones(len(lengths), dtype=torch.bool)
+        return SparseLogits(idx, lp, tail, v, t, mask, keys)
+    b, length = len(lengths), int(lengths.max()) if len(lengths) else 0
+    mask = torch.arange(length) < torch.from_numpy(lengths)[:, None]
+    indices = torch.arange(k, dtype=torch.int64).expand(b, length, k).clone()
+    logprobs = torch.full((b, length, k), -float(np.log(k)), dtype=torch.float32)
+    tails = torch.full((b, length), -float("inf"), dtype=torch.float32)
+    indices[mask], logprobs[mask], tails[mask] = idx, lp, tail
+    return SparseLogits(indices, logprobs, tails, v, t, mask, keys)
 
 
 def keys_to_rows(index: CacheIndex, keys: Iterable[object]) -> np.ndarray:
@@ -385,7 +548,8 @@ def load_cached_logits(
     *,
     fusion: str | None = None,
     weights: Sequence[float] | None = None,
-) -> torch.Tensor:
+    lengths: Sequence[int] | torch.Tensor | None = None,
+) -> torch.Tensor | SparseLogits:
     """Cached teacher logits for a batch of sample keys, in the order of ``paths``.
 
     One vectorised lookup and one vectorised read per call (no per-sample file access).
@@ -398,6 +562,14 @@ def load_cached_logits(
         fusion: a strategy of :func:`kdkit.fuse_teacher_logits` (with ``teacher=None`` it
             fuses every non-fused teacher of the cache).
         weights: per-teacher weights for ``fusion='weighted_mean'``.
+        lengths: optional student sequence lengths ``[B]``; a sample whose cached length
+            differs raises ``ValueError`` naming its key and both lengths.
+
+    Returns:
+        float32 ``[B, C]`` for a dense teacher (``[B, L, C]``, zero-padded to the longest
+        sample, for a sequence cache: see :meth:`CacheIndex.lengths`), or a
+        :class:`kdkit.SparseLogits` for a sparse one (``[B, K]`` / ``[B, L, K]`` with its
+        ``mask``).  Sparse teachers cannot be fused.
 
     Shape:
         output: float32 ``[B, C]``, ``B = len(paths)``.
@@ -418,7 +590,33 @@ def load_cached_logits(
     index = _as_index(cache_index)
     names, strategy, weights = resolve_selection(index, teacher, fusion, weights)
     rows = keys_to_rows(index, paths)
-    return read_selection(index, rows, names, strategy, weights)
+    keys = [normalize_key(k) for k in _key_list(paths)]
+    out = read_selection(index, rows, names, strategy, weights, keys)
+    if lengths is not None:
+        check_lengths(index, rows, keys, lengths)
+    return out
+
+
+def _key_list(paths: object) -> list[object]:
+    return paths.reshape(-1).tolist() if isinstance(paths, torch.Tensor) else list(paths)  # type: ignore[call-overload]
+
+
+def check_lengths(
+    index: CacheIndex, rows: np.ndarray, keys: Sequence[str], lengths: object
+) -> None:
+    """The student's sequence lengths must equal the cached ones (``ValueError`` naming the
+    first key that differs and both lengths)."""
+    want = torch.as_tensor(lengths).reshape(-1).to("cpu", torch.int64).numpy()
+    if len(want) != len(keys):
+        raise ValueError(f"lengths has {len(want)} entries for {len(keys)} keys")
+    cached = index.lengths_of_rows(rows)
+    differ = np.nonzero(cached != want)[0]
+    if len(differ):
+        i = int(differ[0])
+        raise ValueError(
+            f"sample {keys[i]!r} has {want[i]} positions in the student batch but {cached[i]} "
+            f"cached teacher positions ({len(differ)} sample(s) differ)"
+        )
 
 
 def as_index(cache: object) -> CacheIndex:

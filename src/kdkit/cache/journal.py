@@ -21,10 +21,12 @@ from kdkit.cache._format import (
     FENCE,
     JOURNAL,
     hash_keys,
+    index_dtype_for,
     is_file_name,
     lookup_hashes,
     read_keys_text,
     sorted_hash_index,
+    sparse_record_dtype,
     write_bytes_durably,
     write_json_durably,
     write_keys_text,
@@ -49,7 +51,10 @@ class Journal:
         self.checkpoint_rows = checkpoint_rows
         self.chunks: list[dict[str, Any]] = []
         self.num_classes: dict[str, int] = {}
-        self._pending: list[tuple[list[str], np.ndarray, dict[str, np.ndarray]]] = []
+        # (keys, old rows, {teacher: stored positions}, row lengths or None, {teacher: rows})
+        self._pending: list[
+            tuple[list[str], np.ndarray, dict[str, np.ndarray], np.ndarray | None, dict[str, int]]
+        ] = []
         self._pending_rows = 0
         self.prior_hashes = np.zeros((0, 2), dtype=np.uint64)
         self.prior_hit = np.zeros(0, dtype=bool)
@@ -96,11 +101,19 @@ class Journal:
         self._prior_index = sorted_hash_index(self.prior_hashes, positions)
         self._prior_fence = np.ascontiguousarray(self._prior_index[0][::FENCE])
 
+    def position_dtype(self, name: str, num_classes: int) -> np.dtype:
+        """The stored dtype of one position of teacher ``name`` (dense row or sparse record)."""
+        spec = self.config.get("sparse", {}).get(name)
+        if spec is None:
+            return np.dtype((DTYPES[self.config["dtype"]], (num_classes,)))
+        return sparse_record_dtype(
+            int(spec["top_k"]), index_dtype_for(num_classes), self.config["dtype"]
+        )
+
     def _load_chunks(self, chunks: object) -> None:
         """Adopt the chunks of an earlier run after checking names, sizes and row numbers."""
         if not isinstance(chunks, list):
             raise TypeError(f"chunks must be a list, got {type(chunks).__name__}")
-        itemsize = np.dtype(DTYPES[self.config["dtype"]]).itemsize
         base_rows = self.config["base_num_samples"]
         keys: list[str] = []
         for chunk in chunks:
@@ -111,8 +124,16 @@ class Journal:
             old_rows = np.fromfile(self.root / chunk["old_rows"], dtype="<i8")
             if len(old_rows) != rows or ((old_rows < -1) | (old_rows >= base_rows)).any():
                 raise ValueError(f"{chunk['old_rows']} does not hold {rows} valid row numbers")
+            positions = chunk.get("teacher_positions", chunk["teacher_rows"])
+            if "lengths" in chunk:
+                if not is_file_name(chunk["lengths"]):
+                    raise ValueError(f"a chunk names an unexpected file {chunk['lengths']!r}")
+                lengths = np.fromfile(self.root / chunk["lengths"], dtype="<i8")
+                if len(lengths) != rows or (lengths < 0).any():
+                    raise ValueError(f"{chunk['lengths']} does not hold {rows} valid lengths")
             for name, file in files.items():
-                want = int(chunk["teacher_rows"][name]) * int(chunk["num_classes"][name]) * itemsize
+                c = int(chunk["num_classes"][name])
+                want = int(positions[name]) * self.position_dtype(name, c).itemsize
                 if (self.root / file).stat().st_size != want or want < 0:
                     raise ValueError(f"{file} does not have the {want} bytes the journal records")
             keys += self.chunk_keys(chunk)
@@ -129,24 +150,40 @@ class Journal:
     def chunk_old_rows(self, chunk: dict[str, Any]) -> np.ndarray:
         return np.fromfile(self.root / chunk["old_rows"], dtype="<i8")
 
+    def chunk_lengths(self, chunk: dict[str, Any]) -> np.ndarray | None:
+        """Per-row lengths ``int64 [rows]`` of a sequence chunk (``None``: one position each)."""
+        if "lengths" not in chunk:
+            return None
+        return np.fromfile(self.root / chunk["lengths"], dtype="<i8")
+
     def chunk_logits(self, chunk: dict[str, Any], name: str) -> np.ndarray:
-        rows = chunk["teacher_rows"][name]
-        shape = (rows, chunk["num_classes"].get(name, 0))
-        if rows == 0:
-            return np.zeros(shape, dtype=DTYPES[self.config["dtype"]])
+        """Teacher ``name``'s stored positions in ``chunk`` (``[P, C]`` dense, ``[P]`` sparse)."""
+        positions = chunk.get("teacher_positions", chunk["teacher_rows"])[name]
+        dtype = self.position_dtype(name, int(chunk["num_classes"].get(name, 0)))
+        if positions == 0:
+            return np.zeros(0, dtype=dtype)
         return np.memmap(
-            self.root / chunk["files"][name],
-            dtype=DTYPES[self.config["dtype"]],
-            mode="r",
-            shape=shape,
+            self.root / chunk["files"][name], dtype=dtype, mode="r", shape=(positions,)
         )
 
     def prior_positions(self, hashes: np.ndarray) -> np.ndarray:
         """Positions (in prior-chunk order) of ``hashes``; -1 where absent."""
         return lookup_hashes(self._prior_index, hashes, self._prior_fence)
 
-    def add(self, keys: list[str], old_rows: np.ndarray, logits: dict[str, np.ndarray]) -> None:
-        self._pending.append((keys, old_rows, logits))
+    def add(
+        self,
+        keys: list[str],
+        old_rows: np.ndarray,
+        logits: dict[str, np.ndarray],
+        lengths: np.ndarray | None = None,
+        teacher_rows: dict[str, int] | None = None,
+    ) -> None:
+        """Queue one batch: its stored positions per teacher, and per-row ``lengths`` for
+        sequences (the positions of a teacher's rows, flat, in row order; ``teacher_rows``
+        says how many rows each teacher covers)."""
+        if teacher_rows is None:
+            teacher_rows = {name: len(arr) for name, arr in logits.items()}
+        self._pending.append((keys, old_rows, logits, lengths, teacher_rows))
         self._pending_rows += len(keys)
         if self._pending_rows >= self.checkpoint_rows:
             self.flush()
@@ -169,16 +206,23 @@ class Journal:
         }
         write_keys_text(self.root / chunk["keys"], keys)
         write_bytes_durably(self.root / chunk["old_rows"], [old_rows.tobytes()])
+        sequence = self._pending[0][3] is not None
+        if sequence:
+            chunk["lengths"] = f"{stem}.lengths.bin"
+            chunk["teacher_positions"] = {}
+            lengths = np.concatenate([p[3] for p in self._pending]).astype("<i8")
+            write_bytes_durably(self.root / chunk["lengths"], [lengths.tobytes()])
         for name in self.config["teachers"]:
             parts = [p[2][name] for p in self._pending if name in p[2] and len(p[2][name])]
-            arr = (
-                np.concatenate(parts)
-                if parts
-                else np.zeros((0, 0), dtype=DTYPES[self.config["dtype"]])
-            )
-            chunk["teacher_rows"][name] = int(arr.shape[0])
+            rows = sum(p[4].get(name, 0) for p in self._pending)
+            arr = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+            chunk["teacher_rows"][name] = rows
+            if sequence:
+                chunk["teacher_positions"][name] = int(arr.shape[0])
             if arr.shape[0]:
-                chunk["num_classes"][name] = int(arr.shape[1])
+                if arr.ndim == 2:  # dense [P, C]; a sparse teacher's V comes from the writer
+                    self.num_classes.setdefault(name, int(arr.shape[1]))
+                chunk["num_classes"][name] = self.num_classes[name]
                 chunk["files"][name] = f"{stem}.{name}.bin"
                 write_bytes_durably(
                     self.root / chunk["files"][name], [np.ascontiguousarray(arr).tobytes()]

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.cache.dump_checks import batch_input, batch_keys, check_teacher_output
+from kdkit.cache.capture import Captured, SparseSpec, capture_batch
+from kdkit.cache.dump_checks import batch_input, batch_keys
 from kdkit.cache.writer import CacheWriter, LogitsRecord
 
 
@@ -30,6 +31,9 @@ def local_records(
     key_field: str,
     key_fn: Callable[[Any], Any] | None,
     device: torch.device,
+    sparse: dict[str, SparseSpec],
+    mask_field: str,
+    lengths_field: str,
 ) -> Iterator[LogitsRecord]:
     """Records of local batches (call under ``torch.no_grad()`` with the teachers in eval mode)."""
     for batch in batches:
@@ -39,25 +43,29 @@ def local_records(
             continue
         x = batch_input(batch, input_key)
         x_need = x[torch.from_numpy(plan.positions)].to(device)
-        logits = {}
+        outputs = {}
         for name, rows in plan.teacher_rows.items():
             sel = x_need
             if len(rows) != len(plan.keys):
                 sel = x_need[torch.from_numpy(rows).to(x_need.device)]
-            logits[name] = check_teacher_output(name, models[name](sel), len(rows))
-        yield LogitsRecord(plan, logits)
+            outputs[name] = models[name](sel)
+        rows_in_batch = {n: plan.positions[r] for n, r in plan.teacher_rows.items()}
+        captured = capture_batch(
+            batch, keys, outputs, rows_in_batch, sparse, mask_field, lengths_field
+        )
+        yield LogitsRecord(plan, captured)
 
 
 def gathered_records(
-    batches: Iterable[tuple[list[str], dict[str, torch.Tensor]]], writer: CacheWriter
+    batches: Iterable[tuple[list[str], dict[str, Captured]]], writer: CacheWriter
 ) -> Iterator[LogitsRecord]:
-    """Records of batches computed elsewhere: ``(keys, {teacher: [B, C] float32 logits})``."""
+    """Records of batches computed elsewhere: ``(keys, {teacher: Captured of every key})``."""
     for keys, computed in batches:
         plan = writer.plan(keys)
         if plan is None:
             continue
-        logits = {}
-        for name, rows in plan.teacher_rows.items():
-            y = computed[name][torch.from_numpy(plan.positions[rows])]
-            logits[name] = check_teacher_output(name, y, len(rows))
-        yield LogitsRecord(plan, logits)
+        captured = {
+            name: computed[name].select(plan.positions[rows])
+            for name, rows in plan.teacher_rows.items()
+        }
+        yield LogitsRecord(plan, captured)

@@ -29,11 +29,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from kdkit._modes import eval_mode
-from kdkit.cache.dump_checks import batch_input, batch_keys, check_teacher_output
+from kdkit.cache.capture import Captured, SparseSpec, capture_batch
+from kdkit.cache.dump_checks import batch_input, batch_keys
 from kdkit.cache.index import CacheIndex, load_cache_index
 
-Gathered = tuple[list[str], dict[str, torch.Tensor]]
-"""One batch computed on some rank: its normalised keys and ``{teacher: [B, C] logits}``."""
+Gathered = tuple[list[str], dict[str, Captured]]
+"""One batch computed on some rank: its normalised keys and ``{teacher: Captured}`` (dense
+logits, or only the top-k of a sparse teacher)."""
 
 
 def is_distributed() -> bool:
@@ -63,14 +65,16 @@ def _compute(
     key_field: str,
     key_fn: Callable[[Any], Any] | None,
     device: torch.device,
+    capture_options: dict[str, Any],
 ) -> Gathered | str:
-    """Keys and logits of one batch, or an error message."""
+    """Keys and captured outputs of one batch, or an error message."""
     try:
         keys = batch_keys(batch, key_field, key_fn)
         if not isinstance(batch, Mapping) or input_key not in batch:
             raise KeyError(f"each batch must be a dict with the teacher input in {input_key!r}")
         x = batch_input(batch, input_key).to(device)
-        return keys, {n: check_teacher_output(n, m(x), len(keys)) for n, m in models.items()}
+        outputs = {n: m(x) for n, m in models.items()}
+        return keys, capture_batch(batch, keys, outputs, None, **capture_options)
     except Exception as exc:  # reported by rank 0 on every rank
         return f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}"
 
@@ -117,13 +121,17 @@ def dump_sharded(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    sparse: dict[str, SparseSpec],
+    mask_field: str,
+    lengths_field: str,
 ) -> CacheIndex:
     """Compute on every rank; rank 0 passes the gathered batches to ``write`` (which commits)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     count, batches = _own_batches(data, batch_size, num_workers, rank, world)
 
     def compute(batch: Any) -> Gathered | str:
-        return _compute(batch, models, input_key, key_field, key_fn, device)
+        options = dict(sparse=sparse, mask_field=mask_field, lengths_field=lengths_field)
+        return _compute(batch, models, input_key, key_field, key_fn, device, options)
 
     status: list[Any] = [None]
     if rank == 0:

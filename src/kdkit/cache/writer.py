@@ -26,9 +26,12 @@ from kdkit._version import __version__
 from kdkit.cache._format import (
     BLOCK_ROWS,
     CHECKSUM,
+    DENSE_FORMAT_VERSION,
     DTYPES,
+    FLOAT16_MAX,
     FORMAT_NAME,
     FORMAT_VERSION,
+    INDEX_DTYPES,
     KEY_HASH,
     KEY_NORMALIZATION,
     MANIFEST,
@@ -36,12 +39,15 @@ from kdkit.cache._format import (
     file_entry,
     fsync_dir,
     hash_keys,
+    index_dtype_for,
     is_file_name,
+    position_dtype,
     shown,
     sorted_hash_index,
     write_bytes_durably,
     write_json_durably,
 )
+from kdkit.cache.capture import Captured, SparseSpec, flat_positions
 from kdkit.cache.dump_checks import check_logit_values
 from kdkit.cache.ensembles import resolve_default, write_ensembles
 from kdkit.cache.index import CacheIndex, load_cache_index
@@ -65,13 +71,13 @@ class Plan:
 
 @dataclass(frozen=True)
 class LogitsRecord:
-    """Dense teacher outputs for a :class:`Plan`: ``logits[t]`` is ``[len(plan.teacher_rows[t]), C]``.
-
-    Open to other record kinds (e.g. sparse top-k logits) as further fields or classes.
-    """
+    """Teacher outputs for a :class:`Plan`: ``logits[t]`` holds the rows
+    ``plan.teacher_rows[t]``, flat over their positions (dense logits or sparse top-k,
+    see :class:`~kdkit.cache.capture.Captured`; a plain ``[rows, C]`` tensor is a dense
+    teacher without a position axis)."""
 
     plan: Plan
-    logits: dict[str, torch.Tensor]
+    logits: dict[str, Captured | torch.Tensor]
 
     @property
     def keys(self) -> list[str]:
@@ -114,9 +120,12 @@ class CacheWriter:
         checkpoint_rows: int,
         ensembles: dict[str, dict[str, Any]],
         default: dict[str, Any] | str | None,
+        sparse: dict[str, SparseSpec] | None = None,
     ) -> None:
         self.root, self.old, self.fingerprints, self.dtype = root, old, fingerprints, dtype
         self.ensembles, self.default = ensembles, default
+        self.sparse = dict(sparse or {})
+        self.sequence: bool | None = old.is_sequence if old is not None else None
         old_teachers: dict[str, Any] = old.manifest["teachers"] if old else {}
         self.new_teachers = [n for n in fingerprints if n not in old_teachers]
         self.unrequested = sorted(
@@ -128,6 +137,11 @@ class CacheWriter:
             "dtype": dtype,
             "teachers": {n: fingerprints[n] for n in sorted(fingerprints)},
         }
+        if self.sparse:  # absent for dense dumps: their journals stay as before
+            config["sparse"] = {
+                n: {"top_k": s.top_k, "capture_temperature": s.temperature}
+                for n, s in sorted(self.sparse.items())
+            }
         self.journal = Journal(root / PARTIAL_DIR, config, checkpoint_rows)
         self.old_hit = np.zeros(old.num_samples if old else 0, dtype=bool)
         for name, info in old_teachers.items():
@@ -178,18 +192,84 @@ class CacheWriter:
         return Plan([keys[i] for i in positions], positions, old_rows[positions], teacher_rows)
 
     def add(self, record: LogitsRecord) -> None:
-        """Journal one record (class counts and values checked)."""
-        plan, out = record.plan, {}
+        """Journal one record (class counts, sequence lengths and values checked)."""
+        plan, out, counts = record.plan, {}, {}
+        lengths = np.full(len(plan.keys), -1, dtype=np.int64)
         for name, y in record.logits.items():
-            expected = self.journal.num_classes.setdefault(name, int(y.shape[1]))
-            if y.shape[1] != expected:
+            if isinstance(y, torch.Tensor):  # plain dense [rows, C] logits
+                y = Captured(int(y.shape[1]), None, logits=y.detach().to("cpu", torch.float32))
+            expected = self.journal.num_classes.setdefault(name, y.num_classes)
+            if y.num_classes != expected:
                 raise ValueError(
-                    f"teacher {name!r} returned {y.shape[1]} classes, but {expected} were stored "
-                    "for it before"
+                    f"teacher {name!r} returned {y.num_classes} classes, but {expected} were "
+                    "stored for it before"
                 )
-            check_logit_values(name, [plan.keys[i] for i in plan.teacher_rows[name]], y, self.dtype)
-            out[name] = y.numpy().astype(DTYPES[self.dtype])
-        self.journal.add(plan.keys, plan.old_rows, out)
+            rows = plan.teacher_rows[name]
+            keys = [plan.keys[i] for i in rows]
+            self._check_lengths(name, keys, rows, y, lengths)
+            pos_keys = keys if y.lengths is None else list(np.repeat(keys, y.lengths))
+            out[name] = self._stored(name, pos_keys, y)
+            counts[name] = len(rows)
+        if self.sequence:
+            old = plan.old_rows >= 0
+            if old.any() and self.old is not None:
+                cached = self.old.lengths_of_rows(plan.old_rows[old])
+                known = lengths[old]
+                differ = (known >= 0) & (known != cached)
+                if differ.any():
+                    i = int(np.nonzero(old)[0][np.argmax(differ)])
+                    j = int(np.argmax(differ))
+                    raise ValueError(
+                        f"sample {plan.keys[i]!r} has {known[j]} positions in this batch but "
+                        f"{cached[j]} in the cache at {self.root}"
+                    )
+        self.journal.add(plan.keys, plan.old_rows, out, lengths if self.sequence else None, counts)
+
+    def _check_lengths(
+        self, name: str, keys: list[str], rows: np.ndarray, y: Captured, lengths: np.ndarray
+    ) -> None:
+        """Sequence or not must match the cache; every teacher must see the same lengths."""
+        sequence = y.lengths is not None
+        if self.sequence is None:
+            self.sequence = sequence
+        if sequence != self.sequence:
+            have = "sequences [B, L, V]" if self.sequence else "one position per sample [B, C]"
+            raise ValueError(
+                f"teacher {name!r} returned {'[B, L, V]' if sequence else '[B, C]'} logits but "
+                f"the cache holds {have}; all teachers of a cache must agree"
+            )
+        if not sequence:
+            return
+        prior = lengths[rows]
+        clash = (prior >= 0) & (prior != y.lengths)
+        if clash.any():
+            i = int(np.argmax(clash))
+            raise ValueError(
+                f"teachers disagree on the length of sample {keys[i]!r}: {prior[i]} vs "
+                f"{y.lengths[i]} ({name!r})"
+            )
+        lengths[rows] = y.lengths
+
+    def _stored(self, name: str, pos_keys: list[str], y: Captured) -> np.ndarray:
+        """The stored positions of one teacher: ``[P, C]`` dense or ``[P]`` sparse records."""
+        if name not in self.sparse:
+            check_logit_values(name, pos_keys, y.logits, self.dtype)  # type: ignore[arg-type]
+            return y.logits.numpy().astype(DTYPES[self.dtype])  # type: ignore[union-attr]
+        info = {
+            "kind": "sparse",
+            "top_k": self.sparse[name].top_k,
+            "index_dtype": index_dtype_for(y.num_classes),
+            "dtype": self.dtype,
+            "num_classes": y.num_classes,
+        }
+        rec = np.zeros(len(y.tail), dtype=position_dtype(info))  # type: ignore[arg-type]
+        rec["indices"] = y.indices.numpy().astype(INDEX_DTYPES[info["index_dtype"]])  # type: ignore[union-attr]
+        logprobs = y.logprobs.numpy()  # type: ignore[union-attr]
+        if self.dtype == "float16":  # probability exp(-65504) is 0 in every float type
+            logprobs = np.maximum(logprobs, -FLOAT16_MAX)
+        rec["logprobs"] = logprobs
+        rec["tail"] = y.tail.numpy()  # type: ignore[union-attr]
+        return rec
 
     def consume(self, records: Iterable[LogitsRecord]) -> None:
         """Journal every record; on an interruption keep the rows computed before it."""
@@ -226,15 +306,21 @@ class CacheWriter:
         old_manifest = old.manifest if old else {}
         files: dict[str, Any] = {}
         keys_info = self._write_keys(generation, new_keys, new_hashes, files)
+        final_rows = _final_rows(chunk_old, n_old)
+        offsets, positions_info = self._write_offsets(generation, n, chunk_old, files)
         teachers_meta = self._write_teachers(
-            generation, n, bool(new_keys), _final_rows(chunk_old, n_old), chunk_old, files
+            generation, n, bool(new_keys), final_rows, chunk_old, files, offsets
         )
+        p = n if offsets is None else int(offsets[-1])
         write_ensembles(
-            root, self.ensembles, teachers_meta, old_manifest, n, generation, self.dtype, files
+            root, self.ensembles, teachers_meta, old_manifest, p, generation, self.dtype, files
+        )
+        versioned = positions_info is not None or any(
+            t.get("kind") == "sparse" for t in teachers_meta.values()
         )
         manifest = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if versioned else DENSE_FORMAT_VERSION,
             "kdkit_version": __version__,
             "generation": generation,
             "num_samples": n,
@@ -249,6 +335,8 @@ class CacheWriter:
             # between the commit and the cleanup can finish it next time.
             "superseded_files": _superseded(old_manifest, files),
         }
+        if positions_info is not None:
+            manifest["positions"] = positions_info
         write_json_durably(root / MANIFEST, manifest)
         _cleanup(root, files, old_manifest)
         return load_cache_index(root)
@@ -289,6 +377,30 @@ class CacheWriter:
             )
         return keys_info
 
+    def _write_offsets(
+        self, generation: int, n: int, chunk_old: list[np.ndarray], files: dict[str, Any]
+    ) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+        """Sequence caches: the per-sample offsets ``int64 [N + 1]`` (file and manifest entry)."""
+        if not self.sequence:
+            return None, None
+        old, root = self.old, self.root
+        old_offsets = old.offsets() if old is not None else np.zeros(1, dtype=np.int64)
+        new_lengths = [
+            lengths[rows < 0]
+            for chunk, rows in zip(self.journal.chunks, chunk_old)
+            if (lengths := self.journal.chunk_lengths(chunk)) is not None
+        ]
+        added = np.concatenate(new_lengths) if new_lengths else np.zeros(0, dtype=np.int64)
+        offsets = np.concatenate([old_offsets, old_offsets[-1] + np.cumsum(added)]).astype("<i8")
+        if old is not None and not len(added) and old.manifest.get("positions"):
+            info = dict(old.manifest["positions"])
+            files[info["file"]] = old.manifest["files"][info["file"]]
+            return offsets, info
+        name = f"offsets-g{generation}.bin"
+        write_bytes_durably(root / name, [offsets.tobytes()])
+        files[name] = file_entry(root, name)
+        return offsets, {"file": name, "num_positions": int(offsets[-1])}
+
     def _write_teachers(
         self,
         generation: int,
@@ -297,6 +409,7 @@ class CacheWriter:
         final_rows: list[np.ndarray],
         chunk_old: list[np.ndarray],
         files: dict[str, Any],
+        offsets: np.ndarray | None = None,
     ) -> dict[str, Any]:
         """The manifest entries of the (non-ensemble) teachers; new files written."""
         old_manifest = self.old.manifest if self.old else {}
@@ -315,15 +428,34 @@ class CacheWriter:
                 teachers_meta[name] = info
                 files[info["file"]] = old_manifest["files"][info["file"]]
                 continue
-            fname = f"logits-{name}-g{generation}.bin"
-            self._merge_logits(name, fname, n, c, info is not None, final_rows, chunk_old)
-            teachers_meta[name] = {
-                "file": fname,
+            meta: dict[str, Any] = {
                 "num_classes": c,
                 "dtype": self.dtype,
                 "fingerprint": self.fingerprints[name],
                 "fused": None,
             }
+            if name in self.sparse:
+                fname = f"topk-{name}-g{generation}.bin"
+                meta.update(
+                    kind="sparse",
+                    top_k=self.sparse[name].top_k,
+                    index_dtype=index_dtype_for(c),
+                    capture_temperature=self.sparse[name].temperature,
+                )
+            else:
+                fname = f"logits-{name}-g{generation}.bin"
+            meta["file"] = fname
+            self._merge_logits(
+                name,
+                fname,
+                position_dtype(meta),
+                n,
+                info is not None,
+                final_rows,
+                chunk_old,
+                offsets,
+            )
+            teachers_meta[name] = meta
             files[fname] = file_entry(self.root, fname)
         return teachers_meta
 
@@ -331,25 +463,35 @@ class CacheWriter:
         self,
         name: str,
         fname: str,
+        dtype: np.dtype,
         n: int,
-        c: int,
         cached: bool,
         final_rows: list[np.ndarray],
         chunk_old: list[np.ndarray],
+        offsets: np.ndarray | None,
     ) -> None:
-        """Write ``[n, c]`` logits of ``name``: its old rows, then the journal's chunks."""
-        mm = np.memmap(self.root / fname, dtype=DTYPES[self.dtype], mode="w+", shape=(n, c))
-        n_old = self.old.num_samples if self.old else 0
+        """Write the stored positions of ``name``: its old ones, then the journal's chunks.
+
+        Without a position axis a sample is one position (``offsets`` is ``None``)."""
+        p = n if offsets is None else int(offsets[-1])
+        mm = np.memmap(self.root / fname, dtype=dtype, mode="w+", shape=(p,))
+        p_old = 0
         if cached:
-            src = self.old._logits_map(name)  # type: ignore[union-attr]
-            for start in range(0, n_old, BLOCK_ROWS):
-                stop = min(start + BLOCK_ROWS, n_old)
+            src = self.old._teacher_map(name)  # type: ignore[union-attr]
+            p_old = len(src)
+            for start in range(0, p_old, BLOCK_ROWS):
+                stop = min(start + BLOCK_ROWS, p_old)
                 mm[start:stop] = src[start:stop]
         for chunk, dest, rows in zip(self.journal.chunks, final_rows, chunk_old):
             arr = self.journal.chunk_logits(chunk, name)
             if not arr.shape[0]:
                 continue
-            mm[dest if name in self.new_teachers else dest[rows < 0]] = arr
+            dest = dest if name in self.new_teachers else dest[rows < 0]
+            if offsets is not None:
+                lengths = self.journal.chunk_lengths(chunk)
+                lengths = lengths if name in self.new_teachers else lengths[rows < 0]  # type: ignore[index]
+                dest = flat_positions(offsets[dest], lengths)  # type: ignore[arg-type]
+            mm[dest] = arr
         mm.flush()
         del mm
         fsync_file(self.root / fname)

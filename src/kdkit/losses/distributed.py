@@ -9,6 +9,7 @@ the maths).  The torchrun environment set-up lives in :mod:`kdkit.train.torchrun
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,15 +19,21 @@ from kdkit._validation import raise_infinite_ce, result_dtype
 from kdkit.losses.kd import KDLossConfig, compute_student_loss
 from kdkit.losses.student_terms import (
     StudentLossInputs,
+    StudentLossTerms,
     checked_kd_weight,
     combine,
     kd_mean,
     raise_for_flags,
     stats_dict,
     student_loss_terms,
+    teacher_values,
 )
 
-__all__ = ["compute_student_loss_distributed", "is_distributed"]
+__all__ = [
+    "compute_student_loss_distributed",
+    "finish_student_loss_distributed",
+    "is_distributed",
+]
 
 
 def is_distributed(group: Any = None) -> bool:
@@ -119,6 +126,32 @@ def compute_student_loss_distributed(
     )
     alpha = checked_kd_weight(inputs, current_epoch, KDLossConfig)
     terms = student_loss_terms(inputs, alpha)
+    return finish_student_loss_distributed(
+        terms,
+        alpha,
+        result_dtype(student_logits, teacher_values(teacher_logits)),
+        lambda flags: raise_for_flags(flags, terms, inputs),
+        group=group,
+        gradients_averaged=gradients_averaged,
+        tensor_stats=tensor_stats,
+    )
+
+
+def finish_student_loss_distributed(
+    terms: StudentLossTerms,
+    alpha: float,
+    dtype: torch.dtype,
+    raise_flags: Callable[[Sequence[float]], None],
+    *,
+    group: Any,
+    gradients_averaged: bool,
+    tensor_stats: bool,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """From this rank's terms to ``(L_r, global stats)`` with one ``all_reduce``.
+
+    ``raise_flags`` raises for this rank's (host) flags.  Shared by the logits and the
+    linear student losses (:mod:`kdkit.losses.linear`).
+    """
     packed = torch.stack(
         [
             terms.valid_count,
@@ -134,7 +167,7 @@ def compute_student_loss_distributed(
     count = packed[0].clamp_min(1)
     scale = float(dist.get_world_size(group)) if gradients_averaged else 1.0
     local = combine(terms.ce_sum / count, kd_mean(terms.kd_sum, packed[1], alpha), alpha)
-    loss = (scale * local).to(result_dtype(student_logits, teacher_logits))
+    loss = (scale * local).to(dtype)
     ce = packed[4] / count
     kd = kd_mean(packed[5], packed[1], alpha)
     total = combine(ce, kd, alpha).to(loss.dtype)
@@ -145,8 +178,7 @@ def compute_student_loss_distributed(
 
     values = torch.stack([total, ce, kd, coverage, avg_confidence, *packed[6:]]).tolist()
     if any(values[5:]):
-        local_flags = torch.stack(terms.flags).tolist()  # error path only
-        raise_for_flags(local_flags, terms, inputs)
+        raise_flags(torch.stack(terms.flags).tolist())  # error path only
         checks = ("targets", "student_logits rows", "teacher_logits rows", "infinite KD loss")
         failed = [c for c, v in zip(checks, values[5:]) if v]
         raise ValueError(

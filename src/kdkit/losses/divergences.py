@@ -33,6 +33,7 @@ __all__ = [
     "divergence",
     "divergence_loss",
     "kl",
+    "log_prob_divergence",
     "per_position_divergence",
     "reduce",
     "use_fused",
@@ -72,25 +73,33 @@ def per_position_divergence(
     """
     log_ps = F.log_softmax(student / temperature, dim=-1)
     log_pt = F.log_softmax(teacher / temperature, dim=-1)
+    return log_prob_divergence(log_ps, log_pt, loss_type, jsd_beta) * (temperature * temperature)
+
+
+def log_prob_divergence(
+    log_ps: torch.Tensor, log_pt: torch.Tensor, loss_type: str, jsd_beta: float = 0.5
+) -> torch.Tensor:
+    """The divergence ``D`` (without ``T**2``) between two log-probability tensors
+    ``[..., C] -> [...]``; shared by the dense path and the sparse top-k targets of
+    :mod:`kdkit.losses.sparse` (whose student side need not sum to 1 over ``C``)."""
     if loss_type == "jsd" and jsd_beta in (0.0, 1.0):
         loss_type = "kldiv" if jsd_beta == 0.0 else "reverse_kl"
     if loss_type == "kldiv":
-        value = kl(log_pt, log_ps)
-    elif loss_type == "reverse_kl":
-        value = kl(log_ps, log_pt)
-    elif loss_type == "soft_ce":
+        return kl(log_pt, log_ps)
+    if loss_type == "reverse_kl":
+        return kl(log_ps, log_pt)
+    if loss_type == "soft_ce":
         pt = log_pt.exp()
-        value = -(pt * torch.where(pt > 0, log_ps, 0.0)).sum(dim=-1)
-    else:  # jsd, 0 < beta < 1: log m = logsumexp(log beta + log p_t, log(1 - beta) + log p_s)
-        # Where both are -inf (class masked in both) m = 0 and both KL terms are masked;
-        # 0 there keeps logaddexp's gradient from becoming NaN.
-        either = (log_pt > -math.inf) | (log_ps > -math.inf)
-        log_m = torch.logaddexp(
-            torch.where(either, log_pt, 0.0) + math.log(jsd_beta),
-            torch.where(either, log_ps, 0.0) + math.log1p(-jsd_beta),
-        )
-        value = jsd_beta * kl(log_pt, log_m) + (1.0 - jsd_beta) * kl(log_ps, log_m)
-    return value * (temperature * temperature)
+        return -(pt * torch.where(pt > 0, log_ps, 0.0)).sum(dim=-1)
+    # jsd, 0 < beta < 1: log m = logsumexp(log beta + log p_t, log(1 - beta) + log p_s)
+    # Where both are -inf (class masked in both) m = 0 and both KL terms are masked;
+    # 0 there keeps logaddexp's gradient from becoming NaN.
+    either = (log_pt > -math.inf) | (log_ps > -math.inf)
+    log_m = torch.logaddexp(
+        torch.where(either, log_pt, 0.0) + math.log(jsd_beta),
+        torch.where(either, log_ps, 0.0) + math.log1p(-jsd_beta),
+    )
+    return jsd_beta * kl(log_pt, log_m) + (1.0 - jsd_beta) * kl(log_ps, log_m)
 
 
 def _is_compiling() -> bool:

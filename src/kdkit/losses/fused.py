@@ -161,7 +161,9 @@ def fused_divergence(
     num_classes = student.shape[-1]
     flat_student = student.reshape(-1, num_classes)
     flat_teacher = teacher.detach().reshape(-1, num_classes)
-    chosen = kernels.select_backend(flat_student, flat_teacher, dtype, backend)
+    chosen = kernels.select_backend(
+        flat_student, flat_teacher, dtype, backend, temperature=temperature
+    )
     if chunk_elements is None and chosen.chunked:
         x_in_grad = need_grad and student.dtype == dtype
         per_element = torch_ops.scratch_bytes_per_element(loss_type, dtype, x_in_grad)

@@ -45,10 +45,13 @@ from kdkit._validation import (
     check_mask,
     check_non_negative,
     check_same_shape,
+    check_sparse_options,
+    check_sparse_teacher,
     compute_dtype,
     raise_bad_rows,
 )
 from kdkit.losses.divergences import FUSED_MIN_ELEMENTS, divergence_loss
+from kdkit.losses.sparse import sparse_confidence, sparse_kd_loss
 from kdkit.losses.student_terms import (
     STUDENT_LOSS_STATS,
     StudentLossInputs,
@@ -58,6 +61,7 @@ from kdkit.losses.student_terms import (
     student_loss,
     teacher_confidence,
 )
+from kdkit.sparse import SparseLogits
 
 __all__ = [
     "FUSED_MIN_ELEMENTS",
@@ -76,7 +80,7 @@ __all__ = [
 
 def kd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseLogits,
     temperature: float = 4.0,
     loss_type: str = "kldiv",
     reduction: str = "batchmean",
@@ -85,6 +89,8 @@ def kd_loss(
     mask: torch.Tensor | None = None,
     jsd_beta: float = 0.5,
     implementation: str = "auto",
+    sparse_tail: str = "bucket",
+    retemper: bool = False,
 ) -> torch.Tensor:
     r"""Knowledge-distillation loss between student and teacher logits.
 
@@ -141,6 +147,12 @@ def kd_loss(
             tight GPU loops.
         mask: Optional boolean tensor of valid positions, shape ``shape[:-1]``.
         jsd_beta: :math:`\beta \in [0, 1]` of ``'jsd'`` (ignored by the other types).
+        sparse_tail: with a sparse teacher (:class:`kdkit.SparseLogits`), how the
+            probability outside its top-k counts: ``'bucket'`` (a (K+1)-th class, every
+            ``loss_type``) or ``'renormalize'`` (top-k renormalised, ``'kldiv'``/``'soft_ce'``
+            only); see :mod:`kdkit.losses.sparse`.  Ignored for dense teachers.
+        retemper: with a sparse teacher, allow ``temperature`` to differ from its capture
+            temperature by re-tempering the top-k (approximate); else that raises.
         implementation: ``'auto'`` (default), ``'fused'`` or ``'reference'``.  The fused
             path (``'kldiv'``/``'soft_ce'``) computes loss and gradient in one chunked
             pass and keeps only the gradient (one tensor of the logits' shape and dtype)
@@ -149,7 +161,9 @@ def kd_loss(
             (``create_graph=True``) or ``retain_graph=True`` pass ``'reference'``.
 
     Shape:
-        - student_logits, teacher_logits: ``[B, C]`` or ``[..., C]``, identical shapes.
+        - student_logits, teacher_logits: ``[B, C]`` or ``[..., C]``, identical shapes; or
+          teacher_logits a :class:`kdkit.SparseLogits` whose positions ``[B]``/``[B, L]``
+          are the student's ``shape[:-1]`` (its ``mask`` then also masks).
         - mask: ``[B]`` (``shape[:-1]``), bool.
         - output: ``[]``, or ``[B]`` (``shape[:-1]``) for ``reduction='none'``.
 
@@ -177,13 +191,30 @@ def kd_loss(
         torch.Size([])
     """
     check_logits("student_logits", student_logits)
-    check_logits("teacher_logits", teacher_logits)
-    check_same_shape(student_logits, teacher_logits)
+    sparse = isinstance(teacher_logits, SparseLogits)
+    if sparse:
+        check_sparse_teacher(student_logits, teacher_logits)
+    else:
+        check_logits("teacher_logits", teacher_logits)
+        check_same_shape(student_logits, teacher_logits)
     temperature, jsd_beta = check_kd_loss_options(
         temperature, loss_type, reduction, jsd_beta, implementation
     )
     if mask is not None:
         check_mask("mask", mask, student_logits.shape[:-1], student_logits.device)
+    if sparse:
+        tail = check_sparse_options(teacher_logits, temperature, loss_type, sparse_tail, retemper)
+        return sparse_kd_loss(
+            student_logits,
+            teacher_logits,
+            temperature,
+            loss_type,
+            reduction,
+            check_finite=check_finite,
+            mask=mask,
+            jsd_beta=jsd_beta,
+            sparse_tail=tail,
+        )
     return divergence_loss(
         student_logits,
         teacher_logits,
@@ -198,7 +229,7 @@ def kd_loss(
 
 
 def compute_confidence_weights(
-    teacher_logits: torch.Tensor, weighting: str = "none", threshold: float = 0.0
+    teacher_logits: torch.Tensor | SparseLogits, weighting: str = "none", threshold: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
     r"""Per-sample KD weights from the teacher's confidence.
 
@@ -235,10 +266,27 @@ def compute_confidence_weights(
         >>> stats["coverage"]
         0.5
     """
-    check_logits("teacher_logits", teacher_logits)
+    sparse = isinstance(teacher_logits, SparseLogits)
+    if not sparse:
+        check_logits("teacher_logits", teacher_logits)
     check_choice("weighting", weighting, WEIGHTINGS)
     threshold = check_fraction("threshold", threshold)
 
+    if sparse:  # the top-1 stored probability; padding positions are left out
+        confidence = sparse_confidence(teacher_logits, compute_dtype(teacher_logits.logprobs))
+        weights = confidence_weights(confidence, weighting, threshold)
+        real = teacher_logits.mask
+        weights = torch.where(real, weights, 0.0)
+        if not bool(real.any()):
+            return weights, dict.fromkeys(
+                ("coverage", "avg_confidence", "min_confidence", "max_confidence"), 0.0
+            )
+        c = confidence[real]
+        summary = torch.stack(
+            [(weights[real] > 0).to(c.dtype).mean(), c.mean(), c.min(), c.max()]
+        ).tolist()
+        keys = ("coverage", "avg_confidence", "min_confidence", "max_confidence")
+        return weights, dict(zip(keys, summary))
     teacher = teacher_logits.detach().to(compute_dtype(teacher_logits))
     confidence = teacher_confidence(teacher)
     weights = confidence_weights(confidence, weighting, threshold)
@@ -361,7 +409,7 @@ class KDLossConfig:
 
 def compute_student_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseLogits,
     targets: torch.Tensor,
     config: KDLossConfig,
     current_epoch: float = 0,
@@ -370,6 +418,8 @@ def compute_student_loss(
     tensor_stats: bool = False,
     ignore_index: int = -100,
     implementation: str = "auto",
+    sparse_tail: str = "bucket",
+    retemper: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     r"""Combined student loss ``(1 - alpha) * CE + alpha * KD`` with schedule and weighting.
 
@@ -408,6 +458,9 @@ def compute_student_loss(
             (padding), as in :func:`torch.nn.functional.cross_entropy`.
         implementation: ``'auto'``, ``'fused'`` or ``'reference'`` for the KD term, as in
             :func:`kd_loss`.
+        sparse_tail, retemper: for a sparse teacher (:class:`kdkit.SparseLogits`), as in
+            :func:`kd_loss`.  Its confidence is the top-1 stored probability; positions it
+            does not cover get no KD, and a valid target there raises (naming the key).
 
     Returns:
         ``(loss, stats)``: the scalar loss (float32, or float64 for float64 logits) and a
@@ -436,7 +489,15 @@ def compute_student_loss(
         1.0
     """
     inputs = StudentLossInputs(
-        student_logits, teacher_logits, targets, config, domain_mask, ignore_index, implementation
+        student_logits,
+        teacher_logits,
+        targets,
+        config,
+        domain_mask,
+        ignore_index,
+        implementation,
+        sparse_tail,
+        retemper,
     )
     alpha = checked_kd_weight(inputs, current_epoch, KDLossConfig)
     return student_loss(inputs, alpha, tensor_stats=tensor_stats)

@@ -12,10 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit._validation import check_kd_loss_options, check_student_loss_options
+from kdkit._validation import (
+    check_kd_loss_options,
+    check_linear_options,
+    check_student_loss_options,
+)
 from kdkit.losses.kd import KDLossConfig, compute_student_loss, kd_loss
+from kdkit.losses.linear import linear_kd_loss
 
-__all__ = ["KDLoss", "StudentLoss"]
+__all__ = ["KDLoss", "LinearKDLoss", "StudentLoss"]
 
 
 class KDLoss(nn.Module):
@@ -123,4 +128,79 @@ class StudentLoss(nn.Module):
         return (
             f"{self.config!r}, ignore_index={self.ignore_index}, "
             f"implementation={self.implementation!r}"
+        )
+
+
+class LinearKDLoss(nn.Module):
+    """Module form of :func:`kdkit.losses.linear.linear_kd_loss` (KD through the output layer).
+
+    Example:
+        >>> criterion = LinearKDLoss(temperature=1.0, loss_type="jsd")
+        >>> h, w, t = torch.randn(8, 16), torch.randn(30, 16), torch.randn(8, 30)
+        >>> criterion(h, w, t).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        temperature: float = 4.0,
+        loss_type: str = "kldiv",
+        reduction: str = "batchmean",
+        *,
+        jsd_beta: float = 0.5,
+        logit_scale: float | None = None,
+        softcap: float | None = None,
+        vocab_size: int | None = None,
+        chunk_elements: int | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        check_kd_loss_options(temperature, loss_type, reduction, jsd_beta, "auto")
+        check_linear_options(logit_scale, softcap, chunk_elements)
+        self.temperature = temperature
+        self.loss_type = loss_type
+        self.reduction = reduction
+        self.jsd_beta = jsd_beta
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.vocab_size = vocab_size
+        self.chunk_elements = chunk_elements
+        self.check_finite = check_finite
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher: torch.Tensor,
+        *,
+        student_bias: torch.Tensor | None = None,
+        teacher_weight: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return linear_kd_loss(
+            student_hidden,
+            student_weight,
+            teacher,
+            self.temperature,
+            self.loss_type,
+            self.reduction,
+            student_bias=student_bias,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+            mask=mask,
+            jsd_beta=self.jsd_beta,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            vocab_size=self.vocab_size,
+            chunk_elements=self.chunk_elements,
+            check_finite=self.check_finite,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, loss_type={self.loss_type!r}, "
+            f"reduction={self.reduction!r}, jsd_beta={self.jsd_beta}, "
+            f"logit_scale={self.logit_scale}, softcap={self.softcap}, "
+            f"vocab_size={self.vocab_size}"
         )

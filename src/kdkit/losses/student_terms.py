@@ -11,14 +11,17 @@ functions trust their inputs.
 * :func:`student_loss_terms` -- the sums and counts of one batch (:class:`StudentLossTerms`);
 * :func:`normaliser_counts` -- its two denominators from the teacher alone (accumulation);
 * :func:`kd_mean`, :func:`combine`, :func:`stats_dict` -- from sums to the loss and stats;
+* :func:`kd_selection`, :func:`weighted_kd_sum` -- the KD weights and the weighted sum;
 * :func:`raise_for_flags` -- the value errors, after the one host transfer;
+* :func:`finish_student_loss` -- from the terms to the loss and stats (one process; also
+  used by the linear student loss of :mod:`kdkit.losses.linear`);
 * :func:`student_loss` -- all of it for one process: the body of ``compute_student_loss``
   after validation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 from kdkit._validation import (
     bad_rows,
+    check_sparse_options,
     check_student_loss_args,
     check_student_loss_options,
     compute_dtype,
@@ -36,6 +40,8 @@ from kdkit._validation import (
     result_dtype,
 )
 from kdkit.losses.divergences import divergence
+from kdkit.losses.sparse import raise_uncovered, sparse_confidence, sparse_divergence
+from kdkit.sparse import SparseLogits
 
 __all__ = [
     "STUDENT_LOSS_STATS",
@@ -44,6 +50,7 @@ __all__ = [
     "checked_kd_weight",
     "combine",
     "confidence_weights",
+    "finish_student_loss",
     "kd_mean",
     "kd_selection",
     "kd_weight_schedule",
@@ -53,6 +60,8 @@ __all__ = [
     "student_loss",
     "student_loss_terms",
     "teacher_confidence",
+    "teacher_values",
+    "weighted_kd_sum",
 ]
 
 STUDENT_LOSS_STATS: tuple[str, ...] = (
@@ -77,6 +86,8 @@ class StudentLossInputs(NamedTuple):
     domain_mask: torch.Tensor | None
     ignore_index: int
     implementation: str
+    sparse_tail: str = "bucket"  # with a SparseLogits teacher (kdkit.losses.sparse)
+    retemper: bool = False
 
 
 def kd_weight_schedule(epoch: float, warmup: float, ramp: float, target_alpha: float) -> float:
@@ -93,9 +104,17 @@ def checked_kd_weight(inputs: StudentLossInputs, current_epoch: float, config_ty
 
     ``config_type`` is ``KDLossConfig`` (passed in: its module imports this one).
     """
-    student, teacher, targets, config, domain_mask, ignore_index, implementation = inputs
+    student, teacher, targets, config, domain_mask, ignore_index, implementation = inputs[:7]
     check_student_loss_args(student, teacher, targets, domain_mask, current_epoch)
     check_student_loss_options(config, config_type, ignore_index, implementation)
+    if isinstance(teacher, SparseLogits):
+        check_sparse_options(
+            teacher,
+            float(config.temperature),
+            config.loss_type,
+            inputs.sparse_tail,
+            inputs.retemper,
+        )
     return kd_weight_schedule(
         float(current_epoch),
         float(config.warmup_epochs),
@@ -136,6 +155,23 @@ class StudentLossTerms(NamedTuple):
     infinite: torch.Tensor | None  # [...] bool, selected positions with infinite KD
 
 
+def kd_selection(
+    confidence: torch.Tensor, config: Any, valid: torch.Tensor, domain_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights w_i m_i, selected)``: the KD weights, 0 outside ``valid`` and the mask."""
+    weights = confidence_weights(confidence, config.kd_weighting, config.confidence_threshold)
+    keep = valid if domain_mask is None else valid & domain_mask
+    weights = torch.where(keep, weights, 0.0)
+    return weights, weights > 0
+
+
+def weighted_kd_sum(
+    per_sample: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor:
+    """``sum_i w_i m_i l_i`` over the selected positions (others exactly 0, NaN-safe)."""
+    return torch.where(selected, weights * per_sample, 0.0).sum()
+
+
 def _cross_entropy_sum(
     student: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,18 +192,23 @@ def _cross_entropy_sum(
     return ce_sum, out_of_range
 
 
-def kd_selection(
-    teacher: torch.Tensor, valid: torch.Tensor, domain_mask: torch.Tensor | None, config: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(teacher confidence, KD weight w_i m_i)`` per position (cheap: teacher only).
+def _teacher_selection(
+    teacher_logits: Any, valid: torch.Tensor, domain_mask: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(teacher, confidence, teacher_bad flag, keep mask)`` (cheap: teacher only).
 
-    ``teacher`` is already in the compute dtype; positions that are not ``valid`` or
-    are outside ``domain_mask`` get weight 0.
+    Dense teachers are detached and cast to ``dtype``; a sparse (top-k) teacher keeps
+    only its covered positions and flags valid positions it does not cover.
     """
+    if isinstance(teacher_logits, SparseLogits):
+        confidence = sparse_confidence(teacher_logits, dtype)
+        teacher_bad = (valid & ~teacher_logits.mask).any().to(dtype)  # raise_for_flags
+        mask = teacher_logits.mask
+        keep = mask if domain_mask is None else domain_mask & mask
+        return teacher_logits, confidence, teacher_bad, keep
+    teacher = teacher_logits.detach().to(dtype)
     confidence = teacher_confidence(teacher)
-    weights = confidence_weights(confidence, config.kd_weighting, config.confidence_threshold)
-    keep = valid if domain_mask is None else valid & domain_mask
-    return confidence, torch.where(keep, weights, 0.0)
+    return teacher, confidence, bad_rows(teacher).any().to(dtype), domain_mask
 
 
 def normaliser_counts(
@@ -186,7 +227,8 @@ def normaliser_counts(
     so every micro-batch's loss is divided by the counts of the whole step.
     """
     valid = targets != ignore_index
-    _, weights = kd_selection(teacher_logits.detach().to(dtype), valid, domain_mask, config)
+    _, confidence, _, keep = _teacher_selection(teacher_logits, valid, domain_mask, dtype)
+    weights, _ = kd_selection(confidence, config, valid, keep)
     return torch.stack([valid.sum().to(dtype), weights.sum()])
 
 
@@ -194,20 +236,30 @@ def student_loss_terms(
     inputs: StudentLossInputs, alpha: float, *, chunk_elements: int | None = None
 ) -> StudentLossTerms:
     """Sums and counts of the CE and weighted KD terms of one batch."""
-    student_logits, teacher_logits, targets, config, domain_mask, ignore_index, _ = inputs
-    dtype = compute_dtype(student_logits, teacher_logits, temperature=config.temperature)
+    student_logits, teacher_logits, targets, config, domain_mask, ignore_index = inputs[:6]
+    sparse = isinstance(teacher_logits, SparseLogits)
+    teacher_values = teacher_logits.logprobs if sparse else teacher_logits
+    dtype = compute_dtype(student_logits, teacher_values, temperature=config.temperature)
     student = student_logits.to(dtype)
-    teacher = teacher_logits.detach().to(dtype)
     valid = targets != ignore_index
     ce_sum, out_of_range = _cross_entropy_sum(student, targets, valid, ignore_index)
 
-    confidence, weights = kd_selection(teacher, valid, domain_mask, config)
-    selected = weights > 0
+    _, confidence, teacher_bad, keep = _teacher_selection(teacher_logits, valid, domain_mask, dtype)
+    weights, selected = kd_selection(confidence, config, valid, keep)
 
     infinite = None
     kd_sum = student.new_zeros(())
     infinite_any = torch.zeros((), dtype=torch.bool, device=student.device)
-    if alpha > 0:  # during warmup the divergence is not computed at all
+    if alpha > 0 and sparse:
+        per_sample = sparse_divergence(
+            student_logits,
+            teacher_logits,
+            config.temperature,
+            config.loss_type,
+            config.jsd_beta,
+            inputs.sparse_tail,
+        )
+    if alpha > 0 and not sparse:  # during warmup the divergence is not computed at all
         per_sample = divergence(
             student_logits,
             teacher_logits,
@@ -217,7 +269,8 @@ def student_loss_terms(
             inputs.implementation,
             chunk_elements=chunk_elements,
         )
-        kd_sum = torch.where(selected, weights * per_sample, 0.0).sum()
+    if alpha > 0:
+        kd_sum = weighted_kd_sum(per_sample, weights, selected)
         infinite = torch.isinf(per_sample.detach()) & selected
         infinite_any = infinite.any()
     return StudentLossTerms(
@@ -230,7 +283,7 @@ def student_loss_terms(
         flags=(
             out_of_range.any().to(dtype),
             bad_rows(student).any().to(dtype),
-            bad_rows(teacher).any().to(dtype),
+            teacher_bad,
             infinite_any.to(dtype),
         ),
         out_of_range=out_of_range,
@@ -279,6 +332,8 @@ def raise_for_flags(
         raise_out_of_range_targets(targets, terms.out_of_range, num_classes, inputs.ignore_index)
     if flags[1]:
         raise_bad_rows("student_logits", student_logits)
+    if flags[2] and isinstance(teacher_logits, SparseLogits):
+        raise_uncovered(targets != inputs.ignore_index, teacher_logits)
     if flags[2]:
         raise_bad_rows("teacher_logits", teacher_logits)
     if flags[3] and terms.infinite is not None:
@@ -294,12 +349,37 @@ def student_loss(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``compute_student_loss`` on validated ``inputs``, with ``alpha`` already scheduled."""
     terms = student_loss_terms(inputs, alpha, chunk_elements=chunk_elements)
+    return finish_student_loss(
+        terms,
+        alpha,
+        result_dtype(inputs.student_logits, teacher_values(inputs.teacher_logits)),
+        lambda flags: raise_for_flags(flags, terms, inputs),
+        tensor_stats=tensor_stats,
+    )
+
+
+def teacher_values(teacher: Any) -> torch.Tensor:
+    """The tensor that sets the result dtype: the logits, or a sparse teacher's log-probs."""
+    return teacher.logprobs if isinstance(teacher, SparseLogits) else teacher
+
+
+def finish_student_loss(
+    terms: StudentLossTerms,
+    alpha: float,
+    dtype: torch.dtype,
+    raise_flags: Callable[[Sequence[float]], None],
+    *,
+    tensor_stats: bool,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """From one batch's terms to ``(loss, stats)`` (one host transfer, 0 with
+    ``tensor_stats``); ``raise_flags`` raises for the host values of ``terms.flags``.
+    Shared by the logits and the linear student losses."""
     count = terms.valid_count.clamp_min(1)
     ce = terms.ce_sum / count
     kd = kd_mean(terms.kd_sum, terms.kd_weight_sum, alpha)
     coverage = terms.selected_count / count
     avg_confidence = terms.confidence_sum / count
-    total = combine(ce, kd, alpha).to(result_dtype(inputs.student_logits, inputs.teacher_logits))
+    total = combine(ce, kd, alpha).to(dtype)
     if tensor_stats:
         return total, stats_dict(
             total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, alpha
@@ -308,6 +388,6 @@ def student_loss(
     values = torch.stack(
         [total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, *terms.flags]
     ).tolist()  # the one device-to-host transfer: stats and value checks together
-    raise_for_flags(values[5:], terms, inputs)
+    raise_flags(values[5:])
     raise_infinite_ce(values[1], alpha)
     return total, stats_dict(*values[:5], alpha)

@@ -62,6 +62,7 @@ from kdkit.losses.student_terms import (
     raise_for_flags,
     stats_dict,
     student_loss_terms,
+    teacher_values,
 )
 
 __all__ = [
@@ -82,7 +83,7 @@ class MicroBatch(NamedTuple):
 
     features: torch.Tensor
     targets: torch.Tensor
-    teacher_logits: torch.Tensor | None  # None: a cross-entropy-only run
+    teacher_logits: Any  # a tensor or SparseLogits; None: a cross-entropy-only run
     domain_mask: torch.Tensor | None
 
 
@@ -183,7 +184,7 @@ class StepTotals:
             count = normaliser[0].clamp_min(1)
             kd = kd_mean(terms.kd_sum, normaliser[1], self.alpha)
             local = combine(terms.ce_sum / count, kd, self.alpha)
-            local = local.to(result_dtype(logits, mb.teacher_logits))
+            local = local.to(result_dtype(logits, teacher_values(mb.teacher_logits)))
             correct = (logits.detach().argmax(dim=-1) == mb.targets).sum().to(count.dtype)
             sums = torch.stack(
                 [

@@ -49,6 +49,7 @@ from kdkit._validation import (
     check_str,
     is_real_number,
 )
+from kdkit.features import FEATURE_LOSSES
 from kdkit.losses.kd import LOSS_TYPES, WEIGHTINGS, KDLossConfig
 from kdkit.train.precision import PRECISIONS
 from kdkit.trust import check_factory_trusted
@@ -56,6 +57,7 @@ from kdkit.trust import check_factory_trusted
 __all__ = [
     "BEST_METRICS",
     "BEST_ON",
+    "FEATURE_LOSSES",
     "FIELD_CHOICES",
     "FIELD_HELP",
     "FILE_ONLY_FIELDS",
@@ -65,7 +67,9 @@ __all__ = [
     "LR_SCHEDULES",
     "OPTIMIZERS",
     "PRECISIONS",
+    "REPEATABLE_FIELDS",
     "STUDENT_FIELDS",
+    "TEACHER_CHECKPOINTS",
     "WANDB_MODES",
     "TrainConfig",
     "load_config_file",
@@ -83,6 +87,8 @@ BEST_METRICS: tuple[str, ...] = ("acc", "source_acc", "target_acc")
 BEST_ON: tuple[str, ...] = ("raw", "ema")
 """Which weights ``best_metric`` is measured on (and ``best`` holds): raw or their EMA."""
 WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
+TEACHER_CHECKPOINTS: tuple[str, ...] = ("best", "last")
+"""Which checkpoint of a live teacher's run directory is loaded."""
 
 
 def recommended_kd() -> KDLossConfig:
@@ -108,7 +114,16 @@ class TrainConfig:
     teacher(s) to distil from (``None``: the cache's only teacher); several are fused
     with ``fusion`` (and ``fusion_weights`` for ``'weighted_mean'``).  Without a cache
     the run is a plain cross-entropy baseline.  ``kd_on='target'`` applies KD only to
-    samples whose domain is not in ``source_domain``.  ``schedule_per_step`` advances the
+    samples whose domain is not in ``source_domain``.
+
+    Live teachers: ``teacher_model`` lists ``NAME=SPEC`` teachers run on the training
+    device (eval mode, ``no_grad``), SPEC a run directory (its ``teacher_checkpoint``) or a
+    ``.safetensors`` file built with ``teacher_factory``/``teacher_factory_kwargs``; they
+    are fused with the cached ones (cached first).  ``augment`` names batch augmentations
+    (:mod:`kdkit.augment`); ``consistent_teacher`` (default: on with live teachers) shows
+    live teachers the student's augmented view.  ``feature_kd`` lists
+    ``STUDENT_MODULE:TEACHER_MODULE[:WEIGHT]`` pairs matched with ``feature_kd_loss``
+    through learned projections (:mod:`kdkit.features`; needs a live teacher).  ``schedule_per_step`` advances the
     warmup/ramp schedule per step (fractional epoch ``epoch + step / steps_per_epoch``)
     instead of per epoch.
 
@@ -150,10 +165,18 @@ class TrainConfig:
     teacher: list[str] | None = None
     fusion: str = "mean"
     fusion_weights: list[float] | None = None
+    teacher_model: list[str] | None = None
+    teacher_checkpoint: str = "best"
+    teacher_factory: str | None = None
+    teacher_factory_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     kd: KDLossConfig = dataclasses.field(default_factory=recommended_kd)
     kd_on: str = "all"
     source_domain: list[int] = dataclasses.field(default_factory=lambda: [0])
     schedule_per_step: bool = False
+    augment: list[str] | None = None
+    consistent_teacher: bool | None = None
+    feature_kd: list[str] | None = None
+    feature_kd_loss: str = "mse"
     epochs: int = 10
     stop_after_epoch: int | None = None
     batch_size: int = 64
@@ -192,6 +215,11 @@ class TrainConfig:
             self.kd = _kd_from_dict(self.kd)
         if isinstance(self.teacher, str):
             self.teacher = [t for t in self.teacher.split(",") if t]
+        if isinstance(self.augment, str):
+            self.augment = [a.strip() for a in self.augment.split(",") if a.strip()]
+        for name in ("teacher_model", "feature_kd"):  # one entry (specs may hold commas)
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
         if is_real_number(self.source_domain) or isinstance(self.source_domain, str):
             self.source_domain = _int_list("source_domain", self.source_domain)
         self.validate()
@@ -232,6 +260,7 @@ class TrainConfig:
             raise TypeError(
                 f"teacher must be a non-empty list of names or None, got {self.teacher!r}"
             )
+        self._validate_live()
         self._validate_fusion()
         self._validate_gpu_options()
         self.source_domain = _int_list("source_domain", self.source_domain)
@@ -241,10 +270,56 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue or replace")
 
+    def _validate_live(self) -> None:
+        """Live teachers, augmentation and feature KD (their specs parse; names unique)."""
+        from kdkit.augment import Augmentation
+        from kdkit.features import parse_feature_pair
+        from kdkit.train.teachers import split_teacher_spec
+
+        for name in ("teacher_model", "augment", "feature_kd"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, list)
+                or not value
+                or not all(isinstance(v, str) for v in value)
+            ):
+                raise TypeError(
+                    f"{name} must be a non-empty list of strings or None, got {value!r}"
+                )
+        names = [split_teacher_spec(t)[0] for t in self.teacher_model or []]
+        taken = list(self.teacher or [])
+        for n in names:
+            if n in taken:
+                raise ValueError(f"teacher name {n!r} given twice (teacher / teacher_model)")
+            taken.append(n)
+        check_choice("teacher_checkpoint", self.teacher_checkpoint, TEACHER_CHECKPOINTS)
+        check_str("teacher_factory", self.teacher_factory, optional=True)
+        if not isinstance(self.teacher_factory_kwargs, dict):
+            raise TypeError(
+                f"teacher_factory_kwargs must be a dict, got {self.teacher_factory_kwargs!r}"
+            )
+        if self.consistent_teacher is not None:
+            check_bool("consistent_teacher", self.consistent_teacher)
+        augment = None if self.augment is None else Augmentation(self.augment)  # parses
+        if augment is not None and augment.has_mixup and self.kd_on == "target":
+            raise ValueError(
+                "mixup mixes samples of different domains: it cannot be combined with "
+                "kd_on='target'"
+            )
+        for pair in self.feature_kd or []:
+            parse_feature_pair(pair)
+        check_choice("feature_kd_loss", self.feature_kd_loss, FEATURE_LOSSES)
+
     def _validate_gpu_options(self) -> None:
         """precision, grad_accum, clip_grad_norm, lr_warmup_epochs, EMA and compile."""
         check_precision(self.precision, self.device, PRECISIONS)
         check_int("grad_accum", self.grad_accum, minimum=1)
+        if self.grad_accum > 1:
+            from kdkit.augment import Augmentation
+
+            mixup = self.augment is not None and Augmentation(self.augment).has_mixup
+            if mixup or self.feature_kd is not None:
+                raise ValueError("grad_accum > 1 does not support mixup / feature_kd yet")
         check_int("max_skipped_steps", self.max_skipped_steps, minimum=1)
         if self.clip_grad_norm is not None:
             check_positive_finite("clip_grad_norm", self.clip_grad_norm)
@@ -259,16 +334,24 @@ class TrainConfig:
         check_bool("compile", self.compile)
 
     def _validate_fusion(self) -> None:
-        """``fusion`` and ``fusion_weights`` (one per teacher; rule of ``check_fusion``)."""
+        """``fusion`` and ``fusion_weights`` (one per teacher; rule of ``check_fusion``).
+
+        Teachers passed as modules to ``train_student`` are not known here: the count of
+        weights is checked again, exactly, when the run opens its teachers.
+        """
         check_choice("fusion", self.fusion, FUSION_STRATEGIES)
-        num_teachers = None if self.teacher is None else len(self.teacher)
+        live = len(self.teacher_model or [])
+        num_teachers = None if self.teacher is None else len(self.teacher) + live
+        if self.teacher is None and self.cache is None and live:
+            num_teachers = live
         if self.fusion_weights is not None:
             check_instance("fusion_weights", self.fusion_weights, list)
-            if num_teachers is None or len(self.fusion_weights) != num_teachers:
+            if num_teachers is None or len(self.fusion_weights) < num_teachers:
                 raise ValueError(
                     f"fusion_weights ({self.fusion_weights!r}) needs one weight per teacher "
-                    f"({self.teacher!r})"
+                    f"({self.teacher!r}" + (f" + {self.teacher_model!r})" if live else ")")
                 )
+            num_teachers = len(self.fusion_weights)
             check_fusion_weights(self.fusion_weights, num_teachers, "fusion_weights")
         if num_teachers is not None and num_teachers > 1:  # fusion is used
             check_fusion(
@@ -321,11 +404,23 @@ FIELD_HELP: dict[str, str] = {
     "cache": "teacher-logit cache directory (omit for a CE-only baseline)",
     "teacher": "cached teacher name(s), comma-separated: a,b",
     "fusion": "fusion of several teachers",
-    "fusion_weights": "weights for weighted_mean, e.g. 0.7,0.3",
+    "fusion_weights": "weights for weighted_mean, e.g. 0.7,0.3 (cached teachers first, then live)",
+    "teacher_model": "live teacher NAME=RUN_DIR or NAME=WEIGHTS.safetensors (with "
+    "--teacher_factory), run on the training device; repeatable",
+    "teacher_checkpoint": "checkpoint of a live teacher's run directory",
+    "teacher_factory": "factory of NAME=WEIGHTS.safetensors live teachers",
+    "teacher_factory_kwargs": "teacher factory arguments as JSON",
     "kd": "the KD loss settings (a [kd] table in config files; flags below)",
     "kd_on": "all: KD on every sample; target: only on non-source-domain samples",
     "source_domain": "source domain id(s), e.g. 0 or 0,1",
     "schedule_per_step": "advance warmup/ramp per step",
+    "augment": "batch augmentations, comma-separated: mixup[:alpha], noise[:sigma], "
+    "specaugment[:fraction], shift[:fraction], or a callable package.module:function",
+    "consistent_teacher": "live teachers see the student's augmented view (default: on with "
+    "live teachers)",
+    "feature_kd": "feature distillation STUDENT_MODULE:TEACHER_MODULE[:WEIGHT] (needs a live "
+    "teacher); repeatable",
+    "feature_kd_loss": "feature distillation loss",
     "epochs": "total number of epochs",
     "stop_after_epoch": "end this invocation after this epoch (continue with --resume)",
     "batch_size": "batch size (per rank under torchrun)",
@@ -381,6 +476,8 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "best_on": BEST_ON,
     "precision": PRECISIONS,
     "wandb_mode": WANDB_MODES,
+    "teacher_checkpoint": TEACHER_CHECKPOINTS,
+    "feature_kd_loss": FEATURE_LOSSES,
     "loss_type": LOSS_TYPES,
     "kd_weighting": WEIGHTINGS,
 }
@@ -394,8 +491,18 @@ STUDENT_FIELDS: tuple[str, ...] = (
     "kd",
     "kd_on",
     "schedule_per_step",
+    "teacher_model",
+    "teacher_checkpoint",
+    "teacher_factory",
+    "teacher_factory_kwargs",
+    "consistent_teacher",
+    "feature_kd",
+    "feature_kd_loss",
 )
 """Fields only ``train-student`` has flags for (``train-teacher`` trains with CE only)."""
+
+REPEATABLE_FIELDS: tuple[str, ...] = ("teacher_model", "feature_kd")
+"""List fields whose flag is repeated once per entry (``--teacher_model a=x --teacher_model b=y``)."""
 
 FILE_ONLY_FIELDS: tuple[str, ...] = ("kd",)
 """Fields without a flag of their own: ``kd`` is a table, set by one flag per KD field."""

@@ -65,7 +65,7 @@ class TrainResult:
         output_dir: Where config, metrics and checkpoints were written.
         completed: ``False`` when ``config.stop_after_epoch`` ended the run before
             ``config.epochs`` (continue it with ``resume=True``).
-        teacher: The cached teacher(s) distilled from (``[]`` for a CE-only run).
+        teacher: The teacher(s) distilled from, cached then live (``[]`` for a CE-only run).
     """
 
     model: nn.Module
@@ -85,6 +85,7 @@ def _run(
     train_data: Dataset | None,
     eval_data: Dataset | None,
     distil: bool,
+    teachers: dict[str, nn.Module] | None = None,
 ) -> TrainResult:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -95,7 +96,13 @@ def _run(
     try:
         with claim_output_dir(config, is_main=env.is_main):  # locked for the run's lifetime
             run = setup_run(
-                env, config, model=model, train_data=train_data, eval_data=eval_data, distil=distil
+                env,
+                config,
+                model=model,
+                train_data=train_data,
+                eval_data=eval_data,
+                distil=distil,
+                teachers=teachers,
             )
             with _interruptible(run):
                 return _train(run)
@@ -255,6 +262,7 @@ def _save_checkpoints(
         "scheduler": run.scheduler.state_dict(),
         "rng": capture_rng_state(run.generator),
         "meta": json.dumps(last_meta),
+        **run.hooks.state_dict(),  # feature_kd's projections
     }
     if run.precision is not None and run.precision.scaler is not None:
         state["precision"] = run.precision.state_dict()  # the fp16 GradScaler, exact
@@ -299,13 +307,18 @@ def train_student(
     model: nn.Module | None = None,
     train_data: Dataset | None = None,
     eval_data: Dataset | None = None,
+    teachers: dict[str, nn.Module] | None = None,
 ) -> TrainResult:
-    """Train a student with ``(1 - alpha) * CE + alpha * KD`` from cached teacher logits.
+    """Train a student with ``(1 - alpha) * CE + alpha * KD`` from cached or live teachers.
 
-    Teacher logits come from ``config.cache`` (see :mod:`kdkit.cache`), looked up by each
-    sample's ``path``; several teachers are fused with ``config.fusion``.  Every training
-    key must be in the cache: a missing one fails before training starts, with the count
-    and examples.  Without a cache the run is the cross-entropy baseline.
+    Cached teacher logits come from ``config.cache`` (see :mod:`kdkit.cache`), looked up
+    by each sample's ``path``; every training key must be in the cache (a missing one
+    fails before training starts, with the count and examples).  Live teachers
+    (``config.teacher_model``, and the modules ``teachers``) run on the training device
+    in eval mode under ``no_grad`` (:mod:`kdkit.train.teachers`).  Several teachers are
+    fused with ``config.fusion``.  ``config.augment`` augments each batch
+    (:mod:`kdkit.augment`) and ``config.feature_kd`` adds feature distillation
+    (:mod:`kdkit.features`).  Without any teacher the run is the cross-entropy baseline.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank calls this function: the process
     group is initialised (gloo on CPU, NCCL with ``cuda:LOCAL_RANK``) and destroyed at
@@ -321,16 +334,27 @@ def train_student(
         train_data: Use this dataset (dict items: ``features``, ``label``, ``domain``,
             ``path``) instead of ``config.manifest``'s ``train_split``.
         eval_data: Evaluate on this dataset instead of the manifest's ``eval_split``.
+        teachers: Live teacher modules by name, fused after those of ``config`` (moved to
+            the training device and put in eval mode; never updated).
 
     Returns:
         A :class:`TrainResult`; files are written to ``config.output_dir``.
 
     Raises:
+        InputError: (a ``ValueError``) bad input seen by the setup probes or the first
+            step: live teacher outputs, ``feature_kd`` modules and shapes, augmentations.
         TypeError, ValueError, KeyError: bad config or data; missing cache keys;
             class-count mismatch between data and cache.
         FileNotFoundError: ``resume=True`` without a checkpoint; missing manifest/cache.
     """
-    return _run(config, model=model, train_data=train_data, eval_data=eval_data, distil=True)
+    return _run(
+        config,
+        model=model,
+        train_data=train_data,
+        eval_data=eval_data,
+        distil=True,
+        teachers=teachers,
+    )
 
 
 def train_teacher(

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
 from kdkit._extras import require_installed
@@ -36,8 +36,10 @@ from kdkit.train.checkpoints import load_training_state, restore_rng_state
 from kdkit.train.compiled import compile_student
 from kdkit.train.config import TrainConfig
 from kdkit.train.ema import ModelEMA
+from kdkit.train.hooks import StepHooks, build_step_hooks
 from kdkit.train.precision import Precision
 from kdkit.train.resume import check_resume, extend_schedule, new_segment
+from kdkit.train.teachers import Teachers, open_live_teachers
 from kdkit.train.torchrun import DistributedEnv
 
 __all__ = ["Run", "TeacherSource", "check_extras", "setup_run"]
@@ -74,7 +76,7 @@ class Run:
     sampler: DistributedSampler | None
     loader: DataLoader
     eval_data: Dataset | None
-    teacher: TeacherSource | None
+    teacher: Teachers | None  # cached and/or live teachers (kdkit.train.teachers)
     num_classes: int
     model_spec: str | None
     model_kwargs: dict[str, Any]
@@ -88,6 +90,7 @@ class Run:
     segments: list[dict[str, Any]] = field(default_factory=list)  # invocations (resume)
     precision: Precision | None = None  # autocast + fp16 GradScaler (setup: never None)
     ema: ModelEMA | None = None  # the EMA of ``model``'s weights (ema_decay)
+    hooks: StepHooks = field(default_factory=StepHooks)  # augmentation, feature KD
 
     @property
     def ckpt_dir(self) -> Path:
@@ -125,13 +128,19 @@ def setup_run(
     train_data: Dataset | None,
     eval_data: Dataset | None,
     distil: bool,
+    teachers: Mapping[str, nn.Module] | None = None,
 ) -> Run:
     """Check the data, open the teacher, build model/optimiser/loader, load a resume state."""
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     train_data, eval_data = _resolve_data(config, train_data, eval_data)
     first = _check_item(train_data, "train_data")
-    teacher, num_classes = _prepare_teacher(config, train_data, first, distil)
+    example = None  # a probe batch, only for runs whose models must be checked running
+    if config.teacher_model or teachers or config.augment or config.feature_kd:
+        example = _example_batch(train_data).to(env.device)
+    teacher, num_classes = _prepare_teacher(
+        config, train_data, first, distil, teachers, example, env.device
+    )
     if eval_data is not None:
         _check_labels(eval_data, num_classes, "eval")
     out = Path(config.output_dir)
@@ -151,7 +160,17 @@ def setup_run(
         )
         model = build_model(model_spec, model_kwargs)
     model.to(env.device)
-    optimizer = _make_optimizer(config, model)
+    hooks = build_step_hooks(  # before the optimiser: it trains feature_kd's projections
+        config,
+        model=model,
+        teachers=teacher,
+        example=example,
+        num_classes=num_classes,
+        distributed=env.enabled,
+        rank=env.rank,
+        device=env.device,
+    )
+    optimizer = _make_optimizer(config, hooks.trainable(model))
     generator = torch.Generator().manual_seed(config.seed)
     sampler = None
     if env.enabled:  # each rank gets its shard; the shuffle is seeded by seed + epoch
@@ -182,6 +201,7 @@ def setup_run(
         model_spec=model_spec,
         model_kwargs=model_kwargs,
         out=out,
+        hooks=hooks,
     )
     _attach_step_options(run)
     if config.resume:
@@ -254,24 +274,56 @@ def _resolve_data(
     return train_data, eval_data
 
 
+def _example_batch(dataset: Dataset) -> torch.Tensor:
+    """The features of the first (up to) two samples: the probe batch of the setup checks."""
+    items = [dataset[i] for i in range(min(2, len(dataset)))]  # type: ignore[arg-type]
+    return default_collate([{"features": item["features"]} for item in items])["features"]
+
+
 def _prepare_teacher(
-    config: TrainConfig, train_data: Dataset, first: dict[str, Any], distil: bool
-) -> tuple[TeacherSource | None, int]:
-    """The teacher of a KD run (``None`` without a cache) and the number of classes."""
+    config: TrainConfig,
+    train_data: Dataset,
+    first: dict[str, Any],
+    distil: bool,
+    modules: Mapping[str, nn.Module] | None,
+    example: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[Teachers | None, int]:
+    """The teachers of a KD run (``None`` without any) and the number of classes.
+
+    Live teachers are loaded here, before the RNG is seeded for the student, so a run
+    with live teachers initialises the student exactly as a cached run does.
+    """
     labels, _, keys = _sample_fields(train_data)
-    teacher = None
+    cached = None
     num_classes = config.num_classes
-    if distil and config.cache is None:
+    if not distil and (config.teacher_model or modules or config.feature_kd):
+        raise ValueError("train_teacher trains with cross-entropy only; unset teacher_model")
+    has_live = bool(config.teacher_model or modules)
+    if distil and config.cache is None and not has_live:
         logger.info("no teacher cache: training with cross-entropy only")
-    if distil and config.cache is not None:
-        needed = ["path"] + (["domain"] if config.kd_on == "target" else [])
+    if distil and (config.cache is not None or has_live):
+        needed = ["path"] if config.cache is not None else []
+        needed += ["domain"] if config.kd_on == "target" else []
         missing = [k for k in needed if k not in first]
         if missing:
             raise KeyError(
                 f"train_data items lack field(s) {missing} needed for KD; got {sorted(first)}"
             )
-        teacher = _open_teacher(config, keys, num_classes)
-        num_classes = num_classes or teacher.index.num_classes
+    if distil and config.cache is not None:
+        cached = _open_teacher(config, keys, num_classes, fuse=not has_live)
+        num_classes = num_classes or cached.index.num_classes
+    teacher = None
+    if distil and (cached is not None or has_live):
+        teacher, num_classes = open_live_teachers(
+            config,
+            cached,
+            modules or {},
+            example=example,
+            num_classes=num_classes,
+            label_classes=max(labels) + 1,
+            device=device,
+        )
     if not num_classes:
         num_classes = max(labels) + 1
         missing = num_classes - len(set(labels))
@@ -301,9 +353,12 @@ def _check_labels(dataset: Dataset, num_classes: int, name: str) -> None:
 
 
 def _open_teacher(
-    config: TrainConfig, keys: Sequence[str], num_classes: int | None
+    config: TrainConfig, keys: Sequence[str], num_classes: int | None, fuse: bool = True
 ) -> TeacherSource:
-    """Load the cache index, resolve the teacher selection once, check every key is cached."""
+    """Load the cache index, resolve the teacher selection once, check every key is cached.
+
+    ``fuse=False`` (live teachers join them) keeps every selected name unfused.
+    """
     index = load_cache_index(config.cache)
     available = list(index.teachers)
     if config.teacher is None:
@@ -331,6 +386,8 @@ def _open_teacher(
             f"{len(keys)} training samples, e.g. {examples}; dump them first "
             "(kdkit dump-teacher)"
         )
+    if not fuse:
+        return TeacherSource(index, names, None, None)
     several = len(names) > 1
     selected, strategy, weights = resolve_selection(
         index,
@@ -395,6 +452,7 @@ def _load_resume_state(run: Run) -> None:
             run.ema.reset()
     if saved.get("epochs", run.config.epochs) != run.config.epochs:
         extend_schedule(run.scheduler, run.optimizer, run.config.epochs)
+    run.hooks.load_state_dict(state)
     restore_rng_state(state["rng"], run.generator)
     run.start_epoch = start_epoch
     run.history = meta["history"]

@@ -46,7 +46,7 @@ by chunk) calls it per chunk of logits.
 
 ``'auto'`` (default) takes Triton for CUDA tensors if ``triton`` imports, the native
 kernel for CPU tensors if it builds/loads, else torch ops -- and torch ops always under
-``torch.compile``.  The environment variable ``KDKIT_KERNEL`` (``auto``, ``native``,
+``torch.compile`` and, on CPU, above ``T = NATIVE_MAX_TEMPERATURE`` (100).  The environment variable ``KDKIT_KERNEL`` (``auto``, ``native``,
 ``torch``, ``triton``) sets the default for the process; a ``backend=`` argument wins.
 A backend asked for by name that cannot run (no compiler, triton missing) raises; inputs
 it does not handle (e.g. mixed dtypes for ``'native'``) go to torch ops.
@@ -120,11 +120,19 @@ def _is_compiling() -> bool:
     return bool(is_compiling())
 
 
+NATIVE_MAX_TEMPERATURE: float = 100.0
+"""``'auto'`` leaves temperatures above this to torch ops: there KL ~ 1/T**2 is a small
+difference of O(1) log-probabilities, and torch ops' divide-first formulation is measured
+~10x closer to an extended-precision value at T = 1e6 (docs/performance.md)."""
+
+
 def select_backend(
     student: torch.Tensor,
     teacher: torch.Tensor,
     dtype: torch.dtype,
     backend: str | None = None,
+    *,
+    temperature: float | None = None,
 ) -> Backend:
     """The backend for these inputs (rules in the module docstring).
 
@@ -147,6 +155,9 @@ def select_backend(
         if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
         return _triton(student, teacher, dtype)
+    high_temperature = temperature is not None and temperature > NATIVE_MAX_TEMPERATURE
+    if name == "auto" and high_temperature:
+        return TORCH
     if native.supports(student, teacher, dtype):
         if name == "native" and not native.available():
             raise RuntimeError(f"the native kernel is not available: {native.info().get('reason')}")
@@ -192,7 +203,7 @@ def row_pass(
         >>> round(loss.item(), 6)
         0.034678
     """
-    chosen = select_backend(student, teacher, loss_out.dtype, backend)
+    chosen = select_backend(student, teacher, loss_out.dtype, backend, temperature=temperature)
     chosen.row_pass(
         student,
         teacher,
