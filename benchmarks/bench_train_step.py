@@ -1,10 +1,16 @@
-"""Overhead of a KD training step over a plain cross-entropy step.
+"""Overhead of a KD training step over a plain cross-entropy step, and of each option.
 
 One step = forward, loss, backward, optimiser step on one batch.  The KD step also looks
 the batch's teacher logits up in a kdkit cache (``load_cached_logits``) and uses
 ``compute_student_loss`` (T = 4, alpha = 0.7, pmax weighting, past warmup); the CE step
 uses ``F.cross_entropy``.  Same model and batch; the two are interleaved and the medians
 compared, so machine load affects both alike.
+
+Then the ``train-student`` step itself (``kdkit.train.epoch._train_step`` on a run built
+by ``setup_run``, KD from the cache past warmup) with each issue-17 option against the
+plain step, interleaved, medians and ratios: ``grad_accum 4`` runs 4 micro-batches of
+B / 4 (the same samples per optimiser step as the plain B), ``bf16`` the CPU autocast.
+``--compile`` adds a torch.compile row (slow to warm up).
 
     python benchmarks/bench_train_step.py                 # defaults: MLP 256-256, B = 64
     python benchmarks/bench_train_step.py --batch_size 256 --hidden 512 --num_classes 50
@@ -38,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2048, help="samples in the cache")
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--compile", action="store_true", help="also time compile=True")
     args = parser.parse_args(argv)
     from kdkit.cache import dump_teacher_logits, load_cached_logits
 
@@ -96,7 +103,75 @@ def main(argv: list[str] | None = None) -> int:
     print(f"KD step (load_cached_logits + student loss):   median {1e3 * kd:.3f} ms")
     print(f"  of which the cache lookup alone:             median {1e3 * lookup:.3f} ms")
     print(f"ratio KD / CE: {kd / ce:.2f}")
+    option_steps(args, x, y, data, teacher)
     return 0
+
+
+OPTIONS: dict[str, dict] = {
+    "plain (fp32, grad_accum 1)": {},
+    "grad_accum 4 x B/4": {"grad_accum": 4},
+    "clip_grad_norm 1.0": {"clip_grad_norm": 1.0},
+    "lr_warmup_epochs 1": {"lr_warmup_epochs": 1.0},
+    "ema_decay 0.999": {"ema_decay": 0.999},
+    "precision bf16": {"precision": "bf16"},
+    "all of the above": {
+        "grad_accum": 4,
+        "clip_grad_norm": 1.0,
+        "lr_warmup_epochs": 1.0,
+        "ema_decay": 0.999,
+        "precision": "bf16",
+    },
+}
+
+
+def option_steps(args, x, y, data, teacher) -> None:
+    """Median ``_train_step`` time of each option, interleaved, and its ratio to plain."""
+    from kdkit.cache import dump_teacher_logits
+    from kdkit.train.config import TrainConfig
+    from kdkit.train.epoch import _train_step
+    from kdkit.train.setup import setup_run
+    from kdkit.train.torchrun import init_from_env
+
+    options = dict(OPTIONS)
+    if args.compile:
+        options["compile"] = {"compile": True}
+    with tempfile.TemporaryDirectory() as tmp:
+        dump_teacher_logits(teacher, data, Path(tmp) / "cache", progress=False)
+        env = init_from_env("cpu")
+        steps = {}
+        for name, extra in options.items():
+            accum = extra.get("grad_accum", 1)
+            config = TrainConfig(
+                model_kwargs={"hidden": [args.hidden, args.hidden]},
+                cache=str(Path(tmp) / "cache"),
+                batch_size=args.batch_size // accum,
+                output_dir=str(Path(tmp) / "run"),
+                progress=False,
+                **extra,
+            )
+            run = setup_run(env, config, model=None, train_data=data, eval_data=None, distil=True)
+            run.train_model.train()
+            batches = [b for _, b in zip(range(8 * accum), iter(run.loader))]
+            groups = [batches[i : i + accum] for i in range(0, len(batches), accum)]
+            steps[name] = (run, groups)
+        times: dict[str, list[float]] = {name: [] for name in options}
+        warmup = 20 if not args.compile else 40
+        for i in range(args.repeats + warmup):
+            for name, (run, groups) in steps.items():
+                group = groups[i % len(groups)]
+                start = time.perf_counter()
+                _train_step(run, group, 10.0, 0.5 if run.config.lr_warmup_epochs else 1.0)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    plain = statistics.median(times["plain (fp32, grad_accum 1)"])
+    print(
+        f"\ntrain-student step (_train_step, KD, Adam), B = {args.batch_size} samples per "
+        f"optimiser step, {args.repeats} interleaved repeats"
+    )
+    print(f"{'option':30s} {'median ms':>10s} {'ratio':>7s}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:30s} {1e3 * median:10.3f} {median / plain:7.2f}")
 
 
 if __name__ == "__main__":

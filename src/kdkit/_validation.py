@@ -133,6 +133,29 @@ def check_fraction(name: str, value: object) -> float:
     return x
 
 
+def check_open_unit(name: str, value: object) -> float:
+    """Return ``value`` as float; raise unless 0 < ``value`` < 1 (e.g. an EMA decay)."""
+    x = _as_float(name, value)
+    if not (0.0 < x < 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
+    return x
+
+
+def check_precision(precision: object, device: object, choices: Collection[str]) -> str:
+    """Raise unless ``precision`` is one of ``choices`` and runs on ``device``.
+
+    ``'fp16'`` needs a CUDA device: CPU autocast does not cover every op in float16, so
+    it is refused (with the alternatives) rather than silently changed.
+    """
+    check_choice("precision", precision, choices)
+    if precision == "fp16" and not str(device).startswith("cuda"):
+        raise ValueError(
+            f"precision 'fp16' needs a CUDA device, got device {device!r}; "
+            "on CPU use precision 'bf16' or '32'"
+        )
+    return precision  # type: ignore[return-value]
+
+
 def check_int(name: str, value: object, minimum: int | None = None) -> int:
     """Return ``value``; raise unless it is an ``int`` (not a ``bool``) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):

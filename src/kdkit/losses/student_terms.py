@@ -9,6 +9,7 @@ functions trust their inputs.
 * :class:`StudentLossInputs` and :func:`checked_kd_weight` -- the arguments, validated
   through :mod:`kdkit._validation`, and the scheduled KD weight ``alpha``;
 * :func:`student_loss_terms` -- the sums and counts of one batch (:class:`StudentLossTerms`);
+* :func:`normaliser_counts` -- its two denominators from the teacher alone (accumulation);
 * :func:`kd_mean`, :func:`combine`, :func:`stats_dict` -- from sums to the loss and stats;
 * :func:`kd_selection`, :func:`weighted_kd_sum` -- the KD weights and the weighted sum;
 * :func:`raise_for_flags` -- the value errors, after the one host transfer;
@@ -53,6 +54,7 @@ __all__ = [
     "kd_mean",
     "kd_selection",
     "kd_weight_schedule",
+    "normaliser_counts",
     "raise_for_flags",
     "stats_dict",
     "student_loss",
@@ -190,6 +192,46 @@ def _cross_entropy_sum(
     return ce_sum, out_of_range
 
 
+def _teacher_selection(
+    teacher_logits: Any, valid: torch.Tensor, domain_mask: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(teacher, confidence, teacher_bad flag, keep mask)`` (cheap: teacher only).
+
+    Dense teachers are detached and cast to ``dtype``; a sparse (top-k) teacher keeps
+    only its covered positions and flags valid positions it does not cover.
+    """
+    if isinstance(teacher_logits, SparseLogits):
+        confidence = sparse_confidence(teacher_logits, dtype)
+        teacher_bad = (valid & ~teacher_logits.mask).any().to(dtype)  # raise_for_flags
+        mask = teacher_logits.mask
+        keep = mask if domain_mask is None else domain_mask & mask
+        return teacher_logits, confidence, teacher_bad, keep
+    teacher = teacher_logits.detach().to(dtype)
+    confidence = teacher_confidence(teacher)
+    return teacher, confidence, bad_rows(teacher).any().to(dtype), domain_mask
+
+
+def normaliser_counts(
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    config: Any,
+    domain_mask: torch.Tensor | None,
+    ignore_index: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``[valid_count, kd_weight_sum]`` of a batch from the teacher alone (no student).
+
+    The same two numbers as ``student_loss_terms(...).valid_count`` and
+    ``.kd_weight_sum``, known before the student's forward: gradient accumulation
+    (:mod:`kdkit.train.accumulation`) sums them over the micro-batches of a step first,
+    so every micro-batch's loss is divided by the counts of the whole step.
+    """
+    valid = targets != ignore_index
+    _, confidence, _, keep = _teacher_selection(teacher_logits, valid, domain_mask, dtype)
+    weights, _ = kd_selection(confidence, config, valid, keep)
+    return torch.stack([valid.sum().to(dtype), weights.sum()])
+
+
 def student_loss_terms(
     inputs: StudentLossInputs, alpha: float, *, chunk_elements: int | None = None
 ) -> StudentLossTerms:
@@ -202,19 +244,7 @@ def student_loss_terms(
     valid = targets != ignore_index
     ce_sum, out_of_range = _cross_entropy_sum(student, targets, valid, ignore_index)
 
-    # Confidence weights and the KD selection (cheap: teacher only).
-    if sparse:
-        teacher = teacher_logits
-        confidence = sparse_confidence(teacher_logits, dtype)
-        uncovered = (valid & ~teacher_logits.mask).any()
-        teacher_bad = uncovered.to(dtype)  # reported by raise_for_flags
-    else:
-        teacher = teacher_logits.detach().to(dtype)
-        confidence = teacher_confidence(teacher)
-        teacher_bad = bad_rows(teacher).any().to(dtype)
-    keep = domain_mask
-    if sparse:
-        keep = teacher_logits.mask if keep is None else keep & teacher_logits.mask
+    _, confidence, teacher_bad, keep = _teacher_selection(teacher_logits, valid, domain_mask, dtype)
     weights, selected = kd_selection(confidence, config, valid, keep)
 
     infinite = None

@@ -43,16 +43,20 @@ from kdkit._validation import (
     check_instance,
     check_int,
     check_non_negative,
+    check_open_unit,
     check_positive_finite,
+    check_precision,
     check_str,
     is_real_number,
 )
 from kdkit.features import FEATURE_LOSSES
 from kdkit.losses.kd import LOSS_TYPES, WEIGHTINGS, KDLossConfig
+from kdkit.train.precision import PRECISIONS
 from kdkit.trust import check_factory_trusted
 
 __all__ = [
     "BEST_METRICS",
+    "BEST_ON",
     "FEATURE_LOSSES",
     "FIELD_CHOICES",
     "FIELD_HELP",
@@ -62,6 +66,7 @@ __all__ = [
     "KD_ON",
     "LR_SCHEDULES",
     "OPTIMIZERS",
+    "PRECISIONS",
     "REPEATABLE_FIELDS",
     "STUDENT_FIELDS",
     "TEACHER_CHECKPOINTS",
@@ -75,8 +80,12 @@ KD_ON: tuple[str, ...] = ("all", "target")
 FUSIONS: tuple[str, ...] = FUSION_STRATEGIES
 """The teacher fusions: :data:`kdkit.fusion.FUSION_STRATEGIES` (one list, never a copy)."""
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
-LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
+"""Per-epoch LR schedules: constant; cosine over ``epochs``; ``step``: times
+``lr_gamma`` every ``lr_step_epochs`` epochs."""
 BEST_METRICS: tuple[str, ...] = ("acc", "source_acc", "target_acc")
+BEST_ON: tuple[str, ...] = ("raw", "ema")
+"""Which weights ``best_metric`` is measured on (and ``best`` holds): raw or their EMA."""
 WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
 TEACHER_CHECKPOINTS: tuple[str, ...] = ("best", "last")
 """Which checkpoint of a live teacher's run directory is loaded."""
@@ -121,6 +130,18 @@ class TrainConfig:
     Loop: ``epochs`` in total; ``stop_after_epoch`` ends this invocation early (resume
     later with ``resume=True``).  ``best_metric`` selects the best checkpoint.
 
+    GPU runs (:mod:`kdkit.train.precision`, :mod:`~kdkit.train.accumulation`,
+    :mod:`~kdkit.train.warmup`, :mod:`~kdkit.train.ema`, :mod:`~kdkit.train.compiled`):
+    ``precision`` ``'32'``, ``'bf16'`` or ``'fp16'`` (autocast; fp16 with a GradScaler,
+    CUDA only; more than ``max_skipped_steps`` skipped fp16 steps in a row stop the
+    run); ``grad_accum`` micro-batches of ``batch_size`` per optimiser step, normalised
+    over the accumulated global batch; ``clip_grad_norm`` (max global L2 norm, ``None``:
+    off); ``lr_warmup_epochs`` of linear warmup multiplying ``lr_schedule`` (``'step'``:
+    times ``lr_gamma`` every ``lr_step_epochs``); an EMA of
+    the weights with ``ema_decay`` (``None``: off), ``best_on`` naming the weights
+    (``'raw'`` or ``'ema'``) that ``best_metric`` is measured on; ``compile`` the student
+    with ``torch.compile``.
+
     Defaults of ``kd`` are the specification's recommended settings: T = 4, alpha = 0.7,
     pmax weighting, 5 warmup epochs, 10 ramp epochs.
 
@@ -164,6 +185,17 @@ class TrainConfig:
     optimizer: str = "adam"
     momentum: float = 0.9
     lr_schedule: str = "cosine"
+    # GPU-run options (issue 17)
+    precision: str = "32"
+    grad_accum: int = 1
+    clip_grad_norm: float | None = None
+    lr_warmup_epochs: float = 0.0
+    lr_step_epochs: int = 30
+    lr_gamma: float = 0.1
+    ema_decay: float | None = None
+    best_on: str = "raw"
+    compile: bool = False
+    max_skipped_steps: int = 20
     seed: int = 0
     device: str = "cpu"
     num_workers: int = 0
@@ -230,6 +262,7 @@ class TrainConfig:
             )
         self._validate_live()
         self._validate_fusion()
+        self._validate_gpu_options()
         self.source_domain = _int_list("source_domain", self.source_domain)
         for name in ("schedule_per_step", "resume", "overwrite", "progress", "tensorboard"):
             check_bool(name, getattr(self, name))
@@ -276,6 +309,29 @@ class TrainConfig:
         for pair in self.feature_kd or []:
             parse_feature_pair(pair)
         check_choice("feature_kd_loss", self.feature_kd_loss, FEATURE_LOSSES)
+
+    def _validate_gpu_options(self) -> None:
+        """precision, grad_accum, clip_grad_norm, lr_warmup_epochs, EMA and compile."""
+        check_precision(self.precision, self.device, PRECISIONS)
+        check_int("grad_accum", self.grad_accum, minimum=1)
+        if self.grad_accum > 1:
+            from kdkit.augment import Augmentation
+
+            mixup = self.augment is not None and Augmentation(self.augment).has_mixup
+            if mixup or self.feature_kd is not None:
+                raise ValueError("grad_accum > 1 does not support mixup / feature_kd yet")
+        check_int("max_skipped_steps", self.max_skipped_steps, minimum=1)
+        if self.clip_grad_norm is not None:
+            check_positive_finite("clip_grad_norm", self.clip_grad_norm)
+        check_non_negative("lr_warmup_epochs", self.lr_warmup_epochs)
+        check_int("lr_step_epochs", self.lr_step_epochs, minimum=1)
+        check_positive_finite("lr_gamma", self.lr_gamma)
+        if self.ema_decay is not None:
+            check_open_unit("ema_decay", self.ema_decay)
+        check_choice("best_on", self.best_on, BEST_ON)
+        if self.best_on == "ema" and self.ema_decay is None:
+            raise ValueError("best_on 'ema' needs an EMA: set ema_decay (e.g. 0.999)")
+        check_bool("compile", self.compile)
 
     def _validate_fusion(self) -> None:
         """``fusion`` and ``fusion_weights`` (one per teacher; rule of ``check_fusion``).
@@ -373,6 +429,16 @@ FIELD_HELP: dict[str, str] = {
     "optimizer": "optimiser",
     "momentum": "momentum of the sgd optimiser",
     "lr_schedule": "learning-rate schedule over the epochs",
+    "precision": "32: float32; bf16: bfloat16 autocast; fp16: float16 autocast + GradScaler (CUDA only)",
+    "grad_accum": "micro-batches of batch_size per optimiser step (loss normalised over all of them)",
+    "clip_grad_norm": "clip the global gradient L2 norm to this value (default: no clipping)",
+    "lr_warmup_epochs": "epochs of linear LR warmup, multiplying lr_schedule (0: none)",
+    "lr_step_epochs": "lr_schedule step: multiply the LR by lr_gamma every this many epochs",
+    "lr_gamma": "lr_schedule step: the factor applied every lr_step_epochs",
+    "ema_decay": "keep an EMA of the weights with this decay in (0, 1), e.g. 0.999 (default: none)",
+    "best_on": "weights best_metric is measured on and 'best' holds: raw or ema",
+    "compile": "train the student under torch.compile (checkpoints stay plain)",
+    "max_skipped_steps": "fp16: stop after more than this many skipped steps in a row",
     "seed": "random seed",
     "device": "torch device",
     "num_workers": "DataLoader workers",
@@ -407,6 +473,8 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS,
     "lr_schedule": LR_SCHEDULES,
     "best_metric": BEST_METRICS,
+    "best_on": BEST_ON,
+    "precision": PRECISIONS,
     "wandb_mode": WANDB_MODES,
     "teacher_checkpoint": TEACHER_CHECKPOINTS,
     "feature_kd_loss": FEATURE_LOSSES,

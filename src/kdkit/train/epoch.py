@@ -1,23 +1,48 @@
 """One training epoch: :func:`train_one_epoch` runs the steps and returns the epoch record.
 
-A step is CE + KD (:func:`~kdkit.losses.distributed.compute_student_loss_distributed`, which is
-exactly :func:`~kdkit.losses.kd.compute_student_loss` on one rank) when the run has a
-teacher, cross-entropy otherwise.
+A step is CE + KD when the run has a teacher, cross-entropy otherwise, over
+``grad_accum`` micro-batches normalised as one batch across micro-batches and ranks
+(:mod:`kdkit.train.accumulation`: with ``grad_accum=1`` exactly
+:func:`~kdkit.losses.distributed.compute_student_loss_distributed`, i.e.
+:func:`~kdkit.losses.kd.compute_student_loss` on one rank).  The student's forward runs
+under the precision policy (:mod:`kdkit.train.precision`); then, in order: gradient
+clipping (fp16: after unscaling), the one host transfer of the step's stats, the
+optimiser step under the warmup factor (:mod:`kdkit.train.warmup`), the EMA update.
+
+Host syncs per optimiser step: **one** (the stats transfer: loss stats, accuracy, input
+checks, the finiteness flag of the gradients, gradient norm and skipped-fp16 count
+together), plus under fp16 the one inside :meth:`torch.amp.GradScaler.step`;
+``tests/train/test_host_syncs.py`` pins the numbers.  A non-finite loss or gradient
+raises :class:`~kdkit.train.guards.NonFiniteError` before the optimiser step (under
+fp16 non-finite gradients are the scaler's to skip; the loss must still be finite).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from kdkit.augment import mixed_loss
+from kdkit._validation import compute_dtype
+from kdkit.augment import Mix, mixed_loss
 from kdkit.domains import create_domain_mask
 from kdkit.losses.distributed import compute_student_loss_distributed
+from kdkit.losses.student_terms import teacher_values
+from kdkit.train.accumulation import (
+    MicroBatch,
+    StepTotals,
+    micro_batch_groups,
+    optimizer_steps,
+    step_normaliser,
+    sync_context,
+)
 from kdkit.train.guards import grads_finite, non_finite_error
 from kdkit.train.logging import MetricsLogger, progress_bar
 from kdkit.train.setup import Run
+from kdkit.train.transfer import to_device
+from kdkit.train.warmup import scaled_lr, warmup_factor
 
 __all__ = ["STEP_STATS", "train_one_epoch"]
 
@@ -31,17 +56,18 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
     run.train_model.train()
     if run.sampler is not None:
         run.sampler.set_epoch(epoch)
-    steps_per_epoch = len(run.loader)
+    steps_per_epoch = optimizer_steps(len(run.loader), config.grad_accum)
     run.hooks.start_epoch(epoch)  # seeds the augmentation of this epoch
     stat_names = (*STEP_STATS, *run.hooks.stat_names)
     sums = dict.fromkeys((*stat_names, "train_acc"), 0.0)
     bar = progress_bar(
         steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and env.is_main
     )
-    for step, batch in enumerate(run.loader):
+    for step, batches in enumerate(micro_batch_groups(run.loader, config.grad_accum)):
         run.position = (epoch, step)
         kd_epoch = epoch + step / steps_per_epoch if config.schedule_per_step else epoch
-        stats, acc = _train_step(run, batch, kd_epoch)
+        lr_factor = warmup_factor(epoch, step, steps_per_epoch, config.lr_warmup_epochs)
+        stats, acc = _train_step(run, batches, kd_epoch, lr_factor)
         for k in stat_names:
             sums[k] += float(stats.get(k, 0.0))
         sums["train_acc"] += acc
@@ -54,7 +80,11 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
             }
             record.update({k: float(v) for k, v in stats.items()})
             record.update(
-                {"train_acc": acc, "kd_epoch": kd_epoch, "lr": run.optimizer.param_groups[0]["lr"]}
+                {
+                    "train_acc": acc,
+                    "kd_epoch": kd_epoch,
+                    "lr": run.optimizer.param_groups[0]["lr"] * lr_factor,
+                }
             )
             sink.log(record)
         if bar is not None:
@@ -82,82 +112,179 @@ def train_one_epoch(run: Run, epoch: int, sink: MetricsLogger | None) -> dict[st
     }
 
 
-def _train_step(run: Run, batch: dict[str, Any], kd_epoch: float) -> tuple[dict[str, float], float]:
-    """One optimiser step on ``batch``; return the loss stats and the batch accuracy.
+def _train_step(
+    run: Run, batches: list[dict[str, Any]], kd_epoch: float, lr_factor: float = 1.0
+) -> tuple[dict[str, float], float]:
+    """One optimiser step on ``batches`` (its ``grad_accum`` micro-batches).
 
-    Host transfers per step: one without a teacher (loss, accuracy and the finiteness
-    flag of loss and gradients, stacked); two with one (the KD loss's own, which also
-    validates its inputs, and accuracy + flag).  A non-finite loss or gradient raises
-    :class:`~kdkit.train.guards.NonFiniteError` before the optimiser step.
+    Returns the loss stats of the accumulated global batch and its accuracy, read in the
+    step's one host transfer (:meth:`~kdkit.train.accumulation.StepTotals.finish`).  A
+    step with mixup or feature KD (``grad_accum=1`` only: the config refuses more) is
+    issue 15's step (:func:`_hooked_step`).
     """
-    device = run.env.device
-    features = batch["features"].to(device)
-    targets = torch.as_tensor(batch["label"]).to(device)
-    view, mix = run.hooks.augment(features)  # (None, None) without augmentation
-    with run.hooks.capture():  # the forward passes feature_kd matches
-        loss, stats, logits = _loss(run, batch, features, view, mix, targets, kd_epoch)
-        if stats is None and run.hooks.distiller is not None:
-            stats = _ce_stats(loss)
-        if stats is not None:
-            loss, stats = run.hooks.add_feature_loss(loss, stats)
+    config = run.config
+    prepared = [_prepare(run, batch) for batch in batches]
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    hits = (logits.detach().argmax(dim=-1) == targets).float().mean()
-    finite = (torch.isfinite(loss.detach()) & grads_finite(run.model.parameters())).float()
-    if stats is None:  # the step's one transfer
-        value, acc, ok = torch.stack([loss.detach().float(), hits, finite]).tolist()
-        stats = {"total_loss": value, "ce_loss": value}
+    hooked = run.hooks.distiller is not None or prepared[0].mix is not None
+    if hooked:
+        if len(prepared) > 1:  # TrainConfig refuses it; a guard for direct callers
+            raise ValueError("grad_accum > 1 does not support mixup / feature_kd yet")
+        loss_stats, hits, loss_finite = _hooked_step(run, batches[0], prepared[0], kd_epoch)
     else:
-        acc, ok = torch.stack([hits, finite]).tolist()
-    if not ok:
-        raise non_finite_error(run.position, batch, features, "loss or gradient")
-    run.optimizer.step()
+        micro = [p.micro for p in prepared]
+        kd = config.kd if run.teacher is not None else None
+        normaliser = None  # one micro-batch: the counts come from its loss terms
+        if len(micro) > 1:
+            normaliser = step_normaliser(micro, config.kd, _loss_dtype(run, micro[0]))
+        totals = StepTotals(normaliser, kd, kd_epoch)
+        for i, mb in enumerate(micro):
+            with sync_context(run.train_model, last=i == len(micro) - 1):
+                with run.precision.autocast():  # the forward only: the losses run in float32
+                    logits = run.train_model(mb.features)
+                run.precision.backward(totals.loss(logits, mb))
+    scaled = run.precision.scaler is not None  # fp16: inf/NaN gradients skip the step
+    extra = [
+        torch.ones(()) if scaled else grads_finite(run.model.parameters())
+    ]  # to device in finish
+    if config.clip_grad_norm is not None:
+        run.precision.unscale_(run.optimizer)
+        params = run.hooks.trainable(run.model).parameters()  # with feature_kd's projections
+        extra.append(torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm))
+    if scaled:
+        extra.append(run.precision.skipped_in_a_row)  # of the steps before this one
+    if hooked:  # the step's one transfer (mixed stats were read by mixed_loss)
+        device = loss_finite.device
+        head = [hits.float(), loss_finite.float()]
+        values = torch.stack([*head, *(e.to(device, torch.float32) for e in extra)]).tolist()
+        stats, acc = loss_stats, values[0]
+        values = [values[1] and values[2], *values[3:]]
+    else:
+        try:
+            stats, acc, values = totals.finish(extra)
+        except ValueError:
+            bad = totals.non_finite_logits()  # error path only
+            if bad is None:
+                raise
+            raise non_finite_error(
+                run.position, batches[bad], micro[bad].features, "student logits"
+            ) from None
+    if not (values[0] and math.isfinite(stats["total_loss"])):
+        raise _non_finite(run, batches, [p.micro for p in prepared])
+    if config.clip_grad_norm is not None:
+        stats["grad_norm"] = values[1]  # before clipping
+    if scaled:
+        run.precision.check_skipped(values[-1])
+    with scaled_lr(run.optimizer, lr_factor):
+        run.precision.step(run.optimizer)
+    if run.ema is not None:
+        run.ema.update()
     return stats, acc
 
 
-def _loss(
-    run: Run,
-    batch: dict[str, Any],
-    features: torch.Tensor,
-    view: torch.Tensor | None,
-    mix: Any,
-    targets: torch.Tensor,
-    kd_epoch: float,
-) -> tuple[torch.Tensor, dict[str, float] | None, torch.Tensor]:
-    """The step's loss (mixup: mixed targets, :func:`kdkit.augment.mixed_loss`), stats, logits.
+def _non_finite(run: Run, batches: list[dict[str, Any]], micro: list[MicroBatch]) -> Exception:
+    """The error of a step whose loss or gradient is not finite (names bad inputs)."""
+    for batch, mb in zip(batches, micro):  # error path only: the first bad micro-batch
+        if not bool(torch.isfinite(mb.features).all()):
+            return non_finite_error(run.position, batch, mb.features, "loss or gradient")
+    return non_finite_error(run.position, batches[0], micro[0].features, "loss or gradient")
 
-    The stats are ``None`` for plain cross-entropy: they come with the step's one transfer.
+
+class _Prepared(NamedTuple):
+    """A loader batch on the device: its micro-batch (the student's input) and augmentation."""
+
+    micro: MicroBatch  # features: the augmented view when augmenting
+    clean: torch.Tensor  # the features before augmentation
+    view: torch.Tensor | None
+    mix: Mix | None
+
+
+def _prepare(run: Run, batch: dict[str, Any]) -> _Prepared:
+    """A loader batch on the device, augmented, with its teacher logits and KD mask.
+
+    With feature KD the teacher logits are left to :func:`_hooked_step` (the teacher's
+    forward must run inside the capture of its features).
     """
     device = run.env.device
-    logits = run.train_model(features if view is None else view)
+    features = to_device(batch["features"], device)
+    targets = to_device(torch.as_tensor(batch["label"]), device)
+    view, mix = run.hooks.augment(features)  # (None, None) without augmentation
+    teacher_logits = None
+    if run.teacher is not None and run.hooks.distiller is None:
+        teacher_logits = _teacher_logits(run, batch, features, view, mix)
+    mb = MicroBatch(
+        features if view is None else view, targets, teacher_logits, _domain_mask(run, batch)
+    )
+    return _Prepared(mb, features, view, mix)
+
+
+def _teacher_logits(
+    run: Run, batch: dict[str, Any], features: torch.Tensor, view: Any, mix: Any
+) -> Any:
+    paths = list(batch["path"]) if "path" in batch else None
+    return run.teacher.logits(paths, features, view, mix)  # on the features' device
+
+
+def _domain_mask(run: Run, batch: dict[str, Any]) -> torch.Tensor | None:
+    """The KD mask of ``kd_on='target'`` (``None``: KD on all samples)."""
+    if run.teacher is None or run.config.kd_on != "target":
+        return None
+    source = run.config.source_domain
+    _, target = create_domain_mask(batch, source_domain=source[0] if len(source) == 1 else source)
+    return to_device(target, run.env.device)
+
+
+def _loss_dtype(run: Run, mb: MicroBatch) -> torch.dtype:
+    """The dtype the losses compute in (float32, or float64 for a float64 student)."""
+    proto = next(run.model.parameters())
+    if mb.teacher_logits is None:
+        return compute_dtype(proto)
+    teacher = teacher_values(mb.teacher_logits)  # a sparse cache: its log-probs
+    return compute_dtype(proto, teacher, temperature=run.config.kd.temperature)
+
+
+def _hooked_step(
+    run: Run, batch: dict[str, Any], prep: _Prepared, kd_epoch: float
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Issue 15's forward and backward: mixup's mixed targets and feature KD, one batch.
+
+    Returns the loss stats, the accuracy and the loss's finiteness flag (the last two on
+    the device: they join the step's one transfer).
+    """
+    mb = prep.micro
+    with run.hooks.capture():  # the forward passes feature_kd matches
+        with run.precision.autocast():
+            logits = run.train_model(mb.features)
+        loss, stats = _loss(run, batch, prep, logits, kd_epoch)
+        loss, stats = run.hooks.add_feature_loss(loss, stats)
+    run.precision.backward(loss)
+    hits = (logits.detach().argmax(dim=-1) == mb.targets).float().mean()
+    return stats, hits, torch.isfinite(loss.detach())
+
+
+def _loss(
+    run: Run, batch: dict[str, Any], prep: _Prepared, logits: torch.Tensor, kd_epoch: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss (mixup: mixed targets, :func:`kdkit.augment.mixed_loss`) and its stats."""
+    mb = prep.micro
+    targets = mb.targets
     if run.teacher is not None:
-        paths = list(batch["path"]) if "path" in batch else None
-        teacher_logits = run.teacher.logits(paths, features, view, mix)
-        mask = None
-        if run.config.kd_on == "target":
-            source = run.config.source_domain
-            mask = create_domain_mask(
-                batch, source_domain=source[0] if len(source) == 1 else source
-            )
-            mask = mask[1].to(device)
+        teacher_logits = mb.teacher_logits
+        if teacher_logits is None:  # feature KD: the teacher's forward is captured here
+            teacher_logits = _teacher_logits(run, batch, prep.clean, prep.view, prep.mix)
         # Normalised over all ranks (exactly compute_student_loss on one).
         try:
-            loss, stats = mixed_loss(
+            return mixed_loss(
                 lambda y: compute_student_loss_distributed(
-                    logits, teacher_logits, y, run.config.kd, kd_epoch, domain_mask=mask
+                    logits, teacher_logits, y, run.config.kd, kd_epoch, domain_mask=mb.domain_mask
                 ),
                 targets,
-                mix,
+                prep.mix,
             )
         except ValueError:
             if not bool(torch.isfinite(logits.detach()).all()):  # error path only
-                raise non_finite_error(run.position, batch, features, "student logits") from None
+                raise non_finite_error(run.position, batch, prep.clean, "student logits") from None
             raise
-        return loss, stats, logits
-    if mix is None:  # stats come with the step's one transfer
-        return F.cross_entropy(logits, targets), None, logits
-    loss, stats = mixed_loss(lambda y: _cross_entropy(logits, y), targets, mix)
-    return loss, stats, logits
+    return mixed_loss(lambda y: _cross_entropy(logits, y), targets, prep.mix)
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:

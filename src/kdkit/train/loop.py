@@ -9,8 +9,11 @@ one epoch), :mod:`kdkit.train.evaluation` (per-domain metrics) and
 Outputs in ``config.output_dir``: ``config.json`` (the resolved config and its
 ``segments``, one per invocation: see :mod:`kdkit.train.resume`),
 ``metrics.jsonl``, ``epochs.csv``, ``results.json``, ``checkpoints/{best,last}.safetensors`` with their
-``.json`` metadata and ``checkpoints/last_state.pt`` (optimiser, scheduler, RNG states,
-read back with ``weights_only=True``).
+``.json`` metadata, ``checkpoints/last_ema.safetensors`` with ``ema_decay``, and
+``checkpoints/last_state.pt`` (optimiser, scheduler, RNG, fp16 GradScaler and EMA
+states, read back with ``weights_only=True``).  With an EMA, each epoch evaluates both
+the raw weights (``eval/<metric>``) and the EMA (``eval_ema/<metric>``); ``best`` holds
+the weights ``best_on`` names.
 """
 
 from __future__ import annotations
@@ -156,15 +159,13 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any], sink: MetricsLogger
     """Rank 0 after an epoch: evaluate, log, write ``epochs.csv`` and the checkpoints."""
     config = run.config
     metrics: dict[str, float] = {}
+    ema_metrics: dict[str, float] = {}
     if run.eval_data is not None:
-        metrics = evaluate(
-            run.model,
-            run.eval_data,
-            source_domain=config.source_domain,
-            batch_size=max(config.batch_size, 256),
-            device=run.env.device,
-        )
+        metrics = _evaluate(run, run.model)
         record.update({f"eval/{k}": v for k, v in metrics.items()})
+        if run.ema is not None:  # the EMA weights, beside the raw ones
+            ema_metrics = _evaluate(run, run.ema.module)
+            record.update({f"eval_ema/{k}": v for k, v in ema_metrics.items()})
     if sink is not None:
         sink.log(record)
     _warn_if_no_kd(run, epoch, record)
@@ -178,7 +179,13 @@ def _end_epoch(run: Run, epoch: int, record: dict[str, Any], sink: MetricsLogger
         record["train_acc"],
         f", eval acc {metrics['acc']:.3f}" if metrics else "",
     )
-    _save_checkpoints(run, epoch, metrics, metrics.get(config.best_metric, record["train_acc"]))
+    # best_on names the weights that are measured and kept as 'best'; without evaluation
+    # data the measure is the raw weights' train accuracy.
+    best_metrics, best_model = metrics, run.model
+    if config.best_on == "ema" and run.ema is not None:
+        best_metrics, best_model = ema_metrics, run.ema.module
+    value = best_metrics.get(config.best_metric, record["train_acc"])
+    _save_checkpoints(run, epoch, metrics, value, best_metrics, best_model)
 
 
 def _warn_if_no_kd(run: Run, epoch: int, record: dict[str, Any]) -> None:
@@ -201,18 +208,42 @@ def _warn_if_no_kd(run: Run, epoch: int, record: dict[str, Any]) -> None:
     )
 
 
-def _save_checkpoints(run: Run, epoch: int, metrics: dict[str, float], value: float) -> None:
-    """``best`` when ``value`` improves, ``last`` always, then ``last_state.pt`` (the commit)."""
+def _evaluate(run: Run, model: nn.Module) -> dict[str, float]:
+    config = run.config
+    return evaluate(
+        model,
+        run.eval_data,
+        source_domain=config.source_domain,
+        batch_size=max(config.batch_size, 256),
+        device=run.env.device,
+    )
+
+
+def _save_checkpoints(
+    run: Run,
+    epoch: int,
+    metrics: dict[str, float],
+    value: float,
+    best_metrics: dict[str, float] | None = None,
+    best_model: nn.Module | None = None,
+) -> None:
+    """``best`` when ``value`` improves, ``last`` always, then ``last_state.pt`` (the commit).
+
+    ``best`` holds ``best_model`` (the raw weights, or their EMA with ``best_on='ema'``)
+    and ``best_metrics`` (its metrics); with an EMA, ``last_ema`` holds the EMA weights.
+    """
+    best_metrics = metrics if best_metrics is None else best_metrics
+    best_model = run.model if best_model is None else best_model
+    weights_kind = "ema" if best_model is not run.model else "raw"
     base_meta = {
         "model": run.model_spec,
         "model_kwargs": run.model_kwargs,
         "num_classes": run.num_classes,
     }
     if value > run.best_value:
-        run.best_value, run.best_epoch, run.best_metrics = value, epoch, metrics
-        save_weights(
-            run.model, run.ckpt_dir, "best", {**base_meta, "epoch": epoch, "metrics": metrics}
-        )
+        run.best_value, run.best_epoch, run.best_metrics = value, epoch, best_metrics
+        best_meta = {**base_meta, "epoch": epoch, "metrics": best_metrics, "weights": weights_kind}
+        save_weights(best_model, run.ckpt_dir, "best", best_meta)
     last_meta = {
         **base_meta,
         "epoch": epoch,
@@ -224,19 +255,21 @@ def _save_checkpoints(run: Run, epoch: int, metrics: dict[str, float], value: fl
         "segments": run.segments,
     }
     save_weights(run.model, run.ckpt_dir, "last", last_meta)
-    save_training_state(  # written last: the commit point of a resume
-        run.ckpt_dir,
-        "last",
-        {
-            "epoch": epoch,
-            "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "rng": capture_rng_state(run.generator),
-            "meta": json.dumps(last_meta),
-            **run.hooks.state_dict(),  # feature_kd's projections
-        },
-    )
+    state = {
+        "epoch": epoch,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": capture_rng_state(run.generator),
+        "meta": json.dumps(last_meta),
+        **run.hooks.state_dict(),  # feature_kd's projections
+    }
+    if run.precision is not None and run.precision.scaler is not None:
+        state["precision"] = run.precision.state_dict()  # the fp16 GradScaler, exact
+    if run.ema is not None:
+        save_weights(run.ema.module, run.ckpt_dir, "last_ema", {**last_meta, "weights": "ema"})
+        state["ema"] = run.ema.state_dict()
+    save_training_state(run.ckpt_dir, "last", state)  # written last: the commit point
 
 
 def _finish(run: Run) -> TrainResult:

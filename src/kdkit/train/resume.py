@@ -37,8 +37,11 @@ FREE = (
     "wandb",
     "wandb_project",
     "wandb_mode",
+    "compile",
+    "max_skipped_steps",
 )
-"""Settings a resumed run may change: they do not change the model trained."""
+"""Settings a resumed run may change: they do not change the model trained (``compile``
+changes how the same step is executed, ``max_skipped_steps`` only when a run stops)."""
 
 
 def _flat(values: dict[str, Any]) -> dict[str, Any]:

@@ -33,8 +33,11 @@ from kdkit.cache.index import CacheIndex, keys_to_rows, read_selection, resolve_
 from kdkit.data import ManifestDataset
 from kdkit.models import build_model, load_factory, resolve_model_kwargs
 from kdkit.train.checkpoints import load_training_state, restore_rng_state
+from kdkit.train.compiled import compile_student
 from kdkit.train.config import TrainConfig
+from kdkit.train.ema import ModelEMA
 from kdkit.train.hooks import StepHooks, build_step_hooks
+from kdkit.train.precision import Precision
 from kdkit.train.resume import check_resume, extend_schedule, new_segment
 from kdkit.train.teachers import Teachers, open_live_teachers
 from kdkit.train.torchrun import DistributedEnv
@@ -66,7 +69,7 @@ class Run:
     config: TrainConfig
     env: DistributedEnv
     model: nn.Module  # the unwrapped module: evaluated and checkpointed
-    train_model: nn.Module  # ``model``, or its DistributedDataParallel wrapper
+    train_model: nn.Module  # ``model``, its DDP wrapper and/or torch.compile of them
     optimizer: torch.optim.Optimizer
     scheduler: Any
     generator: torch.Generator
@@ -85,6 +88,8 @@ class Run:
     best_value: float = -math.inf
     position: tuple[int, int] = (0, 0)  # (epoch, step) running: for errors and Ctrl-C
     segments: list[dict[str, Any]] = field(default_factory=list)  # invocations (resume)
+    precision: Precision | None = None  # autocast + fp16 GradScaler (setup: never None)
+    ema: ModelEMA | None = None  # the EMA of ``model``'s weights (ema_decay)
     hooks: StepHooks = field(default_factory=StepHooks)  # augmentation, feature KD
 
     @property
@@ -188,6 +193,7 @@ def setup_run(
             sampler=sampler,
             generator=generator,
             num_workers=config.num_workers,
+            pin_memory=env.device.type == "cuda",  # non_blocking copies in the step
         ),
         eval_data=eval_data,
         teacher=teacher,
@@ -197,6 +203,7 @@ def setup_run(
         out=out,
         hooks=hooks,
     )
+    _attach_step_options(run)
     if config.resume:
         _load_resume_state(run)
     else:
@@ -206,7 +213,17 @@ def setup_run(
     if env.enabled:
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
         run.train_model = DistributedDataParallel(model, device_ids=device_ids)
+    if config.compile:  # torch.compile(DDP(model)); checkpoints keep using run.model
+        run.train_model = compile_student(run.train_model)
     return run
+
+
+def _attach_step_options(run: Run) -> None:
+    """The precision policy (autocast, fp16 GradScaler) and the EMA of the weights."""
+    config = run.config
+    run.precision = Precision(config.precision, run.env.device, config.max_skipped_steps)
+    if config.ema_decay is not None:
+        run.ema = ModelEMA(run.model, config.ema_decay)
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,6 +422,10 @@ def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
 def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=config.lr_step_epochs, gamma=config.lr_gamma
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
@@ -423,6 +444,12 @@ def _load_resume_state(run: Run) -> None:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    run.precision.load_state_dict(state.get("precision", {}))
+    if run.ema is not None:  # a checkpoint from before ema_decay existed: start from it
+        if "ema" in state:
+            run.ema.load_state_dict(state["ema"])
+        else:
+            run.ema.reset()
     if saved.get("epochs", run.config.epochs) != run.config.epochs:
         extend_schedule(run.scheduler, run.optimizer, run.config.epochs)
     run.hooks.load_state_dict(state)

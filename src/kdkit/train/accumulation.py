@@ -1,0 +1,254 @@
+r"""Gradient accumulation normalised over the accumulated global batch.
+
+One optimiser step consumes ``grad_accum`` consecutive micro-batches of ``batch_size``
+samples on each of ``R`` ranks (:func:`micro_batch_groups`; the last step of an epoch
+may have fewer).  The loss of the step is the student loss of the **whole** accumulated
+global batch -- CE and the weighted KD mean of all its samples -- not a mean of
+per-micro-batch losses.  With the sums of micro-batch ``k`` on rank ``r``,
+:math:`S^{CE}_{rk} = \sum_i \mathrm{CE}_i` and :math:`S^{KD}_{rk} = \sum_i w_i m_i \ell_i`,
+and the counts of the whole step
+
+.. math:: N = \sum_{r,k} n_{rk}, \qquad W = \sum_{r,k} \sum_i w_i m_i
+
+the step's loss is :math:`L = (1 - \alpha) \sum_{r,k} S^{CE}_{rk} / N + \alpha
+\sum_{r,k} S^{KD}_{rk} / W`, and micro-batch ``k`` on rank ``r`` backpropagates
+
+.. math:: L_{rk} = R \left[(1 - \alpha) \frac{S^{CE}_{rk}}{N} + \alpha \frac{S^{KD}_{rk}}{W}\right]
+
+so the accumulated gradient, averaged over ranks by DistributedDataParallel, is exactly
+:math:`\nabla L` -- the gradient of one batch of ``R * grad_accum * batch_size``
+samples (the formula of
+:func:`~kdkit.losses.distributed.compute_student_loss_distributed`, with the sums also
+running over micro-batches).  A micro-batch with few or no KD samples (``kd_on='target'``
+on a source-domain-heavy micro-batch) is therefore weighted by what it holds.
+
+``N`` and ``W`` depend on the targets, teacher logits and domain mask only
+(:func:`~kdkit.losses.student_terms.normaliser_counts`), so they are computed for all
+micro-batches of a step **before** the first forward and summed over ranks in one
+``all_reduce`` (a step of one micro-batch takes them from its loss terms instead, as
+the distributed loss does); the forwards and backwards then run one micro-batch at a time (the
+memory of one micro-batch), with DDP's ``no_sync`` on all but the last.  The sums use
+:func:`~kdkit.losses.student_terms.student_loss_terms` -- the one implementation of the
+maths.  The detached sums, the accuracy, the input-check flags and the step's extra
+values (gradient norm, skipped fp16 steps) are gathered in **one** host transfer
+(:meth:`StepTotals.finish`); under DDP their ``all_reduce`` is the step's second
+collective.  With ``grad_accum=1`` on one process the loss is bit-for-bit
+:func:`~kdkit.losses.kd.compute_student_loss`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kdkit._validation import compute_dtype, raise_infinite_ce, result_dtype
+from kdkit.losses.distributed import is_distributed
+from kdkit.losses.kd import KDLossConfig
+from kdkit.losses.student_terms import (
+    StudentLossInputs,
+    StudentLossTerms,
+    checked_kd_weight,
+    combine,
+    kd_mean,
+    normaliser_counts,
+    raise_for_flags,
+    stats_dict,
+    student_loss_terms,
+    teacher_values,
+)
+
+__all__ = [
+    "MicroBatch",
+    "StepTotals",
+    "micro_batch_groups",
+    "optimizer_steps",
+    "step_normaliser",
+    "sync_context",
+]
+
+IGNORE_INDEX = -100
+_FLAG_CHECKS = ("targets", "student_logits rows", "teacher_logits rows", "infinite KD loss")
+
+
+class MicroBatch(NamedTuple):
+    """One micro-batch on the device: inputs, targets, teacher logits and KD mask."""
+
+    features: torch.Tensor
+    targets: torch.Tensor
+    teacher_logits: Any  # a tensor or SparseLogits; None: a cross-entropy-only run
+    domain_mask: torch.Tensor | None
+
+
+def micro_batch_groups(batches: Iterable[Any], grad_accum: int) -> Iterator[list[Any]]:
+    """Consecutive groups of ``grad_accum`` batches (the last group may be shorter)."""
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == grad_accum:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def optimizer_steps(num_batches: int, grad_accum: int) -> int:
+    """Optimiser steps of an epoch of ``num_batches`` micro-batches."""
+    return math.ceil(num_batches / grad_accum)
+
+
+def sync_context(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` for all but the last micro-batch of a step (else a no-op)."""
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile(DDP(model))
+    if last or not isinstance(ddp, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
+
+
+def step_normaliser(
+    micro_batches: Sequence[MicroBatch], kd: KDLossConfig, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[N, W]``: valid samples and KD weight sum of the whole step, over all ranks."""
+    parts = []
+    for mb in micro_batches:
+        if mb.teacher_logits is None:
+            valid = (mb.targets != IGNORE_INDEX).sum().to(dtype)
+            parts.append(torch.stack([valid, torch.zeros_like(valid)]))
+        else:
+            parts.append(
+                normaliser_counts(
+                    mb.teacher_logits, mb.targets, kd, mb.domain_mask, IGNORE_INDEX, dtype
+                )
+            )
+    total = torch.stack(parts).sum(dim=0)
+    if is_distributed():
+        dist.all_reduce(total)
+    return total
+
+
+class StepTotals:
+    """The losses of the micro-batches of one step and their running detached sums.
+
+    Args:
+        normaliser: :func:`step_normaliser` of the step; ``None`` for a step of one
+            micro-batch, whose counts are then taken from its loss terms (saving a
+            second pass over the teacher logits).
+        kd: The KD settings (``None`` for a cross-entropy-only run).
+        kd_epoch: The (fractional) epoch of the KD schedule.
+    """
+
+    def __init__(
+        self, normaliser: torch.Tensor | None, kd: KDLossConfig | None, kd_epoch: float
+    ) -> None:
+        self.normaliser = normaliser
+        self.kd = kd
+        self.kd_epoch = kd_epoch
+        self.alpha = 0.0
+        self.scale = float(dist.get_world_size()) if is_distributed() else 1.0
+        self._sums: torch.Tensor | None = None
+        self._checked: list[tuple[StudentLossTerms, StudentLossInputs]] = []
+
+    def _counts(self, valid_count: torch.Tensor, kd_weight_sum: torch.Tensor) -> torch.Tensor:
+        """The step's ``[N, W]``: given, or these counts summed over ranks (one micro-batch)."""
+        if self.normaliser is None:
+            self.normaliser = torch.stack([valid_count, kd_weight_sum])
+            if is_distributed():
+                dist.all_reduce(self.normaliser)
+        return self.normaliser
+
+    def loss(self, logits: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+        """The loss micro-batch ``mb`` backpropagates (:math:`L_{rk}`), in float32."""
+        if mb.teacher_logits is None:
+            dtype = compute_dtype(logits)
+            valid = (mb.targets != IGNORE_INDEX).sum().to(dtype)
+            count = self._counts(valid, torch.zeros_like(valid))[0].clamp_min(1)
+            ce_sum = F.cross_entropy(logits.to(dtype), mb.targets, reduction="sum")
+            local = ce_sum / count
+            zero = torch.zeros_like(count)
+            correct = (logits.detach().argmax(dim=-1) == mb.targets).sum().to(dtype)
+            sums = torch.stack([ce_sum.detach(), zero, zero, zero, correct])
+        else:
+            inputs = StudentLossInputs(
+                logits, mb.teacher_logits, mb.targets, self.kd, mb.domain_mask, IGNORE_INDEX, "auto"
+            )
+            self.alpha = checked_kd_weight(inputs, self.kd_epoch, KDLossConfig)
+            terms = student_loss_terms(inputs, self.alpha)
+            normaliser = self._counts(terms.valid_count, terms.kd_weight_sum)
+            count = normaliser[0].clamp_min(1)
+            kd = kd_mean(terms.kd_sum, normaliser[1], self.alpha)
+            local = combine(terms.ce_sum / count, kd, self.alpha)
+            local = local.to(result_dtype(logits, teacher_values(mb.teacher_logits)))
+            correct = (logits.detach().argmax(dim=-1) == mb.targets).sum().to(count.dtype)
+            sums = torch.stack(
+                [
+                    terms.ce_sum.detach(),
+                    terms.kd_sum.detach(),
+                    terms.selected_count,
+                    terms.confidence_sum,
+                    correct,
+                    *terms.flags,
+                ]
+            )
+            detached = inputs._replace(student_logits=logits.detach())
+            light = terms._replace(ce_sum=terms.ce_sum.detach(), kd_sum=terms.kd_sum.detach())
+            self._checked.append((light, detached))
+        self._sums = sums if self._sums is None else self._sums + sums
+        return local if self.scale == 1.0 else self.scale * local
+
+    def finish(
+        self, extra: Sequence[torch.Tensor] = ()
+    ) -> tuple[dict[str, float], float, list[float]]:
+        """``(stats, train accuracy, extra values)`` of the step: the one host transfer.
+
+        The stats are those of the accumulated global batch (as
+        :func:`~kdkit.losses.kd.compute_student_loss` returns for one batch); the
+        accuracy is over the same samples.  Raises the input errors of the losses (also
+        on the ranks whose own input was fine).
+        """
+        sums = self._sums
+        if is_distributed():
+            sums = sums.clone()
+            dist.all_reduce(sums)
+        count = self.normaliser[0].clamp_min(1)
+        ce = sums[0] / count
+        accuracy = sums[4] / count
+        if self.kd is None:
+            values = torch.stack(
+                [ce, accuracy, *(e.to(ce.device, ce.dtype) for e in extra)]
+            ).tolist()
+            return {"total_loss": values[0], "ce_loss": values[0]}, values[1], values[2:]
+        alpha = self.alpha
+        kd = kd_mean(sums[1], self.normaliser[1], alpha)
+        total = combine(ce, kd, alpha)
+        head = [total, ce, kd, sums[2] / count, sums[3] / count, accuracy, *sums[5:9]]
+        values = torch.stack([*head, *(e.to(ce.device, ce.dtype) for e in extra)]).tolist()
+        if any(values[6:10]):
+            self._raise(values[6:10])
+        raise_infinite_ce(values[1], alpha)
+        return stats_dict(*values[:5], alpha), values[5], values[10:]
+
+    def non_finite_logits(self) -> int | None:
+        """Index of the first micro-batch with non-finite student logits (error path)."""
+        for i, (_, inputs) in enumerate(self._checked):
+            if not bool(torch.isfinite(inputs.student_logits).all()):
+                return i
+        return None
+
+    def _raise(self, flags: Sequence[float]) -> None:
+        """The error of the first bad micro-batch of this rank, or one naming the checks."""
+        for terms, inputs in self._checked:
+            local = torch.stack(terms.flags).tolist()  # error path only
+            if any(local):
+                raise_for_flags(local, terms, inputs)
+        failed = [c for c, v in zip(_FLAG_CHECKS, flags) if v]
+        raise ValueError(
+            f"invalid input on another rank (check(s) failed: {', '.join(failed)}); "
+            "see that rank's error"
+        )
