@@ -1,7 +1,6 @@
 """The fast lookup paths (issue 16, item 5): bulk key normalisation, the key -> row memo."""
 
 import hashlib
-import json
 import os
 import pickle
 import posixpath
@@ -10,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cache_testing import Failing, expected, make_items, make_teacher, paths
+from cache_testing import expected, make_items, make_teacher, paths
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, IterableDataset
 
 from kdkit.cache import dump_teacher_logits, load_cache_index, load_cached_logits
 from kdkit.cache._format import hash_keys, normalize_key, normalize_keys
-from kdkit.cache.writer import QUEUE_RECORDS, CacheWriter
 
 
 def reference_normalize(key):
@@ -155,72 +153,3 @@ def test_dump_of_an_unsized_iterable_dataloader(tmp_path):
         torch.testing.assert_close(
             load_cached_logits(paths(items), index), expected(make_teacher(0), items)
         )
-
-
-# -- the dump's background writer thread ------------------------------------------------
-class ClassesChangeAt(torch.nn.Module):
-    """Returns 5 classes, then 4 from call ``at`` on: ``CacheWriter.add`` refuses it."""
-
-    def __init__(self, at):
-        super().__init__()
-        self.inner, self.calls, self.at = make_teacher(0), 0, at
-
-    def forward(self, x):
-        self.calls += 1
-        y = self.inner(x)
-        return y[:, :4] if self.calls > self.at else y
-
-
-def test_writer_thread_error_is_raised_and_earlier_rows_kept(tmp_path):
-    items = make_items(40)
-    teacher = ClassesChangeAt(3)
-    with pytest.raises(ValueError, match="returned 4 classes, but 5 were stored"):
-        dump_teacher_logits(
-            {"t": teacher}, items, tmp_path, batch_size=4, checkpoint_rows=4, progress=False
-        )
-    # the bad batch, QUEUE_RECORDS queued behind it, one more waiting to be queued
-    assert teacher.calls <= 3 + 1 + QUEUE_RECORDS + 1
-    assert not (tmp_path / "manifest.json").exists()
-    journal = json.loads((tmp_path / ".partial" / "journal.json").read_text())
-    assert sum(c["rows"] for c in journal["chunks"]) == 12  # the 3 good batches
-    teacher.at, teacher.calls = 10**9, 0
-    index = dump_teacher_logits({"t": teacher}, items, tmp_path, batch_size=4, progress=False)
-    assert teacher.calls == 7  # resumed: only the 28 rows not journaled
-    torch.testing.assert_close(
-        load_cached_logits(paths(items), index), expected(make_teacher(0), items)
-    )
-
-
-def test_producer_error_is_raised_after_queued_rows_are_journaled(tmp_path):
-    items = make_items(40)
-    with pytest.raises(RuntimeError, match="simulated interruption"):
-        dump_teacher_logits(
-            {"t": make_teacher(0)},
-            Failing(items, fail_at=17),
-            tmp_path,
-            batch_size=4,
-            checkpoint_rows=4,
-            progress=False,
-        )
-    journal = json.loads((tmp_path / ".partial" / "journal.json").read_text())
-    assert sum(c["rows"] for c in journal["chunks"]) == 16  # every batch before the failure
-
-
-def test_writer_thread_output_is_byte_identical(tmp_path, monkeypatch):
-    items = make_items(50)
-    threaded = dump_teacher_logits(
-        make_teacher(0), items, tmp_path / "a", batch_size=8, checkpoint_rows=16, progress=False
-    )
-
-    def synchronous(self, records):
-        for record in records:
-            self.add(record)
-        self.journal.flush()
-
-    monkeypatch.setattr(CacheWriter, "consume", synchronous)
-    plain = dump_teacher_logits(
-        make_teacher(0), items, tmp_path / "b", batch_size=8, checkpoint_rows=16, progress=False
-    )
-    assert threaded.manifest["files"] == plain.manifest["files"]
-    for name in plain.manifest["files"]:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

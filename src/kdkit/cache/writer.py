@@ -12,9 +12,7 @@ generations are deleted only after that.
 from __future__ import annotations
 
 import contextlib
-import queue
 import shutil
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +52,6 @@ from kdkit.cache.dump_checks import check_logit_values
 from kdkit.cache.ensembles import resolve_default, write_ensembles
 from kdkit.cache.index import CacheIndex, load_cache_index
 from kdkit.cache.journal import Journal
-
-QUEUE_RECORDS = 2
-"""Records produced but not yet journaled, at most (see :meth:`CacheWriter.consume`)."""
 
 
 @dataclass(frozen=True)
@@ -277,39 +272,10 @@ class CacheWriter:
         return rec
 
     def consume(self, records: Iterable[LogitsRecord]) -> None:
-        """Journal every record; on an interruption keep the rows computed before it.
-
-        Records are journaled by a background thread (a queue of at most
-        :data:`QUEUE_RECORDS` records), so that checking, converting and writing one batch
-        overlaps with the teachers' computing the next; records are journaled in order, so
-        the files are the same as without it.  An error of either side stops both and is
-        raised here, after the records produced before it are journaled.
-        """
-        pending: queue.Queue[LogitsRecord | None] = queue.Queue(maxsize=QUEUE_RECORDS)
-        failed: list[BaseException] = []
-
-        def journal_records() -> None:
-            while (record := pending.get()) is not None:
-                if failed:
-                    continue  # keep draining so that the producer never blocks
-                try:
-                    self.add(record)
-                except BaseException as e:  # raised in the caller's thread
-                    failed.append(e)
-
-        worker = threading.Thread(target=journal_records, name="kdkit-cache-writer", daemon=True)
-        worker.start()
+        """Journal every record; on an interruption keep the rows computed before it."""
         try:
-            try:
-                for record in records:
-                    if failed:
-                        break
-                    pending.put(record)
-            finally:
-                pending.put(None)
-                worker.join()
-            if failed:
-                raise failed[0]
+            for record in records:
+                self.add(record)
             self.journal.flush()
         except BaseException:
             with contextlib.suppress(Exception):
