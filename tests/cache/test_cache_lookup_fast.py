@@ -153,3 +153,30 @@ def test_dump_of_an_unsized_iterable_dataloader(tmp_path):
         torch.testing.assert_close(
             load_cached_logits(paths(items), index), expected(make_teacher(0), items)
         )
+
+
+class Fixed(torch.nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.out[: x.shape[0]].clone()
+
+
+def test_finite_check_fast_path_is_exact(tmp_path):
+    items = make_items(4)
+    huge = torch.full((4, 3), 3e38)  # finite, but the sum overflows to inf: the exact test decides
+    index = dump_teacher_logits(Fixed(huge), items, tmp_path / "a", progress=False)
+    torch.testing.assert_close(load_cached_logits(paths(items), index), huge)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        out = torch.zeros(4, 3)
+        out[2, 1] = bad
+        with pytest.raises(
+            ValueError, match=r"produced NaN or Inf logits for 1 sample\(s\): 'clips/00002.wav'"
+        ):
+            dump_teacher_logits(Fixed(out), items, tmp_path / str(bad), progress=False)
+    wide = torch.full((4, 3), 1e300, dtype=torch.float64)  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        dump_teacher_logits(Fixed(wide), items, tmp_path / "w", progress=False)
