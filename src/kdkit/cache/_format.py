@@ -143,6 +143,24 @@ def normalize_key(key: object) -> str:
     return posixpath.normpath(text.replace("\\", "/"))
 
 
+def normalize_keys(keys: Iterable[object]) -> list[str]:
+    """:func:`normalize_key` of each of ``keys`` (the already-normal ``str`` keys of a batch
+    are passed through without a function call; the test is the same as in
+    :func:`normalize_key`)."""
+    return [
+        k
+        if type(k) is str
+        and k
+        and "\\" not in k
+        and "//" not in k
+        and "/." not in k
+        and k[0] != "."
+        and k[-1] != "/"
+        else normalize_key(k)
+        for k in keys
+    ]
+
+
 def is_file_name(name: object) -> bool:
     """Whether ``name`` is a plain file name kdkit may use inside a cache (no path)."""
     return isinstance(name, str) and _FILE_NAME.fullmatch(name) is not None
@@ -162,7 +180,8 @@ def hash_keys(keys: Sequence[str]) -> np.ndarray:
     """BLAKE2b-128 of each normalised key as ``uint64 [N, 2]`` (high word first for sorting)."""
     if not keys:
         return np.zeros((0, 2), dtype=np.uint64)
-    blob = b"".join(hashlib.blake2b(k.encode("utf-8"), digest_size=16).digest() for k in keys)
+    blake2b = hashlib.blake2b
+    blob = b"".join([blake2b(k.encode("utf-8"), digest_size=16).digest() for k in keys])
     return np.frombuffer(blob, dtype=">u8").astype(np.uint64).reshape(-1, 2)
 
 

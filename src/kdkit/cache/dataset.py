@@ -10,8 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from kdkit.cache._format import normalize_key
-from kdkit.cache.index import CacheIndex, as_index, keys_to_rows, read_selection, resolve_selection
+from kdkit.cache.index import CacheIndex, as_index, read_selection, resolve_selection, rows_and_keys
 from kdkit.sparse import SparseLogits
 
 __all__ = ["TeacherLogitsDataset"]
@@ -79,9 +78,8 @@ class TeacherLogitsDataset(Dataset):
                     f"dataset items must be dicts with the sample key in {self.key_field!r}, got {got!r}"
                 )
         keys = [item[self.key_field] for item in items]
-        rows = keys_to_rows(self.cache, keys)
+        rows, norm = rows_and_keys(self.cache, keys)
         names, strategy, weights = self._selection
-        norm = [normalize_key(k) for k in keys]
         logits = read_selection(self.cache, np.asarray(rows), names, strategy, weights, norm)
         if isinstance(logits, SparseLogits):
             per_item: list[Any] = logits.unbind()

@@ -217,6 +217,11 @@ def dump_teacher_logits(
 
 
 def _progress(loader: Any, enabled: bool) -> Any:
-    total = len(loader) if hasattr(loader, "__len__") else None
+    if not enabled:
+        return loader
+    try:  # a DataLoader over an IterableDataset without __len__ raises TypeError
+        total = len(loader)
+    except TypeError:
+        total = None
     bar = optional_tqdm(enabled, iterable=loader, total=total, desc="teacher logits", unit="batch")
     return loader if bar is None else bar

@@ -29,7 +29,7 @@ from kdkit.cache._format import (
     is_sparse,
     lookup_hashes,
     map_file,
-    normalize_key,
+    normalize_keys,
     num_positions,
     position_dtype,
     read_keys_text,
@@ -67,6 +67,15 @@ class CacheIndex:
         self._maps: dict[str, np.ndarray] = {}
         self._index: np.ndarray | None = None
         self._fence: np.ndarray | None = None
+        # Normalised key -> row of keys found before (epochs re-read the same keys): a dict
+        # lookup instead of BLAKE2b + search.  Per instance, so per generation (an index
+        # never changes manifest; a reopened cache is a new instance); dropped on pickling;
+        # cleared when it would exceed ``memo_size`` entries.
+        self._memo: dict[str, int] = {}
+
+    memo_size: int = 1 << 18
+    """Most keys remembered by :meth:`rows` (about 150 bytes each for 40-character keys:
+    about 40 MB at the default; 0 disables it).  Set on the class or on one index."""
 
     def _pin(self) -> None:
         """Map every file of the manifest now: the maps keep this generation readable even
@@ -206,11 +215,31 @@ class CacheIndex:
     # -- lookups ---------------------------------------------------------------------------
     def rows(self, keys: Iterable[object]) -> np.ndarray:
         """Row numbers ``int64 [B]`` of ``keys`` (normalised first); ``-1`` where absent."""
-        return self._rows_of_normalized([normalize_key(k) for k in keys])
+        return self._rows_of_normalized(normalize_keys(keys))
 
     def _rows_of_normalized(self, keys: Sequence[str]) -> np.ndarray:
-        hashes = hash_keys(keys)
-        return self._rows_of_hashes(hashes)
+        memo = self._memo
+        if not memo:
+            rows = self._rows_of_hashes(hash_keys(keys))
+            self._remember(keys, rows)
+            return rows
+        get = memo.get
+        rows = np.array([get(k, -1) for k in keys], dtype=np.int64)
+        miss = np.flatnonzero(rows < 0)
+        if len(miss):
+            missed = [keys[i] for i in miss.tolist()]
+            found = self._rows_of_hashes(hash_keys(missed))
+            rows[miss] = found
+            self._remember(missed, found)
+        return rows
+
+    def _remember(self, keys: Sequence[str], rows: np.ndarray) -> None:
+        limit = self.memo_size
+        if len(keys) > limit:
+            return
+        if len(self._memo) + len(keys) > limit:
+            self._memo.clear()
+        self._memo.update((k, r) for k, r in zip(keys, rows.tolist()) if r >= 0)
 
     def _rows_of_hashes(self, hashes: np.ndarray) -> np.ndarray:
         index = self._key_index()
@@ -230,7 +259,7 @@ class CacheIndex:
 
     def missing_keys(self, keys: Iterable[object]) -> list[str]:
         """The normalised keys among ``keys`` that are not in the cache, in order."""
-        norm = [normalize_key(k) for k in keys]
+        norm = normalize_keys(keys)
         rows = self._rows_of_normalized(norm)
         return [k for k, r in zip(norm, rows) if r < 0]
 
@@ -526,11 +555,16 @@ def _sparse_batch(
 
 def keys_to_rows(index: CacheIndex, keys: Iterable[object]) -> np.ndarray:
     """Row numbers of ``keys``; raise ``KeyError`` (how many, first few) if any is missing."""
+    return rows_and_keys(index, keys)[0]
+
+
+def rows_and_keys(index: CacheIndex, keys: Iterable[object]) -> tuple[np.ndarray, list[str]]:
+    """:func:`keys_to_rows` and the normalised keys (normalised once)."""
     if isinstance(keys, (str, bytes)):
         raise TypeError(f"paths must be a sequence of keys, got a single string {keys!r}")
     if isinstance(keys, torch.Tensor):
         keys = keys.reshape(-1).tolist()
-    norm = [normalize_key(k) for k in keys]
+    norm = normalize_keys(keys)
     rows = index._rows_of_normalized(norm)
     if (rows < 0).any():
         missing = [k for k, r in zip(norm, rows) if r < 0]
@@ -538,7 +572,7 @@ def keys_to_rows(index: CacheIndex, keys: Iterable[object]) -> np.ndarray:
             f"{len(missing)} of {len(norm)} keys are not in the cache at {index.path}: "
             f"{shown(missing)} (keys are normalised: backslashes to '/', posixpath.normpath)"
         )
-    return rows
+    return rows, norm
 
 
 def load_cached_logits(
@@ -589,16 +623,11 @@ def load_cached_logits(
     """
     index = _as_index(cache_index)
     names, strategy, weights = resolve_selection(index, teacher, fusion, weights)
-    rows = keys_to_rows(index, paths)
-    keys = [normalize_key(k) for k in _key_list(paths)]
+    rows, keys = rows_and_keys(index, paths)
     out = read_selection(index, rows, names, strategy, weights, keys)
     if lengths is not None:
         check_lengths(index, rows, keys, lengths)
     return out
-
-
-def _key_list(paths: object) -> list[object]:
-    return paths.reshape(-1).tolist() if isinstance(paths, torch.Tensor) else list(paths)  # type: ignore[call-overload]
 
 
 def check_lengths(
