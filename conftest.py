@@ -1,6 +1,15 @@
 """Repository-level pytest configuration (doctest collection of src/kdkit)."""
 
 import importlib.util
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, and other packages (e.g.
+# transformers, imported by tests/hf) may import triton first: without CUDA, decide it
+# here, before any test module is imported, so the Triton tests run in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Needs the optional triton package, and must be imported only after TRITON_INTERPRET is
 # decided (tests/losses/test_triton_kernel.py); it has no doctests.
