@@ -21,6 +21,7 @@ from kdkit.features import (
 from kdkit.models import cnn, mlp
 from kdkit.train import train_student
 from kdkit.train.checkpoints import load_training_state
+from kdkit.train.guards import NonFiniteError
 from kdkit.train.logging import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -119,6 +120,25 @@ def test_feature_kd_adds_a_logged_loss(tmp_path):
     state = load_training_state(result.output_dir / "checkpoints" / "last_state.pt")
     assert sorted(state["feature_kd"]) == ["projections.0.bias", "projections.0.weight"]
     assert state["feature_kd"]["projections.0.weight"].shape == (16, 8)
+
+
+def test_non_finite_projection_gradient_stops_the_first_step(tmp_path, monkeypatch):
+    """The finiteness guard covers what the optimiser steps: the student and the
+    projections (a NaN only in a projection's gradient stops step 1, not step 2)."""
+    import kdkit.features as features
+
+    def nan_grad_projection(student_shape, teacher_shape):
+        projection = make_projection(student_shape, teacher_shape)
+        projection.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return projection
+
+    monkeypatch.setattr(features, "make_projection", nan_grad_projection)
+    with pytest.raises(NonFiniteError, match=r"epoch 1 step 1: non-finite loss or gradient"):
+        train_student(
+            tiny(tmp_path, kd=KD, feature_kd=["1:0:0.5"]),
+            train_data=TRAIN,
+            teachers={"t": mlp_teacher()},
+        )
 
 
 def test_zero_weight_leaves_the_student_as_without_feature_kd(tmp_path):

@@ -143,12 +143,10 @@ def _train_step(
                     logits = run.train_model(mb.features)
                 run.precision.backward(totals.loss(logits, mb))
     scaled = run.precision.scaler is not None  # fp16: inf/NaN gradients skip the step
-    extra = [
-        torch.ones(()) if scaled else grads_finite(run.model.parameters())
-    ]  # to device in finish
+    params = list(run.hooks.trainable(run.model).parameters())  # with feature_kd's projections
+    extra = [torch.ones(()) if scaled else grads_finite(params)]  # to device in finish
     if config.clip_grad_norm is not None:
         run.precision.unscale_(run.optimizer)
-        params = run.hooks.trainable(run.model).parameters()  # with feature_kd's projections
         extra.append(torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm))
     if scaled:
         extra.append(run.precision.skipped_in_a_row)  # of the steps before this one
