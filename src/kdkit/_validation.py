@@ -371,6 +371,30 @@ def check_mask(name: str, mask: object, batch_shape: torch.Size, device: torch.d
     _check_batch_shape_and_device(name, mask, batch_shape, device)
 
 
+def check_position_values(
+    name: str, values: object, batch_shape: torch.Size, device: torch.device
+) -> None:
+    """Raise unless ``values`` is a floating tensor of ``batch_shape`` on ``device``
+    (one value per position, e.g. a precomputed teacher confidence)."""
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
+    if not values.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {values.dtype}")
+    _check_batch_shape_and_device(name, values, batch_shape, device)
+
+
+def check_normaliser(name: str, value: object) -> object:
+    """A count that divides a loss: a finite number >= 0, or a one-element tensor (not
+    inspected, so that a device tensor costs no host transfer)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}"
+            )
+        return value.reshape(())
+    return check_non_negative(name, value)
+
+
 def _check_batch_shape_and_device(
     name: str, tensor: torch.Tensor, batch_shape: torch.Size, device: torch.device
 ) -> None:

@@ -68,6 +68,8 @@ from kdkit._validation import (
     check_linear_options,
     check_mask,
     check_non_negative,
+    check_normaliser,
+    check_position_values,
     check_sparse_options,
     check_student_loss_options,
     check_targets,
@@ -97,6 +99,7 @@ from kdkit.sparse import SparseLogits
 __all__ = [
     "DenseTeacher",
     "LinearDivergence",
+    "LinearStudentLoss",
     "LinearTeacher",
     "OutputLayer",
     "SparseTeacher",
@@ -106,6 +109,7 @@ __all__ = [
     "linear_chunk_elements",
     "linear_kd_loss",
     "scratch_bytes_per_element",
+    "student_loss_terms_linear",
     "teacher_source",
 ]
 
@@ -1037,23 +1041,23 @@ def compute_student_loss_linear(
     setup = _student_setup(
         student_hidden,
         student_weight,
-        student_bias,
         teacher,
-        teacher_weight,
-        teacher_bias,
         targets,
         config,
         current_epoch,
         domain_mask,
-        logit_scale,
-        softcap,
-        vocab_size,
-        chunk_elements,
-        ignore_index,
-        sparse_tail,
-        retemper,
+        student_bias=student_bias,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        vocab_size=vocab_size,
+        chunk_elements=chunk_elements,
+        ignore_index=ignore_index,
+        sparse_tail=sparse_tail,
+        retemper=retemper,
     )
-    terms, raise_flags = _student_terms(setup, counts=None)
+    terms, raise_flags, _ = _student_terms(setup, _local_counts)
     return finish_student_loss(
         terms, setup.alpha, setup.prep.result_dtype, raise_flags, tensor_stats=tensor_stats
     )
@@ -1119,24 +1123,21 @@ def compute_student_loss_linear_distributed(
     setup = _student_setup(
         student_hidden,
         student_weight,
-        student_bias,
         teacher,
-        teacher_weight,
-        teacher_bias,
         targets,
         config,
         current_epoch,
         domain_mask,
-        logit_scale,
-        softcap,
-        vocab_size,
-        chunk_elements,
-        ignore_index,
-        sparse_tail,
-        retemper,
+        **options,
     )
     scale = float(dist.get_world_size(group)) if gradients_averaged else 1.0
-    terms, raise_flags = _student_terms(setup, counts=(group, scale))
+
+    def global_counts(count: torch.Tensor, weight_sum: torch.Tensor):
+        both = torch.stack([count, weight_sum])
+        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
+        return both[0], both[1], scale
+
+    terms, raise_flags, _ = _student_terms(setup, global_counts)
     return finish_student_loss_distributed(
         terms,
         setup.alpha,
@@ -1146,6 +1147,79 @@ def compute_student_loss_linear_distributed(
         gradients_averaged=gradients_averaged,
         tensor_stats=tensor_stats,
     )
+
+
+class LinearStudentLoss(NamedTuple):
+    """What :func:`student_loss_terms_linear` returns."""
+
+    loss: torch.Tensor  # (1 - alpha) S_CE / N + alpha S_KD / W, in the result dtype
+    terms: StudentLossTerms  # the batch's sums and counts, and its value flags
+    alpha: float  # the scheduled KD weight
+    raise_flags: Callable[[Any], None]  # raises for the host values of terms.flags
+
+
+def student_loss_terms_linear(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher: Any,
+    targets: torch.Tensor,
+    config: KDLossConfig,
+    current_epoch: float = 0,
+    domain_mask: torch.Tensor | None = None,
+    *,
+    num_valid: torch.Tensor | float,
+    kd_weight_sum: torch.Tensor | float,
+    teacher_confidence: torch.Tensor | None = None,
+    **options: Any,
+) -> LinearStudentLoss:
+    r"""The fused student loss normalised by counts the caller gives; checks left to it.
+
+    .. math:: L = (1 - \alpha) \frac{1}{N} \sum_{i \in \mathcal{V}} \mathrm{CE}_i
+              + \alpha \frac{1}{W} \sum_i w_i m_i \ell_i
+
+    the terms of :func:`compute_student_loss_linear` (same options, same per-position
+    values), but with ``N = max(num_valid, 1)`` and ``W = kd_weight_sum`` chosen by the
+    caller -- e.g. the real tokens and the KD-weight sum of a whole optimizer step,
+    summed over its gradient-accumulation micro-batches and ranks, so that the
+    micro-batches' losses add up to the loss of the global batch (what
+    :class:`kdkit.hf.DistillationTrainer` does).  With this batch's own counts it equals
+    :func:`compute_student_loss_linear`'s loss.  The building block of such front ends:
+    the value checks are not raised here; the caller moves ``terms.flags`` to the host
+    together with its own statistics (one transfer) and calls ``raise_flags(values)``.
+
+    Args:
+        num_valid, kd_weight_sum: ``N`` and ``W`` (numbers >= 0 or one-element tensors,
+            on any device; tensors are not inspected, so no host transfer).
+        teacher_confidence: The teacher's per-position confidence (positions' shape),
+            when the caller already computed it with
+            :func:`kdkit.losses.student_terms.teacher_confidence` (dense) or
+            :func:`kdkit.losses.sparse.sparse_confidence` (top-k) on the same teacher:
+            then no confidence pass over the teacher's logits is made.
+        **options: The keyword options of :func:`compute_student_loss_linear`
+            (``student_bias``, ``vocab_size``, ``ignore_index``, ``sparse_tail``, ...).
+    """
+    num_valid = check_normaliser("num_valid", num_valid)
+    kd_weight_sum = check_normaliser("kd_weight_sum", kd_weight_sum)
+    setup = _student_setup(
+        student_hidden,
+        student_weight,
+        teacher,
+        targets,
+        config,
+        current_epoch,
+        domain_mask,
+        **options,
+    )
+    if teacher_confidence is not None:
+        check_position_values(
+            "teacher_confidence", teacher_confidence, setup.prep.batch_shape, student_hidden.device
+        )
+
+    def given(_count: torch.Tensor, _weight_sum: torch.Tensor) -> tuple[Any, Any, float]:
+        return num_valid, kd_weight_sum, 1.0
+
+    terms, raise_flags, loss = _student_terms(setup, given, teacher_confidence)
+    return LinearStudentLoss(loss.to(setup.prep.result_dtype), terms, setup.alpha, raise_flags)
 
 
 class _StudentSetup(NamedTuple):
@@ -1160,23 +1234,27 @@ class _StudentSetup(NamedTuple):
 def _student_setup(
     student_hidden: Any,
     student_weight: Any,
-    student_bias: Any,
     teacher: Any,
-    teacher_weight: Any,
-    teacher_bias: Any,
     targets: Any,
     config: Any,
     current_epoch: Any,
     domain_mask: Any,
-    logit_scale: Any,
-    softcap: Any,
-    vocab_size: Any,
-    chunk_elements: Any,
-    ignore_index: Any,
+    *,
+    student_bias: Any = None,
+    teacher_weight: Any = None,
+    teacher_bias: Any = None,
+    logit_scale: Any = None,
+    softcap: Any = None,
+    vocab_size: Any = None,
+    chunk_elements: Any = None,
+    ignore_index: Any = -100,
     sparse_tail: Any = "bucket",
     retemper: Any = False,
 ) -> _StudentSetup:
-    """Validate the student loss's arguments (once, naming them); schedule alpha."""
+    """Validate the student loss's arguments (once, naming them); schedule alpha.
+
+    The keyword options are those of :func:`compute_student_loss_linear` (every front end
+    passes them through by name)."""
     check_student_loss_options(config, KDLossConfig, ignore_index, "auto")
     prep = _prepare(
         student_hidden,
@@ -1207,11 +1285,30 @@ def _student_setup(
     return _StudentSetup(prep, targets.reshape(-1), config, alpha, flat_mask, ignore_index)
 
 
+Normalise = Callable[[torch.Tensor, torch.Tensor], tuple[Any, Any, float]]
+"""``(valid count, KD weight sum) -> (count, weight sum, scale)``: the denominators that
+normalise the batch's CE and KD sums, and a factor on the loss (see :func:`_student_terms`)."""
+
+
+def _local_counts(count: torch.Tensor, weight_sum: torch.Tensor) -> tuple[Any, Any, float]:
+    """The batch's own counts (:func:`compute_student_loss_linear`)."""
+    return count, weight_sum, 1.0
+
+
 def _student_terms(
-    setup: _StudentSetup, counts: tuple[Any, float] | None
-) -> tuple[StudentLossTerms, Callable[[Any], None]]:
-    """The :class:`StudentLossTerms` of one batch (``counts``: ``(group, scale)`` to
-    normalise the gradients by global counts) and the matching ``raise_flags``."""
+    setup: _StudentSetup,
+    normalise: Normalise,
+    confidence: torch.Tensor | None = None,
+) -> tuple[StudentLossTerms, Callable[[Any], None], torch.Tensor]:
+    """The :class:`StudentLossTerms` of one batch, the matching ``raise_flags`` and the
+    loss ``scale * ((1 - alpha) S_CE / N + alpha S_KD / W)``.
+
+    ``normalise`` turns the batch's own ``(count, weight sum)`` into ``(N, W, scale)``
+    before the pass (:func:`_local_counts`; all-reduced over ranks; or the totals of an
+    optimizer step): they scale every gradient the pass computes.  ``confidence`` is
+    the teacher's per-position confidence ``[N]`` when the caller already has it (then
+    no confidence pass over the teacher's logits).
+    """
     prep, targets, config, alpha, domain_mask, ignore_index = setup
     num_rows, dtype, device = prep.hidden.shape[0], prep.dtype, prep.hidden.device
     vocab = prep.vocab
@@ -1224,22 +1321,19 @@ def _student_terms(
         teacher_mask = prep.teacher.mask  # type: ignore[attr-defined]
         domain_mask = teacher_mask if domain_mask is None else domain_mask & teacher_mask
     needs_confidence = sparse or (alpha > 0 and config.kd_weighting != "none")
-    confidence = _teacher_confidence_pass(prep) if needs_confidence else None
+    if confidence is not None:
+        confidence = confidence.reshape(-1).to(dtype)
+    elif needs_confidence:
+        confidence = _teacher_confidence_pass(prep)
     # 'none' weights do not depend on the confidence: ones stand in for it before the pass.
     stand_in = (
         confidence if confidence is not None else torch.ones(num_rows, dtype=dtype, device=device)
     )
     weights, selected = kd_selection(stand_in, config, valid, domain_mask)
 
-    count = valid.sum().to(dtype)
-    weight_sum = weights.sum()
-    scale = 1.0
-    if counts is not None:  # the global counts scale every gradient: reduce them first
-        group, scale = counts
-        both = torch.stack([count, weight_sum])
-        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
-        count, weight_sum = both[0], both[1]
-    count = count.clamp_min(1)
+    count, weight_sum, scale = normalise(valid.sum().to(dtype), weights.sum())
+    count = torch.as_tensor(count, dtype=dtype, device=device).clamp_min(1)
+    weight_sum = torch.as_tensor(weight_sum, dtype=dtype, device=device)
 
     def total(kd_rows: torch.Tensor, ce_rows: torch.Tensor) -> torch.Tensor:
         ce_sum = torch.where(valid, ce_rows, 0.0).sum()
@@ -1300,4 +1394,4 @@ def _student_terms(
         if flags[3] and infinite is not None:
             raise_infinite_kd(infinite, config.loss_type)
 
-    return terms, raise_flags
+    return terms, raise_flags, total(kd_rows, ce_rows)
