@@ -260,18 +260,61 @@ class SparseLogits:
                 keys,
             )
         length = max(it.indices.shape[0] for it in items)
-        k, b = first.top_k, len(items)
-        dev, dtype = first.device, first.logprobs.dtype
-        indices = torch.arange(k, device=dev).expand(b, length, k).clone()
-        logprobs = torch.full((b, length, k), -math.log(k), dtype=dtype, device=dev)
-        tail = torch.full((b, length), -math.inf, dtype=first.tail_logprob.dtype, device=dev)
-        mask = torch.zeros((b, length), dtype=torch.bool, device=dev)
-        for i, it in enumerate(items):
-            n = it.indices.shape[0]
-            indices[i, :n], logprobs[i, :n], tail[i, :n] = it.indices, it.logprobs, it.tail_logprob
-            mask[i, :n] = it.mask  # type: ignore[assignment]
+        padded = [it.with_length(length) for it in items]
         return SparseLogits(
-            indices, logprobs, tail, first.vocab_size, first.temperature, mask, keys
+            torch.stack([it.indices for it in padded]),
+            torch.stack([it.logprobs for it in padded]),
+            torch.stack([it.tail_logprob for it in padded]),
+            first.vocab_size,
+            first.temperature,
+            torch.stack([it.mask for it in padded]),  # type: ignore[misc]
+            keys,
+        )
+
+    def with_length(self, length: int) -> SparseLogits:
+        """The positions axis (the one before ``K``) padded or cut to ``length``.
+
+        Padding positions get the harmless valid distribution of the module docstring
+        (indices ``0..K-1``, uniform over them, no tail) and ``mask`` False; cutting
+        drops positions past ``length`` (``ValueError`` if one of them is real).
+
+        Example:
+            >>> s = sparse_topk(torch.randn(2, 3, 9), 2)
+            >>> s.with_length(5).mask.sum(-1).tolist(), s.with_length(5).indices.shape
+            ([3, 3], torch.Size([2, 5, 2]))
+        """
+        if self.indices.ndim < 2:
+            raise ValueError("SparseLogits.with_length needs a positions axis: indices [..., L, K]")
+        have = self.indices.shape[-2]
+        if length == have:
+            return self
+        if length < have:
+            if bool(self.mask[..., length:].any()):  # type: ignore[index]
+                raise ValueError(
+                    f"SparseLogits.with_length({length}) would drop real positions "
+                    f"(it holds {have})"
+                )
+            return dataclasses.replace(
+                self,
+                indices=self.indices[..., :length, :],
+                logprobs=self.logprobs[..., :length, :],
+                tail_logprob=self.tail_logprob[..., :length],
+                mask=self.mask[..., :length],  # type: ignore[index]
+            )
+        k, lead, dev = self.top_k, self.indices.shape[:-2], self.device
+        extra = length - have
+        indices = torch.arange(k, device=dev).expand(*lead, extra, k)
+        logprobs = torch.full(
+            (*lead, extra, k), -math.log(k), dtype=self.logprobs.dtype, device=dev
+        )
+        tail = torch.full((*lead, extra), -math.inf, dtype=self.tail_logprob.dtype, device=dev)
+        mask = torch.zeros((*lead, extra), dtype=torch.bool, device=dev)
+        return dataclasses.replace(
+            self,
+            indices=torch.cat([self.indices, indices], dim=-2),
+            logprobs=torch.cat([self.logprobs, logprobs], dim=-2),
+            tail_logprob=torch.cat([self.tail_logprob, tail], dim=-1),
+            mask=torch.cat([self.mask, mask], dim=-1),  # type: ignore[list-item]
         )
 
     def dense_logprobs(self, fill: str = "uniform") -> torch.Tensor:

@@ -116,20 +116,103 @@ def test_step_totals_make_micro_batch_losses_add_up():
     torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-12, atol=1e-12)
 
 
+def _sparse_teacher(teacher: torch.Tensor, k: int, mask: torch.Tensor, temperature=2.0):
+    """A top-k cache's SparseLogits of ``teacher`` (real positions: ``mask``), captured at
+    the tests' temperature 2."""
+    from kdkit.sparse import sparse_topk
+
+    return sparse_topk(teacher, k, temperature, mask=mask.bool())
+
+
 @pytest.mark.skipif(not HAS_LINEAR_PATH, reason="kdkit.losses.linear not in this kdkit")
-def test_hidden_states_go_through_the_linear_path(monkeypatch):
-    """With a head, the loss is computed by compute_student_loss_linear (no [B, L, V]
-    student logits); the equality with the logits API is pinned by the tests above."""
+@pytest.mark.parametrize("teacher_kind", ["dense", "top-k"])
+def test_hidden_states_go_through_the_linear_path(monkeypatch, teacher_kind):
+    """With a head, the loss is computed by student_loss_terms_linear (no [B, L, V]
+    student logits) for live/dense and top-k teachers alike."""
+    import kdkit.hf.loss as hf_loss
     import kdkit.losses.linear as linear
 
     calls = []
-    original = linear.compute_student_loss_linear
+    original = linear.student_loss_terms_linear
 
     def spy(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append(type(args[2]).__name__)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(linear, "compute_student_loss_linear", spy)
+    def no_logits(*args, **kwargs):
+        raise AssertionError("student logits were materialised")
+
+    monkeypatch.setattr(linear, "student_loss_terms_linear", spy)
+    monkeypatch.setattr(hf_loss, "_head_logits", no_logits)
     hidden, head, teacher, labels, mask = _problem()
-    lm_distillation_loss(hidden, head, teacher, labels, KDLossConfig(), attention_mask=mask)
-    assert calls == [hidden.shape]
+    if teacher_kind == "top-k":
+        teacher = _sparse_teacher(teacher, 4, mask)
+    config = KDLossConfig(temperature=2.0)
+    lm_distillation_loss(hidden, head, teacher, labels, config, attention_mask=mask)
+    assert calls == ["SparseLogits" if teacher_kind == "top-k" else "Tensor"]
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("weighting", ["none", "pmax"])
+def test_top_k_teacher_matches_compute_student_loss(tail, weighting):
+    """A top-k cache through the linear path = the logits API on the shifted logits."""
+    config = KDLossConfig(temperature=2.0, kd_alpha=0.6, kd_weighting=weighting)
+    hidden, head, teacher, labels, mask = _problem()
+    sparse = _sparse_teacher(teacher, 4, mask)
+    loss, terms = lm_distillation_loss(
+        hidden, head, sparse, labels, config, attention_mask=mask, sparse_tail=tail
+    )
+    (grad,) = torch.autograd.grad(loss, hidden)
+    hidden2 = hidden.detach().clone().requires_grad_(True)
+    ref_teacher = _sparse_teacher(teacher[:, :-1], 4, mask[:, :-1])
+    ref, stats = compute_student_loss(
+        head(hidden2)[:, :-1],
+        ref_teacher,
+        labels[:, 1:].clone(),
+        config,
+        sparse_tail=tail,
+    )
+    (ref_grad,) = torch.autograd.grad(ref, hidden2)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    assert (terms.confidence_sum / terms.num_tokens).item() == pytest.approx(
+        stats["avg_confidence"]
+    )
+
+
+def test_given_teacher_confidence_skips_the_pass_and_changes_nothing(monkeypatch):
+    """The trainer's confidence (computed for W) replaces the linear path's own pass."""
+    import kdkit.losses.linear as linear
+    from kdkit.losses.student_terms import teacher_confidence
+
+    config = KDLossConfig(temperature=2.0, kd_alpha=0.6, kd_weighting="pmax")
+    hidden, head, teacher, labels, mask = _problem()
+    ref, ref_stats = lm_distillation_loss(hidden, head, teacher, labels, config, attention_mask=mask)
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+
+    def no_pass(prep):
+        raise AssertionError("a second confidence pass")
+
+    monkeypatch.setattr(linear, "_teacher_confidence_pass", no_pass)
+    loss, stats = lm_distillation_loss(
+        hidden,
+        head,
+        teacher,
+        labels,
+        config,
+        attention_mask=mask,
+        teacher_confidence=teacher_confidence(teacher),
+    )
+    (grad,) = torch.autograd.grad(loss, hidden)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    assert stats.kd_weight_sum.item() == pytest.approx(ref_stats.kd_weight_sum.item())
+    with pytest.raises(ValueError, match="teacher_confidence must have shape"):
+        lm_distillation_loss(
+            hidden,
+            head,
+            teacher,
+            labels,
+            config,
+            teacher_confidence=teacher_confidence(teacher)[:, 1:],
+        )

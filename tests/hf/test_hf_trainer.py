@@ -173,3 +173,61 @@ def test_evaluation_reports_the_students_own_ce(tmp_path, one_torch_thread):
     with torch.no_grad():
         want = student(**batch).loss.item()
     assert metrics["eval_loss"] == pytest.approx(want, rel=1e-5)
+
+
+class _CountingTeacher(torch.nn.Module):
+    """A teacher that counts its forward passes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.calls = 0
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        return self.model(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("weighting", "accumulation", "per_micro_batch"),
+    [("none", 1, 1), ("pmax", 1, 1), ("pmax", 2, 2)],
+)
+def test_teacher_forwards_per_micro_batch(
+    tmp_path, weighting, accumulation, per_micro_batch, one_torch_thread
+):
+    """Confidence weighting needs the teacher before the step (for W): with one
+    micro-batch per step its outputs are kept for the loss (one forward, was two); with
+    several, only the confidence is kept and the teacher runs again per micro-batch."""
+    teacher = _CountingTeacher(tiny_llama(3, seed=1))
+    config = KDLossConfig(temperature=2.0, kd_alpha=0.6, kd_weighting=weighting)
+    trainer = DistillationTrainer(
+        tiny_llama(2, seed=2),
+        _args(tmp_path, 8 // accumulation, accumulation, max_steps=2),
+        teacher=teacher,
+        kd_config=config,
+        train_dataset=lm_samples(16),
+        data_collator=CausalLMCollator(0),
+    )
+    trainer.train()
+    assert teacher.calls == 2 * accumulation * per_micro_batch
+
+
+def test_a_cached_teacher_fits_a_longer_padded_batch():
+    """Collators that pad further (pad_to_multiple_of) make the batch longer than the
+    cached real positions: dense and top-k teachers are padded, never misaligned."""
+    from kdkit.hf.trainer import fit_length
+    from kdkit.sparse import sparse_topk
+
+    dense = torch.randn(2, 3, 5)
+    longer = fit_length(dense, 8)
+    assert longer.shape == (2, 8, 5) and torch.equal(longer[:, :3], dense)
+    assert torch.equal(longer[:, 3:], torch.zeros(2, 5, 5))
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    sparse = fit_length(sparse_topk(dense, 2, mask=mask), 8)
+    assert sparse.positions_shape == (2, 8) and torch.equal(sparse.mask[:, :3], mask)
+    assert not sparse.mask[:, 3:].any()
+    assert torch.allclose(sparse.logprobs[:, 3:].exp().sum(-1), torch.ones(2, 5))

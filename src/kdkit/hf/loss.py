@@ -5,10 +5,9 @@ Everything the :class:`~kdkit.hf.trainer.DistillationTrainer` optimises goes thr
 in this one place:
 
 * with kdkit's fused linear path (:mod:`kdkit.losses.linear`, :data:`HAS_LINEAR_PATH`):
-  :func:`~kdkit.losses.linear.compute_student_loss_linear` on the final hidden states and
-  the output weight, so no ``[B, L, V]`` student logits (nor their gradient) exist; its
-  per-micro-batch normalisation becomes the step's through the local KD weight
-  (:func:`_linear_loss`, exact);
+  :func:`~kdkit.losses.linear.student_loss_terms_linear` on the final hidden states and
+  the output weight, normalised by the step's counts, so no ``[B, L, V]`` student logits
+  (nor their gradient) exist -- for live teachers, dense caches and top-k caches alike;
 * without it (or given logits): kdkit's logits API (:mod:`kdkit.losses.student_terms`).
 
 Conventions (``docs/decisions.md``, section "Language models"):
@@ -28,22 +27,22 @@ Conventions (``docs/decisions.md``, section "Language models"):
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from kdkit._validation import raise_infinite_ce
-from kdkit.losses.kd import KDLossConfig, compute_kd_weight
+from kdkit.losses.kd import KDLossConfig
 from kdkit.losses.student_terms import (
     StudentLossInputs,
+    StudentLossTerms,
     checked_kd_weight,
     combine,
-    confidence_weights,
     kd_mean,
     raise_for_flags,
     student_loss_terms,
-    teacher_confidence,
 )
 from kdkit.sparse import SparseLogits
 
@@ -101,6 +100,7 @@ def lm_distillation_loss(
     vocab_size: int | None = None,
     ignore_index: int = -100,
     sparse_tail: str = "bucket",
+    teacher_confidence: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LMLossStats]:
     r"""The causal-LM distillation loss of one micro-batch, with ``KDLossConfig`` semantics.
 
@@ -126,12 +126,15 @@ def lm_distillation_loss(
             norm), or its logits ``[B, L, V]`` when ``student_head`` is None.
         student_head: The student's output layer (``weight [V, H]``, optional bias).
         teacher_logits: ``[B, L, V_t]`` (detached), ``V_t >= vocab_size``, or a
-            :class:`~kdkit.SparseLogits` of a top-k cache (then the logits path is used,
-            with ``sparse_tail``).
+            :class:`~kdkit.SparseLogits` of a top-k cache (its ``vocab_size`` the real
+            vocabulary; with ``sparse_tail``, its mask joining the KD selection).
         labels: ``[B, L]`` token ids (unshifted; ``ignore_index`` where not a target).
         attention_mask: ``[B, L]``; padding targets are ignored.
         vocab_size: The real vocabulary size (outputs are cut to it); default: the
             student's output size, which must then equal the teacher's.
+        teacher_confidence: ``[B, L]``, the teacher's per-token confidence when the
+            caller already computed it (the trainer does, for ``W``): the linear path then
+            makes no confidence pass over the teacher's logits.  Ignored on the logits path.
 
     Returns:
         ``(loss, stats)``: the loss (float32, or float64 for float64 inputs) and the
@@ -143,12 +146,11 @@ def lm_distillation_loss(
             device-to-host transfer.
     """
     targets = shift_labels(labels, attention_mask, ignore_index)
-    sparse = isinstance(teacher_logits, SparseLogits)
-    if student_head is not None and (sparse or not HAS_LINEAR_PATH):
+    if student_head is not None and not HAS_LINEAR_PATH:
         student_hidden = _head_logits(student_hidden, student_head, vocab_size)
         student_head = None
     if student_head is None:  # logits: kdkit's logits API
-        return _logits_loss(
+        loss, terms, alpha, raise_flags = _logits_terms(
             student_hidden,
             teacher_logits,
             targets,
@@ -160,62 +162,24 @@ def lm_distillation_loss(
             ignore_index,
             sparse_tail,
         )
-    return _linear_loss(
-        student_hidden,
-        student_head,
-        teacher_logits,
-        targets,
-        config,
-        progress,
-        num_tokens,
-        kd_weight_total,
-        vocab_size,
-        ignore_index,
-    )
-
-
-def _head_logits(hidden: torch.Tensor, head: nn.Module, vocab_size: int | None) -> torch.Tensor:
-    """``[B, L, V]`` student logits (only without :mod:`kdkit.losses.linear`)."""
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if vocab_size is not None:
-        weight = weight[:vocab_size]
-        bias = None if bias is None else bias[:vocab_size]
-    return torch.nn.functional.linear(hidden, weight, bias)
-
-
-def _logits_loss(
-    student_logits,
-    teacher_logits,
-    targets,
-    config,
-    progress,
-    num_tokens,
-    kd_weight_total,
-    vocab_size,
-    ignore_index,
-    sparse_tail="bucket",
-) -> tuple[torch.Tensor, LMLossStats]:
-    """The loss on ``[B, L, V]`` student logits (``compute_student_loss``'s terms)."""
-    sparse = isinstance(teacher_logits, SparseLogits)
-    if vocab_size is not None:
-        student_logits = student_logits[..., :vocab_size]
-        if not sparse:
-            teacher_logits = teacher_logits[..., :vocab_size]
-    teacher = teacher_logits if sparse else teacher_logits.detach()
-    inputs = StudentLossInputs(
-        student_logits, teacher, targets, config, None, ignore_index, "auto", sparse_tail
-    )
-    alpha = checked_kd_weight(inputs, progress, KDLossConfig)
-    terms = student_loss_terms(inputs, alpha)
+    else:
+        loss, terms, alpha, raise_flags = _linear_terms(
+            student_hidden,
+            student_head,
+            teacher_logits,
+            targets,
+            config,
+            progress,
+            num_tokens,
+            kd_weight_total,
+            vocab_size,
+            ignore_index,
+            sparse_tail,
+            teacher_confidence,
+        )
     flags = torch.stack([*terms.flags, terms.ce_sum.detach()]).tolist()  # one transfer
-    raise_for_flags(flags[:4], terms, inputs)
+    raise_flags(flags[:4])
     raise_infinite_ce(flags[4], alpha)
-    n = terms.valid_count if num_tokens is None else num_tokens
-    w = terms.kd_weight_sum if kd_weight_total is None else kd_weight_total
-    dtype = terms.ce_sum.dtype
-    n = torch.as_tensor(n, dtype=dtype, device=terms.ce_sum.device).clamp_min(1)
-    w = torch.as_tensor(w, dtype=dtype, device=terms.ce_sum.device)
-    loss = combine(terms.ce_sum / n, kd_mean(terms.kd_sum, w, alpha), alpha)
     stats = LMLossStats(
         ce_sum=terms.ce_sum.detach(),
         kd_sum=terms.kd_sum.detach(),
@@ -228,7 +192,53 @@ def _logits_loss(
     return loss, stats
 
 
-def _linear_loss(
+def _head_logits(hidden: torch.Tensor, head: nn.Module, vocab_size: int | None) -> torch.Tensor:
+    """``[B, L, V]`` student logits (only without :mod:`kdkit.losses.linear`)."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if vocab_size is not None:
+        weight = weight[:vocab_size]
+        bias = None if bias is None else bias[:vocab_size]
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def _logits_terms(
+    student_logits,
+    teacher_logits,
+    targets,
+    config,
+    progress,
+    num_tokens,
+    kd_weight_total,
+    vocab_size,
+    ignore_index,
+    sparse_tail,
+) -> tuple[torch.Tensor, StudentLossTerms, float, Callable[[Sequence[float]], None]]:
+    """The loss on ``[B, L, V]`` student logits (``compute_student_loss``'s terms)."""
+    sparse = isinstance(teacher_logits, SparseLogits)
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
+        if not sparse:
+            teacher_logits = teacher_logits[..., :vocab_size]
+    teacher = teacher_logits if sparse else teacher_logits.detach()
+    inputs = StudentLossInputs(
+        student_logits, teacher, targets, config, None, ignore_index, "auto", sparse_tail
+    )
+    alpha = checked_kd_weight(inputs, progress, KDLossConfig)
+    terms = student_loss_terms(inputs, alpha)
+    n = terms.valid_count if num_tokens is None else num_tokens
+    w = terms.kd_weight_sum if kd_weight_total is None else kd_weight_total
+    dtype = terms.ce_sum.dtype
+    n = torch.as_tensor(n, dtype=dtype, device=terms.ce_sum.device).clamp_min(1)
+    w = torch.as_tensor(w, dtype=dtype, device=terms.ce_sum.device)
+    loss = combine(terms.ce_sum / n, kd_mean(terms.kd_sum, w, alpha), alpha)
+
+    def raise_flags(flags: Sequence[float]) -> None:
+        raise_for_flags(flags, terms, inputs)
+
+    return loss, terms, alpha, raise_flags
+
+
+def _linear_terms(
     hidden,
     head,
     teacher_logits,
@@ -239,74 +249,26 @@ def _linear_loss(
     kd_weight_total,
     vocab_size,
     ignore_index,
-) -> tuple[torch.Tensor, LMLossStats]:
-    r"""The loss through the output layer, no ``[B, L, V]`` student logits.
+    sparse_tail,
+    teacher_confidence,
+) -> tuple[torch.Tensor, StudentLossTerms, float, Callable[[Sequence[float]], None]]:
+    """The loss through the output layer (no ``[B, L, V]`` student logits):
+    :func:`~kdkit.losses.linear.student_loss_terms_linear` with the step's counts."""
+    from kdkit.losses.linear import student_loss_terms_linear
 
-    :func:`~kdkit.losses.linear.compute_student_loss_linear` normalises by the
-    micro-batch's own counts :math:`n, w`: :math:`(1 - a) S_{CE}/n + a S_{KD}/w`.  The
-    step's loss :math:`(1 - lpha) S_{CE}/N + lpha S_{KD}/W` is that with the KD weight
-    :math:`a` solving :math:`rac{a}{1 - a} = rac{lpha}{1 - lpha}rac{N w}{W n}`,
-    divided by :math:`c = rac{(1 - a) N}{(1 - lpha) n}` (exact, no second pass).
-    """
-    from kdkit.losses.linear import compute_student_loss_linear
-
-    alpha = compute_kd_weight(
-        progress, config.warmup_epochs, config.kd_ramp_epochs, config.kd_alpha
-    )
-    size = vocab_size if vocab_size is not None else head.weight.shape[0]
-    valid = targets != ignore_index
-    teacher = teacher_logits.detach()[..., :size]
-    if config.kd_weighting == "none" or alpha == 0:
-        local_w = valid.sum()
-    else:
-        confidence = teacher_confidence(
-            teacher.to(torch.promote_types(teacher.dtype, torch.float32))
-        )
-        weights = confidence_weights(confidence, config.kd_weighting, config.confidence_threshold)
-        local_w = torch.where(valid, weights, 0.0).sum()
-    n_local, w_local = torch.stack([valid.sum().double(), local_w.double()]).tolist()
-    n_total = n_local if num_tokens is None else float(num_tokens)
-    w_total = w_local if kd_weight_total is None else float(kd_weight_total)
-    local_alpha, scale = _local_alpha(alpha, n_local, w_local, n_total, w_total)
-    local = KDLossConfig(
-        **{**config.to_dict(), "kd_alpha": local_alpha, "warmup_epochs": 0, "kd_ramp_epochs": 0}
-    )
-    loss, stats = compute_student_loss_linear(
+    result = student_loss_terms_linear(
         hidden,
         head.weight,
-        teacher,
+        teacher_logits if isinstance(teacher_logits, SparseLogits) else teacher_logits.detach(),
         targets,
-        local,
+        config,
+        progress,
+        num_valid=num_tokens,
+        kd_weight_sum=kd_weight_total,
+        teacher_confidence=teacher_confidence,
         student_bias=getattr(head, "bias", None),
         vocab_size=vocab_size,
         ignore_index=ignore_index,
+        sparse_tail=sparse_tail,
     )
-
-    def host(value: float) -> torch.Tensor:
-        return torch.tensor(value, dtype=torch.float64)
-
-    return loss * scale, LMLossStats(
-        ce_sum=host(stats["ce_loss"] * n_local),
-        kd_sum=host(stats["kd_loss"] * w_local if local_alpha > 0 else 0.0),
-        num_tokens=host(n_local),
-        kd_weight_sum=host(w_local),
-        selected=host(stats["coverage"] * n_local),
-        confidence_sum=host(stats["avg_confidence"] * n_local),
-        alpha=alpha,
-    )
-
-
-def _local_alpha(
-    alpha: float, n: float, w: float, n_total: float, w_total: float
-) -> tuple[float, float]:
-    """``(a, 1 / c)`` of :func:`_linear_loss` (see there)."""
-    n_total = max(n_total, 1.0)
-    if n == 0:  # nothing to predict here: the local loss is an exact 0
-        return alpha, 1.0
-    if alpha == 1:
-        return 1.0, (w / w_total if w > 0 and w_total > 0 else 1.0)
-    if alpha == 0 or w == 0:
-        return 0.0, (1.0 - alpha) * n / n_total
-    ratio = alpha / (1.0 - alpha) * (n_total * w) / (w_total * n)
-    a = ratio / (1.0 + ratio)
-    return a, (1.0 - alpha) * n / ((1.0 - a) * n_total)
+    return result.loss, result.terms, result.alpha, result.raise_flags

@@ -35,6 +35,7 @@ from kdkit.hf.vocab import real_vocab_size
 from kdkit.losses.kd import KDLossConfig
 from kdkit.losses.sparse import sparse_confidence
 from kdkit.losses.student_terms import confidence_weights, teacher_confidence
+from kdkit.sparse import SparseLogits
 
 transformers = require("transformers", "hf", "kdkit.hf")
 
@@ -45,15 +46,41 @@ logger = logging.getLogger("kdkit.hf")
 SCHEDULE_UNITS: tuple[str, ...] = ("epoch", "step")
 """What ``warmup_epochs``/``kd_ramp_epochs`` count: epochs (fractional) or optimizer steps."""
 
+STEP_TEACHER: str = "kd_step_teacher"
+"""The batch key under which :meth:`DistillationTrainer.get_batch_samples` hands the
+teacher's confidence (and outputs) of a micro-batch to ``compute_loss``."""
+
 LOG_KEYS: tuple[str, ...] = ("kd_loss", "ce_loss", "kd_weight", "coverage", "teacher_confidence")
 """The keys :class:`DistillationTrainer` adds to the Trainer's training logs."""
 
 
-def _to_length(values: torch.Tensor, length: int) -> torch.Tensor:
-    """``[B, L']`` padded (zeros) or cut to ``[B, length]``."""
-    if values.shape[1] >= length:
-        return values[:, :length]
-    return torch.nn.functional.pad(values, (0, length - values.shape[1]))
+def fit_length(teacher: Any, length: int) -> Any:
+    """Teacher outputs with ``length`` positions, like the batch's ``input_ids``.
+
+    A cache stores each sample's real positions only, so a batch padded further (a
+    collator's ``pad_to_multiple_of``) is longer than its cached teacher: dense
+    ``[B, L', V]`` logits are padded with zeros, a :class:`~kdkit.SparseLogits` with its
+    harmless padding (``mask`` False); padding positions are never targets.
+    """
+    if isinstance(teacher, SparseLogits):
+        return teacher.with_length(length)
+    have = teacher.shape[1]
+    if have == length:
+        return teacher
+    if have > length:
+        return teacher[:, :length]
+    return torch.nn.functional.pad(teacher, (0, 0, 0, length - have))
+
+
+class _StepTeacher:
+    """What :meth:`DistillationTrainer.get_batch_samples` learnt about one micro-batch's
+    teacher, handed to :meth:`~DistillationTrainer.compute_loss` inside the batch (the
+    Trainer passes objects that are not tensors, mappings or sequences through as they
+    are): the per-token confidence ``[B, L]`` and, when kept, the outputs themselves."""
+
+    def __init__(self, outputs: Any, confidence: torch.Tensor) -> None:
+        self.outputs = outputs
+        self.confidence = confidence
 
 
 class _HiddenCapture:
@@ -172,6 +199,15 @@ class DistillationTrainer(transformers.Trainer):
             tokenizer=self.processing_class,
             teacher_tokenizer=teacher_tokenizer,
         )
+        if self.cache is not None and self.cache.is_sparse(self.cache_teacher):
+            stored = self.cache.teacher_num_classes[self.cache_teacher]
+            if stored != self.vocab_size:
+                raise ValueError(
+                    f"the top-k cache {str(self.cache.path)!r} holds teacher "
+                    f"{self.cache_teacher!r} over {stored} classes, but the real vocabulary "
+                    f"has {self.vocab_size}: dump it again over the real vocabulary "
+                    f"(kdkit dump-teacher --vocab_size {self.vocab_size})"
+                )
         self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
         self._teacher_placed = False
         self._normalisers: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -214,7 +250,7 @@ class DistillationTrainer(transformers.Trainer):
                     "data_collator=CausalLMCollator(pad_id, cache_keys=True)"
                 )
             cached = load_cached_logits(inputs["kd_keys"], self.cache, self.cache_teacher)
-            return cached.to(inputs["input_ids"].device)
+            return fit_length(cached.to(inputs["input_ids"].device), inputs["input_ids"].shape[1])
         device = self._teacher_device()
         kwargs = {"input_ids": inputs["input_ids"].to(device)}
         if inputs.get("attention_mask") is not None:
@@ -238,8 +274,12 @@ class DistillationTrainer(transformers.Trainer):
         """The step's micro-batches, and its real target tokens summed over ranks.
 
         Also stores ``(N, W)`` for :meth:`compute_loss`.  With ``kd_weighting`` other than
-        ``'none'``, ``W`` needs the teacher's confidence on every micro-batch first: one
-        extra teacher forward per micro-batch (no student work).
+        ``'none'``, ``W`` needs the teacher's confidence on every micro-batch first; that
+        confidence rides along with the batch (the loss makes no second confidence pass),
+        and so do the teacher's outputs when the step has one micro-batch or the teacher
+        is a top-k cache (small) -- otherwise a live teacher runs once more per
+        micro-batch in :meth:`compute_loss` rather than holding every micro-batch's
+        ``[B, L, V]`` logits at once.
         """
         batches = []
         for _ in range(num_batches):
@@ -256,16 +296,18 @@ class DistillationTrainer(transformers.Trainer):
             valid = targets != self.ignore_index
             counts[0] += valid.sum()
             if weighted:
-                logits = self.teacher_logits(batch)
-                if isinstance(logits, torch.Tensor):
-                    confidence = teacher_confidence(logits[..., : self.vocab_size].float())
-                else:  # top-k: the largest kept probability is the maximum
-                    confidence = sparse_confidence(logits, torch.float32)
-                confidence = _to_length(confidence.to(device), valid.shape[1])
+                outputs = self.teacher_logits(batch)
+                if isinstance(outputs, SparseLogits):  # the largest kept probability
+                    confidence = sparse_confidence(outputs, torch.float32)
+                else:
+                    confidence = teacher_confidence(outputs[..., : self.vocab_size].float())
+                confidence = confidence.to(device)
                 weights = confidence_weights(
                     confidence, self.kd_config.kd_weighting, self.kd_config.confidence_threshold
                 )
                 counts[1] += torch.where(valid, weights, 0.0).sum()
+                keep = len(batches) == 1 or isinstance(outputs, SparseLogits)
+                batch[STEP_TEACHER] = _StepTeacher(outputs if keep else None, confidence)
         if not weighted:
             counts[1] = counts[0]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -284,12 +326,18 @@ class DistillationTrainer(transformers.Trainer):
     ) -> Any:
         """Training: the distillation loss of this micro-batch; evaluation: the model's CE."""
         if not model.training or self._normalisers is None:
-            inputs = {k: v for k, v in inputs.items() if k != "kd_keys"}
+            inputs = {k: v for k, v in inputs.items() if k not in ("kd_keys", STEP_TEACHER)}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = self._labels(inputs)
         inputs.pop("labels", None)
-        teacher_logits = self.teacher_logits(inputs)
+        step: _StepTeacher | None = inputs.pop(STEP_TEACHER, None)
+        device = inputs["input_ids"].device
+        if step is not None and step.outputs is not None:
+            teacher_logits = step.outputs.to(device)
+        else:
+            teacher_logits = self.teacher_logits(inputs)
+        confidence = None if step is None else step.confidence.to(device)
         inputs.pop("kd_keys", None)
         unwrapped = self.accelerator.unwrap_model(model)
         capture = _HiddenCapture()
@@ -312,6 +360,7 @@ class DistillationTrainer(transformers.Trainer):
             vocab_size=self.vocab_size,
             ignore_index=self.ignore_index,
             sparse_tail=self.sparse_tail,
+            teacher_confidence=confidence,
         )
         self._record(stats)
         loss = loss * self.accelerator.num_processes

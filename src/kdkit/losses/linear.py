@@ -1167,8 +1167,8 @@ def student_loss_terms_linear(
     current_epoch: float = 0,
     domain_mask: torch.Tensor | None = None,
     *,
-    num_valid: torch.Tensor | float,
-    kd_weight_sum: torch.Tensor | float,
+    num_valid: torch.Tensor | float | None = None,
+    kd_weight_sum: torch.Tensor | float | None = None,
     teacher_confidence: torch.Tensor | None = None,
     **options: Any,
 ) -> LinearStudentLoss:
@@ -1189,7 +1189,8 @@ def student_loss_terms_linear(
 
     Args:
         num_valid, kd_weight_sum: ``N`` and ``W`` (numbers >= 0 or one-element tensors,
-            on any device; tensors are not inspected, so no host transfer).
+            on any device; tensors are not inspected, so no host transfer); ``None``:
+            this batch's own count of valid positions / sum of KD weights.
         teacher_confidence: The teacher's per-position confidence (positions' shape),
             when the caller already computed it with
             :func:`kdkit.losses.student_terms.teacher_confidence` (dense) or
@@ -1198,8 +1199,10 @@ def student_loss_terms_linear(
         **options: The keyword options of :func:`compute_student_loss_linear`
             (``student_bias``, ``vocab_size``, ``ignore_index``, ``sparse_tail``, ...).
     """
-    num_valid = check_normaliser("num_valid", num_valid)
-    kd_weight_sum = check_normaliser("kd_weight_sum", kd_weight_sum)
+    if num_valid is not None:
+        num_valid = check_normaliser("num_valid", num_valid)
+    if kd_weight_sum is not None:
+        kd_weight_sum = check_normaliser("kd_weight_sum", kd_weight_sum)
     setup = _student_setup(
         student_hidden,
         student_weight,
@@ -1215,8 +1218,12 @@ def student_loss_terms_linear(
             "teacher_confidence", teacher_confidence, setup.prep.batch_shape, student_hidden.device
         )
 
-    def given(_count: torch.Tensor, _weight_sum: torch.Tensor) -> tuple[Any, Any, float]:
-        return num_valid, kd_weight_sum, 1.0
+    def given(count: torch.Tensor, weight_sum: torch.Tensor) -> tuple[Any, Any, float]:
+        return (
+            count if num_valid is None else num_valid,
+            weight_sum if kd_weight_sum is None else kd_weight_sum,
+            1.0,
+        )
 
     terms, raise_flags, loss = _student_terms(setup, given, teacher_confidence)
     return LinearStudentLoss(loss.to(setup.prep.result_dtype), terms, setup.alpha, raise_flags)
