@@ -187,7 +187,9 @@ def test_given_teacher_confidence_skips_the_pass_and_changes_nothing(monkeypatch
 
     config = KDLossConfig(temperature=2.0, kd_alpha=0.6, kd_weighting="pmax")
     hidden, head, teacher, labels, mask = _problem()
-    ref, ref_stats = lm_distillation_loss(hidden, head, teacher, labels, config, attention_mask=mask)
+    ref, ref_stats = lm_distillation_loss(
+        hidden, head, teacher, labels, config, attention_mask=mask
+    )
     (ref_grad,) = torch.autograd.grad(ref, hidden)
 
     def no_pass(prep):
