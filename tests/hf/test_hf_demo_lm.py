@@ -10,21 +10,28 @@ import torch
 from kdkit.cli import main
 
 
-def test_lm_demo_tiny(tmp_path, one_torch_thread):
-    pytest.importorskip("transformers")
-    pytest.importorskip("matplotlib")
-    from kdkit.demo.lm import LM_CONDITIONS, LMDemoConfig, run_lm_demo
+def _tiny(out, **kwargs):
+    from kdkit.demo.lm import LMDemoConfig
 
-    threads = torch.get_num_threads()
-    config = LMDemoConfig(
-        output_dir=str(tmp_path / "lm"),
+    return LMDemoConfig(
+        output_dir=str(out),
         quick=True,
         progress=False,
         corpus_chars=20_000,
         vocab_size=300,
         teacher_steps=3,
         student_steps=2,
+        **kwargs,
     )
+
+
+def test_lm_demo_tiny(tmp_path, one_torch_thread):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    from kdkit.demo.lm import LM_CONDITIONS, run_lm_demo
+
+    threads = torch.get_num_threads()
+    config = _tiny(tmp_path / "lm", workers=1)
     result = run_lm_demo(config)
     assert torch.get_num_threads() == threads  # restored
     assert set(result.summary) == set(LM_CONDITIONS)
@@ -36,6 +43,19 @@ def test_lm_demo_tiny(tmp_path, one_torch_thread):
         assert (tmp_path / "lm" / png).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "lm" / "teacher" / "config.json").is_file()
     assert (tmp_path / "lm" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_lm_demo_workers_give_the_same_numbers(tmp_path, one_torch_thread):
+    """The student runs in two spawned worker processes equal the runs in this one: each
+    run starts from the files the demo wrote and its seed, nothing of the process."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    from kdkit.demo.lm import run_lm_demo
+
+    one = run_lm_demo(_tiny(tmp_path / "one", workers=1, seeds=2))
+    two = run_lm_demo(_tiny(tmp_path / "two", workers=2, seeds=2))
+    assert two.summary == one.summary
+    assert len({v["perplexity"][1] for v in one.summary.values()}) > 1  # seeds differ
 
 
 def test_lm_demo_without_transformers_fails_before_any_work(tmp_path, monkeypatch, capsys):

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import sysconfig
 import time
@@ -77,6 +78,7 @@ class LMDemoConfig:
     student_steps: int | None = None
     temperature: float = 1.0
     kd_alpha: float = 0.8
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         defaults = {
@@ -93,6 +95,10 @@ class LMDemoConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.workers is None:  # the ten student runs, one thread each, side by side
+            self.workers = min(4, available_cpus())
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {self.workers!r}")
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
 
@@ -106,6 +112,13 @@ class LMDemoResult:
     wall_time_s: float
     summary: dict[str, dict[str, tuple[float, float]]]
     teacher_metrics: dict[str, float]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def check_lm_demo_extras() -> None:
@@ -235,6 +248,18 @@ class _Curve:
         return Curve()
 
 
+def _quiet_bar() -> Any:
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietBar(ProgressCallback):
+        """The Trainer's progress bar without its printed log dictionaries."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            return None
+
+    return QuietBar
+
+
 def _train(
     condition: str,
     student: Any,
@@ -288,22 +313,90 @@ def _train(
         trainer = DistillationTrainer(
             student, args, teacher=teacher, kd_config=kd, processing_class=tokenizer, **common
         )
-    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    trainer.remove_callback(PrinterCallback)  # one line per run here, not one per log
+    # One line per run here, not one per log: no printer, and a bar that prints no logs.
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_quiet_bar())
     began = time.perf_counter()
     trainer.train()
     metrics = evaluate_lm(student, held_out)
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    logger.info(
-        "%-24s seed %d: held-out perplexity %.2f, accuracy %.3f (%.1f s)",
-        condition,
-        seed,
-        metrics["perplexity"],
-        metrics["accuracy"],
-        time.perf_counter() - began,
+    line = (
+        f"{condition:<24} seed {seed}: held-out perplexity {metrics['perplexity']:.2f}, "
+        f"accuracy {metrics['accuracy']:.3f} ({time.perf_counter() - began:.1f} s)"
     )
-    return metrics, curve.points, logs
+    return metrics, curve.points, logs, line
+
+
+@dataclasses.dataclass(frozen=True)
+class _StudentJob:
+    """One student training of the demo (a condition and a seed), runnable in a worker."""
+
+    condition: str
+    seed: int
+    out: str  # the demo's output directory: teacher/, cache-top*/ are read from it
+    config: LMDemoConfig
+    data: list[dict[str, Any]]
+    held_out: list[dict[str, Any]]
+
+
+def _run_student(job: _StudentJob) -> tuple[Any, ...]:
+    """Train the student of ``job`` (in this process or a worker): ``_train``'s result.
+
+    Everything comes from the files the demo wrote (the teacher and its tokenizer in
+    ``teacher/``, the caches) and the seeds, so a run gives the same numbers in any process.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    from kdkit.hf import student_from_teacher
+
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    out, config, condition = Path(job.out), job.config, job.condition
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "teacher")
+    teacher: Any = None
+    if condition != "CE only":
+        teacher = AutoModelForCausalLM.from_pretrained(out / "teacher", local_files_only=True)
+        teacher.eval()
+    if condition == "layer-dropped init + KD":
+        student = student_from_teacher(teacher, 2)
+    else:
+        student = _llama(len(tokenizer), 2, config.block, seed=job.seed)
+    for k in CACHE_KS:
+        if condition == f"KD (top-{k} cache)":
+            teacher = out / f"cache-top{k}"
+    slug = condition.lower().replace(" ", "-").replace("(", "").replace(")", "")
+    return _train(
+        condition,
+        student,
+        teacher,
+        job.data,
+        job.held_out,
+        config,
+        config.student_steps,
+        job.seed,
+        out / "runs" / f"{slug.replace('+', 'plus')}-seed{job.seed}",
+        tokenizer,
+    )
+
+
+def _run_jobs(jobs: list[_StudentJob], workers: int) -> list[tuple[Any, ...]]:
+    """The jobs' results in order: in this process (``workers == 1``), else in a pool of
+    ``workers`` spawned processes of one thread each (no progress bars there)."""
+    if workers == 1:
+        return [_run_student(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    quiet = [
+        dataclasses.replace(j, config=dataclasses.replace(j.config, progress=False)) for j in jobs
+    ]
+    context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(_run_student, quiet))
 
 
 # --- the demo ----------------------------------------------------------------------------
@@ -320,7 +413,7 @@ def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
     config = LMDemoConfig() if config is None else config
     from transformers.utils import logging as hf_logging
 
-    from kdkit.hf import dump_lm_teacher, student_from_teacher
+    from kdkit.hf import dump_lm_teacher
 
     start = time.perf_counter()
     out = Path(config.output_dir)
@@ -350,7 +443,7 @@ def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
             vocab,
         )
         teacher = _llama(vocab, 4, config.block, seed=1000)
-        teacher_metrics, teacher_curve, _ = _train(
+        teacher_metrics, teacher_curve, _, line = _train(
             "teacher",
             teacher,
             None,
@@ -362,6 +455,7 @@ def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
             out / "runs" / "teacher",
             tokenizer,
         )
+        logger.info("%s", line)
         teacher.save_pretrained(out / "teacher")
         tokenizer.save_pretrained(out / "teacher")
         teacher.eval()
@@ -378,32 +472,16 @@ def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
         finals: dict[str, list[dict[str, float]]] = {c: [] for c in LM_CONDITIONS}
         curves: dict[str, list[list[tuple[int, float]]]] = {c: [] for c in LM_CONDITIONS}
         train_logs: dict[str, list[dict[str, Any]]] = {}
-        for seed in range(config.seeds):
-            for condition in LM_CONDITIONS:
-                if condition == "layer-dropped init + KD":
-                    student = student_from_teacher(teacher, 2)
-                else:
-                    student = _llama(vocab, 2, config.block, seed=seed)
-                live: Any = None if condition == "CE only" else teacher
-                for k in CACHE_KS:
-                    if condition == f"KD (top-{k} cache)":
-                        live = caches[k]
-                slug = condition.lower().replace(" ", "-").replace("(", "").replace(")", "")
-                metrics, curve, logs = _train(
-                    condition,
-                    student,
-                    live,
-                    student_blocks,
-                    held_out,
-                    config,
-                    config.student_steps,
-                    seed,
-                    out / "runs" / f"{slug.replace('+', 'plus')}-seed{seed}",
-                    tokenizer,
-                )
-                finals[condition].append(metrics)
-                curves[condition].append(curve)
-                train_logs.setdefault(condition, logs)
+        jobs = [
+            _StudentJob(condition, seed, str(out), config, student_blocks, held_out)
+            for seed in range(config.seeds)
+            for condition in LM_CONDITIONS
+        ]
+        for job, (metrics, curve, logs, line) in zip(jobs, _run_jobs(jobs, config.workers)):
+            logger.info("%s", line)
+            finals[job.condition].append(metrics)
+            curves[job.condition].append(curve)
+            train_logs.setdefault(job.condition, logs)
     finally:
         torch.set_num_threads(previous_threads)
         hf_logging.set_verbosity(hf_verbosity)
@@ -593,7 +671,7 @@ def main_lm_demo(args: argparse.Namespace) -> int:
             output_dir=args.output_dir or "kdkit-lm-demo",
             quick=args.quick,
             seeds=args.seeds,
-            progress=args.progress,
+            progress=args.progress and sys.stderr.isatty(),  # no bars in log files
         )
     except (ValueError, TypeError) as exc:
         args._parser.error(str(exc))
