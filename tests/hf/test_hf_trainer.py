@@ -231,3 +231,20 @@ def test_a_cached_teacher_fits_a_longer_padded_batch():
     assert sparse.positions_shape == (2, 8) and torch.equal(sparse.mask[:, :3], mask)
     assert not sparse.mask[:, 3:].any()
     assert torch.allclose(sparse.logprobs[:, 3:].exp().sum(-1), torch.ones(2, 5))
+
+
+def test_a_top_k_cache_over_a_padded_vocabulary_is_refused_before_training(tmp_path):
+    """Its tail mass would include the padding rows: dump it over the real vocabulary."""
+    from kdkit.hf import dump_lm_teacher
+
+    padded = tiny_llama(3, vocab=VOCAB + 6, seed=1)
+    cache = dump_lm_teacher(padded, lm_samples(8), tmp_path / "c", top_k=4)
+    with pytest.raises(ValueError, match=rf"over {VOCAB + 6} classes.*has {VOCAB}"):
+        DistillationTrainer(
+            tiny_llama(2, seed=2),
+            _args(tmp_path, 4),
+            teacher_cache=cache,
+            kd_config=KDLossConfig(temperature=1.0),
+            train_dataset=lm_samples(8),
+            data_collator=CausalLMCollator(0, cache_keys=True),
+        )
