@@ -211,5 +211,5 @@ def check_lm_cache(index: Any, samples: Sequence[dict[str, Any]]) -> None:
         raise ValueError(
             f"teacher cache {str(index.path)!r} does not match the training data: of "
             f"{len(samples)} samples, {' and '.join(parts)}; dump the teacher on this data "
-            "(kdkit.hf.dump_lm_teacher)"
+            "with the same --max_length (kdkit dump-teacher --data, or kdkit.hf.dump_lm_teacher)"
         )

@@ -61,7 +61,7 @@ def _load_teachers(
     for name, location in specs:
         if name in dirs:
             raise ValueError(f"teacher name {name!r} given twice")
-        dirs[name] = local_dir(location, f"--teacher {name}=")
+        dirs[name] = local_dir(location, f"--teacher {name}:")
     models = {}
     for name, path in dirs.items():
         try:
@@ -113,7 +113,7 @@ def cmd_dump_lm(args: argparse.Namespace) -> int:
         if args.tokenizer is not None:
             tokenizer_dir = local_dir(args.tokenizer, "--tokenizer")
         for name, location in args.teacher:
-            local_dir(location, f"--teacher {name}=")
+            local_dir(location, f"--teacher {name}:")
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
     _setup_logging()
