@@ -4,6 +4,7 @@ Subcommands::
 
     kdkit train-teacher --manifest data/manifest.jsonl --model kdkit.models:cnn --output_dir runs/t
     kdkit dump-teacher  --manifest data/manifest.jsonl --teacher big=runs/t --cache cache/
+    kdkit dump-teacher  --data train.jsonl --teacher big=MODEL_DIR --top_k 64 --cache cache/
     kdkit train-student --manifest data/manifest.jsonl --cache cache/ --teacher big \\
                         --temperature 4 --kd_alpha 0.7 --kd_weighting pmax \\
                         --warmup_epochs 5 --kd_ramp_epochs 10 --output_dir runs/s
