@@ -216,6 +216,27 @@ def test_rerun_resumes_unchanged_and_extends_when_the_data_grows(
     assert json.loads(grown["manifest.json"])["generation"] == 3
 
 
+def test_text_records_use_the_first_teachers_tokenizer(tmp_path, dirs, one_torch_thread):
+    from kdkit.hf import dump_lm_teacher
+
+    teacher = _save(_load(dirs["a"]), tmp_path / "teacher")
+    tokenizer = _word_tokenizer()
+    tokenizer.save_pretrained(teacher)
+    texts = ["w1 w2 w3 w4 w5 w6", "w7 w8 w9", "w40 w2"]
+    data = _data(tmp_path, [{"text": t} for t in texts])
+    assert _dump(data, tmp_path / "cli", f"t={teacher}", extra=["--max_length", "4"]) == 0
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    assert ids[0] == [3, 4, 5, 6, 7, 8]  # w<i> is id i + 2
+    samples = [
+        {"input_ids": [3, 4, 5, 6], "sample_id": "1#0"},
+        {"input_ids": [7, 8], "sample_id": "1#1"},
+        {"input_ids": ids[1], "sample_id": "2"},
+        {"input_ids": ids[2], "sample_id": "3"},
+    ]
+    dump_lm_teacher(_load(dirs["a"]), samples, tmp_path / "py", name="t")
+    assert _files(tmp_path / "cli") == _files(tmp_path / "py")
+
+
 BAD = [
     ("missing_dir", "--teacher t: '{tmp}/nope' is not a directory (no such path)"),
     ("hub_id", "--teacher t: 'meta-llama/Llama-3.2-1B' is not a local directory; it looks"),
