@@ -4,6 +4,7 @@ Subcommands::
 
     kdkit train-teacher --manifest data/manifest.jsonl --model kdkit.models:cnn --output_dir runs/t
     kdkit dump-teacher  --manifest data/manifest.jsonl --teacher big=runs/t --cache cache/
+    kdkit dump-teacher  --data train.jsonl --teacher big=MODEL_DIR --top_k 64 --cache cache/
     kdkit train-student --manifest data/manifest.jsonl --cache cache/ --teacher big \\
                         --temperature 4 --kd_alpha 0.7 --kd_weighting pmax \\
                         --warmup_epochs 5 --kd_ramp_epochs 10 --output_dir runs/s
@@ -357,7 +358,8 @@ def _top_k_option(specs: list[tuple[str | None, int]] | None) -> int | dict[str,
     return {name: k for name, k in specs}  # type: ignore[misc]
 
 
-def _cmd_dump_teacher(args: argparse.Namespace) -> int:
+def _dump_manifest(args: argparse.Namespace) -> int:
+    """``dump-teacher --manifest``: kdkit teachers over a manifest."""
     import torch
 
     from kdkit._validation import check_device
@@ -375,7 +377,7 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
             teachers[name] = load_teacher_model(
                 name,
                 location,
-                checkpoint=args.checkpoint,
+                checkpoint=args.checkpoint or "best",
                 factory=args.model,
                 factory_kwargs=args.model_kwargs,
                 input_shape=tuple(dataset[0]["features"].shape),
@@ -398,7 +400,7 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
             {name: teacher.to(env.device) for name, teacher in teachers.items()},
             dataset,
             args.cache,
-            batch_size=args.batch_size,
+            batch_size=256 if args.batch_size is None else args.batch_size,
             device=env.device,
             ensembles=fused,
             progress=args.progress and sys.stderr.isatty() and env.is_main,
@@ -422,32 +424,99 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+_MANIFEST_ONLY = ("model", "model_kwargs", "checkpoint", "split", "fused")
+_LM_ONLY = ("tokenizer", "max_length", "vocab_size", "teacher_dtype")
+
+
+def _check_dump_mode(args: argparse.Namespace) -> None:
+    """Exactly one of --manifest / --data; no flag of the other mode (ValueError)."""
+    if (args.manifest is None) == (args.data is None):
+        raise ValueError(
+            "give exactly one data source: --manifest FILE (kdkit teachers) or "
+            "--data FILE.jsonl (Hugging Face causal LMs)"
+        )
+    mode, other = ("--data", _MANIFEST_ONLY) if args.data is not None else ("--manifest", _LM_ONLY)
+    given = [f"--{name}" for name in other if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be used with {mode}")
+
+
+def _cmd_dump_teacher(args: argparse.Namespace) -> int:
+    try:
+        _check_dump_mode(args)
+    except ValueError as exc:
+        args._parser.error(_message(exc))
+    if args.data is not None:  # Hugging Face causal LMs (kdkit[hf]): kdkit.hf.dump_cli
+        from kdkit.hf.dump_cli import cmd_dump_lm
+
+        return cmd_dump_lm(args)
+    return _dump_manifest(args)
+
+
 def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
-    text = "run trained teachers over a manifest and cache their logits"
+    text = (
+        "run teachers over data and cache their logits: trained kdkit teachers over a "
+        "--manifest, or Hugging Face causal LMs over tokenised --data"
+    )
     parser = subparsers.add_parser("dump-teacher", help=text, description=text, allow_abbrev=False)
-    parser.add_argument("--manifest", required=True, help="dataset manifest (JSONL or CSV)")
+    source = parser.add_argument_group("data (exactly one of)")
+    source.add_argument("--manifest", help="dataset manifest (JSONL or CSV) of kdkit teachers")
+    source.add_argument(
+        "--data",
+        help="causal-LM JSONL ({'input_ids': [...]} or {'text': ...} per line, as distill-lm "
+        "reads it); --teacher NAME=MODEL_DIR are then local Hugging Face model directories "
+        "(needs kdkit[hf])",
+    )
     parser.add_argument("--cache", required=True, help="cache directory to write")
     parser.add_argument(
         "--teacher",
         type=_teacher_spec,
         action="append",
         required=True,
-        help="NAME=RUN_DIR (a kdkit train-teacher output) or NAME=WEIGHTS.safetensors (with --model); repeatable",
+        help="NAME=RUN_DIR (a kdkit train-teacher output), NAME=WEIGHTS.safetensors (with "
+        "--model) or, with --data, NAME=MODEL_DIR (a local Hugging Face model); repeatable",
     )
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    parser.add_argument(
+    manifest = parser.add_argument_group("--manifest only")
+    manifest.add_argument(
+        "--checkpoint", choices=["best", "last"], help="run-directory checkpoint (default: best)"
+    )
+    manifest.add_argument(
         "--model",
         help="factory for NAME=WEIGHTS.safetensors teachers (given input_shape from the data "
         "and num_classes = largest label + 1 unless --model_kwargs sets them)",
     )
-    parser.add_argument("--model_kwargs", type=_json_dict, help="factory arguments as JSON")
-    parser.add_argument("--trust_factories", **_TRUST_FLAG)
-    parser.add_argument("--split", action="append", help="only these splits (default: all samples)")
-    parser.add_argument(
+    manifest.add_argument("--model_kwargs", type=_json_dict, help="factory arguments as JSON")
+    manifest.add_argument("--trust_factories", **_TRUST_FLAG)
+    manifest.add_argument(
+        "--split", action="append", help="only these splits (default: all samples)"
+    )
+    manifest.add_argument(
         "--fused",
         type=_fused_spec,
         action="append",
         help="also store NAME=a,b[:strategy] fused logits",
+    )
+    lm = parser.add_argument_group("--data only")
+    lm.add_argument(
+        "--tokenizer",
+        help="local tokenizer directory for text records (default: the first teacher's, if it has one)",
+    )
+    lm.add_argument(
+        "--max_length",
+        type=int,
+        help="longer sequences are split into blocks of this many tokens (default: 512, as "
+        "distill-lm: use the same value in both, the cache keys depend on it)",
+    )
+    lm.add_argument(
+        "--vocab_size",
+        type=int,
+        help="real vocabulary size: logits are cut to these first classes before capture "
+        "(default: the tokenizer's size when smaller than the model's output rows, else no cut)",
+    )
+    lm.add_argument(
+        "--teacher_dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype the teachers are loaded in (default: float32)",
     )
     parser.add_argument(
         "--allow_other_files",
@@ -459,14 +528,16 @@ def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
         type=_top_k_spec,
         action="append",
         help="store teachers sparse: K (every teacher) or NAME=K (repeatable), the top-k "
-        "log-probabilities over the full vocabulary plus the tail mass",
+        "log-probabilities over the full (--data: the real) vocabulary plus the tail mass",
     )
     parser.add_argument(
         "--capture_temperature",
         type=float,
         help="temperature of the sparse log-probabilities (default 1; needs --top_k)",
     )
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument(
+        "--batch_size", type=int, help="samples per batch (default: 256; --data: 8 sequences)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.set_defaults(func=_cmd_dump_teacher)

@@ -12,8 +12,9 @@ were cached for other tokens, with examples.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-__all__ = ["check_lm_cache", "dump_lm_teacher", "input_ids_fingerprint", "lm_cache_key"]
+__all__ = [
+    "check_lm_cache",
+    "check_vocab_size",
+    "dump_lm_teacher",
+    "input_ids_fingerprint",
+    "lm_cache_key",
+]
+
+logger = logging.getLogger("kdkit.hf")
 
 
 def input_ids_fingerprint(input_ids: Sequence[int] | torch.Tensor) -> str:
@@ -43,14 +52,24 @@ def lm_cache_key(sample_id: str, input_ids: Sequence[int] | torch.Tensor) -> str
 
 
 class _Logits(nn.Module):
-    """A causal LM as a module returning its ``[B, L, V]`` logits (what the dump stores)."""
+    """A causal LM as a module returning its ``[B, L, V]`` logits (what the dump stores).
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``vocab_size`` only the first ``vocab_size`` classes (the real vocabulary of a
+    padded embedding matrix), so the padded rows are neither stored nor given any
+    probability mass by a top-k capture.  Logits are float32 (a bfloat16 teacher's too),
+    so the capture's log-softmax is computed in float32.
+    """
+
+    def __init__(self, model: nn.Module, vocab_size: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.vocab_size = vocab_size
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits  # causal: right padding is harmless
+        logits = self.model(input_ids=input_ids).logits  # causal: right padding is harmless
+        if self.vocab_size is not None:
+            logits = logits[..., : self.vocab_size]
+        return logits.float()
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -65,31 +84,86 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": mask, "key": keys}
 
 
+def check_vocab_size(models: Mapping[str, nn.Module], vocab_size: int | None) -> dict[str, int]:
+    """Check a vocabulary cut for ``{name: model}``; return ``{name: output rows}`` of the cut ones.
+
+    Raises:
+        ValueError: no teacher, a ``vocab_size`` < 1 or larger than a teacher's output
+            rows, or teachers with different vocabularies after the cut (named).
+    """
+    from kdkit.hf.vocab import output_size
+
+    if not models:
+        raise ValueError("no teacher given")
+    rows = {n: output_size(m) for n, m in models.items()}
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+        small = {n: r for n, r in rows.items() if r < vocab_size}
+        if small:
+            raise ValueError(
+                f"vocab_size {vocab_size} is larger than the output rows of teacher(s) {small}"
+            )
+    classes = {n: r if vocab_size is None else vocab_size for n, r in rows.items()}
+    if len(set(classes.values())) > 1:
+        raise ValueError(
+            f"the teachers have different vocabularies (output classes {classes}); one cache "
+            "holds teachers of one vocabulary: pass vocab_size (--vocab_size) if they share "
+            "a tokenizer and only the padding differs"
+        )
+    return {n: r for n, r in rows.items() if vocab_size is not None and r > vocab_size}
+
+
 def dump_lm_teacher(
-    teacher: nn.Module,
+    teacher: nn.Module | Mapping[str, nn.Module],
     samples: Sequence[dict[str, Any]],
     cache_dir: str | os.PathLike[str],
     *,
     name: str = "teacher",
-    top_k: int | None = None,
+    top_k: int | Mapping[str, int | None] | None = None,
     dtype: str = "float16",
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     capture_temperature: float = 1.0,
     progress: bool = False,
+    vocab_size: int | None = None,
+    allow_other_files: bool = False,
 ) -> Any:
     """Cache a causal LM's per-token outputs for ``samples`` (``{"input_ids", "sample_id"}``).
 
     Dense (``top_k=None``) or the ``top_k`` most probable tokens per position (log-probs
-    over the full vocabulary plus the tail mass, see :mod:`kdkit.sparse`), stored by
+    over the vocabulary plus the tail mass, see :mod:`kdkit.sparse`), stored by
     :func:`kdkit.dump_teacher_logits` under :func:`lm_cache_key`.  Calling it again
     resumes or extends the cache.  Returns the :class:`~kdkit.cache.CacheIndex`.
+
+    Args:
+        teacher: one causal LM (stored as ``name``) or ``{name: model}``.
+        top_k: ``K`` for every teacher, or ``{name: K or None}`` (``None``: dense).
+        vocab_size: the real vocabulary size of padded embedding matrices: the logits are
+            cut to their first ``vocab_size`` classes *before* capture (dense stores
+            ``vocab_size`` classes; top-k log-probabilities are normalised over the real
+            vocabulary only).  ``None``: every output row is a class.
+        allow_other_files: start a new cache in a directory holding other files.
+
+    Raises:
+        ValueError: a ``vocab_size`` < 1 or larger than a teacher's output rows; teachers
+            with different vocabularies (after the cut), named; the dump's own errors.
     """
     from kdkit.cache import dump_teacher_logits
 
+    models = dict(teacher) if isinstance(teacher, Mapping) else {name: teacher}
+    cut = check_vocab_size(models, vocab_size)
+    if cut:
+        logger.info(
+            "padded vocabulary: teacher output rows %s, real vocabulary %d; logits are cut to "
+            "%d classes before capture",
+            cut,
+            vocab_size,
+            vocab_size,
+        )
     loader = DataLoader(list(samples), batch_size=batch_size, shuffle=False, collate_fn=_collate)
     return dump_teacher_logits(
-        {name: _Logits(teacher).to(device)},
+        {n: _Logits(m, vocab_size).to(device) for n, m in models.items()},
         loader,
         cache_dir,
         input_key="input_ids",
@@ -100,6 +174,7 @@ def dump_lm_teacher(
         capture_temperature=capture_temperature,
         mask_field="attention_mask",
         progress=progress,
+        allow_other_files=allow_other_files,
     )
 
 
@@ -136,5 +211,5 @@ def check_lm_cache(index: Any, samples: Sequence[dict[str, Any]]) -> None:
         raise ValueError(
             f"teacher cache {str(index.path)!r} does not match the training data: of "
             f"{len(samples)} samples, {' and '.join(parts)}; dump the teacher on this data "
-            "(kdkit.hf.dump_lm_teacher)"
+            "with the same --max_length (kdkit dump-teacher --data, or kdkit.hf.dump_lm_teacher)"
         )

@@ -57,7 +57,9 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     teacher = parser.add_argument_group("teacher (one of)")
     teacher.add_argument("--teacher_model", help="local teacher model directory")
     teacher.add_argument(
-        "--cache", help="teacher cache of kdkit.hf.dump_lm_teacher (dense or top-k per token)"
+        "--cache",
+        help="teacher cache of kdkit dump-teacher --data / kdkit.hf.dump_lm_teacher (dense "
+        "or top-k per token; made with the same --data and --max_length)",
     )
     teacher.add_argument("--teacher", help="teacher name in --cache (default: its only one)")
     student = parser.add_argument_group("student (one of)")

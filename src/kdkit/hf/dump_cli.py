@@ -1,0 +1,173 @@
+"""``kdkit dump-teacher --data``: Hugging Face causal-LM teachers over tokenised LM data.
+
+::
+
+    kdkit dump-teacher --data train.jsonl --teacher big=runs/teacher --top_k 64 --cache cache/
+    kdkit distill-lm --data train.jsonl --cache cache/ --student_model runs/student-init ...
+
+The parser lives in :mod:`kdkit.cli` (no ``transformers`` at parse time); this module is
+the command body: it checks ``kdkit[hf]`` first (exit 1, one line), then the flags, the
+directories (local only, ``local_files_only``: a hub id is an error, never a download) and
+the data (exit 2, one line), loads the teachers and runs :func:`kdkit.hf.dump_lm_teacher`
+(resumable; under ``torchrun`` sharded, rank 0 writes).  The data is read exactly as
+``distill-lm`` reads it (:func:`~kdkit.hf.data.load_lm_data`, same ``--max_length``
+default), so the cache keys match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["cmd_dump_lm", "default_vocab_size"]
+
+DEFAULT_MAX_LENGTH = 512
+"""The ``--max_length`` default, the same as ``distill-lm``'s (the cache keys depend on it)."""
+
+DEFAULT_BATCH_SIZE = 8
+
+_MODULES = ("transformers", "tokenizers")
+
+
+def default_vocab_size(tokenizer: Any, rows: dict[str, int]) -> int | None:
+    """The vocabulary cut without ``--vocab_size``: ``len(tokenizer)`` when a tokenizer is
+    known, smaller than some teacher's output rows and not larger than any; else ``None``.
+
+    Example:
+        >>> default_vocab_size(["a"] * 100, {"t": 128}), default_vocab_size(None, {"t": 128})
+        (100, None)
+    """
+    if tokenizer is None:
+        return None
+    size = len(tokenizer)
+    if size < max(rows.values()) and size <= min(rows.values()):
+        return size
+    return None
+
+
+def _load_teachers(
+    specs: list[tuple[str, str]], dtype: str
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """``({name: model}, {name: directory})``; ValueError naming the flag on any failure."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kdkit.hf.recipe import local_dir
+
+    dirs: dict[str, Path] = {}
+    for name, location in specs:
+        if name in dirs:
+            raise ValueError(f"teacher name {name!r} given twice")
+        dirs[name] = local_dir(location, f"--teacher {name}:")
+    models = {}
+    for name, path in dirs.items():
+        try:
+            models[name] = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=getattr(torch, dtype)
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            text = " ".join(str(exc).split())
+            raise ValueError(
+                f"--teacher {name}={str(path)!r} is not a loadable causal LM directory: {text}"
+            ) from None
+    return models, dirs
+
+
+def cmd_dump_lm(args: argparse.Namespace) -> int:
+    """The body of ``kdkit dump-teacher --data`` (see the module docstring)."""
+    from kdkit._extras import require_installed
+    from kdkit.cli import _CONFIG_ERRORS, _is_rank_zero, _message, _setup_logging, _top_k_option
+
+    try:
+        for module in _MODULES:
+            require_installed(module, "hf", "kdkit dump-teacher --data")
+    except ImportError as exc:
+        print(_message(exc), file=sys.stderr)
+        return 1
+    max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
+    batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
+    try:
+        from kdkit._validation import check_device
+        from kdkit.hf.recipe import local_dir
+
+        check_device(args.device, "--device")
+        if not os.path.isfile(args.data):
+            raise ValueError(f"--data {args.data!r} is not a file")
+        if isinstance(max_length, bool) or max_length < 2:
+            raise ValueError(f"--max_length must be an integer >= 2, got {max_length}")
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be an integer >= 1, got {batch_size}")
+        if args.vocab_size is not None and args.vocab_size < 1:
+            raise ValueError(f"--vocab_size must be an integer >= 1, got {args.vocab_size}")
+        top_k = _top_k_option(args.top_k)
+        if args.capture_temperature is not None and top_k is None:
+            raise ValueError("--capture_temperature applies to sparse teachers: pass --top_k too")
+        if isinstance(top_k, dict):
+            unknown = sorted(set(top_k) - {name for name, _ in args.teacher})
+            if unknown:
+                raise ValueError(f"--top_k names teachers that are not given: {unknown}")
+        tokenizer_dir = None
+        if args.tokenizer is not None:
+            tokenizer_dir = local_dir(args.tokenizer, "--tokenizer")
+        for name, location in args.teacher:
+            local_dir(location, f"--teacher {name}:")
+    except _CONFIG_ERRORS as exc:
+        args._parser.error(_message(exc))
+    _setup_logging()
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from kdkit.hf.capture import check_vocab_size, dump_lm_teacher
+    from kdkit.hf.data import load_lm_data
+    from kdkit.hf.recipe import _dir_tokenizer
+    from kdkit.hf.vocab import output_size
+
+    hf_logging.disable_progress_bar()  # errors stay one line; no bars per weight file
+    from kdkit.train.torchrun import init_from_env
+
+    try:
+        if tokenizer_dir is not None:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        else:
+            tokenizer = _dir_tokenizer(local_dir(args.teacher[0][1], "--teacher"))
+        samples = load_lm_data(args.data, tokenizer, max_length=max_length)
+        models, _ = _load_teachers(args.teacher, args.teacher_dtype or "float32")
+        vocab_size = args.vocab_size
+        if vocab_size is None:
+            vocab_size = default_vocab_size(
+                tokenizer, {n: output_size(m) for n, m in models.items()}
+            )
+        check_vocab_size(models, vocab_size)
+    except (*_CONFIG_ERRORS, OSError) as exc:
+        args._parser.error(_message(exc))
+    env = init_from_env(args.device)  # under torchrun: a sharded dump, rank 0 writes
+    try:
+        index = dump_lm_teacher(
+            models,
+            samples,
+            args.cache,
+            top_k=top_k,
+            batch_size=batch_size,
+            device=env.device,
+            capture_temperature=args.capture_temperature or 1.0,
+            progress=args.progress and sys.stderr.isatty() and env.is_main,
+            vocab_size=vocab_size,
+            allow_other_files=args.allow_other_files,
+        )
+    except Exception as exc:  # the cache's own errors (CacheError) included
+        if not isinstance(exc, (*_CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
+            raise
+        print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        env.close()
+    if not _is_rank_zero():
+        return 0
+    print(
+        f"cached {index.num_samples} sequences ({index.num_positions} tokens) x "
+        f"{index.num_classes} classes for teachers {list(index.teachers)} in {index.path}"
+    )
+    return 0
