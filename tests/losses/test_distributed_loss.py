@@ -1,7 +1,7 @@
 """kdkit.losses.distributed in one process: the distributed code path equals
 compute_student_loss exactly, and the old kdkit.distributed location re-exports it.
 
-The multi-process tests (2 gloo ranks) are in tests/test_distributed.py.
+The multi-process tests (2 gloo ranks) are in tests/train/test_distributed_train.py.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch.distributed as dist
 import kdkit
 from kdkit import KDLossConfig, compute_student_loss
 from kdkit.losses import distributed
+from kdkit.sparse import sparse_topk
 from kdkit.train import torchrun
 
 
@@ -73,3 +74,75 @@ def test_all_reduce_path_validates_like_compute_student_loss(one_rank_group):
         distributed.compute_student_loss_distributed(
             s, t, torch.tensor([0, 1, 2]), KDLossConfig(), ignore_index=None
         )
+
+
+# ---------------------------------------------------------------------------------------
+# Sparse (top-k) teachers: sparse_tail and retemper as in compute_student_loss
+# ---------------------------------------------------------------------------------------
+
+SPARSE_CASES = [  # (sparse_tail, retemper); retemper=True trains at 3.0, captured at 2.0
+    ("bucket", False),
+    ("renormalize", False),
+    ("bucket", True),
+    ("renormalize", True),
+]
+
+
+def _sparse_problem():
+    gen = torch.Generator().manual_seed(5)
+    student = torch.randn(2, 5, 9, generator=gen, dtype=torch.float64).requires_grad_()
+    logits = 3.0 * torch.randn(2, 5, 9, generator=gen, dtype=torch.float64)
+    covered = torch.ones(2, 5, dtype=torch.bool)
+    covered[0, 4] = False  # padding the cache lacks
+    targets = torch.randint(0, 9, (2, 5), generator=gen)
+    targets[0, 4] = -100
+    mask = torch.rand(2, 5, generator=gen) > 0.3
+    return student, sparse_topk(logits, 3, 2.0, mask=covered), targets, mask
+
+
+def _assert_sparse_equal(tail, retemper):
+    config = KDLossConfig(temperature=3.0 if retemper else 2.0, kd_alpha=0.6, kd_weighting="pmax")
+    student, teacher, targets, mask = _sparse_problem()
+    options = {"sparse_tail": tail, "retemper": retemper}
+    loss, stats = distributed.compute_student_loss_distributed(
+        student, teacher, targets, config, 1, mask, **options
+    )
+    (grad,) = torch.autograd.grad(loss, student)
+    want, want_stats = compute_student_loss(student, teacher, targets, config, 1, mask, **options)
+    (want_grad,) = torch.autograd.grad(want, student)
+    torch.testing.assert_close(loss, want, rtol=1e-14, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-14, atol=0)
+    for key, value in want_stats.items():
+        assert float(stats[key]) == pytest.approx(float(value), rel=1e-14), key
+    other = "renormalize" if tail == "bucket" else "bucket"  # the tail changes the loss
+    moved = compute_student_loss(
+        student, teacher, targets, config, 1, mask, sparse_tail=other, retemper=retemper
+    )
+    assert moved[1]["kd_loss"] != pytest.approx(want_stats["kd_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(("tail", "retemper"), SPARSE_CASES)
+def test_sparse_teacher_without_process_group_equals_compute_student_loss(tail, retemper):
+    _assert_sparse_equal(tail, retemper)
+
+
+@pytest.mark.parametrize(("tail", "retemper"), SPARSE_CASES)
+def test_sparse_teacher_on_the_all_reduce_path_equals_compute_student_loss(
+    one_rank_group, tail, retemper
+):
+    _assert_sparse_equal(tail, retemper)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_sparse_options_are_checked_like_compute_student_loss(request, grouped):
+    if grouped:
+        request.getfixturevalue("one_rank_group")
+    student, teacher, targets, _ = _sparse_problem()
+    call = distributed.compute_student_loss_distributed
+    with pytest.raises(ValueError, match=r"temperature=3\.0 differs from the sparse teacher's"):
+        call(student, teacher, targets, KDLossConfig(temperature=3.0))
+    with pytest.raises(ValueError, match="sparse_tail must be one of 'bucket', 'renormalize'"):
+        call(student, teacher, targets, KDLossConfig(temperature=2.0), sparse_tail="drop")
+    jsd = KDLossConfig(temperature=2.0, loss_type="jsd")
+    with pytest.raises(ValueError, match="loss_type='jsd' needs the teacher's probability"):
+        call(student, teacher, targets, jsd, sparse_tail="renormalize")

@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from kdkit import KDLoss, KDLossConfig, StudentLoss, compute_student_loss, kd_loss
+from kdkit import (
+    KDLoss,
+    KDLossConfig,
+    LinearKDLoss,
+    StudentLoss,
+    compute_student_loss,
+    kd_loss,
+    linear_kd_loss,
+)
+from kdkit.losses import modules
+from kdkit.sparse import sparse_topk
 
 
 @pytest.mark.parametrize("loss_type", ["kldiv", "soft_ce"])
@@ -60,3 +70,132 @@ def test_student_loss_module_forwards_ignore_index_and_tensor_stats():
     want, _ = compute_student_loss(s, t, y, config, ignore_index=-1)
     assert torch.equal(got, want)
     assert isinstance(stats["kd_loss"], torch.Tensor)
+
+
+# ---------------------------------------------------------------------------------------
+# Sparse (top-k) teachers: sparse_tail and retemper reach the functional call
+# ---------------------------------------------------------------------------------------
+
+CAPTURE_T = 2.0
+SPARSE_CASES = [  # (sparse_tail, retemper); retemper=True trains at a temperature != capture
+    ("bucket", False),
+    ("renormalize", False),
+    ("bucket", True),
+    ("renormalize", True),
+]
+
+
+def _sparse_problem():
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 5, 11, generator=gen, dtype=torch.float64).requires_grad_()
+    t = 3.0 * torch.randn(2, 5, 11, generator=gen, dtype=torch.float64)
+    covered = torch.ones(2, 5, dtype=torch.bool)
+    covered[1, 4] = False  # a position the cache lacks (padding)
+    y = torch.randint(0, 11, (2, 5), generator=gen)
+    y[1, 4] = -100
+    return s, sparse_topk(t, 4, CAPTURE_T, mask=covered), y
+
+
+def _value_and_grad(loss, s):
+    (grad,) = torch.autograd.grad(loss, s)
+    return loss.detach(), grad
+
+
+def _assert_same(got, want):
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize(("tail", "retemper"), SPARSE_CASES)
+def test_kdloss_module_with_a_sparse_teacher_equals_function(tail, retemper):
+    s, sp, _ = _sparse_problem()
+    temperature = 3.0 if retemper else CAPTURE_T
+    module = KDLoss(temperature, "kldiv", "mean", sparse_tail=tail, retemper=retemper)
+    got = _value_and_grad(module(s, sp), s)
+    want = _value_and_grad(
+        kd_loss(s, sp, temperature, "kldiv", "mean", sparse_tail=tail, retemper=retemper), s
+    )
+    _assert_same(got, want)
+    other = "renormalize" if tail == "bucket" else "bucket"  # the tail changes the loss
+    assert (
+        kd_loss(s, sp, temperature, "kldiv", "mean", sparse_tail=other, retemper=retemper) != got[0]
+    )
+    assert f"sparse_tail={tail!r}" in repr(module) and f"retemper={retemper}" in repr(module)
+
+
+@pytest.mark.parametrize(("tail", "retemper"), SPARSE_CASES)
+def test_student_loss_module_with_a_sparse_teacher_equals_function(tail, retemper):
+    s, sp, y = _sparse_problem()
+    config = KDLossConfig(
+        temperature=3.0 if retemper else CAPTURE_T, kd_alpha=0.6, kd_weighting="pmax"
+    )
+    module = StudentLoss(config, sparse_tail=tail, retemper=retemper)
+    loss, stats = module(s, sp, y, 1)
+    want, want_stats = compute_student_loss(
+        s, sp, y, config, 1, sparse_tail=tail, retemper=retemper
+    )
+    _assert_same(_value_and_grad(loss, s), _value_and_grad(want, s))
+    assert stats == want_stats
+    other = "renormalize" if tail == "bucket" else "bucket"
+    moved = compute_student_loss(s, sp, y, config, 1, sparse_tail=other, retemper=retemper)
+    assert moved[1]["kd_loss"] != stats["kd_loss"]
+    assert f"sparse_tail={tail!r}" in repr(module) and f"retemper={retemper}" in repr(module)
+
+
+@pytest.mark.parametrize(("tail", "retemper"), SPARSE_CASES)
+def test_linear_kd_loss_module_with_a_sparse_teacher_equals_function(tail, retemper):
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64).requires_grad_()
+    w = torch.randn(11, 6, generator=gen, dtype=torch.float64)
+    _, sp, _ = _sparse_problem()
+    temperature = 3.0 if retemper else CAPTURE_T
+    module = LinearKDLoss(temperature, sparse_tail=tail, retemper=retemper, chunk_elements=22)
+    got = _value_and_grad(module(h, w, sp), h)
+    want = linear_kd_loss(
+        h, w, sp, temperature, sparse_tail=tail, retemper=retemper, chunk_elements=22
+    )
+    _assert_same(got, _value_and_grad(want, h))
+    # ... and the logits path (the linear loss is exact, not bitwise)
+    ref = _value_and_grad(kd_loss(h @ w.T, sp, temperature, sparse_tail=tail, retemper=retemper), h)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert f"sparse_tail={tail!r}" in repr(module)
+
+
+@pytest.mark.parametrize(
+    ("cls", "jsd"),
+    [
+        (KDLoss, {"loss_type": "jsd"}),
+        (StudentLoss, {"config": KDLossConfig(loss_type="jsd")}),
+        (LinearKDLoss, {"loss_type": "jsd"}),
+    ],
+    ids=["KDLoss", "StudentLoss", "LinearKDLoss"],
+)
+def test_modules_refuse_bad_sparse_options_at_construction(monkeypatch, cls, jsd):
+    def boom(*args, **kwargs):
+        raise AssertionError("the module ran the loss to validate its arguments")
+
+    for name in ("kd_loss", "compute_student_loss", "linear_kd_loss"):
+        monkeypatch.setattr(modules, name, boom)
+    with pytest.raises(
+        ValueError, match=r"sparse_tail must be one of 'bucket', 'renormalize'; got 'drop'"
+    ):
+        cls(sparse_tail="drop")
+    with pytest.raises(TypeError, match=r"retemper must be true or false, got 'yes'"):
+        cls(retemper="yes")
+    with pytest.raises(ValueError, match=r"loss_type='jsd' needs the teacher's probability"):
+        cls(sparse_tail="renormalize", **jsd)
+    cls(sparse_tail="bucket", retemper=True, **jsd)  # the (K+1)-class tail fits every type
+
+
+def test_modules_without_retemper_refuse_another_temperature_than_the_capture():
+    s, sp, y = _sparse_problem()
+    match = r"temperature=3.0 differs from the sparse teacher's capture temperature 2.0"
+    with pytest.raises(ValueError, match=match):
+        KDLoss(3.0)(s, sp)
+    with pytest.raises(ValueError, match=match):
+        StudentLoss(KDLossConfig(temperature=3.0))(s, sp, y)
+    with pytest.raises(ValueError, match=match):
+        LinearKDLoss(3.0)(
+            torch.randn(2, 5, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64), sp
+        )

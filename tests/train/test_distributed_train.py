@@ -25,6 +25,7 @@ from kdkit.cli import main
 from kdkit.data import ManifestRecord, write_manifest
 from kdkit.losses.distributed import compute_student_loss_distributed
 from kdkit.losses.kd import STUDENT_LOSS_STATS, KDLossConfig, compute_student_loss
+from kdkit.sparse import sparse_topk
 from kdkit.train.torchrun import init_from_env
 
 SPAWN_TIMEOUT = 60.0
@@ -108,6 +109,30 @@ def _run_cases(model_wrap, rank_slice, loss_fn, cases, epoch):
     return results
 
 
+SPARSE_CASES = [("bucket", False), ("renormalize", False), ("bucket", True), ("renormalize", True)]
+"""(sparse_tail, retemper) of the cached top-k teacher cases; retemper trains at 3, not 2."""
+
+
+def _run_sparse_cases(part: slice, loss_fn):
+    """{(tail, retemper): (loss, stats, student grad)} with a cached top-3 teacher (the
+    'uneven' case, one position the cache lacks), over the positions ``part``."""
+    _, _, teacher, targets, mask = _problem("uneven")
+    student = torch.randn(N, C, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    covered = torch.ones(N, dtype=torch.bool)
+    covered[3] = False
+    targets[3] = -100
+    sparse = sparse_topk(teacher[part], 3, 2.0, mask=covered[part])
+    results = {}
+    for tail, retemper in SPARSE_CASES:
+        config = _kd_config("pmax", temperature=3.0 if retemper else 2.0)
+        s = student[part].clone().requires_grad_()
+        options = {"sparse_tail": tail, "retemper": retemper}
+        loss, stats = loss_fn(s, sparse, targets[part], config, 5.0, mask[part], **options)
+        (grad,) = torch.autograd.grad(loss, s)
+        results[(tail, retemper)] = (loss.detach(), stats, grad)
+    return results
+
+
 def _dump_problem(n: int = 19):
     torch.manual_seed(7)
     teachers = {"a": torch.nn.Linear(4, 3), "b": torch.nn.Linear(4, 3)}
@@ -143,6 +168,9 @@ def _worker(rank: int, store: str, out: str, dump_argv: list[str]) -> None:
             )
             for epoch in EPOCHS
         }
+        split = CASES["uneven"][0]
+        sparse_part = slice(0, split) if rank == 0 else slice(split, N)
+        results["sparse"] = _run_sparse_cases(sparse_part, compute_student_loss_distributed)
         # Invalid input on rank 1 only: both ranks raise, neither hangs.
         s, t = torch.randn(3, C), torch.randn(3, C)
         y = torch.tensor([0, 1, 7 if rank == 1 else 2])
@@ -217,6 +245,22 @@ def test_two_ranks_equal_one_rank(two_ranks, epoch):
                 assert abs(stats[name] - ref_stats[name]) < 1e-6, (key, name)
             for g, ref in zip(grads, ref_grads):
                 assert (g - ref).abs().max() < 1e-6, key
+
+
+def test_two_ranks_with_a_sparse_teacher_equal_one_rank(two_ranks):
+    reference = _run_sparse_cases(slice(0, N), compute_student_loss)
+    ranks = [two_ranks[1][r]["sparse"] for r in range(2)]
+    for key, (ref_loss, ref_stats, ref_grad) in reference.items():
+        losses = [ranks[r][key][0] for r in range(2)]
+        torch.testing.assert_close(sum(losses) / 2, ref_loss, rtol=1e-12, atol=0)
+        for r in range(2):
+            for name in STUDENT_LOSS_STATS:
+                assert ranks[r][key][1][name] == pytest.approx(ref_stats[name], rel=1e-12), key
+        # L_r = R * (rank r's share): its logits' gradient is R times the global one.
+        grads = torch.cat([ranks[0][key][2], ranks[1][key][2]]) / 2
+        torch.testing.assert_close(grads, ref_grad, rtol=1e-12, atol=1e-15)
+    renormalised = reference[("renormalize", False)][1]["kd_loss"]
+    assert renormalised != pytest.approx(reference[("bucket", False)][1]["kd_loss"], rel=1e-6)
 
 
 def test_without_process_group_it_is_compute_student_loss():

@@ -28,6 +28,7 @@ from kdkit.losses.student_terms import (
     student_loss_terms,
     teacher_values,
 )
+from kdkit.sparse import SparseLogits
 
 __all__ = [
     "compute_student_loss_distributed",
@@ -43,7 +44,7 @@ def is_distributed(group: Any = None) -> bool:
 
 def compute_student_loss_distributed(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseLogits,
     targets: torch.Tensor,
     config: KDLossConfig,
     current_epoch: float = 0,
@@ -54,6 +55,8 @@ def compute_student_loss_distributed(
     tensor_stats: bool = False,
     ignore_index: int = -100,
     implementation: str = "auto",
+    sparse_tail: str = "bucket",
+    retemper: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     r""":func:`~kdkit.losses.kd.compute_student_loss` normalised over all ranks of ``group``.
 
@@ -90,9 +93,11 @@ def compute_student_loss_distributed(
 
     Args:
         student_logits, teacher_logits, targets, config, current_epoch, domain_mask,
-        tensor_stats, ignore_index, implementation: As in
+        tensor_stats, ignore_index, implementation, sparse_tail, retemper: As in
             :func:`~kdkit.losses.kd.compute_student_loss` (this rank's part of the batch;
-            ``current_epoch`` must be the same on every rank).
+            ``current_epoch`` must be the same on every rank).  ``teacher_logits`` may be
+            a cached top-k teacher (:class:`kdkit.SparseLogits`, this rank's positions);
+            ``sparse_tail`` and ``retemper`` then apply as there.
         group: The process group (default: the world).
         gradients_averaged: True (DDP's behaviour) scales the loss by the world size.
 
@@ -116,13 +121,23 @@ def compute_student_loss_distributed(
         "tensor_stats": tensor_stats,
         "ignore_index": ignore_index,
         "implementation": implementation,
+        "sparse_tail": sparse_tail,
+        "retemper": retemper,
     }
     if not is_distributed(group):
         return compute_student_loss(
             student_logits, teacher_logits, targets, config, current_epoch, domain_mask, **kwargs
         )
     inputs = StudentLossInputs(
-        student_logits, teacher_logits, targets, config, domain_mask, ignore_index, implementation
+        student_logits,
+        teacher_logits,
+        targets,
+        config,
+        domain_mask,
+        ignore_index,
+        implementation,
+        sparse_tail,
+        retemper,
     )
     alpha = checked_kd_weight(inputs, current_epoch, KDLossConfig)
     terms = student_loss_terms(inputs, alpha)
