@@ -90,3 +90,47 @@ def reference_grads(config, make=None):
     loss, _ = compute_student_loss(logits[:, :-1], t[:, :-1], targets[:, :-1].clone(), config)
     loss.backward()
     return [p.grad.detach().clone() for p in student.parameters()]
+
+
+def tiny_gemma2(layers: int = 2, vocab: int = VOCAB, hidden: int = 16, seed: int = 0):
+    """Gemma 2: its forward soft-caps the logits (``final_logit_softcapping``, small here so
+    that it matters for a random model)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        final_logit_softcapping=0.5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return Gemma2ForCausalLM(config)
+
+
+def tiny_cohere(layers: int = 2, vocab: int = VOCAB, hidden: int = 16, seed: int = 0):
+    """Cohere: its forward multiplies the logits by ``logit_scale``."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(seed)
+    config = CohereConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        logit_scale=3.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return CohereForCausalLM(config)

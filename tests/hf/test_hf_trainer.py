@@ -34,11 +34,11 @@ def _args(tmp_path, batch: int, accumulation: int = 1, **kwargs) -> TrainingArgu
     return TrainingArguments(**values)
 
 
-def _train(tmp_path, batch, accumulation, config, make=tiny_llama, **kwargs):
+def _train(tmp_path, batch, accumulation, config, make=tiny_llama, args=None, **kwargs):
     grab = grad_grab()
     trainer = DistillationTrainer(
         make(2, seed=2),
-        _args(tmp_path, batch, accumulation),
+        _args(tmp_path, batch, accumulation, **(args or {})),
         teacher=make(3, seed=1),
         kd_config=config,
         train_dataset=lm_samples(8),
@@ -248,3 +248,57 @@ def test_a_top_k_cache_over_a_padded_vocabulary_is_refused_before_training(tmp_p
             train_dataset=lm_samples(8),
             data_collator=CausalLMCollator(0, cache_keys=True),
         )
+
+
+@pytest.mark.parametrize("family", ["gemma2-softcap", "cohere-logit-scale"])
+def test_the_students_output_transform_is_applied(tmp_path, family, one_torch_thread):
+    """Gemma 2 soft-caps its logits, Cohere scales them: the linear path applies the same
+    transform to head(hidden), so the gradient is that of the model's own logits."""
+    from hf_testing import tiny_cohere, tiny_gemma2
+
+    make = tiny_gemma2 if family.startswith("gemma2") else tiny_cohere
+    config = KDLossConfig(temperature=2.0, kd_alpha=0.6)
+    no_clipping = {"max_grad_norm": 0.0}  # the grabbed gradient is the loss's own
+    trainer, grads = _train(tmp_path, 8, 1, config, make=make, args=no_clipping)
+    transform = trainer.output_transform
+    assert (transform.softcap, transform.logit_scale) == (
+        (0.5, None) if family.startswith("gemma2") else (None, 3.0)
+    )
+    for got, want in zip(grads, reference_grads(config, make=make)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_output_transform_is_an_error_at_the_first_step(tmp_path):
+    """A forward that changes its logits in a way the config does not say: refused,
+    never a silently different objective."""
+    from transformers import LlamaForCausalLM
+
+    class Doubled(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            out = super().forward(input_ids, attention_mask, labels=labels, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    student = Doubled(tiny_llama(2, seed=2).config)
+    trainer = DistillationTrainer(
+        student,
+        _args(tmp_path, 8),
+        teacher=tiny_llama(3, seed=1),
+        kd_config=KDLossConfig(temperature=2.0, kd_alpha=0.6),
+        train_dataset=lm_samples(8),
+        data_collator=CausalLMCollator(0),
+    )
+    with pytest.raises(ValueError, match=r"student's logits are not h W\^T \+ b .*'llama'"):
+        trainer.train()
+    from kdkit.hf.head import OutputTransform
+
+    fixed = DistillationTrainer(
+        Doubled(tiny_llama(2, seed=2).config),
+        _args(tmp_path / "fixed", 8),
+        teacher=tiny_llama(3, seed=1),
+        kd_config=KDLossConfig(temperature=2.0, kd_alpha=0.6),
+        train_dataset=lm_samples(8),
+        data_collator=CausalLMCollator(0),
+        output_transform=OutputTransform(logit_scale=2.0),
+    )
+    fixed.train()  # the transform given: accepted

@@ -8,7 +8,8 @@ in this one place:
   :func:`~kdkit.losses.linear.student_loss_terms_linear` on the final hidden states and
   the output weight, normalised by the step's counts, so no ``[B, L, V]`` student logits
   (nor their gradient) exist -- for live teachers, dense caches and top-k caches alike;
-* without it (or given logits): kdkit's logits API (:mod:`kdkit.losses.student_terms`).
+* given logits instead (``student_head=None``): kdkit's logits API
+  (:mod:`kdkit.losses.student_terms`).
 
 Conventions (``docs/decisions.md``, section "Language models"):
 
@@ -49,9 +50,9 @@ from kdkit.sparse import SparseLogits
 __all__ = ["HAS_LINEAR_PATH", "LMLossStats", "lm_distillation_loss", "shift_labels"]
 
 HAS_LINEAR_PATH: bool = importlib.util.find_spec("kdkit.losses.linear") is not None
-"""True when kdkit's fused linear loss (``kdkit.losses.linear``) is present: the loss then
-never materialises ``[B, L, V]`` student logits.  Without it (kdkit versions before the
-fused linear path) the same objective is computed on the logits."""
+"""Always True in this kdkit (the fused linear loss is part of it): given the student's
+hidden states and output layer, the loss never materialises ``[B, L, V]`` student logits.
+Kept for code written against the first ``kdkit.hf``."""
 
 
 class LMLossStats(NamedTuple):
@@ -101,6 +102,8 @@ def lm_distillation_loss(
     ignore_index: int = -100,
     sparse_tail: str = "bucket",
     teacher_confidence: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, LMLossStats]:
     r"""The causal-LM distillation loss of one micro-batch, with ``KDLossConfig`` semantics.
 
@@ -135,6 +138,9 @@ def lm_distillation_loss(
         teacher_confidence: ``[B, L]``, the teacher's per-token confidence when the
             caller already computed it (the trainer does, for ``W``): the linear path then
             makes no confidence pass over the teacher's logits.  Ignored on the logits path.
+        logit_scale, softcap: The student's output transform, applied to ``head(hidden)``
+            as its forward does (:mod:`kdkit.hf.head`; e.g. Gemma's final-logit
+            soft-capping); not applied to given logits or to the teacher's logits.
 
     Returns:
         ``(loss, stats)``: the loss (float32, or float64 for float64 inputs) and the
@@ -146,9 +152,6 @@ def lm_distillation_loss(
             device-to-host transfer.
     """
     targets = shift_labels(labels, attention_mask, ignore_index)
-    if student_head is not None and not HAS_LINEAR_PATH:
-        student_hidden = _head_logits(student_hidden, student_head, vocab_size)
-        student_head = None
     if student_head is None:  # logits: kdkit's logits API
         loss, terms, alpha, raise_flags = _logits_terms(
             student_hidden,
@@ -176,6 +179,8 @@ def lm_distillation_loss(
             ignore_index,
             sparse_tail,
             teacher_confidence,
+            logit_scale,
+            softcap,
         )
     flags = torch.stack([*terms.flags, terms.ce_sum.detach()]).tolist()  # one transfer
     raise_flags(flags[:4])
@@ -190,15 +195,6 @@ def lm_distillation_loss(
         alpha=alpha,
     )
     return loss, stats
-
-
-def _head_logits(hidden: torch.Tensor, head: nn.Module, vocab_size: int | None) -> torch.Tensor:
-    """``[B, L, V]`` student logits (only without :mod:`kdkit.losses.linear`)."""
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if vocab_size is not None:
-        weight = weight[:vocab_size]
-        bias = None if bias is None else bias[:vocab_size]
-    return torch.nn.functional.linear(hidden, weight, bias)
 
 
 def _logits_terms(
@@ -251,6 +247,8 @@ def _linear_terms(
     ignore_index,
     sparse_tail,
     teacher_confidence,
+    logit_scale,
+    softcap,
 ) -> tuple[torch.Tensor, StudentLossTerms, float, Callable[[Sequence[float]], None]]:
     """The loss through the output layer (no ``[B, L, V]`` student logits):
     :func:`~kdkit.losses.linear.student_loss_terms_linear` with the step's counts."""
@@ -270,5 +268,7 @@ def _linear_terms(
         vocab_size=vocab_size,
         ignore_index=ignore_index,
         sparse_tail=sparse_tail,
+        logit_scale=logit_scale,
+        softcap=softcap,
     )
     return result.loss, result.terms, result.alpha, result.raise_flags

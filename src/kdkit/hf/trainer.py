@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from kdkit._extras import require
+from kdkit.hf.head import OutputTransform, check_output_transform
+from kdkit.hf.head import output_transform as read_output_transform
 from kdkit.hf.loss import LMLossStats, lm_distillation_loss, shift_labels
 from kdkit.hf.vocab import real_vocab_size
 from kdkit.losses.kd import KDLossConfig
@@ -123,6 +125,10 @@ class DistillationTrainer(transformers.Trainer):
         vocab_size: The real vocabulary size, when the embedding matrices are padded and
             no tokenizer is given (default: from the tokenizer, else the smaller output).
         ignore_index: The label value that marks non-targets.
+        output_transform: What the student's forward applies after its output layer
+            (:class:`~kdkit.hf.head.OutputTransform`: ``logit_scale``, ``softcap``);
+            default: read from its config (:func:`~kdkit.hf.head.output_transform`).
+            Checked against the model's own logits at the first training step.
         **kwargs: Passed to ``transformers.Trainer`` (``train_dataset``,
             ``data_collator``, ``processing_class``, ``callbacks``...).
 
@@ -147,6 +153,7 @@ class DistillationTrainer(transformers.Trainer):
         teacher_tokenizer: Any = None,
         vocab_size: int | None = None,
         ignore_index: int = -100,
+        output_transform: OutputTransform | None = None,
         **kwargs: Any,
     ) -> None:
         if (teacher is None) == (teacher_cache is None):
@@ -161,6 +168,11 @@ class DistillationTrainer(transformers.Trainer):
             )
         kd_config = KDLossConfig() if kd_config is None else kd_config
         kd_config.validate()
+        if output_transform is not None and not isinstance(output_transform, OutputTransform):
+            raise TypeError(
+                "output_transform must be a kdkit.hf.head.OutputTransform, got "
+                f"{type(output_transform).__name__}"
+            )
         super().__init__(model=model, args=args, **kwargs)
         if self.args.n_gpu > 1:
             raise ValueError(
@@ -209,6 +221,10 @@ class DistillationTrainer(transformers.Trainer):
                     f"(kdkit dump-teacher --vocab_size {self.vocab_size})"
                 )
         self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
+        self.output_transform = (
+            read_output_transform(model) if output_transform is None else output_transform
+        )
+        self._transform_checked = False
         self._teacher_placed = False
         self._normalisers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._window: torch.Tensor | None = None  # [ce, kd, N, W, selected, confidence]
@@ -346,10 +362,16 @@ class DistillationTrainer(transformers.Trainer):
             outputs = model(**inputs, **self._forward_kwargs(unwrapped))
         finally:
             handle.remove()
+        head = unwrapped.get_output_embeddings()
+        if not self._transform_checked:  # once: the model's own logits vs the transform
+            check_output_transform(
+                "student", unwrapped, outputs.logits, capture.hidden, head, self.output_transform
+            )
+            self._transform_checked = True
         num_tokens, kd_weight_total = self._normalisers
         loss, stats = lm_distillation_loss(
             capture.hidden,
-            unwrapped.get_output_embeddings(),
+            head,
             teacher_logits,
             labels,
             self.kd_config,
@@ -361,6 +383,8 @@ class DistillationTrainer(transformers.Trainer):
             ignore_index=self.ignore_index,
             sparse_tail=self.sparse_tail,
             teacher_confidence=confidence,
+            logit_scale=self.output_transform.logit_scale,
+            softcap=self.output_transform.softcap,
         )
         self._record(stats)
         loss = loss * self.accelerator.num_processes
