@@ -1,4 +1,5 @@
-"""Tests of the fused linear KD losses (src/kdkit/losses/linear.py).
+"""Tests of the fused linear KD losses (src/kdkit/losses/linear.py, linear_pass.py,
+linear_teachers.py).
 
 Every value and gradient (with respect to hidden states, weight and bias) is compared
 with the logits path applied to the float64 logits of ``tests/reference.py``'s
@@ -26,7 +27,7 @@ from kdkit import (
     kd_loss,
     linear_kd_loss,
 )
-from kdkit.losses import linear
+from kdkit.losses import linear_pass
 from reference import ref_kd_loss, ref_linear_logits, ref_student_loss
 
 pytestmark = pytest.mark.usefixtures("kernel_backend")
@@ -546,8 +547,10 @@ def test_top_level_exports_and_module():
 def test_backward_uses_the_forward_gradients(monkeypatch, weighting):
     """One chunk pass per loss: backward only scales what forward computed."""
     calls = []
-    original = linear._chunk_loop
-    monkeypatch.setattr(linear, "_chunk_loop", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = linear_pass._chunk_loop
+    monkeypatch.setattr(
+        linear_pass, "_chunk_loop", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     h, w, b, th, tw, tb = _problem(seed=25)
     linear_kd_loss(h, w, th, 2.0, "jsd", teacher_weight=tw, chunk_elements=50).backward()
     assert len(calls) == 1

@@ -5,6 +5,8 @@
 * :mod:`kdkit.losses.student_terms` -- CE + KD terms -> finished loss and stats;
 * :mod:`kdkit.losses.fused` -- the fused chunked KD path;
 * :mod:`kdkit.losses.linear` -- KD through the output layer (hidden states + weight);
+* :mod:`kdkit.losses.linear_teachers`, :mod:`kdkit.losses.linear_pass` -- its teachers and
+  output layer, its chunk pass;
 * :mod:`kdkit.losses.modules` -- ``nn.Module`` wrappers;
 * :mod:`kdkit.losses.distributed` -- the globally normalised student loss for DDP.
 """

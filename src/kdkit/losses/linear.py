@@ -12,15 +12,17 @@ then the chunk's divergence and its gradient (the row pass of
 cross-entropy and teacher confidence, and the gradients with respect to the hidden
 states, the weight and the bias (chain rule through the soft-cap and the scale); the
 chunk's logits are then dropped.  No autograd graph spans the chunks:
-:class:`LinearDivergence` computes every gradient in its forward pass.
+:class:`~kdkit.losses.linear_pass.LinearDivergence` computes every gradient in its forward
+pass.
 
-The teacher is a :class:`TeacherSource`: dense logits ``[..., V]``
-(:class:`DenseTeacher`), or hidden states plus its own output layer
-(:class:`LinearTeacher`, computed under ``no_grad`` with the same ``logit_scale`` and
-``softcap``), or a cached top-k teacher, :class:`kdkit.sparse.SparseLogits`
-(:class:`SparseTeacher`: ``chunk`` returns the chunk's top-k entries, ``row_pass``
-evaluates :func:`kdkit.losses.sparse.sparse_divergence` on the chunk's student logits and
-its gradient by one local ``autograd.grad`` per chunk, ``confidence`` the stored top-1
+The teacher is a :class:`~kdkit.losses.linear_teachers.TeacherSource`: dense logits
+``[..., V]`` (:class:`~kdkit.losses.linear_teachers.DenseTeacher`), or hidden states plus
+its own output layer (:class:`~kdkit.losses.linear_teachers.LinearTeacher`, computed under
+``no_grad`` with the same ``logit_scale`` and ``softcap``), or a cached top-k teacher,
+:class:`kdkit.sparse.SparseLogits` (:class:`~kdkit.losses.linear_teachers.SparseTeacher`:
+``chunk`` returns the chunk's top-k entries, ``row_pass`` evaluates
+:func:`kdkit.losses.sparse.sparse_divergence` on the chunk's student logits and its
+gradient by one local ``autograd.grad`` per chunk, ``confidence`` the stored top-1
 probability); the front ends then take ``sparse_tail``/``retemper`` and put the
 teacher's ``mask`` into the KD selection, as the logits path does.
 
@@ -33,31 +35,39 @@ from :func:`kdkit.losses.divergences.reduce` and the student loss from
 :func:`kdkit.losses.distributed.finish_student_loss_distributed`).  The reductions are
 linear in the per-position terms, so their coefficients -- the gradient each
 per-position term receives -- are obtained *by differentiating those same functions*
-(:func:`_coefficients`) before the chunk loop; no second copy of a normalisation rule
-exists.  :class:`LinearDivergence` returns the per-position terms; in backward it checks
-that the incoming gradient is a multiple of the coefficients used in forward (always
-the case through the shared reductions: only the overall factor, e.g. a loss scale,
-varies) and otherwise recomputes the chunks with the incoming per-position gradient, so
-any use stays exact.  ``reduction='none'`` always takes the recomputation (its
-per-position gradient is unknown in forward).
+(:func:`kdkit.losses.linear_pass._coefficients`) before the chunk loop; no second copy of
+a normalisation rule exists.  :class:`~kdkit.losses.linear_pass.LinearDivergence` returns
+the per-position terms; in backward it checks that the incoming gradient is a multiple of
+the coefficients used in forward (always the case through the shared reductions: only
+the overall factor, e.g. a loss scale, varies) and otherwise recomputes the chunks with
+the incoming per-position gradient, so any use stays exact.  ``reduction='none'`` always
+takes the recomputation (its per-position gradient is unknown in forward).
 
 **Memory.**  Chunks hold ``chunk_elements`` logits (rows x vocabulary, default
-:func:`linear_chunk_elements`); per chunk three ``[rows, V]`` buffers of the compute
-dtype (student logits, teacher logits, gradient).  The weight gradient is accumulated in
-place into one ``[V, H]`` tensor (float32 for half weights, cast at the end), the
-hidden-state gradient written once per chunk into its ``[N, H]`` tensor.  Half-precision
+:func:`~kdkit.losses.linear_pass.linear_chunk_elements`); per chunk three ``[rows, V]``
+buffers of the compute dtype (student logits, teacher logits, gradient).  The weight
+gradient is accumulated in place into one ``[V, H]`` tensor (float32 for half weights,
+cast at the end), the hidden-state gradient written once per chunk into its ``[N, H]``
+tensor.  Half-precision
 hidden states and weights are computed in float32 per chunk (the weight is cast in
 blocks of rows, never as a whole); gradients come back in the parameters' dtypes.
 
 **Vocabulary mismatch.**  With ``vocab_size=V`` only the first ``V`` rows of each output
 layer (and the first ``V`` teacher logits) take part; the other classes are excluded
 exactly as ``-inf`` logits would be (probability 0, zero gradient), never as zero logits.
+
+**Layout.**  This module holds the front ends (:func:`linear_kd_loss`,
+:func:`compute_student_loss_linear`, :func:`compute_student_loss_linear_distributed`,
+:func:`student_loss_terms_linear`) and their shared validation and set-up; the teachers
+and the output layer are in :mod:`kdkit.losses.linear_teachers`, the chunk pass and its
+``autograd.Function`` in :mod:`kdkit.losses.linear_pass` (their public names are
+re-exported here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -82,8 +92,22 @@ from kdkit.losses import kernels
 from kdkit.losses.distributed import finish_student_loss_distributed, is_distributed
 from kdkit.losses.divergences import reduce
 from kdkit.losses.kd import KDLossConfig
-from kdkit.losses.kernels import torch_ops
-from kdkit.losses.sparse import raise_uncovered, sparse_confidence, sparse_divergence
+from kdkit.losses.linear_pass import (
+    LinearDivergence,
+    Plan,
+    _coefficients,
+    linear_chunk_elements,
+    scratch_bytes_per_element,
+)
+from kdkit.losses.linear_teachers import (
+    DenseTeacher,
+    LinearTeacher,
+    OutputLayer,
+    SparseTeacher,
+    TeacherSource,
+    teacher_source,
+)
+from kdkit.losses.sparse import raise_uncovered
 from kdkit.losses.student_terms import (
     StudentLossTerms,
     combine,
@@ -91,7 +115,6 @@ from kdkit.losses.student_terms import (
     kd_mean,
     kd_selection,
     kd_weight_schedule,
-    teacher_confidence,
     weighted_kd_sum,
 )
 from kdkit.sparse import SparseLogits
@@ -112,612 +135,6 @@ __all__ = [
     "student_loss_terms_linear",
     "teacher_source",
 ]
-
-SCRATCH_BUDGET: float = 0.2
-"""Default chunk scratch budget as a fraction of the bytes of one float32 ``[N, V]``
-logits tensor (the issue's target for the extra peak memory is 0.25x)."""
-
-MIN_LINEAR_CHUNK: int = 1 << 16
-MAX_LINEAR_CHUNK: int = 1 << 24
-"""Bounds of the default chunk, in logits (64 Ki .. 16 Mi elements)."""
-
-BLOCK_ELEMENTS: int = 1 << 22
-"""Rows of a half-precision weight are cast to the compute dtype this many elements at a
-time (never the whole weight)."""
-
-
-def scratch_bytes_per_element(dtype: torch.dtype, backend: kernels.Backend) -> int:
-    """Scratch bytes per chunk logit: three buffers of the compute dtype (student logits,
-    teacher logits, gradient), a ``logsumexp`` temporary, and the row kernel's own
-    scratch (none for the native and Triton kernels, a few buffers for torch ops)."""
-    item = torch.empty((), dtype=dtype).element_size()
-    extra = torch_ops.scratch_bytes_per_element("jsd", dtype, True) if backend.chunked else 0
-    return 4 * item + extra
-
-
-def linear_chunk_elements(num_rows: int, vocab: int, bytes_per_element: int = 16) -> int:
-    """Default logits per chunk: as large as :data:`SCRATCH_BUDGET` allows (every op of a
-    chunk costs a parallel region, expensive on a loaded CPU, so few large chunks win)."""
-    budget = int(num_rows * vocab * 4 * SCRATCH_BUDGET / bytes_per_element)
-    return max(MIN_LINEAR_CHUNK, min(MAX_LINEAR_CHUNK, budget))
-
-
-# ---------------------------------------------------------------------------------------
-# Output layer: logits of a chunk and the chain rule through scale and soft-cap
-# ---------------------------------------------------------------------------------------
-
-
-class OutputLayer(NamedTuple):
-    """``z = softcap(logit_scale * (h @ weight[:vocab].T + bias[:vocab]))`` for row chunks."""
-
-    hidden: torch.Tensor  # [N, H]
-    weight: torch.Tensor  # [V_full, H]
-    bias: torch.Tensor | None  # [V_full]
-    vocab: int
-    logit_scale: float | None
-    softcap: float | None
-
-    def logits(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Write the logits of rows ``start:stop`` into ``out [n, vocab]`` (compute dtype)."""
-        dtype = out.dtype
-        h = self.hidden[start:stop].to(dtype)
-        weight = self.weight[: self.vocab]
-        if weight.dtype == dtype:
-            torch.mm(h, weight.t(), out=out)
-        else:  # cast the weight in blocks of rows, never as a whole
-            for v0, v1 in _blocks(self.vocab, weight.shape[1]):
-                out[:, v0:v1] = h @ weight[v0:v1].to(dtype).t()
-        if self.bias is not None:
-            out.add_(self.bias[: self.vocab].to(dtype))
-        if self.logit_scale is not None:
-            out.mul_(self.logit_scale)
-        if self.softcap is not None:
-            out.div_(self.softcap).tanh_().mul_(self.softcap)
-        return out
-
-    def chain(self, grad: torch.Tensor, logits: torch.Tensor, scratch: torch.Tensor) -> None:
-        """``grad`` (d/dz) becomes d/d(hW^T + b) in place: ``* scale * (1 - (z/c)^2)``."""
-        if self.softcap is not None:  # d c tanh(u / c) / du = 1 - tanh^2 = 1 - (z / c)^2
-            torch.div(logits, self.softcap, out=scratch)
-            scratch.square_().neg_().add_(1.0)
-            grad.mul_(scratch)
-        if self.logit_scale is not None:
-            grad.mul_(self.logit_scale)
-
-
-def _blocks(rows: int, width: int) -> list[tuple[int, int]]:
-    step = max(1, BLOCK_ELEMENTS // max(width, 1))
-    return [(v0, min(v0 + step, rows)) for v0 in range(0, rows, step)]
-
-
-# ---------------------------------------------------------------------------------------
-# Teachers
-# ---------------------------------------------------------------------------------------
-
-
-class TeacherSource(Protocol):
-    """What the chunk loop needs from a teacher (dense, live, or -- the seam -- sparse)."""
-
-    def chunk(self, start: int, stop: int, out: torch.Tensor) -> Any:
-        """The teacher of rows ``start:stop`` (dense: logits written into ``out``)."""
-
-    def confidence(self, chunk: Any) -> torch.Tensor:
-        """Max probability at T = 1 of each row of ``chunk``, ``[n]``."""
-
-    def row_max(self, chunk: Any, out: torch.Tensor) -> None:
-        """Row maxima of ``chunk`` into ``out [n]``: a row is bad (NaN, +inf or no finite
-        entry) iff its maximum is not finite (:func:`kdkit._validation.bad_rows`)."""
-
-    def row_pass(
-        self,
-        student: torch.Tensor,
-        chunk: Any,
-        temperature: float,
-        loss_type: str,
-        beta: float,
-        loss_out: torch.Tensor,
-        grad_out: torch.Tensor | None,
-    ) -> None:
-        """Per-row ``T**2 * D`` and ``d/d student`` (the contract of ``kernels.row_pass``)."""
-
-
-class DenseTeacher:
-    """Teacher logits ``[N, V_t]`` (only the first ``vocab`` classes are used)."""
-
-    name = "teacher_logits"
-
-    def __init__(self, logits: torch.Tensor, vocab: int) -> None:
-        self.logits = logits.detach()
-        self.vocab = vocab
-        self._backend: kernels.Backend | None = None
-        self._workspace: torch_ops.Workspace | None = None
-
-    def chunk(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        rows = self.logits[start:stop, : self.vocab]
-        if rows.dtype == out.dtype and rows.is_contiguous():
-            return rows  # no copy
-        out.copy_(rows)
-        return out
-
-    def confidence(self, chunk: torch.Tensor) -> torch.Tensor:
-        return teacher_confidence(chunk)
-
-    def row_max(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
-        torch.amax(chunk, dim=-1, out=out)
-
-    def row_pass(
-        self,
-        student: torch.Tensor,
-        chunk: torch.Tensor,
-        temperature: float,
-        loss_type: str,
-        beta: float,
-        loss_out: torch.Tensor,
-        grad_out: torch.Tensor | None,
-    ) -> None:
-        if self._backend is None:  # chosen once per call, as the fused logits path does
-            self._backend = kernels.select_backend(
-                student, chunk, loss_out.dtype, temperature=temperature
-            )
-        extra: dict[str, Any] = {}
-        if self._backend.chunked:
-            rows, classes = student.shape
-            ws = self._workspace
-            if ws is None or ws.log_ps.shape[0] < rows:
-                ws = torch_ops.Workspace(
-                    rows, classes, loss_out.dtype, student.device, loss_type == "jsd"
-                )
-                self._workspace = ws
-            extra["workspace"] = ws
-        self._backend.row_pass(
-            student,
-            chunk,
-            temperature,
-            kernels.canonical(loss_type, beta),
-            beta,
-            loss_out,
-            grad_out,
-            **extra,
-        )
-
-
-class LinearTeacher(DenseTeacher):
-    """A live teacher: hidden states and output layer, evaluated under ``no_grad``."""
-
-    name = "teacher_hidden"
-
-    def __init__(self, layer: OutputLayer) -> None:
-        super().__init__(layer.hidden, layer.vocab)
-        self.layer = layer._replace(
-            hidden=layer.hidden.detach(),
-            weight=layer.weight.detach(),
-            bias=None if layer.bias is None else layer.bias.detach(),
-        )
-
-    def chunk(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.layer.logits(start, stop, out)
-
-
-class SparseTeacher:
-    """A cached top-k teacher (:class:`kdkit.sparse.SparseLogits`), positions flattened.
-
-    The maths is :mod:`kdkit.losses.sparse`'s, per chunk: ``row_pass`` is
-    :func:`~kdkit.losses.sparse.sparse_divergence` on the chunk's student logits and its
-    gradient one local ``autograd.grad`` of the row sum (rows are independent, so that
-    is each row's own gradient); ``confidence`` is
-    :func:`~kdkit.losses.sparse.sparse_confidence`.
-    """
-
-    name = "the sparse teacher"
-    dense = False  # the chunk loop keeps no [rows, V] teacher buffer
-
-    def __init__(self, teacher: SparseLogits, sparse_tail: str = "bucket") -> None:
-        k = teacher.top_k
-        self.teacher = teacher
-        self.sparse_tail = sparse_tail
-        self.indices = teacher.indices.reshape(-1, k)
-        self.logprobs = teacher.logprobs.detach().reshape(-1, k)
-        self.tail = teacher.tail_logprob.detach().reshape(-1)
-        self.mask = teacher.mask.reshape(-1)  # type: ignore[union-attr]
-
-    def chunk(self, start: int, stop: int, out: torch.Tensor) -> SparseLogits:
-        t = self.teacher
-        return SparseLogits(
-            self.indices[start:stop],
-            self.logprobs[start:stop],
-            self.tail[start:stop],
-            t.vocab_size,
-            t.temperature,
-            self.mask[start:stop],
-        )
-
-    def full_confidence(self, dtype: torch.dtype) -> torch.Tensor:
-        """The confidence of every position ``[N]`` (cheap: no student, no pass)."""
-        return sparse_confidence(self.teacher, dtype).reshape(-1)
-
-    def confidence(self, chunk: SparseLogits) -> torch.Tensor:
-        return sparse_confidence(chunk, chunk.logprobs.dtype)
-
-    def row_max(self, chunk: SparseLogits, out: torch.Tensor) -> None:
-        out.copy_(chunk.logprobs.amax(dim=-1))
-
-    def row_pass(
-        self,
-        student: torch.Tensor,
-        chunk: SparseLogits,
-        temperature: float,
-        loss_type: str,
-        beta: float,
-        loss_out: torch.Tensor,
-        grad_out: torch.Tensor | None,
-    ) -> None:
-        with torch.enable_grad():
-            s = student.detach().requires_grad_(grad_out is not None)
-            rows = sparse_divergence(s, chunk, temperature, loss_type, beta, self.sparse_tail)
-            loss_out.copy_(rows.detach())
-            if grad_out is not None:
-                (grad,) = torch.autograd.grad(rows.sum(), s)
-                grad_out.copy_(grad)
-
-
-def teacher_source(
-    teacher: Any,
-    teacher_weight: torch.Tensor | None,
-    teacher_bias: torch.Tensor | None,
-    vocab: int,
-    logit_scale: float | None,
-    softcap: float | None,
-    sparse_tail: str = "bucket",
-) -> TeacherSource:
-    """The :class:`TeacherSource` for a validated teacher argument: a
-    :class:`kdkit.sparse.SparseLogits` (:class:`SparseTeacher`, with ``sparse_tail``),
-    dense logits (:class:`DenseTeacher`) or hidden states with ``teacher_weight``
-    (:class:`LinearTeacher`)."""
-    if isinstance(teacher, SparseLogits):
-        return SparseTeacher(teacher, sparse_tail)
-    if teacher_weight is None:
-        return DenseTeacher(teacher.reshape(-1, teacher.shape[-1]), vocab)
-    hidden = teacher.reshape(-1, teacher.shape[-1])
-    return LinearTeacher(
-        OutputLayer(hidden, teacher_weight, teacher_bias, vocab, logit_scale, softcap)
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# The chunk loop and its autograd.Function
-# ---------------------------------------------------------------------------------------
-
-
-class Plan(NamedTuple):
-    """Everything the chunk loop needs besides the student's parameters (validated)."""
-
-    teacher: TeacherSource
-    targets: torch.Tensor | None  # [N] long, already clamped into [0, V); None: no CE
-    temperature: float
-    loss_type: str
-    beta: float
-    dtype: torch.dtype  # compute dtype
-    vocab: int
-    rows_per_chunk: int
-    kd: bool  # compute the divergence
-    logit_scale: float | None
-    softcap: float | None
-    confidence: torch.Tensor | None  # [N] known before the loop (else computed in it)
-    with_confidence: bool  # compute the teacher confidence in the loop (student loss)
-
-
-class PassResult(NamedTuple):
-    kd_rows: torch.Tensor  # [N] T**2 D per position (0 if not computed)
-    ce_rows: torch.Tensor  # [N] cross-entropy per position (0 if not computed)
-    confidence: torch.Tensor  # [N]
-    bad_student: torch.Tensor  # [N] bool
-    bad_teacher: torch.Tensor  # [N] bool
-    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
-
-
-def _chunk_loop(
-    plan: Plan,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    kd_coef: torch.Tensor | None,
-    ce_coef: torch.Tensor | None,
-    want: tuple[bool, bool, bool],
-    *,
-    values: bool,
-) -> PassResult:
-    """One pass over the row chunks.
-
-    With coefficient vectors (``[N]``, or ``None`` for a term without gradient) the
-    gradients of ``sum_i kd_coef_i l_i + ce_coef_i CE_i`` with respect to hidden, weight
-    and bias (``want``) are accumulated; ``values`` also computes the per-row values.
-    """
-    num_rows = hidden.shape[0]
-    dtype, vocab = plan.dtype, plan.vocab
-    device = hidden.device
-    layer = OutputLayer(hidden, weight, bias, vocab, plan.logit_scale, plan.softcap)
-    grads_needed = any(want) and (kd_coef is not None or ce_coef is not None)
-    kd_rows = torch.zeros(num_rows, dtype=dtype, device=device)
-    ce_rows = torch.zeros(num_rows, dtype=dtype, device=device)
-    confidence = plan.confidence
-    computed_confidence = confidence is None and values and plan.with_confidence
-    if computed_confidence:
-        confidence = torch.empty(num_rows, dtype=dtype, device=device)
-    # Row maxima (one reduction per chunk); rows are bad iff the maximum is not finite.
-    max_s = torch.zeros(num_rows, dtype=dtype, device=device)
-    max_t = torch.zeros(num_rows, dtype=dtype, device=device)
-    kd_scale = _RowScale(kd_coef)
-    ce_scale = _RowScale(ce_coef)
-    grad_h = torch.empty_like(hidden) if grads_needed and want[0] else None
-    grad_w = None
-    if grads_needed and want[1]:
-        wide = dtype if weight.dtype != dtype else weight.dtype
-        grad_w = torch.zeros(weight.shape, dtype=wide, device=device)
-    grad_b = None
-    if grads_needed and want[2] and bias is not None:
-        grad_b = torch.zeros(bias.shape, dtype=dtype, device=device)
-    need_teacher = plan.kd or values
-
-    rows = plan.rows_per_chunk
-    z_s = torch.empty(rows, vocab, dtype=dtype, device=device)
-    dense = getattr(plan.teacher, "dense", True)
-    width = vocab if dense else 0
-    z_t = torch.empty(rows, width, dtype=dtype, device=device) if need_teacher else None
-    g = torch.empty(rows, vocab, dtype=dtype, device=device) if grads_needed else None
-    scratch = (
-        z_t if z_t is not None and dense else torch.empty(rows, vocab, dtype=dtype, device=device)
-    )
-    kd_grad = plan.kd and grads_needed and kd_coef is not None
-    ce_needed = plan.targets is not None and (values or (grads_needed and ce_coef is not None))
-    for start in range(0, num_rows, rows):
-        stop = min(start + rows, num_rows)
-        n = stop - start
-        zs = layer.logits(start, stop, z_s[:n])
-        if values:
-            torch.amax(zs, dim=-1, out=max_s[start:stop])
-        teacher_chunk = None
-        if z_t is not None:
-            teacher_chunk = plan.teacher.chunk(start, stop, z_t[:n])
-            if values:
-                plan.teacher.row_max(teacher_chunk, max_t[start:stop])
-            if computed_confidence:
-                confidence[start:stop] = plan.teacher.confidence(teacher_chunk)  # type: ignore[index]
-        gc = None if g is None else g[:n]
-        if plan.kd and (values or kd_grad):
-            plan.teacher.row_pass(
-                zs,
-                teacher_chunk,
-                plan.temperature,
-                plan.loss_type,
-                plan.beta,
-                kd_rows[start:stop],
-                gc if kd_grad else None,
-            )
-        if gc is not None:
-            if kd_grad:
-                kd_scale(gc, start, stop)
-            else:
-                gc.zero_()
-        if ce_needed:
-            y = plan.targets[start:stop]  # type: ignore[index]
-            lse = torch.logsumexp(zs, dim=-1)
-            if values:
-                ce_rows[start:stop] = lse - zs.gather(1, y.unsqueeze(1)).squeeze(1)
-            if gc is not None and ce_coef is not None:
-                # d CE / dz = softmax(z) - onehot(y), times the row's coefficient
-                p = scratch[:n]
-                torch.sub(zs, lse.unsqueeze(1), out=p).exp_()
-                p.scatter_add_(1, y.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-                ce_scale(p, start, stop)
-                gc.add_(p)
-        if gc is None:
-            continue
-        layer.chain(gc, zs, scratch[:n])
-        _accumulate(layer, start, stop, gc, grad_h, grad_w, grad_b)
-    if grad_w is not None and grad_w.dtype != weight.dtype:
-        grad_w = grad_w.to(weight.dtype)
-    if grad_b is not None and grad_b.dtype != bias.dtype:  # type: ignore[union-attr]
-        grad_b = grad_b.to(bias.dtype)  # type: ignore[union-attr]
-    if confidence is None:
-        confidence = torch.zeros(num_rows, dtype=dtype, device=device)
-    bad_s, bad_t = ~torch.isfinite(max_s), ~torch.isfinite(max_t)
-    return PassResult(kd_rows, ce_rows, confidence, bad_s, bad_t, (grad_h, grad_w, grad_b))
-
-
-class _RowScale:
-    """``grad[i] *= coef[i]``, exactly 0 where ``coef[i] == 0`` (also over NaN rows).
-
-    On CPU the coefficients are inspected once per pass, so a uniform vector (e.g.
-    ``'batchmean'`` without a mask) costs one scalar multiply per chunk and a vector
-    without zeros no mask fill: every op of a chunk costs a parallel region.
-    """
-
-    def __init__(self, coef: torch.Tensor | None) -> None:
-        self.coef = coef
-        self.scalar: float | None = None
-        self.zeros = True
-        if coef is not None and coef.device.type == "cpu" and coef.numel():
-            lo, hi = (float(v) for v in torch.aminmax(coef))
-            self.zeros = lo <= 0.0 <= hi and bool((coef == 0).any())
-            if lo == hi:
-                self.scalar = lo
-
-    def __call__(self, grad: torch.Tensor, start: int, stop: int) -> None:
-        if self.scalar is not None:
-            if self.scalar == 0.0:
-                grad.zero_()
-            elif self.scalar != 1.0:
-                grad.mul_(self.scalar)
-            return
-        coef = self.coef[start:stop]  # type: ignore[index]
-        grad.mul_(coef.to(grad.dtype).unsqueeze(1))
-        if self.zeros:
-            grad.masked_fill_((coef == 0).unsqueeze(1), 0.0)
-
-
-def _accumulate(
-    layer: OutputLayer,
-    start: int,
-    stop: int,
-    g: torch.Tensor,
-    grad_h: torch.Tensor | None,
-    grad_w: torch.Tensor | None,
-    grad_b: torch.Tensor | None,
-) -> None:
-    """Hidden rows written once, weight and bias gradients accumulated in place."""
-    dtype = g.dtype
-    vocab = layer.vocab
-    weight = layer.weight[:vocab]
-    h = layer.hidden[start:stop]
-    if grad_h is not None:
-        if weight.dtype == dtype:
-            torch.mm(g, weight, out=grad_h[start:stop])
-        else:
-            acc = None
-            for v0, v1 in _blocks(vocab, weight.shape[1]):
-                part = g[:, v0:v1] @ weight[v0:v1].to(dtype)
-                acc = part if acc is None else acc.add_(part)
-            grad_h[start:stop] = acc
-    if grad_w is not None:
-        h_c = h if h.dtype == grad_w.dtype else h.to(grad_w.dtype)
-        grad_w[:vocab].addmm_(g.t(), h_c)
-    if grad_b is not None:
-        grad_b[:vocab].add_(g.sum(dim=0))
-
-
-class LinearDivergence(torch.autograd.Function):
-    """``(hidden [N, H], weight [V, H], bias [V] | None) -> (kd_rows [N], ce_rows [N], ...)``.
-
-    Forward runs :func:`_chunk_loop` with the coefficient vectors ``kd_coef``/``ce_coef``
-    (the gradient each per-row term will receive, up to one common factor) and keeps
-    only the parameters' gradients.  Backward scales them by that factor (single use, in
-    place), or recomputes the chunks when the incoming gradient is not a multiple of the
-    coefficients (or none were given).  The stored gradients are handed over (and
-    scaled in place) by the first backward; a second one (``retain_graph=True``)
-    recomputes the chunks.  Double backward (``create_graph=True``) raises.  Extra
-    outputs (confidence, bad-row flags) are not differentiable.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        plan: Plan,
-        kd_coef: torch.Tensor | None,
-        ce_coef: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, ...]:
-        want = tuple(ctx.needs_input_grad[:3])
-        have_coef = kd_coef is not None or ce_coef is not None
-        result = _chunk_loop(
-            plan,
-            hidden,
-            weight,
-            bias,
-            kd_coef,
-            ce_coef,
-            want if have_coef else (False,) * 3,
-            values=True,
-        )
-        ctx.plan = plan
-        ctx.want = want
-        ctx.coef = (kd_coef, ce_coef) if have_coef else None
-        ctx.grads = result.grads if have_coef else None
-        ctx.save_for_backward(hidden, weight, bias)
-        ctx.mark_non_differentiable(result.confidence, result.bad_student, result.bad_teacher)
-        return (
-            result.kd_rows,
-            result.ce_rows,
-            result.confidence,
-            result.bad_student,
-            result.bad_teacher,
-        )
-
-    @staticmethod
-    def backward(ctx: Any, g_kd: torch.Tensor | None, g_ce: torch.Tensor | None, *_: Any):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the fused linear KD loss does not support double backward (create_graph=True)"
-            )
-        hidden, weight, bias = ctx.saved_tensors
-        plan: Plan = ctx.plan
-        factor = None
-        if ctx.grads is not None:  # first backward: the gradients computed in forward
-            factor = _common_factor(ctx.coef, g_kd, g_ce)
-        if factor is not None:
-            grads = ctx.grads
-            ctx.grads = None
-            if not (isinstance(factor, float) and factor == 1.0):
-                for grad in grads:
-                    if grad is not None:
-                        grad.mul_(factor)
-        else:  # recompute with the incoming per-row gradient
-            kd_coef = None if g_kd is None or not plan.kd else g_kd
-            ce_coef = None if g_ce is None or plan.targets is None else g_ce
-            grads = _chunk_loop(
-                plan, hidden, weight, bias, kd_coef, ce_coef, ctx.want, values=False
-            ).grads
-        grad_h, grad_w, grad_b = grads
-        return grad_h, grad_w, grad_b, None, None, None
-
-
-def _common_factor(
-    coef: tuple[torch.Tensor | None, torch.Tensor | None],
-    g_kd: torch.Tensor | None,
-    g_ce: torch.Tensor | None,
-) -> torch.Tensor | float | None:
-    """``lam`` with ``(g_kd, g_ce) == lam * coef`` (a 0-d tensor), or ``None`` if not so.
-
-    On CPU the check is exact up to 1e-5 relative; on accelerators it is skipped (it
-    would cost a host synchronisation) -- through kdkit's own reductions the incoming
-    gradient is such a multiple by construction.
-    """
-    parts_g, parts_c = [], []
-    for c, g in zip(coef, (g_kd, g_ce)):
-        if c is None and g is None:
-            continue
-        ref = c if c is not None else torch.zeros_like(g)  # type: ignore[arg-type]
-        parts_c.append(ref)
-        parts_g.append(g if g is not None else torch.zeros_like(ref))
-    if not parts_c:
-        return 0.0
-    c_all = torch.cat(parts_c)
-    g_all = torch.cat(parts_g).to(c_all.dtype)
-    norm = (c_all * c_all).sum()
-    lam = (g_all * c_all).sum() / norm.clamp_min(torch.finfo(c_all.dtype).tiny)
-    if g_all.device.type == "cpu":
-        if float(norm) == 0.0:
-            return 0.0 if not bool(g_all.any()) else None
-        expected = lam * c_all
-        tol = 1e-5 * float(expected.abs().max()) + 1e-30
-        if float((g_all - expected).abs().max()) > tol:
-            return None
-        value = float(lam)
-        return 1.0 if value == 1.0 else lam
-    return lam
-
-
-def _coefficients(
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    num_rows: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(d fn / d kd_rows, d fn / d ce_rows)`` of a function linear in both (``None``: unused).
-
-    Evaluated at zeros: ``fn`` is one of kdkit's reductions, which are linear, so the
-    gradient is the same everywhere and no second copy of their conventions is needed.
-    """
-    kd = torch.zeros(num_rows, dtype=dtype, device=device, requires_grad=True)
-    ce = torch.zeros(num_rows, dtype=dtype, device=device, requires_grad=True)
-    with torch.enable_grad():
-        out = fn(kd, ce)
-        if not out.requires_grad:
-            return None, None
-        g_kd, g_ce = torch.autograd.grad(out, (kd, ce), allow_unused=True)
-    return g_kd, g_ce
 
 
 # ---------------------------------------------------------------------------------------

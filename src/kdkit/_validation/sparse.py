@@ -1,0 +1,65 @@
+"""Sparse top-k teachers (:class:`kdkit.sparse.SparseLogits`): a student must match the
+teacher's positions, device and stored indices, and ``sparse_tail`` / ``retemper`` the loss
+type and the capture temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdkit._validation.choices import check_bool, check_choice
+from kdkit.sparse import SparseLogits
+
+__all__ = [
+    "SPARSE_TAILS",
+    "check_sparse_options",
+    "check_sparse_teacher",
+]
+
+
+SPARSE_TAILS: tuple[str, ...] = ("bucket", "renormalize")
+
+
+def check_sparse_teacher(student: torch.Tensor, teacher: SparseLogits) -> None:
+    """The student's positions and device must match a sparse teacher's, and its
+    vocabulary must hold every stored index (one host transfer, only if ``V_s < V_t``)."""
+    if student.shape[:-1] != teacher.positions_shape:
+        raise ValueError(
+            f"student_logits {tuple(student.shape)} and the sparse teacher's positions "
+            f"{tuple(teacher.positions_shape)} must match (the student's shape[:-1]; a different "
+            "sequence length means the student batch is not the cached one)"
+        )
+    if student.device != teacher.device:
+        raise ValueError(
+            f"student_logits (on {student.device}) and the sparse teacher (on {teacher.device}) "
+            "must be on the same device; use teacher.to(device)"
+        )
+    v = student.shape[-1]
+    if v < teacher.vocab_size:
+        top = int(teacher.indices.max()) if teacher.indices.numel() else -1
+        if top >= v:
+            raise ValueError(
+                f"student_logits has {v} classes but the sparse teacher stores class index {top} "
+                f"(teacher vocabulary {teacher.vocab_size}); the student vocabulary must cover "
+                "every stored index"
+            )
+
+
+def check_sparse_options(
+    teacher: SparseLogits, temperature: float, loss_type: str, sparse_tail: object, retemper: object
+) -> str:
+    """``sparse_tail``, the loss type it allows, and the temperature rule; returns the tail."""
+    check_choice("sparse_tail", sparse_tail, SPARSE_TAILS)
+    check_bool("retemper", retemper)
+    if sparse_tail == "renormalize" and loss_type in ("reverse_kl", "jsd"):
+        raise ValueError(
+            f"loss_type={loss_type!r} needs the teacher's probability outside the top-k: use "
+            "sparse_tail='bucket' (the tail as a (K+1)-th class) with a sparse teacher"
+        )
+    if temperature != teacher.temperature and not retemper:
+        raise ValueError(
+            f"temperature={temperature!r} differs from the sparse teacher's capture temperature "
+            f"{teacher.temperature!r}; train at temperature={teacher.temperature!r}, or pass "
+            "retemper=True to re-temper the top-k (an approximation, see docs/decisions.md)"
+        )
+    return sparse_tail  # type: ignore[return-value]

@@ -1,0 +1,389 @@
+"""The chunk pass of the linear losses: one pass over row chunks, and its autograd.Function.
+
+:func:`_chunk_loop` computes, one chunk of positions at a time, the student's logits
+through its :class:`~kdkit.losses.linear_teachers.OutputLayer`, the teacher's chunk, the
+per-position divergence, cross-entropy and confidence, and the gradients of a weighted
+sum of them with respect to the hidden states, the weight and the bias;
+:class:`LinearDivergence` wraps it for autograd, with the coefficient vectors that
+:func:`_coefficients` obtains by differentiating kdkit's own reductions.  Chunks are sized
+by :func:`linear_chunk_elements`.  The front ends are in :mod:`kdkit.losses.linear`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from kdkit.losses import kernels
+from kdkit.losses.kernels import torch_ops
+from kdkit.losses.linear_teachers import OutputLayer, TeacherSource, _blocks
+
+__all__ = [
+    "LinearDivergence",
+    "PassResult",
+    "Plan",
+    "linear_chunk_elements",
+    "scratch_bytes_per_element",
+]
+
+SCRATCH_BUDGET: float = 0.2
+"""Default chunk scratch budget as a fraction of the bytes of one float32 ``[N, V]``
+logits tensor (the issue's target for the extra peak memory is 0.25x)."""
+
+MIN_LINEAR_CHUNK: int = 1 << 16
+MAX_LINEAR_CHUNK: int = 1 << 24
+"""Bounds of the default chunk, in logits (64 Ki .. 16 Mi elements)."""
+
+
+def scratch_bytes_per_element(dtype: torch.dtype, backend: kernels.Backend) -> int:
+    """Scratch bytes per chunk logit: three buffers of the compute dtype (student logits,
+    teacher logits, gradient), a ``logsumexp`` temporary, and the row kernel's own
+    scratch (none for the native and Triton kernels, a few buffers for torch ops)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    extra = torch_ops.scratch_bytes_per_element("jsd", dtype, True) if backend.chunked else 0
+    return 4 * item + extra
+
+
+def linear_chunk_elements(num_rows: int, vocab: int, bytes_per_element: int = 16) -> int:
+    """Default logits per chunk: as large as :data:`SCRATCH_BUDGET` allows (every op of a
+    chunk costs a parallel region, expensive on a loaded CPU, so few large chunks win)."""
+    budget = int(num_rows * vocab * 4 * SCRATCH_BUDGET / bytes_per_element)
+    return max(MIN_LINEAR_CHUNK, min(MAX_LINEAR_CHUNK, budget))
+
+
+# ---------------------------------------------------------------------------------------
+# The chunk loop and its autograd.Function
+# ---------------------------------------------------------------------------------------
+
+
+class Plan(NamedTuple):
+    """Everything the chunk loop needs besides the student's parameters (validated)."""
+
+    teacher: TeacherSource
+    targets: torch.Tensor | None  # [N] long, already clamped into [0, V); None: no CE
+    temperature: float
+    loss_type: str
+    beta: float
+    dtype: torch.dtype  # compute dtype
+    vocab: int
+    rows_per_chunk: int
+    kd: bool  # compute the divergence
+    logit_scale: float | None
+    softcap: float | None
+    confidence: torch.Tensor | None  # [N] known before the loop (else computed in it)
+    with_confidence: bool  # compute the teacher confidence in the loop (student loss)
+
+
+class PassResult(NamedTuple):
+    kd_rows: torch.Tensor  # [N] T**2 D per position (0 if not computed)
+    ce_rows: torch.Tensor  # [N] cross-entropy per position (0 if not computed)
+    confidence: torch.Tensor  # [N]
+    bad_student: torch.Tensor  # [N] bool
+    bad_teacher: torch.Tensor  # [N] bool
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def _chunk_loop(
+    plan: Plan,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kd_coef: torch.Tensor | None,
+    ce_coef: torch.Tensor | None,
+    want: tuple[bool, bool, bool],
+    *,
+    values: bool,
+) -> PassResult:
+    """One pass over the row chunks.
+
+    With coefficient vectors (``[N]``, or ``None`` for a term without gradient) the
+    gradients of ``sum_i kd_coef_i l_i + ce_coef_i CE_i`` with respect to hidden, weight
+    and bias (``want``) are accumulated; ``values`` also computes the per-row values.
+    """
+    num_rows = hidden.shape[0]
+    dtype, vocab = plan.dtype, plan.vocab
+    device = hidden.device
+    layer = OutputLayer(hidden, weight, bias, vocab, plan.logit_scale, plan.softcap)
+    grads_needed = any(want) and (kd_coef is not None or ce_coef is not None)
+    kd_rows = torch.zeros(num_rows, dtype=dtype, device=device)
+    ce_rows = torch.zeros(num_rows, dtype=dtype, device=device)
+    confidence = plan.confidence
+    computed_confidence = confidence is None and values and plan.with_confidence
+    if computed_confidence:
+        confidence = torch.empty(num_rows, dtype=dtype, device=device)
+    # Row maxima (one reduction per chunk); rows are bad iff the maximum is not finite.
+    max_s = torch.zeros(num_rows, dtype=dtype, device=device)
+    max_t = torch.zeros(num_rows, dtype=dtype, device=device)
+    kd_scale = _RowScale(kd_coef)
+    ce_scale = _RowScale(ce_coef)
+    grad_h = torch.empty_like(hidden) if grads_needed and want[0] else None
+    grad_w = None
+    if grads_needed and want[1]:
+        wide = dtype if weight.dtype != dtype else weight.dtype
+        grad_w = torch.zeros(weight.shape, dtype=wide, device=device)
+    grad_b = None
+    if grads_needed and want[2] and bias is not None:
+        grad_b = torch.zeros(bias.shape, dtype=dtype, device=device)
+    need_teacher = plan.kd or values
+
+    rows = plan.rows_per_chunk
+    z_s = torch.empty(rows, vocab, dtype=dtype, device=device)
+    dense = getattr(plan.teacher, "dense", True)
+    width = vocab if dense else 0
+    z_t = torch.empty(rows, width, dtype=dtype, device=device) if need_teacher else None
+    g = torch.empty(rows, vocab, dtype=dtype, device=device) if grads_needed else None
+    scratch = (
+        z_t if z_t is not None and dense else torch.empty(rows, vocab, dtype=dtype, device=device)
+    )
+    kd_grad = plan.kd and grads_needed and kd_coef is not None
+    ce_needed = plan.targets is not None and (values or (grads_needed and ce_coef is not None))
+    for start in range(0, num_rows, rows):
+        stop = min(start + rows, num_rows)
+        n = stop - start
+        zs = layer.logits(start, stop, z_s[:n])
+        if values:
+            torch.amax(zs, dim=-1, out=max_s[start:stop])
+        teacher_chunk = None
+        if z_t is not None:
+            teacher_chunk = plan.teacher.chunk(start, stop, z_t[:n])
+            if values:
+                plan.teacher.row_max(teacher_chunk, max_t[start:stop])
+            if computed_confidence:
+                confidence[start:stop] = plan.teacher.confidence(teacher_chunk)  # type: ignore[index]
+        gc = None if g is None else g[:n]
+        if plan.kd and (values or kd_grad):
+            plan.teacher.row_pass(
+                zs,
+                teacher_chunk,
+                plan.temperature,
+                plan.loss_type,
+                plan.beta,
+                kd_rows[start:stop],
+                gc if kd_grad else None,
+            )
+        if gc is not None:
+            if kd_grad:
+                kd_scale(gc, start, stop)
+            else:
+                gc.zero_()
+        if ce_needed:
+            y = plan.targets[start:stop]  # type: ignore[index]
+            lse = torch.logsumexp(zs, dim=-1)
+            if values:
+                ce_rows[start:stop] = lse - zs.gather(1, y.unsqueeze(1)).squeeze(1)
+            if gc is not None and ce_coef is not None:
+                # d CE / dz = softmax(z) - onehot(y), times the row's coefficient
+                p = scratch[:n]
+                torch.sub(zs, lse.unsqueeze(1), out=p).exp_()
+                p.scatter_add_(1, y.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+                ce_scale(p, start, stop)
+                gc.add_(p)
+        if gc is None:
+            continue
+        layer.chain(gc, zs, scratch[:n])
+        _accumulate(layer, start, stop, gc, grad_h, grad_w, grad_b)
+    if grad_w is not None and grad_w.dtype != weight.dtype:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None and grad_b.dtype != bias.dtype:  # type: ignore[union-attr]
+        grad_b = grad_b.to(bias.dtype)  # type: ignore[union-attr]
+    if confidence is None:
+        confidence = torch.zeros(num_rows, dtype=dtype, device=device)
+    bad_s, bad_t = ~torch.isfinite(max_s), ~torch.isfinite(max_t)
+    return PassResult(kd_rows, ce_rows, confidence, bad_s, bad_t, (grad_h, grad_w, grad_b))
+
+
+class _RowScale:
+    """``grad[i] *= coef[i]``, exactly 0 where ``coef[i] == 0`` (also over NaN rows).
+
+    On CPU the coefficients are inspected once per pass, so a uniform vector (e.g.
+    ``'batchmean'`` without a mask) costs one scalar multiply per chunk and a vector
+    without zeros no mask fill: every op of a chunk costs a parallel region.
+    """
+
+    def __init__(self, coef: torch.Tensor | None) -> None:
+        self.coef = coef
+        self.scalar: float | None = None
+        self.zeros = True
+        if coef is not None and coef.device.type == "cpu" and coef.numel():
+            lo, hi = (float(v) for v in torch.aminmax(coef))
+            self.zeros = lo <= 0.0 <= hi and bool((coef == 0).any())
+            if lo == hi:
+                self.scalar = lo
+
+    def __call__(self, grad: torch.Tensor, start: int, stop: int) -> None:
+        if self.scalar is not None:
+            if self.scalar == 0.0:
+                grad.zero_()
+            elif self.scalar != 1.0:
+                grad.mul_(self.scalar)
+            return
+        coef = self.coef[start:stop]  # type: ignore[index]
+        grad.mul_(coef.to(grad.dtype).unsqueeze(1))
+        if self.zeros:
+            grad.masked_fill_((coef == 0).unsqueeze(1), 0.0)
+
+
+def _accumulate(
+    layer: OutputLayer,
+    start: int,
+    stop: int,
+    g: torch.Tensor,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+) -> None:
+    """Hidden rows written once, weight and bias gradients accumulated in place."""
+    dtype = g.dtype
+    vocab = layer.vocab
+    weight = layer.weight[:vocab]
+    h = layer.hidden[start:stop]
+    if grad_h is not None:
+        if weight.dtype == dtype:
+            torch.mm(g, weight, out=grad_h[start:stop])
+        else:
+            acc = None
+            for v0, v1 in _blocks(vocab, weight.shape[1]):
+                part = g[:, v0:v1] @ weight[v0:v1].to(dtype)
+                acc = part if acc is None else acc.add_(part)
+            grad_h[start:stop] = acc
+    if grad_w is not None:
+        h_c = h if h.dtype == grad_w.dtype else h.to(grad_w.dtype)
+        grad_w[:vocab].addmm_(g.t(), h_c)
+    if grad_b is not None:
+        grad_b[:vocab].add_(g.sum(dim=0))
+
+
+class LinearDivergence(torch.autograd.Function):
+    """``(hidden [N, H], weight [V, H], bias [V] | None) -> (kd_rows [N], ce_rows [N], ...)``.
+
+    Forward runs :func:`_chunk_loop` with the coefficient vectors ``kd_coef``/``ce_coef``
+    (the gradient each per-row term will receive, up to one common factor) and keeps
+    only the parameters' gradients.  Backward scales them by that factor (single use, in
+    place), or recomputes the chunks when the incoming gradient is not a multiple of the
+    coefficients (or none were given).  The stored gradients are handed over (and
+    scaled in place) by the first backward; a second one (``retain_graph=True``)
+    recomputes the chunks.  Double backward (``create_graph=True``) raises.  Extra
+    outputs (confidence, bad-row flags) are not differentiable.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        plan: Plan,
+        kd_coef: torch.Tensor | None,
+        ce_coef: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...]:
+        want = tuple(ctx.needs_input_grad[:3])
+        have_coef = kd_coef is not None or ce_coef is not None
+        result = _chunk_loop(
+            plan,
+            hidden,
+            weight,
+            bias,
+            kd_coef,
+            ce_coef,
+            want if have_coef else (False,) * 3,
+            values=True,
+        )
+        ctx.plan = plan
+        ctx.want = want
+        ctx.coef = (kd_coef, ce_coef) if have_coef else None
+        ctx.grads = result.grads if have_coef else None
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.mark_non_differentiable(result.confidence, result.bad_student, result.bad_teacher)
+        return (
+            result.kd_rows,
+            result.ce_rows,
+            result.confidence,
+            result.bad_student,
+            result.bad_teacher,
+        )
+
+    @staticmethod
+    def backward(ctx: Any, g_kd: torch.Tensor | None, g_ce: torch.Tensor | None, *_: Any):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused linear KD loss does not support double backward (create_graph=True)"
+            )
+        hidden, weight, bias = ctx.saved_tensors
+        plan: Plan = ctx.plan
+        factor = None
+        if ctx.grads is not None:  # first backward: the gradients computed in forward
+            factor = _common_factor(ctx.coef, g_kd, g_ce)
+        if factor is not None:
+            grads = ctx.grads
+            ctx.grads = None
+            if not (isinstance(factor, float) and factor == 1.0):
+                for grad in grads:
+                    if grad is not None:
+                        grad.mul_(factor)
+        else:  # recompute with the incoming per-row gradient
+            kd_coef = None if g_kd is None or not plan.kd else g_kd
+            ce_coef = None if g_ce is None or plan.targets is None else g_ce
+            grads = _chunk_loop(
+                plan, hidden, weight, bias, kd_coef, ce_coef, ctx.want, values=False
+            ).grads
+        grad_h, grad_w, grad_b = grads
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _common_factor(
+    coef: tuple[torch.Tensor | None, torch.Tensor | None],
+    g_kd: torch.Tensor | None,
+    g_ce: torch.Tensor | None,
+) -> torch.Tensor | float | None:
+    """``lam`` with ``(g_kd, g_ce) == lam * coef`` (a 0-d tensor), or ``None`` if not so.
+
+    On CPU the check is exact up to 1e-5 relative; on accelerators it is skipped (it
+    would cost a host synchronisation) -- through kdkit's own reductions the incoming
+    gradient is such a multiple by construction.
+    """
+    parts_g, parts_c = [], []
+    for c, g in zip(coef, (g_kd, g_ce)):
+        if c is None and g is None:
+            continue
+        ref = c if c is not None else torch.zeros_like(g)  # type: ignore[arg-type]
+        parts_c.append(ref)
+        parts_g.append(g if g is not None else torch.zeros_like(ref))
+    if not parts_c:
+        return 0.0
+    c_all = torch.cat(parts_c)
+    g_all = torch.cat(parts_g).to(c_all.dtype)
+    norm = (c_all * c_all).sum()
+    lam = (g_all * c_all).sum() / norm.clamp_min(torch.finfo(c_all.dtype).tiny)
+    if g_all.device.type == "cpu":
+        if float(norm) == 0.0:
+            return 0.0 if not bool(g_all.any()) else None
+        expected = lam * c_all
+        tol = 1e-5 * float(expected.abs().max()) + 1e-30
+        if float((g_all - expected).abs().max()) > tol:
+            return None
+        value = float(lam)
+        return 1.0 if value == 1.0 else lam
+    return lam
+
+
+def _coefficients(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    num_rows: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(d fn / d kd_rows, d fn / d ce_rows)`` of a function linear in both (``None``: unused).
+
+    Evaluated at zeros: ``fn`` is one of kdkit's reductions, which are linear, so the
+    gradient is the same everywhere and no second copy of their conventions is needed.
+    """
+    kd = torch.zeros(num_rows, dtype=dtype, device=device, requires_grad=True)
+    ce = torch.zeros(num_rows, dtype=dtype, device=device, requires_grad=True)
+    with torch.enable_grad():
+        out = fn(kd, ce)
+        if not out.requires_grad:
+            return None, None
+        g_kd, g_ce = torch.autograd.grad(out, (kd, ce), allow_unused=True)
+    return g_kd, g_ce
