@@ -1,7 +1,7 @@
 """What a training step adds to CE + KD: augmentation and feature distillation.
 
 :class:`StepHooks` is built once per run by :func:`build_step_hooks` and called by the
-step (:mod:`kdkit.train.epoch`) at three points: :meth:`~StepHooks.augment` (the view the
+step (:mod:`kdkit.train.epoch`) at these points: :meth:`~StepHooks.augment` (the view the
 student sees, and mixup's :class:`~kdkit.augment.Mix`), :meth:`~StepHooks.capture` (the
 forward passes whose features ``feature_kd`` matches) and
 :meth:`~StepHooks.feature_loss`.  Without ``augment`` and ``feature_kd`` every hook is
@@ -14,6 +14,8 @@ uninterrupted one, on any number of ranks, with no generator state to checkpoint
 projections of ``feature_kd`` are initialised from their own stream (``seed``), leaving
 the global torch RNG (dropout, the student's initialisation) as in a run without them;
 they are trained by the run's optimiser and saved in ``last_state.pt`` (``feature_kd``).
+Under torchrun DistributedDataParallel wraps :class:`Trainable` (student + projections),
+so the projections' gradients are averaged with the student's.
 """
 
 from __future__ import annotations
