@@ -237,15 +237,28 @@ class FeatureDistiller(nn.Module):
         self._handles.clear()
 
     @contextlib.contextmanager
-    def capture(self) -> Iterator[None]:
-        """Capture the hooked outputs of the forward passes inside the block (cleared after)."""
+    def capture(
+        self, teacher_features: Mapping[tuple[str, int], torch.Tensor] | None = None
+    ) -> Iterator[None]:
+        """Capture the hooked outputs of the forward passes inside the block (cleared after).
+
+        ``teacher_features`` (from :meth:`teacher_features` of an earlier block) stands in
+        for the teacher's forward: the training step runs the teacher once per micro-batch,
+        before the student's forwards, and hands its features over here.
+        """
         self._captured.clear()
+        if teacher_features:
+            self._captured.update(teacher_features)
         self._capturing = True
         try:
             yield
         finally:
             self._capturing = False
             self._captured.clear()
+
+    def teacher_features(self) -> dict[tuple[str, int], torch.Tensor]:
+        """The (detached) teacher features captured so far in this block."""
+        return {k: v for k, v in self._captured.items() if k[0] == "teacher"}
 
     def setup(
         self,
@@ -287,8 +300,20 @@ class FeatureDistiller(nn.Module):
     def loss(self) -> tuple[torch.Tensor, dict[str, float]]:
         """``sum(w * loss(P(s), t))`` over the pairs captured, and the stats:
         ``feature_loss`` (that sum) and ``feature_loss/<student module>`` (unweighted)."""
+        total, values = self.loss_terms()
+        listed = values.tolist()
+        stats = {f"feature_loss/{p.student}": v for p, v in zip(self.pairs, listed[1:])}
+        stats["feature_loss"] = listed[0]
+        return total, stats
+
+    def loss_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum(w * loss(P(s), t)), [that sum, unweighted loss of each pair])``.
+
+        The second is detached (:meth:`loss`'s stats, without a host transfer); both are
+        means over the captured batch.
+        """
         terms: list[torch.Tensor] = []
-        stats: dict[str, float] = {}
+        values: list[torch.Tensor] = []
         for i, pair in enumerate(self.pairs):
             key = str(i)
             if ("student", i) not in self._captured or ("teacher", i) not in self._captured:
@@ -302,11 +327,10 @@ class FeatureDistiller(nn.Module):
             value = feature_loss(
                 self.projections[key](student), self._captured[("teacher", i)], self.loss_kind
             )
-            stats[f"feature_loss/{pair.student}"] = float(value.detach())
+            values.append(value.detach())
             terms.append(pair.weight * value)
         total = torch.stack(terms).sum()
-        stats["feature_loss"] = float(total.detach())
-        return total, stats
+        return total, torch.stack([total.detach(), *values])
 
     def forward(self) -> tuple[torch.Tensor, dict[str, float]]:
         return self.loss()

@@ -233,3 +233,86 @@ def test_cli_unknown_module_exits_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "teacher 't' has no module 'lin'" in err
     argv[-1] = "1:1"
     assert main([*argv, "--feature_kd", "3:2:0.1"]) == 0
+
+
+# --- under torchrun: 2 gloo ranks x batch 4 = 1 process x batch 8 ----------------------
+
+DDP_TIMEOUT = 120.0
+
+
+def _ddp_config(out, name: str, batch_size: int):
+    return tiny(
+        out,
+        name,
+        kd=KD,
+        feature_kd=["1:0:0.5"],
+        optimizer="sgd",
+        momentum=0.0,
+        lr=0.5,
+        lr_schedule="constant",
+        model_kwargs={"hidden": [8], "dropout": 0.0},
+        epochs=1,
+        batch_size=batch_size,
+    )
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from train_support import make_data
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    try:
+        result = train_student(
+            _ddp_config(Path(out), "ddp", 4),
+            train_data=make_data(8),
+            teachers={"t": mlp_teacher()},
+        )
+        torch.save(weights(result.model), f"{out}/weights.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_feature_kd_under_torchrun_equals_one_process(tmp_path):
+    """One step: the student and the projections after 2 ranks x 4 samples equal those
+    after 1 process x 8 (the projections' gradients are averaged with the student's in
+    DDP's all-reduce; rank 0 saves them, without DDP's ``module.`` prefix)."""
+    import time
+
+    import torch.multiprocessing as mp
+    from train_support import make_data
+
+    context = mp.start_processes(
+        _ddp_worker,
+        args=(str(tmp_path / "store"), str(tmp_path)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + DDP_TIMEOUT
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"DDP workers did not finish within {DDP_TIMEOUT} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(timeout=5)
+    one = train_student(
+        _ddp_config(tmp_path, "one", 8), train_data=make_data(8), teachers={"t": mlp_teacher()}
+    )
+    for rank in (0, 1):
+        ddp = torch.load(tmp_path / f"weights.{rank}", weights_only=True)
+        for k, v in weights(one.model).items():
+            torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    state = "checkpoints/last_state.pt"
+    single = load_training_state(one.output_dir / state)["feature_kd"]
+    ranked = load_training_state(tmp_path / "ddp" / state)["feature_kd"]
+    assert sorted(ranked) == ["projections.0.bias", "projections.0.weight"]
+    for k, v in single.items():
+        torch.testing.assert_close(ranked[k], v, rtol=1e-5, atol=1e-6, msg=k)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from train_support import TRAIN, tiny, weights
 
 from kdkit.losses.kd import KDLossConfig, compute_student_loss
@@ -245,17 +246,112 @@ def test_non_finite_gradient_in_an_accumulated_step_stops_before_the_update(tmp_
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [{"augment": ["mixup"]}, {"augment": ["noise", "mixup:1.0"]}, {"feature_kd": ["1:0:0.5"]}],
-)
-def test_mixup_and_feature_kd_are_refused_with_accumulation(overrides):
-    """Not integrated with step-wide normalisation yet: refused at validation (decisions.md)."""
-    from kdkit.train import TrainConfig
+# --- mixup and feature KD: terms of the same step-normalised loss ---------------------
 
-    with pytest.raises(ValueError, match="grad_accum > 1 does not support mixup / feature_kd"):
-        TrainConfig(grad_accum=2, **overrides)
-    TrainConfig(grad_accum=1, **overrides)  # issue 15's step, unchanged
+
+def _live_teacher() -> torch.nn.Module:
+    torch.manual_seed(7)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+def _block_mixup(x, alpha, generator):
+    """A fixed mixup (lam 0.3) whose partners stay within blocks of 4 samples: the same
+    pairs whether the 12 samples are one batch or three micro-batches of 4."""
+    from kdkit.augment import Mix
+
+    index = torch.cat([block.flip(0) for block in torch.arange(x.shape[0]).split(4)])
+    mix = Mix(index, 0.3)
+    return mix.mix(x), mix
+
+
+def _projections(result):
+    from kdkit.train.checkpoints import load_training_state
+
+    state = load_training_state(result.output_dir / "checkpoints" / "last_state.pt")
+    return state["feature_kd"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"feature_kd": ["1:0:0.5"]},
+        {"feature_kd": ["1:0:2.0"], "feature_kd_loss": "cosine", "clip_grad_norm": 0.5},
+        {"augment": ["mixup"]},
+        {"augment": ["mixup"], "feature_kd": ["1:0:0.5"]},
+    ],
+    ids=["feature_kd", "feature_kd-cosine-clip", "mixup", "mixup+feature_kd"],
+)
+def test_mixup_and_feature_kd_accumulate_as_one_batch(tmp_path, monkeypatch, options):
+    """grad_accum=1 on batches of 12 and grad_accum=3 on micro-batches of 4 (the same
+    samples: the shuffle does not depend on the batch size) give the same update of the
+    student and the projections, and the same stats (feature loss: a mean over the 12)."""
+    import kdkit.augment as augment
+
+    monkeypatch.setattr(augment, "mixup", _block_mixup)  # Augmentation looks it up here
+    common = {"kd": KD, "epochs": 1, "lr": 0.2, **options}
+    runs = [
+        train_student(
+            _config(tmp_path, f"b{bs}", batch_size=bs, grad_accum=k, **common),
+            train_data=TRAIN,
+            teachers={"t": _live_teacher()},
+        )
+        for bs, k in ((12, 1), (4, 3))
+    ]
+    one, acc = runs
+    _assert_same_weights(one.model, acc.model)
+    if "feature_kd" in options:
+        for k, v in _projections(one).items():
+            torch.testing.assert_close(_projections(acc)[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    steps_one = read_metrics(one.output_dir / "metrics.jsonl", "step")
+    steps_acc = read_metrics(acc.output_dir / "metrics.jsonl", "step")
+    assert len(steps_one) == len(steps_acc) == 4
+    keys = ["total_loss", "ce_loss", "kd_loss", "coverage", "train_acc"]
+    keys += [k for k in steps_one[0] if k.startswith("feature_loss")]
+    for a, b in zip(steps_one, steps_acc):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_accumulated_mixup_and_feature_loss_are_the_global_batch_formula():
+    """StepTotals on 3 micro-batches of 4 backpropagates the hand-computed loss of the 12:
+    (1-a) * mean(lam CE(y) + (1-lam) CE(y[i])) + a * sum(w l) / sum(w) + mean of the
+    feature loss over the 12 samples -- and the mixup partners of each micro-batch are
+    drawn within it."""
+    from kdkit.augment import Mix, mixed_loss
+
+    torch.manual_seed(0)
+    config = KDLossConfig(temperature=2.0, kd_alpha=0.7, kd_weighting="pmax")
+    x, t, feat_t = torch.randn(12, 5), torch.randn(12, 4) * 3, torch.randn(12, 6)
+    y = torch.randint(0, 4, (12,))
+    model = mlp((5,), 4, hidden=(6,))
+    bounds = ((0, 4), (4, 10), (10, 12))  # uneven: a mean of means would be wrong
+    lam, weight = 0.3, 0.5
+    index = torch.cat([torch.arange(a, b).flip(0) for a, b in bounds])  # within micro-batches
+
+    def feature(inputs, targets):  # mean over the given samples (as FeatureDistiller's)
+        value = F.mse_loss(model[1](inputs), targets)
+        return weight * value, torch.stack([weight * value.detach(), value.detach()])
+
+    logits = model(x)
+    loss, _ = mixed_loss(
+        lambda labels: compute_student_loss(logits, t, labels, config), y, Mix(index, lam)
+    )
+    loss = loss + feature(x, feat_t)[0]
+    reference = torch.autograd.grad(loss, list(model.parameters()))
+
+    micro = [_micro(x[a:b], y[a:b], t[a:b], None) for a, b in bounds]
+    names = ("feature_loss", "feature_loss/0")
+    totals = StepTotals(step_normaliser(micro, config, torch.float32), config, 0.0, names)
+    model.zero_grad()
+    for (a, b), mb in zip(bounds, micro):
+        mix = Mix(torch.arange(b - a).flip(0), lam)
+        totals.loss(model(mb.features), mb, mix, feature(mb.features, feat_t[a:b])).backward()
+    for g, p in zip(reference, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    stats, _, _ = totals.finish()
+    assert stats["total_loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert stats["feature_loss"] == pytest.approx(float(feature(x, feat_t)[1][0]), rel=1e-5)
+    assert stats["feature_loss/0"] == pytest.approx(2 * stats["feature_loss"], rel=1e-5)
 
 
 def test_augmented_view_with_accumulation_trains(tmp_path):

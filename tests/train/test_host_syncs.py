@@ -88,6 +88,17 @@ def test_one_host_sync_per_step(tmp_path, monkeypatch, cache_dir, options, kd_on
     assert counter.per_step and counter.per_step == [1] * len(counter.per_step), counter.sites
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_feature_kd_step_keeps_the_one_host_sync(tmp_path, monkeypatch, grad_accum):
+    """Feature KD's stats join the step's one transfer (with and without accumulation)."""
+    torch.manual_seed(7)
+    teacher = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    counter = SyncCounter(monkeypatch)
+    config = tiny(tmp_path, **SGD, feature_kd=["1:0:0.5"], grad_accum=grad_accum)
+    train_student(config, train_data=TRAIN, teachers={"t": teacher})
+    assert counter.per_step and counter.per_step == [1] * len(counter.per_step), counter.sites
+
+
 def test_fp16_adds_the_grad_scaler_check(tmp_path, monkeypatch, cache_dir):
     real = config_module.check_precision
     monkeypatch.setattr(config_module, "check_precision", lambda p, d, c: real(p, "cuda", c))

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -50,6 +50,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kdkit._validation import compute_dtype, raise_infinite_ce, result_dtype
+from kdkit.augment import Mix
 from kdkit.losses.distributed import is_distributed
 from kdkit.losses.kd import KDLossConfig
 from kdkit.losses.student_terms import (
@@ -115,22 +116,27 @@ def sync_context(model: nn.Module, last: bool) -> contextlib.AbstractContextMana
 def step_normaliser(
     micro_batches: Sequence[MicroBatch], kd: KDLossConfig, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``[N, W]``: valid samples and KD weight sum of the whole step, over all ranks."""
+    """``[N, W, S]``: valid samples, KD weight sum and samples of the whole step, over
+    all ranks (``S`` normalises feature KD's per-sample mean)."""
     parts = []
     for mb in micro_batches:
         if mb.teacher_logits is None:
             valid = (mb.targets != IGNORE_INDEX).sum().to(dtype)
-            parts.append(torch.stack([valid, torch.zeros_like(valid)]))
+            counts = torch.stack([valid, torch.zeros_like(valid)])
         else:
-            parts.append(
-                normaliser_counts(
-                    mb.teacher_logits, mb.targets, kd, mb.domain_mask, IGNORE_INDEX, dtype
-                )
+            counts = normaliser_counts(
+                mb.teacher_logits, mb.targets, kd, mb.domain_mask, IGNORE_INDEX, dtype
             )
+        parts.append(torch.cat([counts, _samples(mb, counts)]))
     total = torch.stack(parts).sum(dim=0)
     if is_distributed():
         dist.all_reduce(total)
     return total
+
+
+def _samples(mb: MicroBatch, like: torch.Tensor) -> torch.Tensor:
+    """``[n]``: the micro-batch's number of samples (a host value: no sync)."""
+    return like.new_full((1,), float(mb.targets.shape[0]))
 
 
 class StepTotals:
@@ -142,34 +148,61 @@ class StepTotals:
             second pass over the teacher logits).
         kd: The KD settings (``None`` for a cross-entropy-only run).
         kd_epoch: The (fractional) epoch of the KD schedule.
+        feature_names: The stats of feature KD (``feature_loss`` first, then one per
+            pair), in the order of the values :meth:`loss` is given; empty without it.
     """
 
     def __init__(
-        self, normaliser: torch.Tensor | None, kd: KDLossConfig | None, kd_epoch: float
+        self,
+        normaliser: torch.Tensor | None,
+        kd: KDLossConfig | None,
+        kd_epoch: float,
+        feature_names: Sequence[str] = (),
     ) -> None:
         self.normaliser = normaliser
         self.kd = kd
         self.kd_epoch = kd_epoch
+        self.feature_names = tuple(feature_names)
         self.alpha = 0.0
         self.scale = float(dist.get_world_size()) if is_distributed() else 1.0
         self._sums: torch.Tensor | None = None
         self._checked: list[tuple[StudentLossTerms, StudentLossInputs]] = []
 
-    def _counts(self, valid_count: torch.Tensor, kd_weight_sum: torch.Tensor) -> torch.Tensor:
-        """The step's ``[N, W]``: given, or these counts summed over ranks (one micro-batch)."""
+    def _counts(
+        self, valid_count: torch.Tensor, kd_weight_sum: torch.Tensor, mb: MicroBatch
+    ) -> torch.Tensor:
+        """The step's ``[N, W, S]``: given, or this micro-batch's summed over ranks."""
         if self.normaliser is None:
-            self.normaliser = torch.stack([valid_count, kd_weight_sum])
+            counts = torch.stack([valid_count, kd_weight_sum])
+            self.normaliser = torch.cat([counts, _samples(mb, counts)])
             if is_distributed():
                 dist.all_reduce(self.normaliser)
         return self.normaliser
 
-    def loss(self, logits: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        """The loss micro-batch ``mb`` backpropagates (:math:`L_{rk}`), in float32."""
+    def loss(
+        self,
+        logits: torch.Tensor,
+        mb: MicroBatch,
+        mix: Mix | None = None,
+        feature: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The loss micro-batch ``mb`` backpropagates (:math:`L_{rk}`), in float32.
+
+        Args:
+            mix: The micro-batch's mixup: its CE sum is ``lam * CE(y) + (1 - lam) *
+                CE(y[index])`` (the KD term does not depend on the targets).
+            feature: Feature KD's ``(weighted loss, detached stats)``, means over the
+                micro-batch (:meth:`kdkit.features.FeatureDistiller.loss_terms`); the
+                step adds ``n_k / S`` times it, the mean over the step's ``S`` samples.
+        """
         if mb.teacher_logits is None:
             dtype = compute_dtype(logits)
             valid = (mb.targets != IGNORE_INDEX).sum().to(dtype)
-            count = self._counts(valid, torch.zeros_like(valid))[0].clamp_min(1)
-            ce_sum = F.cross_entropy(logits.to(dtype), mb.targets, reduction="sum")
+            normaliser = self._counts(valid, torch.zeros_like(valid), mb)
+            count = normaliser[0].clamp_min(1)
+            ce_sum = _mixed(
+                lambda y: F.cross_entropy(logits.to(dtype), y, reduction="sum"), mb.targets, mix
+            )
             local = ce_sum / count
             zero = torch.zeros_like(count)
             correct = (logits.detach().argmax(dim=-1) == mb.targets).sum().to(dtype)
@@ -180,7 +213,11 @@ class StepTotals:
             )
             self.alpha = checked_kd_weight(inputs, self.kd_epoch, KDLossConfig)
             terms = student_loss_terms(inputs, self.alpha)
-            normaliser = self._counts(terms.valid_count, terms.kd_weight_sum)
+            if mix is not None:  # the CE of the partners' targets (alpha 0: no divergence)
+                partner = student_loss_terms(inputs._replace(targets=mb.targets[mix.index]), 0.0)
+                ce_sum = mix.lam * terms.ce_sum + (1.0 - mix.lam) * partner.ce_sum
+                terms = terms._replace(ce_sum=ce_sum)
+            normaliser = self._counts(terms.valid_count, terms.kd_weight_sum, mb)
             count = normaliser[0].clamp_min(1)
             kd = kd_mean(terms.kd_sum, normaliser[1], self.alpha)
             local = combine(terms.ce_sum / count, kd, self.alpha)
@@ -199,6 +236,11 @@ class StepTotals:
             detached = inputs._replace(student_logits=logits.detach())
             light = terms._replace(ce_sum=terms.ce_sum.detach(), kd_sum=terms.kd_sum.detach())
             self._checked.append((light, detached))
+        if feature is not None:  # the mean over the step's samples: n_k / S of this mean
+            weighted, values = feature
+            share = _samples(mb, normaliser)[0] / normaliser[2]
+            local = local + share * weighted.to(local.dtype)
+            sums = torch.cat([sums, _samples(mb, sums) * values.to(sums.dtype)])
         self._sums = sums if self._sums is None else self._sums + sums
         return local if self.scale == 1.0 else self.scale * local
 
@@ -208,9 +250,10 @@ class StepTotals:
         """``(stats, train accuracy, extra values)`` of the step: the one host transfer.
 
         The stats are those of the accumulated global batch (as
-        :func:`~kdkit.losses.kd.compute_student_loss` returns for one batch); the
-        accuracy is over the same samples.  Raises the input errors of the losses (also
-        on the ranks whose own input was fine).
+        :func:`~kdkit.losses.kd.compute_student_loss` returns for one batch, plus feature
+        KD's ``feature_loss*`` means, included in ``total_loss``); the accuracy is over
+        the same samples.  Raises the input errors of the losses (also on the ranks whose
+        own input was fine).
         """
         sums = self._sums
         if is_distributed():
@@ -219,20 +262,29 @@ class StepTotals:
         count = self.normaliser[0].clamp_min(1)
         ce = sums[0] / count
         accuracy = sums[4] / count
+        n_feature = len(self.feature_names)
+        feature = sums[len(sums) - n_feature :] / self.normaliser[2].clamp_min(1)
+        feature_loss = feature[0] if n_feature else None
         if self.kd is None:
-            values = torch.stack(
-                [ce, accuracy, *(e.to(ce.device, ce.dtype) for e in extra)]
-            ).tolist()
-            return {"total_loss": values[0], "ce_loss": values[0]}, values[1], values[2:]
+            total = ce if feature_loss is None else ce + feature_loss
+            head = [total, ce, accuracy, *feature]
+            values = torch.stack([*head, *(e.to(ce.device, ce.dtype) for e in extra)]).tolist()
+            stats = {"total_loss": values[0], "ce_loss": values[1]}
+            stats.update(zip(self.feature_names, values[3 : len(head)]))
+            return stats, values[2], values[len(head) :]
         alpha = self.alpha
         kd = kd_mean(sums[1], self.normaliser[1], alpha)
         total = combine(ce, kd, alpha)
-        head = [total, ce, kd, sums[2] / count, sums[3] / count, accuracy, *sums[5:9]]
+        if feature_loss is not None:
+            total = total + feature_loss
+        head = [total, ce, kd, sums[2] / count, sums[3] / count, accuracy, *sums[5:9], *feature]
         values = torch.stack([*head, *(e.to(ce.device, ce.dtype) for e in extra)]).tolist()
         if any(values[6:10]):
             self._raise(values[6:10])
         raise_infinite_ce(values[1], alpha)
-        return stats_dict(*values[:5], alpha), values[5], values[10:]
+        stats = stats_dict(*values[:5], alpha)
+        stats.update(zip(self.feature_names, values[10 : len(head)]))
+        return stats, values[5], values[len(head) :]
 
     def non_finite_logits(self) -> int | None:
         """Index of the first micro-batch with non-finite student logits (error path)."""
@@ -252,3 +304,12 @@ class StepTotals:
             f"invalid input on another rank (check(s) failed: {', '.join(failed)}); "
             "see that rank's error"
         )
+
+
+def _mixed(
+    ce_sum: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor, mix: Mix | None
+) -> torch.Tensor:
+    """``ce_sum(targets)``, or under mixup ``lam * ce_sum(y) + (1 - lam) * ce_sum(y[index])``."""
+    if mix is None:
+        return ce_sum(targets)
+    return mix.lam * ce_sum(targets) + (1.0 - mix.lam) * ce_sum(targets[mix.index])

@@ -314,12 +314,6 @@ class TrainConfig:
         """precision, grad_accum, clip_grad_norm, lr_warmup_epochs, EMA and compile."""
         check_precision(self.precision, self.device, PRECISIONS)
         check_int("grad_accum", self.grad_accum, minimum=1)
-        if self.grad_accum > 1:
-            from kdkit.augment import Augmentation
-
-            mixup = self.augment is not None and Augmentation(self.augment).has_mixup
-            if mixup or self.feature_kd is not None:
-                raise ValueError("grad_accum > 1 does not support mixup / feature_kd yet")
         check_int("max_skipped_steps", self.max_skipped_steps, minimum=1)
         if self.clip_grad_norm is not None:
             check_positive_finite("clip_grad_norm", self.clip_grad_norm)

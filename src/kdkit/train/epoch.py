@@ -23,12 +23,10 @@ import math
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from kdkit._validation import compute_dtype
-from kdkit.augment import Mix, mixed_loss
+from kdkit.augment import Mix
 from kdkit.domains import create_domain_mask
-from kdkit.losses.distributed import compute_student_loss_distributed
 from kdkit.losses.student_terms import teacher_values
 from kdkit.train.accumulation import (
     MicroBatch,
@@ -118,30 +116,22 @@ def _train_step(
     """One optimiser step on ``batches`` (its ``grad_accum`` micro-batches).
 
     Returns the loss stats of the accumulated global batch and its accuracy, read in the
-    step's one host transfer (:meth:`~kdkit.train.accumulation.StepTotals.finish`).  A
-    step with mixup or feature KD (``grad_accum=1`` only: the config refuses more) is
-    issue 15's step (:func:`_hooked_step`).
+    step's one host transfer (:meth:`~kdkit.train.accumulation.StepTotals.finish`).
+    Mixup and feature KD are terms of the same per-micro-batch loss
+    (:func:`_micro_batch_loss`), normalised over the whole step like CE and KD.
     """
     config = run.config
     prepared = [_prepare(run, batch) for batch in batches]
+    micro = [p.micro for p in prepared]
     run.optimizer.zero_grad(set_to_none=True)
-    hooked = run.hooks.distiller is not None or prepared[0].mix is not None
-    if hooked:
-        if len(prepared) > 1:  # TrainConfig refuses it; a guard for direct callers
-            raise ValueError("grad_accum > 1 does not support mixup / feature_kd yet")
-        loss_stats, hits, loss_finite = _hooked_step(run, batches[0], prepared[0], kd_epoch)
-    else:
-        micro = [p.micro for p in prepared]
-        kd = config.kd if run.teacher is not None else None
-        normaliser = None  # one micro-batch: the counts come from its loss terms
-        if len(micro) > 1:
-            normaliser = step_normaliser(micro, config.kd, _loss_dtype(run, micro[0]))
-        totals = StepTotals(normaliser, kd, kd_epoch)
-        for i, mb in enumerate(micro):
-            with sync_context(run.train_model, last=i == len(micro) - 1):
-                with run.precision.autocast():  # the forward only: the losses run in float32
-                    logits = run.train_model(mb.features)
-                run.precision.backward(totals.loss(logits, mb))
+    kd = config.kd if run.teacher is not None else None
+    normaliser = None  # one micro-batch: the counts come from its loss terms
+    if len(micro) > 1:
+        normaliser = step_normaliser(micro, config.kd, _loss_dtype(run, micro[0]))
+    totals = StepTotals(normaliser, kd, kd_epoch, run.hooks.stat_names)
+    for i, prep in enumerate(prepared):
+        with sync_context(run.train_model, last=i == len(micro) - 1):
+            run.precision.backward(_micro_batch_loss(run, prep, totals))
     scaled = run.precision.scaler is not None  # fp16: inf/NaN gradients skip the step
     params = list(run.hooks.trainable(run.model).parameters())  # with feature_kd's projections
     extra = [torch.ones(()) if scaled else grads_finite(params)]  # to device in finish
@@ -150,24 +140,17 @@ def _train_step(
         extra.append(torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm))
     if scaled:
         extra.append(run.precision.skipped_in_a_row)  # of the steps before this one
-    if hooked:  # the step's one transfer (mixed stats were read by mixed_loss)
-        device = loss_finite.device
-        head = [hits.float(), loss_finite.float()]
-        values = torch.stack([*head, *(e.to(device, torch.float32) for e in extra)]).tolist()
-        stats, acc = loss_stats, values[0]
-        values = [values[1] and values[2], *values[3:]]
-    else:
-        try:
-            stats, acc, values = totals.finish(extra)
-        except ValueError:
-            bad = totals.non_finite_logits()  # error path only
-            if bad is None:
-                raise
-            raise non_finite_error(
-                run.position, batches[bad], micro[bad].features, "student logits"
-            ) from None
+    try:
+        stats, acc, values = totals.finish(extra)
+    except ValueError:
+        bad = totals.non_finite_logits()  # error path only
+        if bad is None:
+            raise
+        raise non_finite_error(
+            run.position, batches[bad], micro[bad].features, "student logits"
+        ) from None
     if not (values[0] and math.isfinite(stats["total_loss"])):
-        raise _non_finite(run, batches, [p.micro for p in prepared])
+        raise _non_finite(run, batches, micro)
     if config.clip_grad_norm is not None:
         stats["grad_norm"] = values[1]  # before clipping
     if scaled:
@@ -177,6 +160,20 @@ def _train_step(
     if run.ema is not None:
         run.ema.update()
     return stats, acc
+
+
+def _micro_batch_loss(run: Run, prep: _Prepared, totals: StepTotals) -> torch.Tensor:
+    """The student's forward on one micro-batch and the loss it backpropagates.
+
+    CE (under mixup: of the mixed targets) + KD, plus feature KD's loss of the features
+    captured in the forward (the teacher's were captured in :func:`_prepare`), each
+    normalised over the whole step (:meth:`~kdkit.train.accumulation.StepTotals.loss`).
+    """
+    with run.hooks.capture(prep.teacher_features):
+        with run.precision.autocast():  # the forward only: the losses run in float32
+            logits = run.train_model(prep.micro.features)
+        feature = run.hooks.feature_loss()
+    return totals.loss(logits, prep.micro, prep.mix, feature)
 
 
 def _non_finite(run: Run, batches: list[dict[str, Any]], micro: list[MicroBatch]) -> Exception:
@@ -194,32 +191,30 @@ class _Prepared(NamedTuple):
     clean: torch.Tensor  # the features before augmentation
     view: torch.Tensor | None
     mix: Mix | None
+    teacher_features: dict | None  # feature KD: the teacher's, captured with its logits
 
 
 def _prepare(run: Run, batch: dict[str, Any]) -> _Prepared:
     """A loader batch on the device, augmented, with its teacher logits and KD mask.
 
-    With feature KD the teacher logits are left to :func:`_hooked_step` (the teacher's
-    forward must run inside the capture of its features).
+    With feature KD the teacher's forward runs inside a capture of its features, kept
+    for the student's forward (:func:`_micro_batch_loss`); like the teacher logits they
+    are held for all micro-batches of a step (detached: no graph).
     """
     device = run.env.device
     features = to_device(batch["features"], device)
     targets = to_device(torch.as_tensor(batch["label"]), device)
     view, mix = run.hooks.augment(features)  # (None, None) without augmentation
-    teacher_logits = None
-    if run.teacher is not None and run.hooks.distiller is None:
-        teacher_logits = _teacher_logits(run, batch, features, view, mix)
+    teacher_logits, teacher_features = None, None
+    if run.teacher is not None:
+        with run.hooks.capture():
+            paths = list(batch["path"]) if "path" in batch else None
+            teacher_logits = run.teacher.logits(paths, features, view, mix)  # on features' device
+            teacher_features = run.hooks.teacher_features()
     mb = MicroBatch(
         features if view is None else view, targets, teacher_logits, _domain_mask(run, batch)
     )
-    return _Prepared(mb, features, view, mix)
-
-
-def _teacher_logits(
-    run: Run, batch: dict[str, Any], features: torch.Tensor, view: Any, mix: Any
-) -> Any:
-    paths = list(batch["path"]) if "path" in batch else None
-    return run.teacher.logits(paths, features, view, mix)  # on the features' device
+    return _Prepared(mb, features, view, mix, teacher_features)
 
 
 def _domain_mask(run: Run, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -238,58 +233,3 @@ def _loss_dtype(run: Run, mb: MicroBatch) -> torch.dtype:
         return compute_dtype(proto)
     teacher = teacher_values(mb.teacher_logits)  # a sparse cache: its log-probs
     return compute_dtype(proto, teacher, temperature=run.config.kd.temperature)
-
-
-def _hooked_step(
-    run: Run, batch: dict[str, Any], prep: _Prepared, kd_epoch: float
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Issue 15's forward and backward: mixup's mixed targets and feature KD, one batch.
-
-    Returns the loss stats, the accuracy and the loss's finiteness flag (the last two on
-    the device: they join the step's one transfer).
-    """
-    mb = prep.micro
-    with run.hooks.capture():  # the forward passes feature_kd matches
-        with run.precision.autocast():
-            logits = run.train_model(mb.features)
-        loss, stats = _loss(run, batch, prep, logits, kd_epoch)
-        loss, stats = run.hooks.add_feature_loss(loss, stats)
-    run.precision.backward(loss)
-    hits = (logits.detach().argmax(dim=-1) == mb.targets).float().mean()
-    return stats, hits, torch.isfinite(loss.detach())
-
-
-def _loss(
-    run: Run, batch: dict[str, Any], prep: _Prepared, logits: torch.Tensor, kd_epoch: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss (mixup: mixed targets, :func:`kdkit.augment.mixed_loss`) and its stats."""
-    mb = prep.micro
-    targets = mb.targets
-    if run.teacher is not None:
-        teacher_logits = mb.teacher_logits
-        if teacher_logits is None:  # feature KD: the teacher's forward is captured here
-            teacher_logits = _teacher_logits(run, batch, prep.clean, prep.view, prep.mix)
-        # Normalised over all ranks (exactly compute_student_loss on one).
-        try:
-            return mixed_loss(
-                lambda y: compute_student_loss_distributed(
-                    logits, teacher_logits, y, run.config.kd, kd_epoch, domain_mask=mb.domain_mask
-                ),
-                targets,
-                prep.mix,
-            )
-        except ValueError:
-            if not bool(torch.isfinite(logits.detach()).all()):  # error path only
-                raise non_finite_error(run.position, batch, prep.clean, "student logits") from None
-            raise
-    return mixed_loss(lambda y: _cross_entropy(logits, y), targets, prep.mix)
-
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    loss = F.cross_entropy(logits, targets)
-    return loss, _ce_stats(loss)
-
-
-def _ce_stats(loss: torch.Tensor) -> dict[str, float]:
-    value = float(loss.detach())
-    return {"total_loss": value, "ce_loss": value}

@@ -1,10 +1,10 @@
 """What a training step adds to CE + KD: augmentation and feature distillation.
 
 :class:`StepHooks` is built once per run by :func:`build_step_hooks` and called by the
-step (:mod:`kdkit.train.epoch`) at three points: :meth:`~StepHooks.augment` (the view the
+step (:mod:`kdkit.train.epoch`) at these points: :meth:`~StepHooks.augment` (the view the
 student sees, and mixup's :class:`~kdkit.augment.Mix`), :meth:`~StepHooks.capture` (the
 forward passes whose features ``feature_kd`` matches) and
-:meth:`~StepHooks.add_feature_loss`.  Without ``augment`` and ``feature_kd`` every hook is
+:meth:`~StepHooks.feature_loss`.  Without ``augment`` and ``feature_kd`` every hook is
 the identity, so a plain run is unchanged bit for bit.
 
 Randomness: the augmentation generator lives on the training device and is re-seeded at
@@ -14,6 +14,8 @@ uninterrupted one, on any number of ranks, with no generator state to checkpoint
 projections of ``feature_kd`` are initialised from their own stream (``seed``), leaving
 the global torch RNG (dropout, the student's initialisation) as in a run without them;
 they are trained by the run's optimiser and saved in ``last_state.pt`` (``feature_kd``).
+Under torchrun DistributedDataParallel wraps :class:`Trainable` (student + projections),
+so the projections' gradients are averaged with the student's.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from kdkit.augment import Augmentation, Mix
 from kdkit.errors import InputError
 from kdkit.features import FeatureDistiller
 
-__all__ = ["StepHooks", "augment_seed", "build_step_hooks"]
+__all__ = ["StepHooks", "Trainable", "augment_seed", "build_step_hooks"]
 
 
 def augment_seed(seed: int, epoch: int, rank: int) -> int:
@@ -73,20 +75,24 @@ class StepHooks:
             self._checked_values = True
         return view, mix
 
-    def capture(self) -> contextlib.AbstractContextManager[None]:
-        """The block whose forward passes ``feature_kd`` captures."""
-        return contextlib.nullcontext() if self.distiller is None else self.distiller.capture()
-
-    def add_feature_loss(
-        self, loss: torch.Tensor, stats: dict[str, float]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``loss + sum(w * feature loss)`` and the stats with ``feature_loss*`` added."""
+    def capture(
+        self, teacher_features: dict[tuple[str, int], torch.Tensor] | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """The block whose forward passes ``feature_kd`` captures (``teacher_features``:
+        those of the micro-batch's teacher forward, captured before)."""
         if self.distiller is None:
-            return loss, stats
-        feat, feat_stats = self.distiller.loss()
-        stats = {**stats, **feat_stats}
-        stats["total_loss"] = float(stats["total_loss"]) + feat_stats["feature_loss"]
-        return loss + feat, stats
+            return contextlib.nullcontext()
+        return self.distiller.capture(teacher_features)
+
+    def teacher_features(self) -> dict[tuple[str, int], torch.Tensor] | None:
+        """The teacher features captured in the current :meth:`capture` block."""
+        return None if self.distiller is None else self.distiller.teacher_features()
+
+    def feature_loss(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(sum(w * feature loss), detached [that sum, each pair's loss])`` of the
+        captured micro-batch -- means over its samples -- or ``None`` without
+        ``feature_kd`` (:class:`~kdkit.train.accumulation.StepTotals` normalises them)."""
+        return None if self.distiller is None else self.distiller.loss_terms()
 
     @property
     def stat_names(self) -> tuple[str, ...]:
@@ -96,10 +102,16 @@ class StepHooks:
         return ("feature_loss", *(f"feature_loss/{p.student}" for p in self.distiller.pairs))
 
     def trainable(self, model: nn.Module) -> nn.Module:
-        """The module whose parameters the optimiser trains: the student (+ projections)."""
+        """The module whose parameters the optimiser trains: the student (+ projections).
+
+        With ``feature_kd`` a :class:`Trainable` (its forward is the student's): under
+        torchrun it is what DistributedDataParallel wraps, so the projections' gradients
+        are averaged over ranks in the student's all-reduce and rank 0's initial values
+        are broadcast with the student's.
+        """
         if self.distiller is None:
             return model
-        return nn.ModuleDict({"student": model, "feature_kd": self.distiller})
+        return Trainable(model, self.distiller)
 
     def state_dict(self) -> dict[str, Any]:
         """Entries of ``last_state.pt`` (the projections of ``feature_kd``)."""
@@ -110,6 +122,24 @@ class StepHooks:
             if "feature_kd" not in state:
                 raise ValueError("the checkpoint holds no feature_kd projections to resume from")
             self.distiller.load_state_dict(state["feature_kd"])
+
+
+class Trainable(nn.Module):
+    """The student and ``feature_kd``'s projections as one module (parameters in that
+    order, as the optimiser has always seen them); calling it calls the student.
+
+    The projections are applied outside this forward (by the step's feature loss), which
+    DistributedDataParallel allows: its reducer fires on every parameter's gradient.
+    Checkpoints keep saving the student and the projections separately (no prefixes).
+    """
+
+    def __init__(self, student: nn.Module, distiller: FeatureDistiller) -> None:
+        super().__init__()
+        self.student = student
+        self.feature_kd = distiller
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.student(*args, **kwargs)
 
 
 def _probe(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
@@ -138,7 +168,7 @@ def build_step_hooks(
     Raises:
         InputError: student and live-teacher outputs that do not fit; see
             :class:`~kdkit.features.FeatureDistiller` and :class:`~kdkit.augment.Augmentation`.
-        ValueError: ``feature_kd`` without a live teacher or under torchrun.
+        ValueError: ``feature_kd`` without a live teacher.
     """
     live = [] if teachers is None else teachers.live
     if config.consistent_teacher and not live:
@@ -176,8 +206,6 @@ def build_step_hooks(
                 "feature_kd needs a live teacher (teacher_model=NAME=SPEC / --teacher_model); "
                 "teacher features are not cached"
             )
-        if distributed:
-            raise ValueError("feature_kd is not supported under torchrun yet (one process only)")
         hooks.distiller = FeatureDistiller(config.feature_kd, loss=config.feature_kd_loss)
         hooks.distiller.setup(
             model, {t.name: t.module for t in live}, example, seed=config.seed + 1

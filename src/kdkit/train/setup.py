@@ -210,9 +210,11 @@ def setup_run(
         run.segments = [new_segment(0, config.epochs)]
     # Checkpoints hold the unwrapped module's state, so a run resumes on any number of
     # ranks; DDP broadcasts rank 0's (identical, just loaded) weights on construction.
+    # With feature_kd it wraps the student and the projections together (one gradient
+    # all-reduce for both; the student's forward: hooks.Trainable).
     if env.enabled:
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
-        run.train_model = DistributedDataParallel(model, device_ids=device_ids)
+        run.train_model = DistributedDataParallel(hooks.trainable(model), device_ids=device_ids)
     if config.compile:  # torch.compile(DDP(model)); checkpoints keep using run.model
         run.train_model = compile_student(run.train_model)
     return run
