@@ -4,7 +4,8 @@ Llama-style teacher and student built from configs (nothing downloaded), one bat
 ``B`` sequences of ``L`` tokens over a vocabulary of ``V``.  Rows, each a median over
 ``--steps`` optimizer steps (after two warm-up steps) of each of ``--rounds`` rounds (every
 row once per round, so a change of machine load hits all rows alike), timed by a callback
-around the Trainer's own step, with the ratio to the CE-only step measured in the same run:
+from one step's end to the next's (batch fetch and ``get_batch_samples`` included), with
+the ratio to the CE-only step measured in the same run:
 
 * ``CE only`` -- ``transformers.Trainer`` with the model's own loss (the baseline);
 * ``naive KD`` -- a ``Trainer`` whose ``compute_loss`` takes the student's ``[B, L, V]``
@@ -54,15 +55,18 @@ def _timer():
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
+        """Time from one optimizer step's end to the next's: the whole step, including
+        the batch fetch and ``get_batch_samples`` (where a pmax teacher runs)."""
+
         def __init__(self) -> None:
             self.times: list[float] = []
-            self._began = 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._began = time.perf_counter()
+            self._last: float | None = None
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._began)
+            now = time.perf_counter()
+            if self._last is not None:
+                self.times.append(now - self._last)
+            self._last = now
 
     return StepTimer()
 
@@ -146,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer = make(student, targs, timer)
             trainer.remove_callback(PrinterCallback)
             trainer.train()
-            times.setdefault(name, []).extend(timer.times[2:])
-            print(f"{name:<22} {statistics.median(timer.times[2:]) * 1000:8.1f} ms / step")
+            times.setdefault(name, []).extend(timer.times[1:])
+            print(f"{name:<22} {statistics.median(timer.times[1:]) * 1000:8.1f} ms / step")
 
         collate = CausalLMCollator(0)
         cached = CausalLMCollator(0, cache_keys=True)
