@@ -69,6 +69,7 @@ from kdkit._validation.losses import (
 from kdkit._validation.sparse import (
     SPARSE_TAILS,
     check_sparse_options,
+    check_sparse_tail,
     check_sparse_teacher,
 )
 from kdkit._validation.tensors import (
@@ -128,6 +129,7 @@ __all__ = [
     "check_same_shape",
     "check_source_domain",
     "check_sparse_options",
+    "check_sparse_tail",
     "check_sparse_teacher",
     "check_str",
     "check_student_loss_args",

@@ -13,6 +13,7 @@ from kdkit.sparse import SparseLogits
 __all__ = [
     "SPARSE_TAILS",
     "check_sparse_options",
+    "check_sparse_tail",
     "check_sparse_teacher",
 ]
 
@@ -45,10 +46,10 @@ def check_sparse_teacher(student: torch.Tensor, teacher: SparseLogits) -> None:
             )
 
 
-def check_sparse_options(
-    teacher: SparseLogits, temperature: float, loss_type: str, sparse_tail: object, retemper: object
-) -> str:
-    """``sparse_tail``, the loss type it allows, and the temperature rule; returns the tail."""
+def check_sparse_tail(loss_type: str, sparse_tail: object, retemper: object) -> str:
+    """``sparse_tail`` (a name of :data:`SPARSE_TAILS`, allowed for ``loss_type``) and
+    ``retemper`` (a bool): the sparse options that need no teacher (a loss module checks
+    them at construction); returns the tail."""
     check_choice("sparse_tail", sparse_tail, SPARSE_TAILS)
     check_bool("retemper", retemper)
     if sparse_tail == "renormalize" and loss_type in ("reverse_kl", "jsd"):
@@ -56,6 +57,14 @@ def check_sparse_options(
             f"loss_type={loss_type!r} needs the teacher's probability outside the top-k: use "
             "sparse_tail='bucket' (the tail as a (K+1)-th class) with a sparse teacher"
         )
+    return sparse_tail  # type: ignore[return-value]
+
+
+def check_sparse_options(
+    teacher: SparseLogits, temperature: float, loss_type: str, sparse_tail: object, retemper: object
+) -> str:
+    """:func:`check_sparse_tail`, then the temperature rule; returns the tail."""
+    check_sparse_tail(loss_type, sparse_tail, retemper)
     if temperature != teacher.temperature and not retemper:
         raise ValueError(
             f"temperature={temperature!r} differs from the sparse teacher's capture temperature "

@@ -10,7 +10,7 @@ that needs the batch is the sparse teacher's capture temperature (``retemper``).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from kdkit._validation import (
     check_kd_loss_options,
     check_linear_options,
-    check_sparse_options,
+    check_sparse_tail,
     check_student_loss_options,
 )
 from kdkit.losses.kd import KDLossConfig, compute_student_loss, kd_loss
@@ -26,24 +26,6 @@ from kdkit.losses.linear import linear_kd_loss
 from kdkit.sparse import SparseLogits
 
 __all__ = ["KDLoss", "LinearKDLoss", "StudentLoss"]
-
-
-class _OwnTemperature(NamedTuple):
-    """A stand-in for a sparse teacher captured at the loss's own temperature."""
-
-    temperature: float
-
-
-def check_module_sparse_options(loss_type: str, sparse_tail: object, retemper: object) -> None:
-    """``sparse_tail`` and ``retemper`` of a module, at construction.
-
-    The shared :func:`~kdkit._validation.check_sparse_options` (same messages as the
-    functional call): the tail's name, ``retemper`` a bool and the tail allowed for
-    ``loss_type``.  Its temperature rule needs the teacher's capture temperature, known
-    only per batch: the functional call applies it (the stand-in never trips it).
-    """
-    teacher = _OwnTemperature(1.0)
-    check_sparse_options(teacher, 1.0, loss_type, sparse_tail, retemper)  # type: ignore[arg-type]
 
 
 class _KDOptions(nn.Module):
@@ -65,7 +47,7 @@ class _KDOptions(nn.Module):
     ) -> None:
         super().__init__()
         check_kd_loss_options(temperature, loss_type, reduction, jsd_beta, implementation)
-        check_module_sparse_options(loss_type, sparse_tail, retemper)
+        check_sparse_tail(loss_type, sparse_tail, retemper)
         self.temperature = temperature
         self.loss_type = loss_type
         self.reduction = reduction
@@ -177,7 +159,7 @@ class StudentLoss(nn.Module):
         if config is None:
             config = KDLossConfig()
         check_student_loss_options(config, KDLossConfig, ignore_index, implementation)
-        check_module_sparse_options(config.loss_type, sparse_tail, retemper)
+        check_sparse_tail(config.loss_type, sparse_tail, retemper)
         self.config = config
         self.ignore_index = ignore_index
         self.implementation = implementation
