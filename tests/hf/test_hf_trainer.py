@@ -176,7 +176,8 @@ def test_evaluation_reports_the_students_own_ce(tmp_path, one_torch_thread):
 
 
 class _CountingTeacher(torch.nn.Module):
-    """A teacher that counts its forward passes."""
+    """A teacher that counts its forward passes and hides the model's hidden-state
+    interface (no ``base_model``, no ``logits_to_keep``): it hands over logits."""
 
     def __init__(self, model):
         super().__init__()
@@ -199,9 +200,10 @@ class _CountingTeacher(torch.nn.Module):
 def test_teacher_forwards_per_micro_batch(
     tmp_path, weighting, accumulation, per_micro_batch, one_torch_thread
 ):
-    """Confidence weighting needs the teacher before the step (for W): with one
-    micro-batch per step its outputs are kept for the loss (one forward, was two); with
-    several, only the confidence is kept and the teacher runs again per micro-batch."""
+    """A teacher that hands over logits: confidence weighting needs it before the step
+    (for W); with one micro-batch per step its outputs are kept for the loss (one
+    forward, was two); with several only the confidence is kept and the teacher runs
+    again per micro-batch (its [B, L, V] logits are not all held at once)."""
     teacher = _CountingTeacher(tiny_llama(3, seed=1))
     config = KDLossConfig(temperature=2.0, kd_alpha=0.6, kd_weighting=weighting)
     trainer = DistillationTrainer(
@@ -213,7 +215,103 @@ def test_teacher_forwards_per_micro_batch(
         data_collator=CausalLMCollator(0),
     )
     trainer.train()
+    assert trainer._teacher_via_hidden is False
     assert teacher.calls == 2 * accumulation * per_micro_batch
+
+
+@pytest.mark.parametrize("weighting", ["none", "pmax"])
+def test_a_live_teacher_hands_over_hidden_states(tmp_path, weighting, one_torch_thread):
+    """A transformers teacher on the student's device: its forward computes the last
+    position's logits only, its output layer is applied chunk by chunk in the loss, it
+    runs once per micro-batch even with accumulation, and the gradient is the global
+    batch's on the teacher's full logits."""
+    teacher = tiny_llama(3, seed=1)
+    widths: list[int] = []
+    teacher.register_forward_hook(lambda module, args, out: widths.append(out.logits.shape[1]))
+    config = KDLossConfig(temperature=2.0, kd_alpha=0.6, kd_weighting=weighting)
+    grab = grad_grab()
+    trainer = DistillationTrainer(
+        tiny_llama(2, seed=2),
+        _args(tmp_path, 4, 2),
+        teacher=teacher,
+        kd_config=config,
+        train_dataset=lm_samples(8),
+        data_collator=CausalLMCollator(0),
+        callbacks=[grab],
+    )
+    trainer.train()
+    assert trainer._teacher_via_hidden is True
+    assert widths == [1, 1]  # two micro-batches, one forward each, no [B, L, V]
+    for got, want in zip(grab.grads, reference_grads(config)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_logits_when_its_output_transform_is_not_the_students(tmp_path, one_torch_thread):
+    """A soft-capping teacher (Gemma 2) for a plain student: the linear path applies one
+    transform to both, so the teacher hands over its own logits -- and the gradient is
+    that of the teacher's soft-capped logits."""
+    from hf_testing import tiny_gemma2
+
+    from kdkit.hf import shift_labels
+    from kdkit.losses.kd import compute_student_loss
+
+    config = KDLossConfig(temperature=2.0, kd_alpha=0.6)
+    grab = grad_grab()
+    trainer = DistillationTrainer(
+        tiny_llama(2, seed=2),
+        _args(tmp_path, 8, max_grad_norm=0.0),
+        teacher=tiny_gemma2(3, seed=1),
+        kd_config=config,
+        train_dataset=lm_samples(8),
+        data_collator=CausalLMCollator(0),
+        callbacks=[grab],
+    )
+    trainer.train()
+    assert trainer._teacher_via_hidden is False
+    student, teacher = tiny_llama(2, seed=2), tiny_gemma2(3, seed=1)
+    batch = CausalLMCollator(0)(lm_samples(8))
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = shift_labels(batch["labels"], batch["attention_mask"])
+    loss, _ = compute_student_loss(logits[:, :-1], t[:, :-1], targets[:, :-1].clone(), config)
+    loss.backward()
+    for got, param in zip(grab.grads, student.parameters()):
+        torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_teacher_with_an_unknown_transform_falls_back_to_its_logits(
+    tmp_path, caplog, one_torch_thread
+):
+    """The teacher's check at its first call fails: said once, and its own logits are
+    used from then on (the student's objective is unchanged)."""
+    from transformers import LlamaForCausalLM
+
+    class Doubled(LlamaForCausalLM):
+        def forward(
+            self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs
+        ):
+            out = super().forward(
+                input_ids, attention_mask, labels=labels, logits_to_keep=logits_to_keep, **kwargs
+            )
+            out.logits = out.logits * 2.0
+            return out
+
+    teacher = Doubled(tiny_llama(3, seed=1).config)
+    teacher.load_state_dict(tiny_llama(3, seed=1).state_dict())
+    trainer = DistillationTrainer(
+        tiny_llama(2, seed=2),
+        _args(tmp_path, 4, max_steps=2),
+        teacher=teacher,
+        kd_config=KDLossConfig(temperature=2.0, kd_alpha=0.6),
+        train_dataset=lm_samples(8),
+        data_collator=CausalLMCollator(0),
+    )
+    with caplog.at_level(logging.WARNING, logger="kdkit.hf"):
+        trainer.train()
+    assert trainer._teacher_via_hidden is False
+    warnings = [r for r in caplog.records if "teacher's logits are not" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 def test_a_cached_teacher_fits_a_longer_padded_batch():

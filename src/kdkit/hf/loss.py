@@ -104,6 +104,7 @@ def lm_distillation_loss(
     teacher_confidence: torch.Tensor | None = None,
     logit_scale: float | None = None,
     softcap: float | None = None,
+    teacher_head: nn.Module | None = None,
 ) -> tuple[torch.Tensor, LMLossStats]:
     r"""The causal-LM distillation loss of one micro-batch, with ``KDLossConfig`` semantics.
 
@@ -141,6 +142,10 @@ def lm_distillation_loss(
         logit_scale, softcap: The student's output transform, applied to ``head(hidden)``
             as its forward does (:mod:`kdkit.hf.head`; e.g. Gemma's final-logit
             soft-capping); not applied to given logits or to the teacher's logits.
+        teacher_head: The live teacher's output layer: ``teacher_logits`` are then its final
+            hidden states ``[B, L, H_t]`` and its logits are computed chunk by chunk with
+            the same ``logit_scale``/``softcap`` (no ``[B, L, V]`` teacher logits either).
+            Needs ``student_head``.
 
     Returns:
         ``(loss, stats)``: the loss (float32, or float64 for float64 inputs) and the
@@ -152,6 +157,8 @@ def lm_distillation_loss(
             device-to-host transfer.
     """
     targets = shift_labels(labels, attention_mask, ignore_index)
+    if teacher_head is not None and student_head is None:
+        raise TypeError("teacher_head (teacher hidden states) needs student_head: the linear path")
     if student_head is None:  # logits: kdkit's logits API
         loss, terms, alpha, raise_flags = _logits_terms(
             student_hidden,
@@ -181,6 +188,7 @@ def lm_distillation_loss(
             teacher_confidence,
             logit_scale,
             softcap,
+            teacher_head,
         )
     flags = torch.stack([*terms.flags, terms.ce_sum.detach()]).tolist()  # one transfer
     raise_flags(flags[:4])
@@ -249,6 +257,7 @@ def _linear_terms(
     teacher_confidence,
     logit_scale,
     softcap,
+    teacher_head,
 ) -> tuple[torch.Tensor, StudentLossTerms, float, Callable[[Sequence[float]], None]]:
     """The loss through the output layer (no ``[B, L, V]`` student logits):
     :func:`~kdkit.losses.linear.student_loss_terms_linear` with the step's counts."""
@@ -270,5 +279,17 @@ def _linear_terms(
         sparse_tail=sparse_tail,
         logit_scale=logit_scale,
         softcap=softcap,
+        **_teacher_layer(teacher_head),
     )
     return result.loss, result.terms, result.alpha, result.raise_flags
+
+
+def _teacher_layer(head: nn.Module | None) -> dict[str, torch.Tensor | None]:
+    """``teacher_weight``/``teacher_bias`` of a live teacher's output layer (detached)."""
+    if head is None:
+        return {}
+    bias = getattr(head, "bias", None)
+    return {
+        "teacher_weight": head.weight.detach(),
+        "teacher_bias": None if bias is None else bias.detach(),
+    }

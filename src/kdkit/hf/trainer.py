@@ -21,6 +21,7 @@ What it changes in the Trainer, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -83,6 +84,18 @@ class _StepTeacher:
     def __init__(self, outputs: Any, confidence: torch.Tensor) -> None:
         self.outputs = outputs
         self.confidence = confidence
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherHidden:
+    """A live teacher's final hidden states ``[B, L, H_t]``: the loss applies its output
+    layer chunk by chunk (:func:`~kdkit.hf.loss.lm_distillation_loss`'s ``teacher_head``),
+    so no ``[B, L, V]`` teacher logits exist."""
+
+    hidden: torch.Tensor
+
+    def to(self, device: Any) -> TeacherHidden:
+        return TeacherHidden(self.hidden.to(device))
 
 
 class _HiddenCapture:
@@ -225,6 +238,8 @@ class DistillationTrainer(transformers.Trainer):
             read_output_transform(model) if output_transform is None else output_transform
         )
         self._transform_checked = False
+        self._teacher_via_hidden: bool | None = None  # decided at the first teacher call
+        self._teacher_checked = False
         self._teacher_placed = False
         self._normalisers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._window: torch.Tensor | None = None  # [ce, kd, N, W, selected, confidence]
@@ -255,8 +270,10 @@ class DistillationTrainer(transformers.Trainer):
 
     @torch.no_grad()
     def teacher_logits(self, inputs: dict[str, Any]) -> Any:
-        """The teacher's ``[B, L, V_t]`` logits on the student's device (no graph); from a
-        top-k cache a :class:`~kdkit.SparseLogits` (dense cache: a tensor)."""
+        """The teacher's outputs on the student's device (no graph): from a live teacher its
+        final hidden states (:class:`TeacherHidden`, when it sits on the student's device
+        and shares the student's output transform) or else its ``[B, L, V_t]`` logits; from
+        a top-k cache a :class:`~kdkit.SparseLogits` (dense cache: a tensor)."""
         if self.cache is not None:
             from kdkit.cache import load_cached_logits
 
@@ -272,7 +289,72 @@ class DistillationTrainer(transformers.Trainer):
         if inputs.get("attention_mask") is not None:
             kwargs["attention_mask"] = inputs["attention_mask"].to(device)
         self.teacher.eval()
-        return self.teacher(**kwargs).logits.to(inputs["input_ids"].device)
+        student_device = inputs["input_ids"].device
+        if self._teacher_via_hidden is None:
+            self._teacher_via_hidden = self._hidden_path_possible(device, student_device)
+        if self._teacher_via_hidden:
+            capture = _HiddenCapture()
+            handle = self.teacher.base_model.register_forward_hook(capture)
+            try:
+                outputs = self.teacher(**kwargs, logits_to_keep=1)
+            finally:
+                handle.remove()
+            if self._teacher_checked or self._check_teacher_transform(outputs, capture):
+                return TeacherHidden(capture.hidden)
+        return self.teacher(**kwargs).logits.to(student_device)
+
+    def _hidden_path_possible(self, teacher_device: torch.device, student_device: Any) -> bool:
+        """Whether the live teacher can hand over hidden states instead of logits: a
+        ``transformers`` causal LM on the student's device whose output transform is the
+        student's (the linear path applies one transform to both)."""
+        import inspect
+
+        teacher = self.teacher
+        head = (
+            teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
+        )
+        return (
+            head is not None
+            and getattr(head, "weight", None) is not None
+            and hasattr(teacher, "base_model")
+            and "logits_to_keep" in inspect.signature(teacher.forward).parameters
+            and torch.device(teacher_device) == torch.device(student_device)
+            and read_output_transform(teacher) == self.output_transform
+        )
+
+    def _check_teacher_transform(self, outputs: Any, capture: _HiddenCapture) -> bool:
+        """Once: the teacher's own last-position logits against its head on the hidden
+        states.  A mismatch (a forward doing more than the config says) falls back to the
+        teacher's logits for the rest of the run (said once), never a different target."""
+        self._teacher_checked = True
+        try:
+            check_output_transform(
+                "teacher",
+                self.teacher,
+                outputs.logits,
+                capture.hidden,
+                self.teacher.get_output_embeddings(),
+                self.output_transform,
+            )
+        except ValueError as exc:
+            logger.warning("%s; kdkit uses the teacher's [B, L, V] logits instead", exc)
+            self._teacher_via_hidden = False
+            return False
+        return True
+
+    def _hidden_confidence(self, outputs: TeacherHidden) -> torch.Tensor:
+        """The teacher's per-token confidence from its hidden states (chunked)."""
+        from kdkit.losses.linear import linear_teacher_confidence
+
+        head = self.teacher.get_output_embeddings()
+        return linear_teacher_confidence(
+            outputs.hidden,
+            head.weight.detach(),
+            None if getattr(head, "bias", None) is None else head.bias.detach(),
+            logit_scale=self.output_transform.logit_scale,
+            softcap=self.output_transform.softcap,
+            vocab_size=self.vocab_size,
+        ).float()
 
     def _labels(self, inputs: dict[str, Any]) -> torch.Tensor:
         labels = inputs.get("labels")
@@ -315,6 +397,8 @@ class DistillationTrainer(transformers.Trainer):
                 outputs = self.teacher_logits(batch)
                 if isinstance(outputs, SparseLogits):  # the largest kept probability
                     confidence = sparse_confidence(outputs, torch.float32)
+                elif isinstance(outputs, TeacherHidden):  # chunk by chunk, no [B, L, V]
+                    confidence = self._hidden_confidence(outputs)
                 else:
                     confidence = teacher_confidence(outputs[..., : self.vocab_size].float())
                 confidence = confidence.to(device)
@@ -322,7 +406,8 @@ class DistillationTrainer(transformers.Trainer):
                     confidence, self.kd_config.kd_weighting, self.kd_config.confidence_threshold
                 )
                 counts[1] += torch.where(valid, weights, 0.0).sum()
-                keep = len(batches) == 1 or isinstance(outputs, SparseLogits)
+                small = isinstance(outputs, (SparseLogits, TeacherHidden))
+                keep = len(batches) == 1 or small
                 batch[STEP_TEACHER] = _StepTeacher(outputs if keep else None, confidence)
         if not weighted:
             counts[1] = counts[0]
@@ -354,6 +439,10 @@ class DistillationTrainer(transformers.Trainer):
         else:
             teacher_logits = self.teacher_logits(inputs)
         confidence = None if step is None else step.confidence.to(device)
+        teacher_head = None
+        if isinstance(teacher_logits, TeacherHidden):
+            teacher_head = self.teacher.get_output_embeddings()
+            teacher_logits = teacher_logits.hidden
         inputs.pop("kd_keys", None)
         unwrapped = self.accelerator.unwrap_model(model)
         capture = _HiddenCapture()
@@ -385,6 +474,7 @@ class DistillationTrainer(transformers.Trainer):
             teacher_confidence=confidence,
             logit_scale=self.output_transform.logit_scale,
             softcap=self.output_transform.softcap,
+            teacher_head=teacher_head,
         )
         self._record(stats)
         loss = loss * self.accelerator.num_processes

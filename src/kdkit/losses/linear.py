@@ -131,6 +131,7 @@ __all__ = [
     "compute_student_loss_linear_distributed",
     "linear_chunk_elements",
     "linear_kd_loss",
+    "linear_teacher_confidence",
     "scratch_bytes_per_element",
     "student_loss_terms_linear",
     "teacher_source",
@@ -260,6 +261,46 @@ def _teacher_confidence_pass(prep: _Prepared) -> torch.Tensor:
         chunk = prep.teacher.chunk(start, stop, buffer[: stop - start])
         out[start:stop] = prep.teacher.confidence(chunk)
     return out
+
+
+def linear_teacher_confidence(
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None = None,
+    *,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    r"""The teacher's confidence :math:`\max_c \mathrm{softmax}(z_t)_c` per position, from
+    its hidden states and output layer, one chunk of positions at a time (no ``[N, V]``).
+
+    :math:`z_t = \mathrm{softcap}(\text{logit\_scale} \cdot (h_t W_t^\top + b_t))` as in
+    :func:`linear_kd_loss`; the value of
+    :func:`~kdkit.losses.student_terms.teacher_confidence` on those logits (the same
+    per-chunk function), for a caller that needs the KD weights before the loss -- e.g. a
+    trainer summing them over an optimizer step -- and hands them back through
+    :func:`student_loss_terms_linear`'s ``teacher_confidence``.  Shape ``[...]`` of
+    ``teacher_hidden [..., H]``; float32 (float64 for float64 inputs); no gradient.
+    """
+    with torch.no_grad():
+        # The output layer is validated as the student's and the teacher's at once.
+        prep = _prepare(
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            1.0,
+            logit_scale,
+            softcap,
+            vocab_size,
+            chunk_elements,
+        )
+        confidence = _teacher_confidence_pass(prep)
+    return confidence.reshape(prep.batch_shape).to(prep.result_dtype)
 
 
 def _student_name(prep: _Prepared) -> str:
