@@ -52,6 +52,7 @@ from kdkit.demo.report import (
     write_json,
     write_report,
 )
+from kdkit.demo.settings import check_counts, check_output_dir
 
 __all__ = ["LM_CONDITIONS", "LMDemoConfig", "LMDemoResult", "main_lm_demo", "run_lm_demo"]
 
@@ -106,15 +107,10 @@ class LMDemoConfig:
         for name, (quick, full) in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, quick if self.quick else full)
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.workers is None:  # the ten student runs, one thread each, side by side
             self.workers = min(4, available_cpus())
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise ValueError(f"workers must be an integer >= 1, got {self.workers!r}")
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        check_counts(self, (*defaults, "workers"))
+        check_output_dir(self.output_dir)
 
 
 @dataclasses.dataclass
@@ -610,28 +606,34 @@ def _perplexity_curves(
     curves: dict[str, list[list[tuple[int, float]]]],
     teacher_curve: list[tuple[int, float]],
 ) -> str:
-    with figure(out / "perplexity_curves.png", legend=8) as ax:
+    with figure(
+        out / "perplexity_curves.png",
+        legend=8,
+        xlabel="optimizer step",
+        ylabel="held-out perplexity",
+        yscale="log",
+        title="Held-out perplexity during training (mean over seeds)",
+    ) as ax:
         for name, runs in curves.items():
             steps = [s for s, _ in runs[0]]
             values = np.array([[p for _, p in run] for run in runs])
             ax.plot(steps, values.mean(axis=0), marker="o", ms=3, label=f"student: {name}")
         if teacher_curve:
             ax.plot(*zip(*teacher_curve), ":", color="gray", label="teacher (own schedule)")
-        ax.set(
-            xlabel="optimizer step",
-            ylabel="held-out perplexity",
-            yscale="log",
-            title="Held-out perplexity during training (mean over seeds)",
-        )
     return "perplexity_curves.png"
 
 
 def _kd_losses(out: Path, logs: list[dict[str, Any]]) -> str:
     steps = [h["step"] for h in logs]
-    with figure(out / "kd_losses.png", legend=8) as ax:
+    with figure(
+        out / "kd_losses.png",
+        legend=8,
+        xlabel="optimizer step",
+        ylabel="training loss",
+        title="KD (live teacher): CE vs KD",
+    ) as ax:
         for key, label in (("ce_loss", "CE"), ("kd_loss", "KD"), ("loss", "total")):
             ax.plot(steps, [h[key] for h in logs], label=label)
-        ax.set(xlabel="optimizer step", ylabel="training loss", title="KD (live teacher): CE vs KD")
     return "kd_losses.png"
 
 

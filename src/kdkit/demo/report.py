@@ -48,14 +48,18 @@ def markdown_table(note: str, header: list[str], rows: list[list[str]]) -> str:
 
 
 @contextlib.contextmanager
-def figure(path: Path, height: float = 4, legend: int | None = None) -> Iterator[Any]:
-    """The axes of a 7-inch-wide figure to draw on; saved to ``path`` (PNG, 100 dpi) after
-    the ``with`` block, with a legend of font size ``legend`` unless that is ``None``."""
+def figure(
+    path: Path, height: float = 4, legend: int | None = None, **labels: Any
+) -> Iterator[Any]:
+    """The axes of a 7-inch-wide figure to draw on; after the ``with`` block, ``labels``
+    (``ax.set`` keywords: xlabel, ylabel, title, ...) are set, a legend of font size
+    ``legend`` added unless that is ``None``, and the figure saved to ``path`` (PNG, 100 dpi)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     fig = Figure(figsize=(7, height))
     ax = fig.add_subplot()
     yield ax
+    ax.set(**labels)
     if legend is not None:
         ax.legend(fontsize=legend)
     fig.tight_layout()

@@ -45,6 +45,7 @@ from kdkit.demo.report import (
     summarize,
     write_report,
 )
+from kdkit.demo.settings import check_counts, check_output_dir
 from kdkit.train import TrainConfig, evaluate, train_student, train_teacher
 from kdkit.train.logging import read_metrics
 
@@ -94,12 +95,8 @@ class DemoConfig:
             self.teacher_epochs = 2 if self.quick else 30
         if self.student_epochs is None:
             self.student_epochs = 3 if self.quick else 40
-        for name in ("seeds", "teacher_epochs", "student_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        check_counts(self, ("seeds", "teacher_epochs", "student_epochs"))
+        check_output_dir(self.output_dir)
 
 
 @dataclasses.dataclass
@@ -152,7 +149,13 @@ def _epochs(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _accuracy_curves(out: Path, runs: dict[str, list[Path]]) -> str:
-    with figure(out / "accuracy_curves.png", legend=8) as ax:
+    with figure(
+        out / "accuracy_curves.png",
+        legend=8,
+        xlabel="epoch",
+        ylabel="test accuracy (%)",
+        title="Student accuracy (solid: target mean, dashed: source)",
+    ) as ax:
         for name, dirs in runs.items():
             curves = [[r["eval/target_acc"] for r in _epochs(d)] for d in dirs]
             mean = np.mean(np.array(curves), axis=0)
@@ -165,28 +168,30 @@ def _accuracy_curves(out: Path, runs: dict[str, list[Path]]) -> str:
                 color=line.get_color(),
                 alpha=0.5,
             )
-        ax.set(
-            xlabel="epoch",
-            ylabel="test accuracy (%)",
-            title="Student accuracy (solid: target mean, dashed: source)",
-        )
     return "accuracy_curves.png"
 
 
 def _kd_schedule(out: Path, kd_dir: Path) -> str:
     steps = read_metrics(kd_dir / "metrics.jsonl", "step")
-    with figure(out / "kd_schedule.png", height=3) as ax:
+    with figure(
+        out / "kd_schedule.png",
+        height=3,
+        xlabel="step",
+        ylabel="KD weight alpha",
+        title="KD schedule: warmup, linear ramp, plateau",
+    ) as ax:
         ax.plot([r["global_step"] for r in steps], [r["kd_weight"] for r in steps])
-        ax.set(
-            xlabel="step",
-            ylabel="KD weight alpha",
-            title="KD schedule: warmup, linear ramp, plateau",
-        )
     return "kd_schedule.png"
 
 
 def _coverage_confidence(out: Path, runs: dict[str, list[Path]]) -> str:
-    with figure(out / "coverage_confidence.png", legend=7) as ax:
+    with figure(
+        out / "coverage_confidence.png",
+        legend=7,
+        xlabel="epoch",
+        ylabel="fraction",
+        title="KD coverage and mean teacher confidence per epoch",
+    ) as ax:
         for name in (
             "KD (MLP teacher)",
             "KD, target domains only",
@@ -203,27 +208,25 @@ def _coverage_confidence(out: Path, runs: dict[str, list[Path]]) -> str:
                 color=line.get_color(),
                 label=f"{name}: teacher confidence",
             )
-        ax.set(
-            xlabel="epoch",
-            ylabel="fraction",
-            title="KD coverage and mean teacher confidence per epoch",
-        )
     return "coverage_confidence.png"
 
 
 def _losses(out: Path, kd_dir: Path) -> str:
     epochs = _epochs(kd_dir)
     x = [r["epoch"] + 1 for r in epochs]
-    with figure(out / "losses.png", legend=8) as ax:
+    with figure(
+        out / "losses.png",
+        legend=8,
+        xlabel="epoch",
+        ylabel="mean training loss",
+        title="KD (MLP teacher): CE vs KD balance",
+    ) as ax:
         for key, label in (
             ("ce_loss", "CE"),
             ("kd_loss", "KD (0 during warmup)"),
             ("total_loss", "total"),
         ):
             ax.plot(x, [r[key] for r in epochs], label=label)
-        ax.set(
-            xlabel="epoch", ylabel="mean training loss", title="KD (MLP teacher): CE vs KD balance"
-        )
     return "losses.png"
 
 
