@@ -23,14 +23,15 @@ KD from top-k teacher caches (two K) runs from ``kdkit.hf.dump_lm_teacher`` cach
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,20 @@ import numpy as np
 import torch
 
 from kdkit._extras import require_installed
+from kdkit.demo.report import (
+    Summary,
+    bash_block,
+    figure,
+    image_lines,
+    markdown_table,
+    mean_std,
+    quick_note,
+    settings_line,
+    summarize,
+    write_json,
+    write_report,
+)
+from kdkit.demo.settings import check_counts, check_output_dir
 
 __all__ = ["LM_CONDITIONS", "LMDemoConfig", "LMDemoResult", "main_lm_demo", "run_lm_demo"]
 
@@ -92,15 +107,10 @@ class LMDemoConfig:
         for name, (quick, full) in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, quick if self.quick else full)
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.workers is None:  # the ten student runs, one thread each, side by side
             self.workers = min(4, available_cpus())
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise ValueError(f"workers must be an integer >= 1, got {self.workers!r}")
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        check_counts(self, (*defaults, "workers"))
+        check_output_dir(self.output_dir)
 
 
 @dataclasses.dataclass
@@ -110,7 +120,7 @@ class LMDemoResult:
     table: str
     report_path: Path
     wall_time_s: float
-    summary: dict[str, dict[str, tuple[float, float]]]
+    summary: Summary
     teacher_metrics: dict[str, float]
 
 
@@ -271,8 +281,9 @@ def _train(
     seed: int,
     out: Path,
     tokenizer: Any,
-) -> tuple[dict[str, float], list[tuple[int, float]], list[dict[str, Any]]]:
-    """Train one model; return its held-out metrics, perplexity curve and training logs."""
+) -> tuple[dict[str, float], list[tuple[int, float]], list[dict[str, Any]], str]:
+    """Train one model; return its held-out metrics, perplexity curve, training logs and
+    a one-line summary of the run."""
     from transformers import Trainer, TrainingArguments
 
     from kdkit.hf import CausalLMCollator, DistillationTrainer
@@ -402,6 +413,131 @@ def _run_jobs(jobs: list[_StudentJob], workers: int) -> list[tuple[Any, ...]]:
 # --- the demo ----------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _Corpus:
+    """Step 1: the tokenizer and the token blocks of the demo."""
+
+    tokenizer: Any
+    train_files: int
+    held_files: int
+    train_blocks: list[dict[str, Any]]
+    student_blocks: list[dict[str, Any]]
+    held_out: list[dict[str, Any]]
+
+
+def _corpus(config: LMDemoConfig, out: Path) -> _Corpus:
+    """Step 1: the stdlib corpus, its BPE tokenizer (``out/tokenizer``) and the blocks."""
+    train_texts, held_texts = stdlib_corpus(config.corpus_chars)
+    tokenizer = train_tokenizer(train_texts, config.vocab_size, out / "tokenizer")
+    train_blocks = blocks_of(train_texts, tokenizer, config.block)
+    corpus = _Corpus(
+        tokenizer,
+        len(train_texts),
+        len(held_texts),
+        train_blocks,
+        train_blocks[: max(16, len(train_blocks) // 4)],
+        blocks_of(held_texts, tokenizer, config.block)[:128],
+    )
+    logger.info(
+        "corpus: %d train files (%d blocks of %d tokens; students: %d), %d held-out "
+        "files (%d blocks); BPE vocabulary %d",
+        corpus.train_files,
+        len(corpus.train_blocks),
+        config.block,
+        len(corpus.student_blocks),
+        corpus.held_files,
+        len(corpus.held_out),
+        len(tokenizer),
+    )
+    return corpus
+
+
+def _teacher(
+    config: LMDemoConfig, out: Path, corpus: _Corpus
+) -> tuple[Any, dict[str, float], list[tuple[int, float]]]:
+    """Step 2: the teacher trained with CE on all blocks, saved to ``out/teacher`` with the
+    tokenizer; the teacher (in eval mode), its held-out metrics and perplexity curve."""
+    teacher = _llama(len(corpus.tokenizer), 4, config.block, seed=1000)
+    metrics, curve, _, line = _train(
+        "teacher",
+        teacher,
+        None,
+        corpus.train_blocks,
+        corpus.held_out,
+        config,
+        config.teacher_steps,
+        1000,
+        out / "runs" / "teacher",
+        corpus.tokenizer,
+    )
+    logger.info("%s", line)
+    teacher.save_pretrained(out / "teacher")
+    corpus.tokenizer.save_pretrained(out / "teacher")
+    teacher.eval()
+    return teacher, metrics, curve
+
+
+def _caches(teacher: Any, corpus: _Corpus, out: Path) -> dict[int, float]:
+    """Step 3: the top-k caches (``out/cache-top{k}``) of the students' blocks for each K
+    of :data:`CACHE_KS`; the data bytes per token of each."""
+    from kdkit.hf import dump_lm_teacher
+
+    cache_bytes = {}
+    for k in CACHE_KS:
+        cache = out / f"cache-top{k}"
+        index = dump_lm_teacher(teacher, corpus.student_blocks, cache, top_k=k, dtype="float16")
+        data_bytes = sum(
+            f.stat().st_size for f in cache.rglob("*") if f.is_file() and f.suffix == ".bin"
+        )
+        cache_bytes[k] = data_bytes / max(1, index.num_positions)
+        logger.info("top-%d cache: %.0f bytes per token", k, cache_bytes[k])
+    return cache_bytes
+
+
+@dataclasses.dataclass
+class _Students:
+    """Step 4's results: per condition, each seed's final metrics and perplexity curve,
+    and the training logs of its first run."""
+
+    finals: dict[str, list[dict[str, float]]]
+    curves: dict[str, list[list[tuple[int, float]]]]
+    train_logs: dict[str, list[dict[str, Any]]]
+
+
+def _students(config: LMDemoConfig, out: Path, corpus: _Corpus) -> _Students:
+    """Step 4: a student per condition of :data:`LM_CONDITIONS` and seed."""
+    result = _Students({c: [] for c in LM_CONDITIONS}, {c: [] for c in LM_CONDITIONS}, {})
+    jobs = [
+        _StudentJob(condition, seed, str(out), config, corpus.student_blocks, corpus.held_out)
+        for seed in range(config.seeds)
+        for condition in LM_CONDITIONS
+    ]
+    for job, (metrics, curve, logs, line) in zip(jobs, _run_jobs(jobs, config.workers)):
+        logger.info("%s", line)
+        result.finals[job.condition].append(metrics)
+        result.curves[job.condition].append(curve)
+        result.train_logs.setdefault(job.condition, logs)
+    return result
+
+
+@contextlib.contextmanager
+def _one_quiet_thread() -> Iterator[None]:
+    """One intra-op torch thread and transformers' errors only, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    previous_threads = torch.get_num_threads()
+    # Tiny models: one intra-op thread is faster than two, and several thrash on a busy
+    # machine (measured: 0.13 vs 2.5 CPU-seconds per teacher step on 2 loaded cores).
+    torch.set_num_threads(1)
+    hf_verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        hf_logging.set_verbosity(hf_verbosity)
+
+
 def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
     """Run the LM demo (see the module docstring); return the table and paths.
 
@@ -411,201 +547,128 @@ def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
     """
     check_lm_demo_extras()
     config = LMDemoConfig() if config is None else config
-    from transformers.utils import logging as hf_logging
-
-    from kdkit.hf import dump_lm_teacher
-
     start = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous_threads = torch.get_num_threads()
-    # Tiny models: one intra-op thread is faster than two, and several thrash on a busy
-    # machine (measured: 0.13 vs 2.5 CPU-seconds per teacher step on 2 loaded cores).
-    torch.set_num_threads(1)
-    hf_verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        train_texts, held_texts = stdlib_corpus(config.corpus_chars)
-        tokenizer = train_tokenizer(train_texts, config.vocab_size, out / "tokenizer")
-        vocab = len(tokenizer)
-        train_blocks = blocks_of(train_texts, tokenizer, config.block)
-        held_out = blocks_of(held_texts, tokenizer, config.block)[:128]
-        student_blocks = train_blocks[: max(16, len(train_blocks) // 4)]
-        logger.info(
-            "corpus: %d train files (%d blocks of %d tokens; students: %d), %d held-out "
-            "files (%d blocks); BPE vocabulary %d",
-            len(train_texts),
-            len(train_blocks),
-            config.block,
-            len(student_blocks),
-            len(held_texts),
-            len(held_out),
-            vocab,
-        )
-        teacher = _llama(vocab, 4, config.block, seed=1000)
-        teacher_metrics, teacher_curve, _, line = _train(
-            "teacher",
-            teacher,
-            None,
-            train_blocks,
-            held_out,
-            config,
-            config.teacher_steps,
-            1000,
-            out / "runs" / "teacher",
-            tokenizer,
-        )
-        logger.info("%s", line)
-        teacher.save_pretrained(out / "teacher")
-        tokenizer.save_pretrained(out / "teacher")
-        teacher.eval()
-        caches, cache_bytes = {}, {}
-        for k in CACHE_KS:
-            caches[k] = out / f"cache-top{k}"
-            index = dump_lm_teacher(teacher, student_blocks, caches[k], top_k=k, dtype="float16")
-            data_bytes = sum(
-                f.stat().st_size for f in caches[k].rglob("*") if f.is_file() and f.suffix == ".bin"
-            )
-            cache_bytes[k] = data_bytes / max(1, index.num_positions)
-            logger.info("top-%d cache: %.0f bytes per token", k, cache_bytes[k])
-
-        finals: dict[str, list[dict[str, float]]] = {c: [] for c in LM_CONDITIONS}
-        curves: dict[str, list[list[tuple[int, float]]]] = {c: [] for c in LM_CONDITIONS}
-        train_logs: dict[str, list[dict[str, Any]]] = {}
-        jobs = [
-            _StudentJob(condition, seed, str(out), config, student_blocks, held_out)
-            for seed in range(config.seeds)
-            for condition in LM_CONDITIONS
-        ]
-        for job, (metrics, curve, logs, line) in zip(jobs, _run_jobs(jobs, config.workers)):
-            logger.info("%s", line)
-            finals[job.condition].append(metrics)
-            curves[job.condition].append(curve)
-            train_logs.setdefault(job.condition, logs)
-    finally:
-        torch.set_num_threads(previous_threads)
-        hf_logging.set_verbosity(hf_verbosity)
-
-    summary = {
-        c: {
-            k: (float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms])))
-            for k in ms[0]
-        }
-        for c, ms in finals.items()
-    }
+    with _one_quiet_thread():
+        corpus = _corpus(config, out)
+        teacher, teacher_metrics, teacher_curve = _teacher(config, out, corpus)
+        cache_bytes = _caches(teacher, corpus, out)
+        students = _students(config, out, corpus)
+    summary = summarize(students.finals)
     table = format_lm_table(summary, teacher_metrics, config.seeds)
-    plots = _plots(out, curves, teacher_curve, train_logs)
+    plots = _plots(out, students, teacher_curve)
     wall = time.perf_counter() - start
-    facts = {
-        "train_files": len(train_texts),
-        "held_files": len(held_texts),
-        "train_blocks": len(train_blocks),
-        "student_blocks": len(student_blocks),
-        "held_blocks": len(held_out),
-        "vocab": vocab,
-        "cache_bytes_per_token": {str(k): v for k, v in cache_bytes.items()},
-    }
+    facts = _facts(corpus, cache_bytes)
     table += (
         "\n\nTeacher cache, bytes per token (float16 top-k + tail): "
         + ", ".join(f"top-{k}: {v:.0f}" for k, v in cache_bytes.items())
-        + f" (dense float16: {2 * vocab})."
+        + f" (dense float16: {2 * facts['vocab']})."
     )
-    report = _report(config, table, summary, plots, wall, facts)
-    report_path = out / "report.md"
-    report_path.write_text(report, encoding="utf-8")
-    (out / "results.json").write_text(
-        json.dumps({"summary": summary, "teacher": teacher_metrics, **facts}, indent=2) + "\n",
-        encoding="utf-8",
-    )
+    report_path = _report(config, out, table, summary, plots, wall, facts)
+    write_json(out / "results.json", {"summary": summary, "teacher": teacher_metrics, **facts})
     return LMDemoResult(table, report_path, wall, summary, teacher_metrics)
 
 
-def format_lm_table(
-    summary: dict[str, dict[str, tuple[float, float]]], teacher: dict[str, float], seeds: int
-) -> str:
+def _facts(corpus: _Corpus, cache_bytes: dict[int, float]) -> dict[str, Any]:
+    """The corpus and cache sizes of ``results.json`` and the report."""
+    return {
+        "train_files": corpus.train_files,
+        "held_files": corpus.held_files,
+        "train_blocks": len(corpus.train_blocks),
+        "student_blocks": len(corpus.student_blocks),
+        "held_blocks": len(corpus.held_out),
+        "vocab": len(corpus.tokenizer),
+        "cache_bytes_per_token": {str(k): v for k, v in cache_bytes.items()},
+    }
+
+
+def format_lm_table(summary: Summary, teacher: dict[str, float], seeds: int) -> str:
     """The results table (markdown)."""
     header = ["model", "held-out perplexity", "next-token accuracy (%)"]
     rows = [
         ["teacher (4 layers)", f"{teacher['perplexity']:.2f}", f"{100 * teacher['accuracy']:.1f}"]
     ]
-    for name, stats in summary.items():
-        ppl, acc = stats["perplexity"], stats["accuracy"]
-        rows.append(
-            [
-                f"student (2 layers): {name}",
-                f"{ppl[0]:.2f} ± {ppl[1]:.2f}",
-                f"{100 * acc[0]:.1f} ± {100 * acc[1]:.1f}",
-            ]
-        )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    rows += [
+        [
+            f"student (2 layers): {name}",
+            mean_std(stats["perplexity"], ".2f", scale=1),
+            mean_std(stats["accuracy"]),
+        ]
+        for name, stats in summary.items()
+    ]
     note = f"Held-out stdlib files; students: mean ± std over {seeds} seed(s), last step."
-    return "\n".join([note, "", line(header), sep, *[line(r) for r in rows]])
+    return markdown_table(note, header, rows)
 
 
-def _plots(
+def _perplexity_curves(
     out: Path,
     curves: dict[str, list[list[tuple[int, float]]]],
     teacher_curve: list[tuple[int, float]],
-    train_logs: dict[str, list[dict[str, Any]]],
-) -> list[str]:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    for name, runs in curves.items():
-        steps = [s for s, _ in runs[0]]
-        values = np.array([[p for _, p in run] for run in runs])
-        ax.plot(steps, values.mean(axis=0), marker="o", ms=3, label=f"student: {name}")
-    if teacher_curve:
-        ax.plot(*zip(*teacher_curve), ":", color="gray", label="teacher (own schedule)")
-    ax.set(
+) -> str:
+    with figure(
+        out / "perplexity_curves.png",
+        legend=8,
         xlabel="optimizer step",
         ylabel="held-out perplexity",
         yscale="log",
         title="Held-out perplexity during training (mean over seeds)",
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "perplexity_curves.png", dpi=100)
+    ) as ax:
+        for name, runs in curves.items():
+            steps = [s for s, _ in runs[0]]
+            values = np.array([[p for _, p in run] for run in runs])
+            ax.plot(steps, values.mean(axis=0), marker="o", ms=3, label=f"student: {name}")
+        if teacher_curve:
+            ax.plot(*zip(*teacher_curve), ":", color="gray", label="teacher (own schedule)")
+    return "perplexity_curves.png"
 
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    logs = train_logs["KD (live teacher)"]
+
+def _kd_losses(out: Path, logs: list[dict[str, Any]]) -> str:
     steps = [h["step"] for h in logs]
-    for key, label in (("ce_loss", "CE"), ("kd_loss", "KD"), ("loss", "total")):
-        ax.plot(steps, [h[key] for h in logs], label=label)
-    ax.set(xlabel="optimizer step", ylabel="training loss", title="KD (live teacher): CE vs KD")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "kd_losses.png", dpi=100)
-    return ["perplexity_curves.png", "kd_losses.png"]
+    with figure(
+        out / "kd_losses.png",
+        legend=8,
+        xlabel="optimizer step",
+        ylabel="training loss",
+        title="KD (live teacher): CE vs KD",
+    ) as ax:
+        for key, label in (("ce_loss", "CE"), ("kd_loss", "KD"), ("loss", "total")):
+            ax.plot(steps, [h[key] for h in logs], label=label)
+    return "kd_losses.png"
+
+
+def _plots(out: Path, students: _Students, teacher_curve: list[tuple[int, float]]) -> list[str]:
+    return [
+        _perplexity_curves(out, students.curves, teacher_curve),
+        _kd_losses(out, students.train_logs["KD (live teacher)"]),
+    ]
 
 
 def _report(
     config: LMDemoConfig,
+    out: Path,
     table: str,
-    summary: dict[str, dict[str, tuple[float, float]]],
+    summary: Summary,
     plots: list[str],
     wall: float,
-    facts: dict[str, int],
-) -> str:
-    ce = summary["CE only"]["perplexity"][0]
-    kd = summary["KD (live teacher)"]["perplexity"][0]
-    init = summary["layer-dropped init + KD"]["perplexity"][0]
-    lines = [
-        "# kdkit LM demo report",
-        "",
-        f"Settings: {'quick (CI) ' if config.quick else ''}{config.seeds} seed(s), teacher "
-        f"{config.teacher_steps} steps, students {config.student_steps} steps; wall time "
-        f"{wall:.1f} s.",
-        "",
-        "## Setup",
-        "",
+    facts: dict[str, Any],
+) -> Path:
+    budget = f"teacher {config.teacher_steps} steps, students {config.student_steps} steps"
+    return write_report(
+        out,
+        "kdkit LM demo report",
+        settings_line(config.quick, config.seeds, budget, wall),
+        [
+            ("Setup", _setup_lines(config, facts)),
+            ("Results", _results_lines(config, table, summary)),
+            ("Plots", image_lines(plots)),
+            ("Reproduce with the CLI", bash_block(_reproduce_lines(config))),
+        ],
+    )
+
+
+def _setup_lines(config: LMDemoConfig, facts: dict[str, Any]) -> list[str]:
+    return [
         f"* Corpus: the standard library's top-level `.py` files ({facts['train_files']} "
         f"train files, {facts['held_files']} held-out files: every 10th), byte-level BPE "
         f"tokenizer trained on the train files ({facts['vocab']} tokens).",
@@ -623,40 +686,31 @@ def _report(
         + " log-probabilities (float16, plus the tail mass) per token of the students' "
         "blocks (`kdkit.hf.dump_lm_teacher`), read back as `SparseLogits` "
         "(`DistillationTrainer(teacher_cache=...)`, `sparse_tail='bucket'`).",
-        "",
-        "## Results",
-        "",
-        *(
-            [
-                "**--quick**: a few steps to exercise the pipeline in CI; these numbers are "
-                "not meaningful. Run `kdkit demo --lm` for the real comparison.",
-                "",
-            ]
-            if config.quick
-            else []
-        ),
+    ]
+
+
+def _results_lines(config: LMDemoConfig, table: str, summary: Summary) -> list[str]:
+    ce = summary["CE only"]["perplexity"][0]
+    kd = summary["KD (live teacher)"]["perplexity"][0]
+    init = summary["layer-dropped init + KD"]["perplexity"][0]
+    return [
+        *(quick_note("steps", "kdkit demo --lm") if config.quick else []),
         table,
         "",
         f"Held-out perplexity: CE only {ce:.2f}, KD from the live teacher {kd:.2f} "
         f"({100 * (kd / ce - 1):+.1f} %), layer-dropped init + KD {init:.2f} "
         f"({100 * (init / ce - 1):+.1f} %).",
-        "",
-        "## Plots",
-        "",
-        *[f"![{p}]({p})" for p in plots],
-        "",
-        "## Reproduce with the CLI",
-        "",
-        "```bash",
+    ]
+
+
+def _reproduce_lines(config: LMDemoConfig) -> list[str]:
+    return [
         f"kdkit distill-lm --data train.jsonl --teacher_model {config.output_dir}/teacher \\",
         "    --student_from_teacher 2 --temperature "
         f"{config.temperature:g} --kd_alpha {config.kd_alpha:g} \\",
         f"    --max_steps {config.student_steps} --per_device_train_batch_size 16 "
         "--learning_rate 3e-3 --output_dir runs/lm-student",
-        "```",
-        "",
     ]
-    return "\n".join(lines)
 
 
 def main_lm_demo(args: argparse.Namespace) -> int:

@@ -33,6 +33,19 @@ import torch
 from kdkit._extras import require_installed
 from kdkit.cache import dump_teacher_logits
 from kdkit.demo.data import DOMAIN_NAMES, DemoData, make_demo_data
+from kdkit.demo.report import (
+    Summary,
+    bash_block,
+    figure,
+    image_lines,
+    markdown_table,
+    mean_std,
+    quick_note,
+    settings_line,
+    summarize,
+    write_report,
+)
+from kdkit.demo.settings import check_counts, check_output_dir
 from kdkit.train import TrainConfig, evaluate, train_student, train_teacher
 from kdkit.train.logging import read_metrics
 
@@ -82,12 +95,8 @@ class DemoConfig:
             self.teacher_epochs = 2 if self.quick else 30
         if self.student_epochs is None:
             self.student_epochs = 3 if self.quick else 40
-        for name in ("seeds", "teacher_epochs", "student_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        check_counts(self, ("seeds", "teacher_epochs", "student_epochs"))
+        check_output_dir(self.output_dir)
 
 
 @dataclasses.dataclass
@@ -97,7 +106,7 @@ class DemoResult:
     table: str
     report_path: Path
     wall_time_s: float
-    summary: dict[str, dict[str, tuple[float, float]]]
+    summary: Summary
     teacher_metrics: dict[str, dict[str, float]]
     kd_gain: float
 
@@ -120,120 +129,115 @@ def _columns(metrics_keys: list[str]) -> list[tuple[str, str]]:
     return [c for c in cols if c[0] in metrics_keys]
 
 
-def _format_table(
-    summary: dict[str, dict[str, tuple[float, float]]],
-    teachers: dict[str, dict[str, float]],
-    seeds: int,
-) -> str:
-    keys = list(next(iter(summary.values())))
-    cols = _columns(keys)
+def _format_table(summary: Summary, teachers: dict[str, dict[str, float]], seeds: int) -> str:
+    cols = _columns(list(next(iter(summary.values()))))
     header = ["model", *[name for _, name in cols]]
-    rows = []
-    for name, metrics in teachers.items():
-        rows.append([f"teacher: {name}", *[f"{100 * metrics[k]:.1f}" for k, _ in cols]])
-    for name, stats in summary.items():
-        rows.append(
-            [
-                f"student: {name}",
-                *[f"{100 * stats[k][0]:.1f} ± {100 * stats[k][1]:.1f}" for k, _ in cols],
-            ]
-        )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    rows = [
+        [f"teacher: {name}", *[f"{100 * metrics[k]:.1f}" for k, _ in cols]]
+        for name, metrics in teachers.items()
+    ]
+    rows += [
+        [f"student: {name}", *[mean_std(stats[k]) for k, _ in cols]]
+        for name, stats in summary.items()
+    ]
     note = f"Test accuracy (%) per domain; students: mean ± std over {seeds} seed(s)."
-    return "\n".join([note, "", line(header), sep, *[line(r) for r in rows]])
+    return markdown_table(note, header, rows)
 
 
-def _plots(out: Path, runs: dict[str, list[Path]]) -> list[str]:
-    from matplotlib.figure import Figure
+def _epochs(run_dir: Path) -> list[dict[str, Any]]:
+    return read_metrics(run_dir / "metrics.jsonl", "epoch")
 
-    written = []
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    for name, dirs in runs.items():
-        curves = [
-            [r["eval/target_acc"] for r in read_metrics(d / "metrics.jsonl", "epoch")] for d in dirs
-        ]
-        mean = np.mean(np.array(curves), axis=0)
-        (line,) = ax.plot(np.arange(1, len(mean) + 1), 100 * mean, label=f"{name} (target)")
-        src = [
-            [r["eval/source_acc"] for r in read_metrics(d / "metrics.jsonl", "epoch")] for d in dirs
-        ]
-        ax.plot(
-            np.arange(1, len(mean) + 1),
-            100 * np.mean(src, axis=0),
-            "--",
-            color=line.get_color(),
-            alpha=0.5,
-        )
-    ax.set(
+
+def _accuracy_curves(out: Path, runs: dict[str, list[Path]]) -> str:
+    with figure(
+        out / "accuracy_curves.png",
+        legend=8,
         xlabel="epoch",
         ylabel="test accuracy (%)",
         title="Student accuracy (solid: target mean, dashed: source)",
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_curves.png", dpi=100)
-    written.append("accuracy_curves.png")
+    ) as ax:
+        for name, dirs in runs.items():
+            curves = [[r["eval/target_acc"] for r in _epochs(d)] for d in dirs]
+            mean = np.mean(np.array(curves), axis=0)
+            (line,) = ax.plot(np.arange(1, len(mean) + 1), 100 * mean, label=f"{name} (target)")
+            src = [[r["eval/source_acc"] for r in _epochs(d)] for d in dirs]
+            ax.plot(
+                np.arange(1, len(mean) + 1),
+                100 * np.mean(src, axis=0),
+                "--",
+                color=line.get_color(),
+                alpha=0.5,
+            )
+    return "accuracy_curves.png"
 
-    kd_dir = runs["KD (MLP teacher)"][0]
+
+def _kd_schedule(out: Path, kd_dir: Path) -> str:
     steps = read_metrics(kd_dir / "metrics.jsonl", "step")
-    fig = Figure(figsize=(7, 3))
-    ax = fig.add_subplot()
-    ax.plot([r["global_step"] for r in steps], [r["kd_weight"] for r in steps])
-    ax.set(
-        xlabel="step", ylabel="KD weight alpha", title="KD schedule: warmup, linear ramp, plateau"
-    )
-    fig.tight_layout()
-    fig.savefig(out / "kd_schedule.png", dpi=100)
-    written.append("kd_schedule.png")
+    with figure(
+        out / "kd_schedule.png",
+        height=3,
+        xlabel="step",
+        ylabel="KD weight alpha",
+        title="KD schedule: warmup, linear ramp, plateau",
+    ) as ax:
+        ax.plot([r["global_step"] for r in steps], [r["kd_weight"] for r in steps])
+    return "kd_schedule.png"
 
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    for name in (
-        "KD (MLP teacher)",
-        "KD, target domains only",
-        "KD, 2 teachers (mean)",
-        "KD + augment, live teacher",
-    ):
-        epochs = read_metrics(runs[name][0] / "metrics.jsonl", "epoch")
-        x = [r["epoch"] + 1 for r in epochs]
-        (line,) = ax.plot(x, [r["coverage"] for r in epochs], label=f"{name}: coverage")
-        ax.plot(
-            x,
-            [r["avg_confidence"] for r in epochs],
-            ":",
-            color=line.get_color(),
-            label=f"{name}: teacher confidence",
-        )
-    ax.set(
-        xlabel="epoch", ylabel="fraction", title="KD coverage and mean teacher confidence per epoch"
-    )
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "coverage_confidence.png", dpi=100)
-    written.append("coverage_confidence.png")
 
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    epochs = read_metrics(kd_dir / "metrics.jsonl", "epoch")
+def _coverage_confidence(out: Path, runs: dict[str, list[Path]]) -> str:
+    with figure(
+        out / "coverage_confidence.png",
+        legend=7,
+        xlabel="epoch",
+        ylabel="fraction",
+        title="KD coverage and mean teacher confidence per epoch",
+    ) as ax:
+        for name in (
+            "KD (MLP teacher)",
+            "KD, target domains only",
+            "KD, 2 teachers (mean)",
+            "KD + augment, live teacher",
+        ):
+            epochs = _epochs(runs[name][0])
+            x = [r["epoch"] + 1 for r in epochs]
+            (line,) = ax.plot(x, [r["coverage"] for r in epochs], label=f"{name}: coverage")
+            ax.plot(
+                x,
+                [r["avg_confidence"] for r in epochs],
+                ":",
+                color=line.get_color(),
+                label=f"{name}: teacher confidence",
+            )
+    return "coverage_confidence.png"
+
+
+def _losses(out: Path, kd_dir: Path) -> str:
+    epochs = _epochs(kd_dir)
     x = [r["epoch"] + 1 for r in epochs]
-    for key, label in (
-        ("ce_loss", "CE"),
-        ("kd_loss", "KD (0 during warmup)"),
-        ("total_loss", "total"),
-    ):
-        ax.plot(x, [r[key] for r in epochs], label=label)
-    ax.set(xlabel="epoch", ylabel="mean training loss", title="KD (MLP teacher): CE vs KD balance")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "losses.png", dpi=100)
-    written.append("losses.png")
-    return written
+    with figure(
+        out / "losses.png",
+        legend=8,
+        xlabel="epoch",
+        ylabel="mean training loss",
+        title="KD (MLP teacher): CE vs KD balance",
+    ) as ax:
+        for key, label in (
+            ("ce_loss", "CE"),
+            ("kd_loss", "KD (0 during warmup)"),
+            ("total_loss", "total"),
+        ):
+            ax.plot(x, [r[key] for r in epochs], label=label)
+    return "losses.png"
+
+
+def _plots(out: Path, runs: dict[str, list[Path]]) -> list[str]:
+    kd_dir = runs["KD (MLP teacher)"][0]
+    return [
+        _accuracy_curves(out, runs),
+        _kd_schedule(out, kd_dir),
+        _coverage_confidence(out, runs),
+        _losses(out, kd_dir),
+    ]
 
 
 def check_demo_extras() -> None:
@@ -359,83 +363,79 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         train_logger.setLevel(previous_level)
         torch.set_num_threads(previous_threads)
 
-    summary = {
-        name: {
-            k: (float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms])))
-            for k in ms[0]
-        }
-        for name, ms in finals.items()
-    }
+    summary = summarize(finals)
     table = _format_table(summary, teacher_metrics, config.seeds)
     kd_gain = summary["KD (MLP teacher)"]["target_acc"][0] - summary["CE only"]["target_acc"][0]
     plots = _plots(out, runs)
     wall = time.perf_counter() - start
-    report = _report(config, table, summary, kd_gain, plots, wall, len(data.labels), data)
-    report_path = out / "report.md"
-    report_path.write_text(report, encoding="utf-8")
+    report_path = _report(config, out, table, summary, kd_gain, plots, wall, data)
     return DemoResult(table, report_path, wall, summary, teacher_metrics, kd_gain)
 
 
 def _report(
     config: DemoConfig,
+    out: Path,
     table: str,
-    summary: dict[str, dict[str, tuple[float, float]]],
+    summary: Summary,
     kd_gain: float,
     plots: list[str],
     wall: float,
-    n: int,
-    data: Any,
-) -> str:
+    data: DemoData,
+) -> Path:
+    budget = f"teachers {config.teacher_epochs} epochs, students {config.student_epochs} epochs"
+    return write_report(
+        out,
+        "kdkit demo report",
+        settings_line(config.quick, config.seeds, budget, wall),
+        [
+            ("Setup", _setup_lines(config, data)),
+            ("Results", _results_lines(config, table, summary, kd_gain)),
+            ("Plots", _plots_lines(plots)),
+            ("Reproduce with the CLI", bash_block(_reproduce_lines(config))),
+        ],
+    )
+
+
+def _setup_lines(config: DemoConfig, data: DemoData) -> list[str]:
     counts = {
-        split: {d: int(((data.splits == split) & (data.domains == d)).sum()) for d in DOMAIN_NAMES}
+        split: "/".join(
+            str(int(((data.splits == split) & (data.domains == d)).sum())) for d in DOMAIN_NAMES
+        )
         for split in ("train", "teacher_train", "test")
     }
-    ce = summary["CE only"]["target_acc"][0]
-    lines = [
-        "# kdkit demo report",
-        "",
-        f"Settings: {'quick (CI) ' if config.quick else ''}{config.seeds} seed(s), "
-        f"teachers {config.teacher_epochs} epochs, students {config.student_epochs} epochs; "
-        f"wall time {wall:.1f} s.",
-        "",
-        "## Setup",
-        "",
-        f"* Data: scikit-learn's bundled digits ({n} 8x8 images, 10 classes), each assigned to "
-        "one of four devices: 0 `source` (clean), 1 `blurry-low-gain` (3x3 blur, gain 0.5, "
-        "offset +0.25), 2 `noisy-dead-pixels` (noise sigma 0.3, 8 dead pixels), "
-        "3 `shifted-saturating` (1-pixel shift, gain 1.6, clipped).",
-        "* Splits (samples per domain 0/1/2/3): student-labelled `train` "
-        + "/".join(str(counts["train"][d]) for d in DOMAIN_NAMES)
-        + ", teacher-only `teacher_train` "
-        + "/".join(str(counts["teacher_train"][d]) for d in DOMAIN_NAMES)
-        + ", `test` "
-        + "/".join(str(counts["test"][d]) for d in DOMAIN_NAMES)
-        + ".",
+    kd = _student_kd(config)
+    return [
+        f"* Data: scikit-learn's bundled digits ({len(data.labels)} 8x8 images, 10 classes), "
+        "each assigned to one of four devices: 0 `source` (clean), 1 `blurry-low-gain` (3x3 "
+        "blur, gain 0.5, offset +0.25), 2 `noisy-dead-pixels` (noise sigma 0.3, 8 dead "
+        "pixels), 3 `shifted-saturating` (1-pixel shift, gain 1.6, clipped).",
+        f"* Splits (samples per domain 0/1/2/3): student-labelled `train` {counts['train']}, "
+        f"teacher-only `teacher_train` {counts['teacher_train']}, `test` {counts['test']}.",
         "* Teachers (trained with CE on `train` + `teacher_train`, i.e. with the target-device "
         "labels the student lacks): an MLP 64-256-256-10 with dropout 0.2 and a CNN (16, 32 "
         "channels). Their logits for every sample are dumped to `cache/`.",
         "* Student: an MLP 64-32-10 trained on `train` only (all source labels, 10 % of the "
         "target-device labels), Adam lr 3e-3, batch 32, cosine schedule.",
         "* KD settings: T = 4, alpha = 0.7, pmax weighting, "
-        f"{_student_kd(config).warmup_epochs:g} warmup + {_student_kd(config).kd_ramp_epochs:g} "
+        f"{kd.warmup_epochs:g} warmup + {kd.kd_ramp_epochs:g} "
         + (
             "ramp epochs (shortened for --quick)."
             if config.quick
             else "ramp epochs (the spec's recommendation)."
         ),
         "* Accuracies are those of the last epoch on `test` (no model selection on the test split).",
-        "",
-        "## Results",
-        "",
-        *(
-            [
-                "**--quick**: a few epochs to exercise the pipeline in CI; these numbers are not "
-                "meaningful. Run `kdkit demo` for the real comparison.",
-                "",
-            ]
-            if config.quick
-            else []
-        ),
+    ]
+
+
+def _results_lines(config: DemoConfig, table: str, summary: Summary, kd_gain: float) -> list[str]:
+    def pct(condition: str, metric: str) -> str:
+        return f"{100 * summary[condition][metric][0]:.1f} %"
+
+    ce = summary["CE only"]["target_acc"][0]
+    kd, target_only = "KD (MLP teacher)", "KD, target domains only"
+    cached, live = "KD + augment, cached logits", "KD + augment, live teacher"
+    return [
+        *(quick_note("epochs", "kdkit demo") if config.quick else []),
         table,
         "",
         f"KD from the MLP teacher vs CE only, mean target-domain accuracy: {100 * ce:.1f} % -> "
@@ -443,46 +443,42 @@ def _report(
         "",
         "With `kd_on = 'target'` only target-device samples receive KD, but the CE term keeps "
         "its (1 - alpha) weight over all samples, so the source samples train with 0.3 of the "
-        "loss weight: source accuracy "
-        f"{100 * summary['KD (MLP teacher)']['source_acc'][0]:.1f} % -> "
-        f"{100 * summary['KD, target domains only']['source_acc'][0]:.1f} %, target mean "
-        f"{100 * summary['KD (MLP teacher)']['target_acc'][0]:.1f} % -> "
-        f"{100 * summary['KD, target domains only']['target_acc'][0]:.1f} % "
-        "(KD on all samples -> KD on target samples only).",
+        f"loss weight: source accuracy {pct(kd, 'source_acc')} -> "
+        f"{pct(target_only, 'source_acc')}, target mean {pct(kd, 'target_acc')} -> "
+        f"{pct(target_only, 'target_acc')} (KD on all samples -> KD on target samples only).",
         "",
         f"With the augmentation `{','.join(AUGMENT)}` on the student's batches, the cached "
         "logits belong to the clean images while the live MLP teacher labels the augmented "
         "view the student sees (consistent teaching, Beyer et al. 2022): target mean "
-        f"{100 * summary['KD + augment, cached logits']['target_acc'][0]:.1f} % (cached) vs "
-        f"{100 * summary['KD + augment, live teacher']['target_acc'][0]:.1f} % (live), source "
-        f"{100 * summary['KD + augment, cached logits']['source_acc'][0]:.1f} % vs "
-        f"{100 * summary['KD + augment, live teacher']['source_acc'][0]:.1f} %.",
-        "",
-        "## Plots",
-        "",
+        f"{pct(cached, 'target_acc')} (cached) vs {pct(live, 'target_acc')} (live), source "
+        f"{pct(cached, 'source_acc')} vs {pct(live, 'source_acc')}.",
+    ]
+
+
+def _plots_lines(plots: list[str]) -> list[str]:
+    return [
         "Coverage and teacher confidence are flat over training for cached teachers (fixed "
         "logits); the live teacher's confidence moves with the augmented views it is shown. "
         "With `kd_on = 'target'` the coverage is the share of target samples.",
         "",
-        *[f"![{p}]({p})" for p in plots],
-        "",
-        "## Reproduce with the CLI",
-        "",
-        "```bash",
-        f"kdkit train-teacher --manifest {config.output_dir}/data/manifest.jsonl --train_split train,teacher_train \\",
+        *image_lines(plots),
+    ]
+
+
+def _reproduce_lines(config: DemoConfig) -> list[str]:
+    manifest = f"{config.output_dir}/data/manifest.jsonl"
+    return [
+        f"kdkit train-teacher --manifest {manifest} --train_split train,teacher_train \\",
         '    --model kdkit.models:mlp --model_kwargs \'{"hidden": [256, 256], "dropout": 0.2}\' \\',
         "    --epochs 30 --lr 3e-3 --output_dir runs/mlp",
-        f"kdkit dump-teacher --manifest {config.output_dir}/data/manifest.jsonl --teacher mlp=runs/mlp --cache runs/cache",
-        f"kdkit train-student --manifest {config.output_dir}/data/manifest.jsonl --cache runs/cache --teacher mlp \\",
+        f"kdkit dump-teacher --manifest {manifest} --teacher mlp=runs/mlp --cache runs/cache",
+        f"kdkit train-student --manifest {manifest} --cache runs/cache --teacher mlp \\",
         "    --model_kwargs '{\"hidden\": [32]}' --epochs 40 --batch_size 32 --lr 3e-3 \\",
         "    --temperature 4 --kd_alpha 0.7 --kd_weighting pmax --warmup_epochs 5 --kd_ramp_epochs 10 \\",
         "    --output_dir runs/student",
         "# consistent live teaching with augmentation (no cache needed)",
-        f"kdkit train-student --manifest {config.output_dir}/data/manifest.jsonl --teacher_model mlp=runs/mlp \\",
+        f"kdkit train-student --manifest {manifest} --teacher_model mlp=runs/mlp \\",
         "    --teacher_checkpoint last --augment noise:0.2,shift:0.125 \\",
         "    --model_kwargs '{\"hidden\": [32]}' --epochs 40 --batch_size 32 --lr 3e-3 \\",
         "    --output_dir runs/student-live",
-        "```",
-        "",
     ]
-    return "\n".join(lines)
