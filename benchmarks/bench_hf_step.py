@@ -15,14 +15,20 @@ the ratio to the CE-only step measured in the same run:
   (fused linear path; ``pmax`` weighting needs the teacher before the step);
 * ``kdkit top-K cache`` -- from a top-``K`` cache of ``dump_lm_teacher``.
 
+``--memory`` instead runs each row in a fresh process and reports its extra peak resident
+memory over the steps after the first (Linux: ``/proc/self/clear_refs`` resets the peak,
+``VmHWM`` reads it), against the CE-only row's.
+
     python benchmarks/bench_hf_step.py                       # V = 8192, B = 8, L = 128
     python benchmarks/bench_hf_step.py --vocab 32000 --steps 6
+    python benchmarks/bench_hf_step.py --vocab 32000 --memory
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +77,33 @@ def _timer():
     return StepTimer()
 
 
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _memory_probe():
+    """Extra peak RSS (MB) of the steps after the first: reset at step 1's end."""
+    from transformers import TrainerCallback
+
+    class MemoryProbe(TrainerCallback):
+        def __init__(self) -> None:
+            self.before_kb = 0
+            self.extra_mb: float | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self.before_kb = _status_kb("VmRSS")
+                Path("/proc/self/clear_refs").write_text("5")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.extra_mb = (_status_kb("VmHWM") - self.before_kb) / 1024
+
+    return MemoryProbe()
+
+
 def _naive_trainer(config):
     """A hand-written KD trainer: the student's [B, L, V] logits, then the logits API."""
     from transformers import Trainer
@@ -105,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per row and round")
     parser.add_argument("--rounds", type=int, default=3, help="every row once per round")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--memory", action="store_true", help="extra peak RSS per row instead")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # one row, in a --memory worker
     args = parser.parse_args(argv)
+    if args.memory:
+        return _memory_table(args, argv if argv is not None else sys.argv[1:])
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as hf_logging
@@ -133,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         dump_lm_teacher(teacher, data, cache, top_k=args.top_k, batch_size=args.batch_size)
 
         def run(name: str, make) -> None:
+            if args.only is not None and name != args.only:
+                return
             timer = _timer()
+            probe = _memory_probe()
             targs = TrainingArguments(
                 output_dir=str(Path(tmp) / name.replace(" ", "-")),
                 per_device_train_batch_size=args.batch_size,
@@ -149,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             student = _llama(args.vocab, 2, args.hidden, args.length, seed=2)
             trainer = make(student, targs, timer)
             trainer.remove_callback(PrinterCallback)
+            trainer.add_callback(probe)
             trainer.train()
+            if args.only is not None:
+                print(f"MEMORY {probe.extra_mb:.1f}", flush=True)
             times.setdefault(name, []).extend(timer.times[1:])
             print(f"{name:<22} {statistics.median(timer.times[1:]) * 1000:8.1f} ms / step")
 
@@ -194,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                     **common,
                 ),
             )
+    if args.only is not None:
+        return 0
     rows = [(name, statistics.median(ts)) for name, ts in times.items()]
     base = rows[0][1]
     print(
@@ -204,6 +249,39 @@ def main(argv: list[str] | None = None) -> int:
     print("| step | ms | x CE only |\n|---|---:|---:|")
     for name, t in rows:
         print(f"| {name} | {t * 1000:.1f} | {t / base:.2f} |")
+    return 0
+
+
+ROWS = ("CE only", "naive KD (logits)", "kdkit live", "kdkit live pmax")
+
+
+def _memory_table(args: argparse.Namespace, argv: list[str]) -> int:
+    """Each row in a fresh process (``--only``): its extra peak RSS, and the ratio."""
+    forwarded = [a for a in argv if a != "--memory"]
+    rows = [*ROWS, f"kdkit top-{args.top_k} cache"]
+    extra: dict[str, float] = {}
+    for name in rows:
+        out = subprocess.run(
+            [sys.executable, __file__, *forwarded, "--only", name, "--rounds", "1"],
+            capture_output=True,
+            text=True,
+        )
+        lines = [line for line in out.stdout.splitlines() if line.startswith("MEMORY ")]
+        if out.returncode != 0 or not lines:
+            print(f"{name}: failed: {out.stderr.strip().splitlines()[-1:]}")
+            continue
+        extra[name] = float(lines[-1].split()[1])
+        print(f"{name:<22} {extra[name]:8.1f} MB extra peak", flush=True)
+    base = extra.get("CE only")
+    logits_mb = args.batch_size * args.length * args.vocab * 4 / 2**20
+    print(
+        f"\nV = {args.vocab}, B = {args.batch_size}, L = {args.length}: extra peak RSS of the "
+        f"steps after the first; one float32 [B, L, V] = {logits_mb:.0f} MB"
+    )
+    print("| step | extra peak MB | x CE only | [B, L, V] tensors |\n|---|---:|---:|---:|")
+    for name, mb in extra.items():
+        ratio = f"{mb / base:.2f}" if base else "-"
+        print(f"| {name} | {mb:.0f} | {ratio} | {mb / logits_mb:.2f} |")
     return 0
 
 
