@@ -545,29 +545,36 @@ def _add_dump_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.lm:  # the language-model demo (kdkit.demo.lm)
-        from kdkit.demo.lm import main_lm_demo
+    """``kdkit demo`` (classification, :mod:`kdkit.demo.run`) or ``kdkit demo --lm``
+    (:mod:`kdkit.demo.lm`): extras first, then the settings, run, print the table."""
+    if args.lm:
+        from kdkit.demo.lm import LMDemoConfig as Config
+        from kdkit.demo.lm import check_lm_demo_extras as check_extras
+        from kdkit.demo.lm import run_lm_demo as run
 
-        return main_lm_demo(args)
-    from kdkit.demo import DemoConfig, run_demo
-    from kdkit.demo.run import check_demo_extras
+        default_dir, progress = "kdkit-lm-demo", args.progress and sys.stderr.isatty()
+    else:
+        from kdkit.demo import DemoConfig as Config
+        from kdkit.demo import run_demo as run
+        from kdkit.demo.run import check_demo_extras as check_extras
 
+        default_dir, progress = "kdkit-demo", args.progress
     try:
-        check_demo_extras()  # before any work: say which extra to install
+        check_extras()  # before any work: say which extra to install
     except ImportError as exc:
         print(_message(exc), file=sys.stderr)
         return 1
     try:
-        config = DemoConfig(
-            output_dir=args.output_dir or "kdkit-demo",
+        config = Config(
+            output_dir=args.output_dir or default_dir,
             quick=args.quick,
             seeds=args.seeds,
-            progress=args.progress,
+            progress=progress,
         )
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
     _setup_logging()
-    result = run_demo(config)
+    result = run(config)
     print(result.table)
     print(f"\nreport: {result.report_path} (wall time {result.wall_time_s:.1f} s)")
     return 0

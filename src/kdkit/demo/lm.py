@@ -22,13 +22,11 @@ KD from top-k teacher caches (two K) runs from ``kdkit.hf.dump_lm_teacher`` cach
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
 import math
 import os
-import sys
 import sysconfig
 import time
 from collections.abc import Iterator
@@ -54,7 +52,7 @@ from kdkit.demo.report import (
 )
 from kdkit.demo.settings import check_counts, check_output_dir
 
-__all__ = ["LM_CONDITIONS", "LMDemoConfig", "LMDemoResult", "main_lm_demo", "run_lm_demo"]
+__all__ = ["LM_CONDITIONS", "LMDemoConfig", "LMDemoResult", "run_lm_demo"]
 
 LM_DEMO_EXTRAS: tuple[tuple[str, str], ...] = (
     ("transformers", "hf"),
@@ -711,26 +709,3 @@ def _reproduce_lines(config: LMDemoConfig) -> list[str]:
         f"    --max_steps {config.student_steps} --per_device_train_batch_size 16 "
         "--learning_rate 3e-3 --output_dir runs/lm-student",
     ]
-
-
-def main_lm_demo(args: argparse.Namespace) -> int:
-    """``kdkit demo --lm``: check the extras, run, print the table (exit status)."""
-    try:
-        check_lm_demo_extras()
-    except ImportError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    try:
-        config = LMDemoConfig(
-            output_dir=args.output_dir or "kdkit-lm-demo",
-            quick=args.quick,
-            seeds=args.seeds,
-            progress=args.progress and sys.stderr.isatty(),  # no bars in log files
-        )
-    except (ValueError, TypeError) as exc:
-        args._parser.error(str(exc))
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    result = run_lm_demo(config)
-    print(result.table)
-    print(f"\nreport: {result.report_path} (wall time {result.wall_time_s:.1f} s)")
-    return 0
