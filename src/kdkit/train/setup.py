@@ -2,7 +2,7 @@
 
 Data (datasets from the manifest, their checks), the teacher (cache index and the
 teacher selection, resolved once per run with
-:func:`kdkit.cache.index.resolve_selection`), the model, optimiser, scheduler, data
+:func:`kdkit.cache.selection.resolve_selection`), the model, optimiser, scheduler, data
 loader (a DistributedSampler under torchrun), the state of a resumed run and the
 DistributedDataParallel wrapper.  The order of construction is part of the contract:
 it fixes what the seeded RNG streams produce, so a resumed run is bit-for-bit an
@@ -29,7 +29,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from kdkit._extras import require_installed
 from kdkit.cache import load_cache_index
-from kdkit.cache.index import CacheIndex, keys_to_rows, read_selection, resolve_selection
+from kdkit.cache.batches import read_selection
+from kdkit.cache.index import CacheIndex
+from kdkit.cache.lookup import keys_to_rows
+from kdkit.cache.selection import resolve_selection
 from kdkit.data import ManifestDataset
 from kdkit.models import build_model, load_factory, resolve_model_kwargs
 from kdkit.train.checkpoints import load_training_state, restore_rng_state

@@ -171,7 +171,7 @@ class Teachers:
             return self.cached.logits(list(paths)).to(device)
         parts: list[torch.Tensor] = []
         if self.cached is not None:
-            from kdkit.cache.index import keys_to_rows
+            from kdkit.cache.lookup import keys_to_rows
 
             rows = keys_to_rows(self.cached.index, list(paths))
             for name in self.cached.names:
