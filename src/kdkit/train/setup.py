@@ -136,6 +136,40 @@ def setup_run(
     """Check the data, open the teacher, build model/optimiser/loader, load a resume state."""
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    inputs = _check_inputs(env, config, train_data, eval_data, distil, teachers)
+    _seed_everything(config.seed)
+    run = _build_run(env, config, model, inputs)
+    _attach_step_options(run)
+    if config.resume:
+        _load_resume_state(run)
+    else:
+        run.segments = [new_segment(0, config.epochs)]
+    _wrap_for_training(run)
+    return run
+
+
+@dataclass
+class _Inputs:
+    """What the checks before any work hand to the build (:func:`_check_inputs`)."""
+
+    train_data: Dataset
+    eval_data: Dataset | None
+    first: dict[str, Any]  # the first training item
+    example: torch.Tensor | None  # the probe batch of the setup checks, if one is needed
+    teacher: Teachers | None
+    num_classes: int
+    out: Path
+
+
+def _check_inputs(
+    env: DistributedEnv,
+    config: TrainConfig,
+    train_data: Dataset | None,
+    eval_data: Dataset | None,
+    distil: bool,
+    teachers: Mapping[str, nn.Module] | None,
+) -> _Inputs:
+    """The data, the teacher (opened) and the resume state file, checked before any work."""
     train_data, eval_data = _resolve_data(config, train_data, eval_data)
     first = _check_item(train_data, "train_data")
     example = None  # a probe batch, only for runs whose models must be checked running
@@ -150,25 +184,22 @@ def setup_run(
     state_path = out / "checkpoints" / "last_state.pt"
     if config.resume and not state_path.is_file():
         raise FileNotFoundError(f"cannot resume: {state_path} does not exist")
+    return _Inputs(train_data, eval_data, first, example, teacher, num_classes, out)
 
-    _seed_everything(config.seed)
-    model_spec, model_kwargs = None, {}
-    if model is None:
-        model_spec = config.model
-        model_kwargs = resolve_model_kwargs(
-            load_factory(model_spec),
-            config.model_kwargs,
-            input_shape=tuple(first["features"].shape),
-            num_classes=num_classes,
-        )
-        model = build_model(model_spec, model_kwargs)
+
+def _build_run(
+    env: DistributedEnv, config: TrainConfig, model: nn.Module | None, inputs: _Inputs
+) -> Run:
+    """The student, its step hooks, optimiser, scheduler and loader, built in the order
+    that fixes what the seeded RNG streams produce."""
+    model, model_spec, model_kwargs = _build_student(config, model, inputs)
     model.to(env.device)
     hooks = build_step_hooks(  # before the optimiser: it trains feature_kd's projections
         config,
         model=model,
-        teachers=teacher,
-        example=example,
-        num_classes=num_classes,
+        teachers=inputs.teacher,
+        example=inputs.example,
+        num_classes=inputs.num_classes,
         distributed=env.enabled,
         rank=env.rank,
         device=env.device,
@@ -178,9 +209,13 @@ def setup_run(
     sampler = None
     if env.enabled:  # each rank gets its shard; the shuffle is seeded by seed + epoch
         sampler = DistributedSampler(
-            train_data, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=config.seed
+            inputs.train_data,
+            num_replicas=env.world_size,
+            rank=env.rank,
+            shuffle=True,
+            seed=config.seed,
         )
-    run = Run(
+    return Run(
         config=config,
         env=env,
         model=model,
@@ -189,38 +224,67 @@ def setup_run(
         scheduler=_make_scheduler(config, optimizer),
         generator=generator,
         sampler=sampler,
-        loader=DataLoader(
-            train_data,
-            batch_size=config.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            generator=generator,
-            num_workers=config.num_workers,
-            pin_memory=env.device.type == "cuda",  # non_blocking copies in the step
-        ),
-        eval_data=eval_data,
-        teacher=teacher,
-        num_classes=num_classes,
+        loader=_make_loader(config, env, inputs.train_data, generator, sampler),
+        eval_data=inputs.eval_data,
+        teacher=inputs.teacher,
+        num_classes=inputs.num_classes,
         model_spec=model_spec,
         model_kwargs=model_kwargs,
-        out=out,
+        out=inputs.out,
         hooks=hooks,
     )
-    _attach_step_options(run)
-    if config.resume:
-        _load_resume_state(run)
-    else:
-        run.segments = [new_segment(0, config.epochs)]
+
+
+def _build_student(
+    config: TrainConfig, model: nn.Module | None, inputs: _Inputs
+) -> tuple[nn.Module, str | None, dict[str, Any]]:
+    """``model`` as given, else the one ``config.model`` names: (model, spec, kwargs)."""
+    model_spec, model_kwargs = None, {}
+    if model is None:
+        model_spec = config.model
+        model_kwargs = resolve_model_kwargs(
+            load_factory(model_spec),
+            config.model_kwargs,
+            input_shape=tuple(inputs.first["features"].shape),
+            num_classes=inputs.num_classes,
+        )
+        model = build_model(model_spec, model_kwargs)
+    return model, model_spec, model_kwargs
+
+
+def _make_loader(
+    config: TrainConfig,
+    env: DistributedEnv,
+    train_data: Dataset,
+    generator: torch.Generator,
+    sampler: DistributedSampler | None,
+) -> DataLoader:
+    """The training loader: shuffled by ``generator``, or by ``sampler`` under torchrun."""
+    return DataLoader(
+        train_data,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        num_workers=config.num_workers,
+        pin_memory=env.device.type == "cuda",  # non_blocking copies in the step
+    )
+
+
+def _wrap_for_training(run: Run) -> None:
+    """``run.train_model``: the DDP wrapper under torchrun, then torch.compile if asked."""
     # Checkpoints hold the unwrapped module's state, so a run resumes on any number of
     # ranks; DDP broadcasts rank 0's (identical, just loaded) weights on construction.
     # With feature_kd it wraps the student and the projections together (one gradient
     # all-reduce for both; the student's forward: hooks.Trainable).
+    env = run.env
     if env.enabled:
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
-        run.train_model = DistributedDataParallel(hooks.trainable(model), device_ids=device_ids)
-    if config.compile:  # torch.compile(DDP(model)); checkpoints keep using run.model
+        run.train_model = DistributedDataParallel(
+            run.hooks.trainable(run.model), device_ids=device_ids
+        )
+    if run.config.compile:  # torch.compile(DDP(model)); checkpoints keep using run.model
         run.train_model = compile_student(run.train_model)
-    return run
 
 
 def _attach_step_options(run: Run) -> None:
