@@ -2,8 +2,8 @@
 
 Data (datasets from the manifest, their checks), the teacher (cache index and the
 teacher selection, resolved once per run with
-:func:`kdkit.cache.selection.resolve_selection`), the model, optimiser, scheduler, data
-loader (a DistributedSampler under torchrun), the state of a resumed run and the
+:func:`kdkit.cache.selection.resolve_selection`), the model, optimiser, scheduler,
+data loader (a DistributedSampler under torchrun), the state of a resumed run and the
 DistributedDataParallel wrapper.  The order of construction is part of the contract:
 it fixes what the seeded RNG streams produce, so a resumed run is bit-for-bit an
 uninterrupted one.
