@@ -16,7 +16,8 @@ Example:
 from kdkit.cache._format import CacheError, normalize_key
 from kdkit.cache.dataset import TeacherLogitsDataset
 from kdkit.cache.dump import dump_teacher_logits, teacher_fingerprint
-from kdkit.cache.index import CacheIndex, load_cache_index, load_cached_logits, verify_cache
+from kdkit.cache.index import CacheIndex, load_cache_index, verify_cache
+from kdkit.cache.load import load_cached_logits
 
 __all__ = [
     "CacheError",

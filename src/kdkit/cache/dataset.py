@@ -10,7 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from kdkit.cache.index import CacheIndex, as_index, read_selection, resolve_selection, rows_and_keys
+from kdkit.cache.batches import read_selection
+from kdkit.cache.index import CacheIndex, as_index
+from kdkit.cache.lookup import rows_and_keys
+from kdkit.cache.selection import resolve_selection
 from kdkit.sparse import SparseLogits
 
 __all__ = ["TeacherLogitsDataset"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,44 +161,24 @@ def dump_teacher_logits(
         mask_field=mask_field,
         lengths_field=lengths_field,
     )
-
-    def write(produce: Callable[[CacheWriter], Iterable[LogitsRecord]]) -> CacheIndex:
-        with directory_lock(cache_dir, "cache dump"):  # one writer; readers take no lock
-            return write_locked(produce)
-
-    def write_locked(produce: Callable[[CacheWriter], Iterable[LogitsRecord]]) -> CacheIndex:
-        check_choice("dtype", dtype, tuple(DTYPES))
-        check_placement(models, dev)
-        ensemble_defs = check_ensembles(ensembles, list(models))
-        default = check_default_fusion(default_fusion)
-        check_positive_ints(batch_size=batch_size, checkpoint_rows=checkpoint_rows)
-        root = Path(cache_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        old = load_cache_index(root) if (root / MANIFEST).is_file() else None
-        if old is None and not allow_other_files:
-            check_new_cache_dir(root)
-        fingerprints = {name: teacher_fingerprint(m) for name, m in models.items()}
-        check_against_cache(root, old, fingerprints, ensemble_defs, dtype, sparse)
-        writer = CacheWriter(
-            root,
-            old,
-            fingerprints,
-            dtype=dtype,
-            checkpoint_rows=checkpoint_rows,
-            ensembles=ensemble_defs,
-            default=default,
-            sparse=sparse,
-        )
-        with eval_mode(*models.values()), torch.no_grad():
-            writer.consume(produce(writer))
-        return writer.commit()
-
+    target = _DumpTarget(
+        cache_dir=cache_dir,
+        models=models,
+        device=dev,
+        dtype=dtype,
+        ensembles=ensembles,
+        default_fusion=default_fusion,
+        batch_size=batch_size,
+        checkpoint_rows=checkpoint_rows,
+        allow_other_files=allow_other_files,
+        sparse=sparse,
+    )
     if is_distributed():  # under torchrun: see kdkit.cache.sharded
         return dump_sharded(
             models,
             data,
             cache_dir,
-            lambda batches: write(lambda writer: gathered_records(batches, writer)),
+            lambda batches: _write(target, lambda writer: gathered_records(batches, writer)),
             batch_size=batch_size,
             num_workers=num_workers,
             device=dev,
@@ -205,15 +186,75 @@ def dump_teacher_logits(
         )
 
     def local(writer: CacheWriter) -> Iterable[LogitsRecord]:
-        loader = (
-            data
-            if isinstance(data, DataLoader)
-            else DataLoader(data, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-        )
-        batches = _progress(loader, progress)
+        batches = _progress(_loader(data, batch_size, num_workers), progress)
         return local_records(batches, models, writer, device=dev, **options)
 
-    return write(local)
+    return _write(target, local)
+
+
+@dataclass(frozen=True)
+class _DumpTarget:
+    """Where a dump writes and how: the arguments its locked write checks and uses."""
+
+    cache_dir: str | os.PathLike[str]
+    models: dict[str, nn.Module]
+    device: torch.device
+    dtype: str
+    ensembles: Mapping[str, Mapping[str, Any]] | None
+    default_fusion: str | Mapping[str, Any] | None
+    batch_size: int
+    checkpoint_rows: int
+    allow_other_files: bool
+    sparse: dict[str, Any]  # {teacher: SparseSpec} (check_top_k)
+
+
+def _write(
+    target: _DumpTarget, produce: Callable[[CacheWriter], Iterable[LogitsRecord]]
+) -> CacheIndex:
+    """Hold the dump lock of the cache directory while :func:`_write_locked` runs."""
+    with directory_lock(target.cache_dir, "cache dump"):  # one writer; readers take no lock
+        return _write_locked(target, produce)
+
+
+def _write_locked(
+    target: _DumpTarget, produce: Callable[[CacheWriter], Iterable[LogitsRecord]]
+) -> CacheIndex:
+    """Check the arguments against the directory, then run ``produce`` into one writer."""
+    models = target.models
+    check_choice("dtype", target.dtype, tuple(DTYPES))
+    check_placement(models, target.device)
+    ensemble_defs = check_ensembles(target.ensembles, list(models))
+    default = check_default_fusion(target.default_fusion)
+    check_positive_ints(batch_size=target.batch_size, checkpoint_rows=target.checkpoint_rows)
+    root = Path(target.cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    old = load_cache_index(root) if (root / MANIFEST).is_file() else None
+    if old is None and not target.allow_other_files:
+        check_new_cache_dir(root)
+    fingerprints = {name: teacher_fingerprint(m) for name, m in models.items()}
+    check_against_cache(root, old, fingerprints, ensemble_defs, target.dtype, target.sparse)
+    writer = CacheWriter(
+        root,
+        old,
+        fingerprints,
+        dtype=target.dtype,
+        checkpoint_rows=target.checkpoint_rows,
+        ensembles=ensemble_defs,
+        default=default,
+        sparse=target.sparse,
+    )
+    with eval_mode(*models.values()), torch.no_grad():
+        writer.consume(produce(writer))
+    return writer.commit()
+
+
+def _loader(data: Any, batch_size: int, num_workers: int) -> Any:
+    """``data`` itself if it is a DataLoader, else an unshuffled DataLoader over it."""
+    return (
+        data
+        if isinstance(data, DataLoader)
+        else DataLoader(data, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    )
 
 
 def _progress(loader: Any, enabled: bool) -> Any:

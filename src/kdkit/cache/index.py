@@ -1,51 +1,48 @@
-"""Reading a teacher-logit cache: :class:`CacheIndex`, :func:`load_cached_logits`.
+"""An opened teacher-logit cache: :class:`CacheIndex`, :func:`load_cache_index`.
 
-A lookup of ``B`` keys is vectorised: the keys are normalised and hashed (BLAKE2b-128),
-found with one ``np.searchsorted`` in the memory-mapped sorted hash index, and the rows
-are read with one fancy index of the memory-mapped ``[N, C]`` array (sorted unique rows).
 Memory maps are opened lazily and dropped when the index is pickled, so an index (or a
 dataset holding one) is cheap to send to DataLoader workers under fork and spawn.
+
+The index's other subjects live beside it: key lookups (:mod:`kdkit.cache.lookup`),
+record reads (:mod:`kdkit.cache.reads`) and the full check (:mod:`kdkit.cache.verify`)
+are its base classes; teacher selection (:mod:`kdkit.cache.selection`), batch assembly
+(:mod:`kdkit.cache.batches`) and :func:`load_cached_logits` (:mod:`kdkit.cache.load`)
+are built on it.  Their names stay importable from here.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from kdkit.cache._format import (
-    CHECKSUM,
-    DTYPES,
-    FENCE,
     CacheError,
     MissingFileError,
-    checksum_of,
     file_sizes,
-    hash_keys,
     is_sparse,
-    lookup_hashes,
     map_file,
-    normalize_keys,
     num_positions,
-    position_dtype,
-    read_keys_text,
     read_manifest,
-    shown,
 )
-from kdkit.cache.capture import flat_positions
-from kdkit.fusion import FUSION_STRATEGIES, fuse_teacher_logits
-from kdkit.sparse import SparseLogits
+from kdkit.cache.lookup import KeyLookup, keys_to_rows
+from kdkit.cache.lookup import rows_and_keys as rows_and_keys
+from kdkit.cache.reads import RecordReads
+from kdkit.cache.verify import _VERIFY_BLOCK as _VERIFY_BLOCK
+from kdkit.cache.verify import IndexVerification
+from kdkit.cache.verify import _verify_positions_impl as _verify_positions_impl
 
-__all__ = ["CacheIndex", "load_cache_index", "load_cached_logits", "verify_cache"]
+# load_cached_logits: from kdkit.cache.load, through __getattr__ below
+__all__ = ["CacheIndex", "load_cache_index", "load_cached_logits", "verify_cache"]  # noqa: F822
 
 _OPEN_ATTEMPTS = 3
 
 
-class CacheIndex:
+class CacheIndex(KeyLookup, RecordReads, IndexVerification):
     """An opened teacher-logit cache (the specification's ``cache_index``).
 
     Attributes:
@@ -72,10 +69,6 @@ class CacheIndex:
         # never changes manifest; a reopened cache is a new instance); dropped on pickling;
         # cleared when it would exceed ``memo_size`` entries.
         self._memo: dict[str, int] = {}
-
-    memo_size: int = 1 << 18
-    """Most keys remembered by :meth:`rows` (about 150 bytes each for 40-character keys:
-    about 40 MB at the default; 0 disables it).  Set on the class or on one index."""
 
     def _pin(self) -> None:
         """Map every file of the manifest now: the maps keep this generation readable even
@@ -157,28 +150,6 @@ class CacheIndex:
         self.__init__(state["path"], state["manifest"])  # type: ignore[misc]
 
     # -- lazily opened memory maps --------------------------------------------------------
-    def _key_index(self) -> np.ndarray:
-        """``uint64 [3, N]``: hash high words (sorted), hash low words, row numbers."""
-        if self._index is None:
-            n = self.num_samples
-            raw = self._file(self.manifest["keys"]["index"])
-            self._index = raw.view("<u8").reshape(3, n)
-        return self._index
-
-    def _teacher_map(self, teacher: str) -> np.ndarray:
-        """The stored positions of ``teacher``: ``[P, C]`` (dense) or ``[P]`` records (sparse)."""
-        if teacher not in self._maps:
-            info = self.manifest["teachers"][teacher]
-            raw = self._file(info["file"])
-            if is_sparse(info):
-                self._maps[teacher] = raw.view(position_dtype(info))
-            else:
-                shape = (self.num_positions, int(info["num_classes"]))
-                self._maps[teacher] = raw.view(DTYPES[info["dtype"]]).reshape(shape)
-        return self._maps[teacher]
-
-    _logits_map = _teacher_map
-
     def offsets(self) -> np.ndarray:
         """``int64 [N + 1]``: sample ``i`` owns positions ``offsets[i]:offsets[i + 1]``
         (``arange(N + 1)`` without a position axis)."""
@@ -211,162 +182,6 @@ class CacheIndex:
 
         Raises ``KeyError`` for keys that are not cached."""
         return self.lengths_of_rows(keys_to_rows(self, keys))
-
-    # -- lookups ---------------------------------------------------------------------------
-    def rows(self, keys: Iterable[object]) -> np.ndarray:
-        """Row numbers ``int64 [B]`` of ``keys`` (normalised first); ``-1`` where absent."""
-        return self._rows_of_normalized(normalize_keys(keys))
-
-    def _rows_of_normalized(self, keys: Sequence[str]) -> np.ndarray:
-        memo = self._memo
-        if not memo:
-            rows = self._rows_of_hashes(hash_keys(keys))
-            self._remember(keys, rows)
-            return rows
-        get = memo.get
-        rows = np.array([get(k, -1) for k in keys], dtype=np.int64)
-        miss = np.flatnonzero(rows < 0)
-        if len(miss):
-            missed = [keys[i] for i in miss.tolist()]
-            found = self._rows_of_hashes(hash_keys(missed))
-            rows[miss] = found
-            self._remember(missed, found)
-        return rows
-
-    def _remember(self, keys: Sequence[str], rows: np.ndarray) -> None:
-        limit = self.memo_size
-        if len(keys) > limit:
-            return
-        if len(self._memo) + len(keys) > limit:
-            self._memo.clear()
-        self._memo.update((k, r) for k, r in zip(keys, rows.tolist()) if r >= 0)
-
-    def _rows_of_hashes(self, hashes: np.ndarray) -> np.ndarray:
-        index = self._key_index()
-        n = index.shape[1]
-        if self._fence is None:  # every FENCE-th high word, in RAM: N/2 bytes
-            self._fence = np.ascontiguousarray(index[0][::FENCE])
-        out = lookup_hashes(index, hashes, self._fence)
-        if (out >= n).any():
-            raise CacheError(
-                f"cache file {self.manifest['keys']['index']!r} in {self.path} points at rows "
-                f"beyond num_samples={n} (corrupted; run verify_cache)"
-            )
-        return out
-
-    def __contains__(self, key: object) -> bool:
-        return bool(self.rows([key])[0] >= 0)
-
-    def missing_keys(self, keys: Iterable[object]) -> list[str]:
-        """The normalised keys among ``keys`` that are not in the cache, in order."""
-        norm = normalize_keys(keys)
-        rows = self._rows_of_normalized(norm)
-        return [k for k, r in zip(norm, rows) if r < 0]
-
-    def keys(self) -> list[str]:
-        """All cached keys (normalised), in row order.  Reads the whole keys file."""
-        name = self.manifest["keys"]["file"]
-        return read_keys_text(self.path / name, self.num_samples, bytes(self._file(name)))
-
-    def read(self, teacher: str, rows: np.ndarray) -> np.ndarray:
-        """``float32 [len(rows), C]`` logits of dense ``teacher`` at positions ``rows`` (one
-        vectorised read; for a cache without a position axis a position is a sample)."""
-        data = self._teacher_map(teacher)
-        unique, inverse = np.unique(rows, return_inverse=True)
-        block = data[unique]  # one read of sorted unique rows, in the stored dtype
-        finite = np.isfinite(block).all(axis=1)
-        if not finite.all():  # stored values are always finite: the file was altered
-            raise CacheError(
-                f"cache file {self.manifest['teachers'][teacher]['file']!r} in {self.path} holds "
-                f"NaN/Inf at row(s) {unique[~finite][:5].tolist()} (corrupted; run verify_cache)"
-            )
-        return block[inverse.reshape(-1)].astype(np.float32)
-
-    def read_sparse(self, teacher: str, positions: np.ndarray) -> np.ndarray:
-        """The checked records of sparse ``teacher`` at ``positions`` (one vectorised read).
-
-        Raises :class:`CacheError` naming the file for indices out of ``[0, V)`` or repeated
-        within a position, NaN/+inf values, log-probabilities or a tail above 0, or top-k
-        probabilities summing to more than 1 (a negative tail mass)."""
-        info = self.manifest["teachers"][teacher]
-        unique, inverse = np.unique(positions, return_inverse=True)
-        block = self._teacher_map(teacher)[unique]
-        idx, lp, tail = block["indices"], block["logprobs"], block["tail"]  # stored dtypes
-        problems = []
-        v = int(info["num_classes"])
-        if idx.size and (int(idx.max()) >= v or int(idx.min()) < 0):
-            problems.append(f"class indices outside [0, {v})")
-        ordered = np.sort(idx, axis=1)
-        if idx.shape[1] > 1 and (ordered[:, 1:] == ordered[:, :-1]).any():
-            problems.append("a class index repeated within a position")
-        if np.isnan(lp).any() or np.isnan(tail).any() or (lp > 1e-3).any() or (tail > 1e-3).any():
-            problems.append("NaN or log-probabilities above 0")
-        else:
-            tol = 1e-2 if info["dtype"] == "float16" else 1e-4
-            total = np.exp(lp.astype(np.float32)).sum(axis=1, dtype=np.float64)
-            if (total > 1 + tol).any():
-                problems.append("top-k probabilities summing to more than 1 (a negative tail mass)")
-        if problems:
-            raise CacheError(
-                f"cache file {info['file']!r} in {self.path} holds {'; '.join(problems)} "
-                "(corrupted; run verify_cache)"
-            )
-        return block[inverse.reshape(-1)]
-
-    def _verify_positions(self) -> None:
-        _verify_positions_impl(self)
-
-    def verify(self) -> None:
-        """Check every file's size and checksum, that the key index matches the keys and
-        that keys are unique, the offsets of a sequence cache, and every record of a sparse
-        teacher (:meth:`read_sparse`); raise :class:`CacheError` naming a bad file."""
-        for name, entry in sorted(self.manifest["files"].items()):
-            if checksum_of(self._file(name)) != entry[CHECKSUM]:
-                raise CacheError(
-                    f"cache file {name!r} in {self.path} does not match its {CHECKSUM} checksum "
-                    "(altered or corrupted)"
-                )
-        self._verify_positions()
-        info = self.manifest["keys"]
-        keys = self.keys()
-        if self.num_samples:
-            hashes = hash_keys(keys)
-            order = np.lexsort((hashes[:, 1], hashes[:, 0]))
-            index = np.asarray(self._key_index())
-            expected = hashes[order]
-            same = (expected[1:] == expected[:-1]).all(axis=1)
-            if same.any():
-                dup = sorted({keys[i] for i in order[1:][same]})
-                raise CacheError(
-                    f"cache file {info['file']!r} in {self.path} holds duplicate keys: {shown(dup)}"
-                )
-            if not (
-                np.array_equal(index[0], expected[:, 0])
-                and np.array_equal(index[1], expected[:, 1])
-                and np.array_equal(index[2], order.astype(np.uint64))
-            ):
-                raise CacheError(
-                    f"cache file {info['index']!r} in {self.path} does not match the keys in "
-                    f"{info['file']!r}"
-                )
-
-
-def _verify_positions_impl(index: CacheIndex) -> None:
-    if index.is_sequence:
-        offsets = np.asarray(index.offsets())
-        if offsets[0] != 0 or offsets[-1] != index.num_positions or (np.diff(offsets) < 0).any():
-            raise CacheError(
-                f"cache file {index.manifest['positions']['file']!r} in {index.path} does not hold "
-                f"non-decreasing offsets from 0 to num_positions={index.num_positions}"
-            )
-    for name in index.teachers:
-        if index.is_sparse(name):
-            for start in range(0, index.num_positions, _VERIFY_BLOCK):
-                stop = min(start + _VERIFY_BLOCK, index.num_positions)
-                index.read_sparse(name, np.arange(start, stop))
-
-
-_VERIFY_BLOCK = 1 << 16
 
 
 def load_cache_index(cache_dir: str | os.PathLike[str]) -> CacheIndex:
@@ -432,222 +247,25 @@ def _as_index(cache_index: object) -> CacheIndex:
     )
 
 
-def resolve_selection(
-    index: CacheIndex,
-    teacher: str | Sequence[str] | None,
-    fusion: str | None,
-    weights: Sequence[float] | None,
-) -> tuple[list[str], str | None, list[float] | None]:
-    """Validate ``teacher``/``fusion``/``weights`` against ``index``: (teachers, strategy, weights)."""
-    available = index.teachers
-    if fusion is None and weights is not None:
-        raise ValueError(f"weights={weights!r} need fusion='weighted_mean' (got fusion=None)")
-    if teacher is None:
-        if fusion is not None:
-            names = [n for n in available if not index.manifest["teachers"][n].get("fused")]
-            return _check_names(index, names), fusion, weights  # type: ignore[return-value]
-        if len(available) == 1:
-            return [available[0]], None, None
-        default = index.default_fusion
-        if default is None:
-            raise ValueError(
-                f"the cache in {index.path} holds several teachers {list(available)!r} and "
-                "records no default fusion; pass teacher='<name>' for one of them, or "
-                "teacher=[...] with fusion='mean' (or 'weighted_mean', 'prob_mean', "
-                "'max_confidence')"
-            )
-        if "teacher" in default:
-            return [default["teacher"]], None, None
-        return list(default["teachers"]), default["strategy"], default.get("weights")
-    if isinstance(teacher, str):
-        if fusion is not None or weights is not None:
-            raise ValueError(
-                f"fusion/weights combine several teachers; got a single teacher={teacher!r} "
-                f"with fusion={fusion!r}, weights={weights!r}"
-            )
-        return _check_names(index, [teacher]), None, None
-    if not isinstance(teacher, Sequence) or not teacher:
-        raise TypeError(
-            f"teacher must be None, a teacher name or a non-empty list of names, got {teacher!r}"
-        )
-    names = _check_names(index, list(teacher))
-    if fusion is None:
-        if len(names) == 1:
-            return names, None, None
-        raise ValueError(
-            f"teacher={names!r} names several teachers; pass fusion= one of {list(FUSION_STRATEGIES)!r}"
-        )
-    return names, fusion, weights
-
-
-def _check_names(index: CacheIndex, names: list[str]) -> list[str]:
-    for name in names:
-        if not isinstance(name, str) or name not in index.manifest["teachers"]:
-            raise KeyError(
-                f"teacher {name!r} is not in the cache at {index.path}; it holds {list(index.teachers)!r}"
-            )
-    return names
-
-
-def read_selection(
-    index: CacheIndex,
-    rows: np.ndarray,
-    names: list[str],
-    strategy: str | None,
-    weights: Sequence[float] | None,
-    keys: Sequence[str] | None = None,
-) -> torch.Tensor | SparseLogits:
-    """The resolved teachers at ``rows`` (fused if ``strategy``): float32 ``[B, C]``
-    (``[B, L, C]`` zero-padded for sequences) or a :class:`~kdkit.sparse.SparseLogits`."""
-    sparse = [n for n in names if index.is_sparse(n)]
-    if sparse and (strategy is not None or len(names) > 1):
-        raise ValueError(
-            f"sparse teachers {sparse!r} cannot be fused (fusion={strategy!r} of {names!r}): "
-            "load one of them with teacher='<name>'; fusion combines dense teachers only"
-        )
-    if not index.is_sequence and not sparse:  # the dense [N, C] path, unchanged
-        if strategy is None:
-            return torch.from_numpy(index.read(names[0], rows))
-        parts = [torch.from_numpy(index.read(n, rows)) for n in names]
-        return fuse_teacher_logits(parts, strategy, weights)
-    starts, lengths = index._spans(rows)
-    positions = flat_positions(starts, lengths)
-    if sparse:
-        return _sparse_batch(index, names[0], index.read_sparse(names[0], positions), lengths, keys)
-    parts = [torch.from_numpy(index.read(n, positions)) for n in names]
-    flat = parts[0] if strategy is None else fuse_teacher_logits(parts, strategy, weights)
-    return _pad(flat, lengths, 0.0)
-
-
-def _pad(flat: torch.Tensor, lengths: np.ndarray, fill: float) -> torch.Tensor:
-    """``[P, ...]`` flat positions to ``[B, L_max, ...]`` (``fill`` at padding)."""
-    b, length = len(lengths), int(lengths.max()) if len(lengths) else 0
-    out = flat.new_full((b, length, *flat.shape[1:]), fill)
-    mask = torch.arange(length) < torch.from_numpy(lengths)[:, None]
-    out[mask] = flat
-    return out
-
-
-def _sparse_batch(
-    index: CacheIndex,
-    teacher: str,
-    records: np.ndarray,
-    lengths: np.ndarray,
-    keys: Sequence[str] | None,
-) -> SparseLogits:
-    info = index.manifest["teachers"][teacher]
-    idx = torch.from_numpy(records["indices"].astype(np.int64))
-    lp = torch.from_numpy(records["logprobs"].astype(np.float32))
-    tail = torch.from_numpy(records["tail"].astype(np.float32))
-    v, k, t = int(info["num_classes"]), int(info["top_k"]), float(info["capture_temperature"])
-    keys = None if keys is None else tuple(keys)
-    if not index.is_sequence:
-        mask = torch.ones(len(lengths), dtype=torch.bool)
-        return SparseLogits(idx, lp, tail, v, t, mask, keys)
-    b, length = len(lengths), int(lengths.max()) if len(lengths) else 0
-    mask = torch.arange(length) < torch.from_numpy(lengths)[:, None]
-    indices = torch.arange(k, dtype=torch.int64).expand(b, length, k).clone()
-    logprobs = torch.full((b, length, k), -float(np.log(k)), dtype=torch.float32)
-    tails = torch.full((b, length), -float("inf"), dtype=torch.float32)
-    indices[mask], logprobs[mask], tails[mask] = idx, lp, tail
-    return SparseLogits(indices, logprobs, tails, v, t, mask, keys)
-
-
-def keys_to_rows(index: CacheIndex, keys: Iterable[object]) -> np.ndarray:
-    """Row numbers of ``keys``; raise ``KeyError`` (how many, first few) if any is missing."""
-    return rows_and_keys(index, keys)[0]
-
-
-def rows_and_keys(index: CacheIndex, keys: Iterable[object]) -> tuple[np.ndarray, list[str]]:
-    """:func:`keys_to_rows` and the normalised keys (normalised once)."""
-    if isinstance(keys, (str, bytes)):
-        raise TypeError(f"paths must be a sequence of keys, got a single string {keys!r}")
-    if isinstance(keys, torch.Tensor):
-        keys = keys.reshape(-1).tolist()
-    norm = normalize_keys(keys)
-    rows = index._rows_of_normalized(norm)
-    if (rows < 0).any():
-        missing = [k for k, r in zip(norm, rows) if r < 0]
-        raise KeyError(
-            f"{len(missing)} of {len(norm)} keys are not in the cache at {index.path}: "
-            f"{shown(missing)} (keys are normalised: backslashes to '/', posixpath.normpath)"
-        )
-    return rows, norm
-
-
-def load_cached_logits(
-    paths: Sequence[object],
-    cache_index: CacheIndex | str | os.PathLike[str],
-    teacher: str | Sequence[str] | None = None,
-    *,
-    fusion: str | None = None,
-    weights: Sequence[float] | None = None,
-    lengths: Sequence[int] | torch.Tensor | None = None,
-) -> torch.Tensor | SparseLogits:
-    """Cached teacher logits for a batch of sample keys, in the order of ``paths``.
-
-    One vectorised lookup and one vectorised read per call (no per-sample file access).
-
-    Args:
-        paths: the batch's sample keys (``batch['path']``), normalised like at dump time.
-        cache_index: a :class:`CacheIndex` or a cache directory.
-        teacher: a teacher name; a list of names to fuse with ``fusion``; or ``None``: the
-            only teacher of a single-teacher cache, else the default fusion recorded at dump.
-        fusion: a strategy of :func:`kdkit.fuse_teacher_logits` (with ``teacher=None`` it
-            fuses every non-fused teacher of the cache).
-        weights: per-teacher weights for ``fusion='weighted_mean'``.
-        lengths: optional student sequence lengths ``[B]``; a sample whose cached length
-            differs raises ``ValueError`` naming its key and both lengths.
-
-    Returns:
-        float32 ``[B, C]`` for a dense teacher (``[B, L, C]``, zero-padded to the longest
-        sample, for a sequence cache: see :meth:`CacheIndex.lengths`), or a
-        :class:`kdkit.SparseLogits` for a sparse one (``[B, K]`` / ``[B, L, K]`` with its
-        ``mask``).  Sparse teachers cannot be fused.
-
-    Shape:
-        output: float32 ``[B, C]``, ``B = len(paths)``.
-
-    Raises:
-        KeyError: some keys (count and first few named) or a teacher name are not cached.
-        ValueError: ``teacher=None`` on a multi-teacher cache without a default fusion, or
-            invalid fusion arguments.
-
-    Example:
-        >>> import tempfile, torch
-        >>> from kdkit.cache import dump_teacher_logits
-        >>> data = [{"features": torch.full((2,), float(i)), "path": f"clip{i}.wav"} for i in range(4)]
-        >>> index = dump_teacher_logits(torch.nn.Linear(2, 3), data, tempfile.mkdtemp(), progress=False)
-        >>> load_cached_logits(["clip3.wav", "./clip0.wav"], index).shape
-        torch.Size([2, 3])
-    """
-    index = _as_index(cache_index)
-    names, strategy, weights = resolve_selection(index, teacher, fusion, weights)
-    rows, keys = rows_and_keys(index, paths)
-    out = read_selection(index, rows, names, strategy, weights, keys)
-    if lengths is not None:
-        check_lengths(index, rows, keys, lengths)
-    return out
-
-
-def check_lengths(
-    index: CacheIndex, rows: np.ndarray, keys: Sequence[str], lengths: object
-) -> None:
-    """The student's sequence lengths must equal the cached ones (``ValueError`` naming the
-    first key that differs and both lengths)."""
-    want = torch.as_tensor(lengths).reshape(-1).to("cpu", torch.int64).numpy()
-    if len(want) != len(keys):
-        raise ValueError(f"lengths has {len(want)} entries for {len(keys)} keys")
-    cached = index.lengths_of_rows(rows)
-    differ = np.nonzero(cached != want)[0]
-    if len(differ):
-        i = int(differ[0])
-        raise ValueError(
-            f"sample {keys[i]!r} has {want[i]} positions in the student batch but {cached[i]} "
-            f"cached teacher positions ({len(differ)} sample(s) differ)"
-        )
-
-
 def as_index(cache: object) -> CacheIndex:
     """Public-boundary conversion used by the dataset wrapper."""
     return _as_index(cache)
+
+
+# The modules built on this one (they import it), so imported when first asked for here.
+_BUILT_ON_INDEX = {
+    "resolve_selection": "kdkit.cache.selection",
+    "_check_names": "kdkit.cache.selection",
+    "read_selection": "kdkit.cache.batches",
+    "_pad": "kdkit.cache.batches",
+    "_sparse_batch": "kdkit.cache.batches",
+    "load_cached_logits": "kdkit.cache.load",
+    "check_lengths": "kdkit.cache.load",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The names that moved to the modules built on this one, still importable from here."""
+    if name in _BUILT_ON_INDEX:
+        return getattr(importlib.import_module(_BUILT_ON_INDEX[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

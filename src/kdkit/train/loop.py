@@ -1,10 +1,10 @@
 """The training loop: :func:`train_student` (CE + KD from cached teacher logits) and
 :func:`train_teacher` (cross-entropy only); :func:`evaluate` per domain.
 
-This module orchestrates; the parts live beside it: :mod:`kdkit.train.setup` (data,
-teacher, model, optimiser, loader, resume state), :mod:`kdkit.train.epoch` (the steps of
-one epoch), :mod:`kdkit.train.evaluation` (per-domain metrics) and
-:mod:`kdkit.train.checkpoints`.
+This module orchestrates; the parts live beside it: :mod:`kdkit.train.setup` (data and
+teacher through :mod:`kdkit.train.inputs`, model, optimiser, loader, resume state),
+:mod:`kdkit.train.epoch` (the steps of one epoch), :mod:`kdkit.train.evaluation`
+(per-domain metrics) and :mod:`kdkit.train.checkpoints`.
 
 Outputs in ``config.output_dir``: ``config.json`` (the resolved config and its
 ``segments``, one per invocation: see :mod:`kdkit.train.resume`),

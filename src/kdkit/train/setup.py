@@ -1,9 +1,8 @@
 """Everything a run builds before its first step: :func:`setup_run` returns a :class:`Run`.
 
-Data (datasets from the manifest, their checks), the teacher (cache index and the
-teacher selection, resolved once per run with
-:func:`kdkit.cache.index.resolve_selection`), the model, optimiser, scheduler, data
-loader (a DistributedSampler under torchrun), the state of a resumed run and the
+First what is checked before any work (:mod:`kdkit.train.inputs`: the data, their checks,
+the teacher opened and its selection resolved), then the model, optimiser, scheduler,
+data loader (a DistributedSampler under torchrun), the state of a resumed run and the
 DistributedDataParallel wrapper.  The order of construction is part of the contract:
 it fixes what the seeded RNG streams produce, so a resumed run is bit-for-bit an
 uninterrupted one.
@@ -12,10 +11,9 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,42 +22,23 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from kdkit._extras import require_installed
-from kdkit.cache import load_cache_index
-from kdkit.cache.index import CacheIndex, keys_to_rows, read_selection, resolve_selection
-from kdkit.data import ManifestDataset
 from kdkit.models import build_model, load_factory, resolve_model_kwargs
 from kdkit.train.checkpoints import load_training_state, restore_rng_state
 from kdkit.train.compiled import compile_student
 from kdkit.train.config import TrainConfig
 from kdkit.train.ema import ModelEMA
 from kdkit.train.hooks import StepHooks, build_step_hooks
+from kdkit.train.inputs import RunInputs, TeacherSource, check_inputs
 from kdkit.train.precision import Precision
 from kdkit.train.resume import check_resume, extend_schedule, new_segment
-from kdkit.train.teachers import Teachers, open_live_teachers
+from kdkit.train.teachers import Teachers
 from kdkit.train.torchrun import DistributedEnv
 
 __all__ = ["Run", "TeacherSource", "check_extras", "setup_run"]
-
-logger = logging.getLogger("kdkit.train")
-
-
-@dataclass
-class TeacherSource:
-    """The cached teacher logits of a run: the index and the selection, resolved once."""
-
-    index: CacheIndex
-    names: list[str]
-    strategy: str | None
-    weights: list[float] | None
-
-    def logits(self, paths: Sequence[object]) -> torch.Tensor:
-        """float32 ``[B, C]`` teacher logits of the samples ``paths`` (fused if several)."""
-        rows = keys_to_rows(self.index, paths)
-        return read_selection(self.index, rows, self.names, self.strategy, self.weights)
 
 
 @dataclass
@@ -133,39 +112,31 @@ def setup_run(
     """Check the data, open the teacher, build model/optimiser/loader, load a resume state."""
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    train_data, eval_data = _resolve_data(config, train_data, eval_data)
-    first = _check_item(train_data, "train_data")
-    example = None  # a probe batch, only for runs whose models must be checked running
-    if config.teacher_model or teachers or config.augment or config.feature_kd:
-        example = _example_batch(train_data).to(env.device)
-    teacher, num_classes = _prepare_teacher(
-        config, train_data, first, distil, teachers, example, env.device
-    )
-    if eval_data is not None:
-        _check_labels(eval_data, num_classes, "eval")
-    out = Path(config.output_dir)
-    state_path = out / "checkpoints" / "last_state.pt"
-    if config.resume and not state_path.is_file():
-        raise FileNotFoundError(f"cannot resume: {state_path} does not exist")
-
+    inputs = check_inputs(env, config, train_data, eval_data, distil, teachers)
     _seed_everything(config.seed)
-    model_spec, model_kwargs = None, {}
-    if model is None:
-        model_spec = config.model
-        model_kwargs = resolve_model_kwargs(
-            load_factory(model_spec),
-            config.model_kwargs,
-            input_shape=tuple(first["features"].shape),
-            num_classes=num_classes,
-        )
-        model = build_model(model_spec, model_kwargs)
+    run = _build_run(env, config, model, inputs)
+    _attach_step_options(run)
+    if config.resume:
+        _load_resume_state(run)
+    else:
+        run.segments = [new_segment(0, config.epochs)]
+    _wrap_for_training(run)
+    return run
+
+
+def _build_run(
+    env: DistributedEnv, config: TrainConfig, model: nn.Module | None, inputs: RunInputs
+) -> Run:
+    """The student, its step hooks, optimiser, scheduler and loader, built in the order
+    that fixes what the seeded RNG streams produce."""
+    model, model_spec, model_kwargs = _build_student(config, model, inputs)
     model.to(env.device)
     hooks = build_step_hooks(  # before the optimiser: it trains feature_kd's projections
         config,
         model=model,
-        teachers=teacher,
-        example=example,
-        num_classes=num_classes,
+        teachers=inputs.teacher,
+        example=inputs.example,
+        num_classes=inputs.num_classes,
         distributed=env.enabled,
         rank=env.rank,
         device=env.device,
@@ -175,9 +146,13 @@ def setup_run(
     sampler = None
     if env.enabled:  # each rank gets its shard; the shuffle is seeded by seed + epoch
         sampler = DistributedSampler(
-            train_data, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=config.seed
+            inputs.train_data,
+            num_replicas=env.world_size,
+            rank=env.rank,
+            shuffle=True,
+            seed=config.seed,
         )
-    run = Run(
+    return Run(
         config=config,
         env=env,
         model=model,
@@ -186,38 +161,67 @@ def setup_run(
         scheduler=_make_scheduler(config, optimizer),
         generator=generator,
         sampler=sampler,
-        loader=DataLoader(
-            train_data,
-            batch_size=config.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            generator=generator,
-            num_workers=config.num_workers,
-            pin_memory=env.device.type == "cuda",  # non_blocking copies in the step
-        ),
-        eval_data=eval_data,
-        teacher=teacher,
-        num_classes=num_classes,
+        loader=_make_loader(config, env, inputs.train_data, generator, sampler),
+        eval_data=inputs.eval_data,
+        teacher=inputs.teacher,
+        num_classes=inputs.num_classes,
         model_spec=model_spec,
         model_kwargs=model_kwargs,
-        out=out,
+        out=inputs.out,
         hooks=hooks,
     )
-    _attach_step_options(run)
-    if config.resume:
-        _load_resume_state(run)
-    else:
-        run.segments = [new_segment(0, config.epochs)]
+
+
+def _build_student(
+    config: TrainConfig, model: nn.Module | None, inputs: RunInputs
+) -> tuple[nn.Module, str | None, dict[str, Any]]:
+    """``model`` as given, else the one ``config.model`` names: (model, spec, kwargs)."""
+    model_spec, model_kwargs = None, {}
+    if model is None:
+        model_spec = config.model
+        model_kwargs = resolve_model_kwargs(
+            load_factory(model_spec),
+            config.model_kwargs,
+            input_shape=tuple(inputs.first["features"].shape),
+            num_classes=inputs.num_classes,
+        )
+        model = build_model(model_spec, model_kwargs)
+    return model, model_spec, model_kwargs
+
+
+def _make_loader(
+    config: TrainConfig,
+    env: DistributedEnv,
+    train_data: Dataset,
+    generator: torch.Generator,
+    sampler: DistributedSampler | None,
+) -> DataLoader:
+    """The training loader: shuffled by ``generator``, or by ``sampler`` under torchrun."""
+    return DataLoader(
+        train_data,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        num_workers=config.num_workers,
+        pin_memory=env.device.type == "cuda",  # non_blocking copies in the step
+    )
+
+
+def _wrap_for_training(run: Run) -> None:
+    """``run.train_model``: the DDP wrapper under torchrun, then torch.compile if asked."""
     # Checkpoints hold the unwrapped module's state, so a run resumes on any number of
     # ranks; DDP broadcasts rank 0's (identical, just loaded) weights on construction.
     # With feature_kd it wraps the student and the projections together (one gradient
     # all-reduce for both; the student's forward: hooks.Trainable).
+    env = run.env
     if env.enabled:
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
-        run.train_model = DistributedDataParallel(hooks.trainable(model), device_ids=device_ids)
-    if config.compile:  # torch.compile(DDP(model)); checkpoints keep using run.model
+        run.train_model = DistributedDataParallel(
+            run.hooks.trainable(run.model), device_ids=device_ids
+        )
+    if run.config.compile:  # torch.compile(DDP(model)); checkpoints keep using run.model
         run.train_model = compile_student(run.train_model)
-    return run
 
 
 def _attach_step_options(run: Run) -> None:
@@ -226,178 +230,6 @@ def _attach_step_options(run: Run) -> None:
     run.precision = Precision(config.precision, run.env.device, config.max_skipped_steps)
     if config.ema_decay is not None:
         run.ema = ModelEMA(run.model, config.ema_decay)
-
-
-# ---------------------------------------------------------------------------------------
-# Data and teacher
-# ---------------------------------------------------------------------------------------
-
-
-def _sample_fields(dataset: Dataset) -> tuple[list[int], list[int], list[str]]:
-    """Labels, domains and keys of every sample, without loading features when possible."""
-    records = getattr(dataset, "records", None)
-    if records is not None:  # ManifestDataset
-        return [r.label for r in records], [r.domain for r in records], [r.path for r in records]
-    if all(hasattr(dataset, a) for a in ("labels", "domains", "paths")):  # ArrayDataset
-        return list(dataset.labels), list(dataset.domains), list(dataset.paths)
-    labels, domains, paths = [], [], []
-    for i in range(len(dataset)):  # type: ignore[arg-type]
-        item = dataset[i]
-        labels.append(int(item["label"]))
-        domains.append(int(item.get("domain", 0)))
-        paths.append(str(item.get("path", i)))
-    return labels, domains, paths
-
-
-def _check_item(dataset: Dataset, name: str) -> dict[str, Any]:
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        raise ValueError(f"{name} is empty")
-    item = dataset[0]
-    if not isinstance(item, dict):
-        raise TypeError(
-            f"{name} items must be dicts with features, label, domain and path; "
-            f"got {type(item).__name__}"
-        )
-    missing = [k for k in ("features", "label") if k not in item]
-    if missing:
-        raise KeyError(f"{name} items lack field(s) {missing}; got {sorted(item)}")
-    return item
-
-
-def _resolve_data(
-    config: TrainConfig, train_data: Dataset | None, eval_data: Dataset | None
-) -> tuple[Dataset, Dataset | None]:
-    if train_data is None:
-        if config.manifest is None:
-            raise ValueError("no training data: set config.manifest or pass train_data")
-        train_data = ManifestDataset(config.manifest, split=config.train_split.split(","))
-    if eval_data is None and config.manifest is not None and config.eval_split is not None:
-        eval_data = ManifestDataset(config.manifest, split=config.eval_split.split(","))
-    return train_data, eval_data
-
-
-def _example_batch(dataset: Dataset) -> torch.Tensor:
-    """The features of the first (up to) two samples: the probe batch of the setup checks."""
-    items = [dataset[i] for i in range(min(2, len(dataset)))]  # type: ignore[arg-type]
-    return default_collate([{"features": item["features"]} for item in items])["features"]
-
-
-def _prepare_teacher(
-    config: TrainConfig,
-    train_data: Dataset,
-    first: dict[str, Any],
-    distil: bool,
-    modules: Mapping[str, nn.Module] | None,
-    example: torch.Tensor | None,
-    device: torch.device,
-) -> tuple[Teachers | None, int]:
-    """The teachers of a KD run (``None`` without any) and the number of classes.
-
-    Live teachers are loaded here, before the RNG is seeded for the student, so a run
-    with live teachers initialises the student exactly as a cached run does.
-    """
-    labels, _, keys = _sample_fields(train_data)
-    cached = None
-    num_classes = config.num_classes
-    if not distil and (config.teacher_model or modules or config.feature_kd):
-        raise ValueError("train_teacher trains with cross-entropy only; unset teacher_model")
-    has_live = bool(config.teacher_model or modules)
-    if distil and config.cache is None and not has_live:
-        logger.info("no teacher cache: training with cross-entropy only")
-    if distil and (config.cache is not None or has_live):
-        needed = ["path"] if config.cache is not None else []
-        needed += ["domain"] if config.kd_on == "target" else []
-        missing = [k for k in needed if k not in first]
-        if missing:
-            raise KeyError(
-                f"train_data items lack field(s) {missing} needed for KD; got {sorted(first)}"
-            )
-    if distil and config.cache is not None:
-        cached = _open_teacher(config, keys, num_classes, fuse=not has_live)
-        num_classes = num_classes or cached.index.num_classes
-    teacher = None
-    if distil and (cached is not None or has_live):
-        teacher, num_classes = open_live_teachers(
-            config,
-            cached,
-            modules or {},
-            example=example,
-            num_classes=num_classes,
-            label_classes=max(labels) + 1,
-            device=device,
-        )
-    if not num_classes:
-        num_classes = max(labels) + 1
-        missing = num_classes - len(set(labels))
-        if missing:  # e.g. one label far beyond the others
-            logger.warning(
-                "the model gets %d outputs (largest train label %d + 1) but %d of those "
-                "classes have no training sample; set num_classes to make this explicit",
-                num_classes,
-                num_classes - 1,
-                missing,
-            )
-    if min(labels) < 0 or max(labels) >= num_classes:
-        raise ValueError(
-            f"labels must be class indices in [0, {num_classes}), got {min(labels)}..{max(labels)}"
-        )
-    return teacher, num_classes
-
-
-def _check_labels(dataset: Dataset, num_classes: int, name: str) -> None:
-    """Every label of ``dataset`` a class index in ``[0, num_classes)`` (first bad named)."""
-    labels, _, keys = _sample_fields(dataset)
-    for label, key in zip(labels, keys):
-        if not 0 <= label < num_classes:
-            raise ValueError(
-                f"{name} label {label} of sample {key!r} is not a class index in [0, {num_classes})"
-            )
-
-
-def _open_teacher(
-    config: TrainConfig, keys: Sequence[str], num_classes: int | None, fuse: bool = True
-) -> TeacherSource:
-    """Load the cache index, resolve the teacher selection once, check every key is cached.
-
-    ``fuse=False`` (live teachers join them) keeps every selected name unfused.
-    """
-    index = load_cache_index(config.cache)
-    available = list(index.teachers)
-    if config.teacher is None:
-        if len(available) != 1:
-            raise ValueError(
-                f"cache {config.cache} holds teachers {available}; choose with teacher=[...] "
-                "(CLI: --teacher a,b)"
-            )
-        names = available
-    else:
-        names = list(config.teacher)
-        unknown = [n for n in names if n not in available]
-        if unknown:
-            raise ValueError(f"teacher(s) {unknown} not in cache {config.cache} (has {available})")
-    if num_classes is not None and index.num_classes != num_classes:
-        raise ValueError(
-            f"cache {config.cache} holds {index.num_classes}-class logits but the student has "
-            f"{num_classes} classes"
-        )
-    missing = index.missing_keys(list(keys))
-    if missing:
-        examples = ", ".join(repr(k) for k in missing[:5])
-        raise ValueError(
-            f"teacher cache {config.cache} lacks logits for {len(missing)} of the "
-            f"{len(keys)} training samples, e.g. {examples}; dump them first "
-            "(kdkit dump-teacher)"
-        )
-    if not fuse:
-        return TeacherSource(index, names, None, None)
-    several = len(names) > 1
-    selected, strategy, weights = resolve_selection(
-        index,
-        names if several else names[0],
-        config.fusion if several else None,
-        config.fusion_weights if several else None,
-    )
-    return TeacherSource(index, selected, strategy, None if weights is None else list(weights))
 
 
 # ---------------------------------------------------------------------------------------

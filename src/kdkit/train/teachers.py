@@ -1,7 +1,7 @@
 """The teachers of a run: cached logits, live models, or both, fused with one strategy.
 
 :class:`Teachers` is what a training step asks for the teacher logits of a batch.  It
-holds an optional cached source (:class:`~kdkit.train.setup.TeacherSource`: a logit cache
+holds an optional cached source (:class:`~kdkit.train.inputs.TeacherSource`: a logit cache
 and its selected teachers) and any number of :class:`LiveTeacher` models run on the
 training device.  The teachers' logits are fused with :func:`kdkit.fusion.fuse_teacher_logits`
 (the one fusion implementation), cached teachers first, in the order of ``teacher``, then
@@ -136,7 +136,7 @@ class Teachers:
         consistent: live teachers see the student's augmented view.
     """
 
-    cached: Any = None  # kdkit.train.setup.TeacherSource (avoids an import cycle)
+    cached: Any = None  # kdkit.train.inputs.TeacherSource (avoids an import cycle)
     live: list[LiveTeacher] = field(default_factory=list)
     strategy: str | None = None
     weights: list[float] | None = None
@@ -171,7 +171,7 @@ class Teachers:
             return self.cached.logits(list(paths)).to(device)
         parts: list[torch.Tensor] = []
         if self.cached is not None:
-            from kdkit.cache.index import keys_to_rows
+            from kdkit.cache.lookup import keys_to_rows
 
             rows = keys_to_rows(self.cached.index, list(paths))
             for name in self.cached.names:

@@ -1,0 +1,82 @@
+"""Reading stored records: the dense logits and the checked sparse records at rows.
+
+One vectorised read per call: the sorted unique rows are read with one fancy index of
+the memory-mapped array, then put back in the order asked.  Mixed into
+:class:`~kdkit.cache.index.CacheIndex` (:class:`RecordReads`); turning them into batch
+tensors is :mod:`kdkit.cache.batches`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kdkit.cache._format import DTYPES, CacheError, is_sparse, position_dtype
+
+__all__ = ["RecordReads"]
+
+
+class RecordReads:
+    """The record reads of :class:`~kdkit.cache.index.CacheIndex` (a base class of it).
+
+    They use the index's ``manifest``, ``path``, ``num_positions``, ``_file`` and the
+    ``_maps`` that its ``__init__`` sets.
+    """
+
+    def _teacher_map(self, teacher: str) -> np.ndarray:
+        """The stored positions of ``teacher``: ``[P, C]`` (dense) or ``[P]`` records (sparse)."""
+        if teacher not in self._maps:
+            info = self.manifest["teachers"][teacher]
+            raw = self._file(info["file"])
+            if is_sparse(info):
+                self._maps[teacher] = raw.view(position_dtype(info))
+            else:
+                shape = (self.num_positions, int(info["num_classes"]))
+                self._maps[teacher] = raw.view(DTYPES[info["dtype"]]).reshape(shape)
+        return self._maps[teacher]
+
+    _logits_map = _teacher_map
+
+    def read(self, teacher: str, rows: np.ndarray) -> np.ndarray:
+        """``float32 [len(rows), C]`` logits of dense ``teacher`` at positions ``rows`` (one
+        vectorised read; for a cache without a position axis a position is a sample)."""
+        data = self._teacher_map(teacher)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        block = data[unique]  # one read of sorted unique rows, in the stored dtype
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():  # stored values are always finite: the file was altered
+            raise CacheError(
+                f"cache file {self.manifest['teachers'][teacher]['file']!r} in {self.path} holds "
+                f"NaN/Inf at row(s) {unique[~finite][:5].tolist()} (corrupted; run verify_cache)"
+            )
+        return block[inverse.reshape(-1)].astype(np.float32)
+
+    def read_sparse(self, teacher: str, positions: np.ndarray) -> np.ndarray:
+        """The checked records of sparse ``teacher`` at ``positions`` (one vectorised read).
+
+        Raises :class:`CacheError` naming the file for indices out of ``[0, V)`` or repeated
+        within a position, NaN/+inf values, log-probabilities or a tail above 0, or top-k
+        probabilities summing to more than 1 (a negative tail mass)."""
+        info = self.manifest["teachers"][teacher]
+        unique, inverse = np.unique(positions, return_inverse=True)
+        block = self._teacher_map(teacher)[unique]
+        idx, lp, tail = block["indices"], block["logprobs"], block["tail"]  # stored dtypes
+        problems = []
+        v = int(info["num_classes"])
+        if idx.size and (int(idx.max()) >= v or int(idx.min()) < 0):
+            problems.append(f"class indices outside [0, {v})")
+        ordered = np.sort(idx, axis=1)
+        if idx.shape[1] > 1 and (ordered[:, 1:] == ordered[:, :-1]).any():
+            problems.append("a class index repeated within a position")
+        if np.isnan(lp).any() or np.isnan(tail).any() or (lp > 1e-3).any() or (tail > 1e-3).any():
+            problems.append("NaN or log-probabilities above 0")
+        else:
+            tol = 1e-2 if info["dtype"] == "float16" else 1e-4
+            total = np.exp(lp.astype(np.float32)).sum(axis=1, dtype=np.float64)
+            if (total > 1 + tol).any():
+                problems.append("top-k probabilities summing to more than 1 (a negative tail mass)")
+        if problems:
+            raise CacheError(
+                f"cache file {info['file']!r} in {self.path} holds {'; '.join(problems)} "
+                "(corrupted; run verify_cache)"
+            )
+        return block[inverse.reshape(-1)]
