@@ -33,9 +33,8 @@ __all__ = [
 ]
 
 
-def check_implementation(implementation: object, loss_type: str) -> str:
+def check_implementation(implementation: object) -> str:
     """Raise unless ``implementation`` is known (every loss type has a fused path)."""
-    del loss_type  # kept in the signature: every LOSS_TYPES entry is fused now
     check_choice("implementation", implementation, IMPLEMENTATIONS)
     return implementation  # type: ignore[return-value]
 
@@ -52,7 +51,7 @@ def check_kd_loss_options(
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("reduction", reduction, REDUCTIONS)
     jsd_beta = check_fraction("jsd_beta", jsd_beta)
-    check_implementation(implementation, loss_type)  # type: ignore[arg-type]
+    check_implementation(implementation)
     return temperature, jsd_beta
 
 
@@ -86,7 +85,7 @@ def check_student_loss_options(
     """Check the options of ``compute_student_loss`` / ``StudentLoss``."""
     check_kd_config(config, config_type)
     check_int("ignore_index", ignore_index)
-    check_implementation(implementation, config.loss_type)
+    check_implementation(implementation)
 
 
 def check_student_loss_args(

@@ -236,7 +236,8 @@ def verify_cache(cache_dir: str | os.PathLike[str]) -> CacheIndex:
     return index
 
 
-def _as_index(cache_index: object) -> CacheIndex:
+def as_index(cache_index: object) -> CacheIndex:
+    """``cache_index`` as a :class:`CacheIndex`: itself, or the cache directory opened."""
     if isinstance(cache_index, CacheIndex):
         return cache_index
     if isinstance(cache_index, (str, os.PathLike)):
@@ -245,11 +246,6 @@ def _as_index(cache_index: object) -> CacheIndex:
         "cache_index must be a CacheIndex (from load_cache_index) or a cache directory path, "
         f"got {type(cache_index).__name__}"
     )
-
-
-def as_index(cache: object) -> CacheIndex:
-    """Public-boundary conversion used by the dataset wrapper."""
-    return _as_index(cache)
 
 
 # The modules built on this one (they import it), so imported when first asked for here.

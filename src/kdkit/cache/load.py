@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from kdkit.cache.batches import read_selection
-from kdkit.cache.index import CacheIndex, _as_index
+from kdkit.cache.index import CacheIndex, as_index
 from kdkit.cache.lookup import rows_and_keys
 from kdkit.cache.selection import resolve_selection
 from kdkit.sparse import SparseLogits
@@ -68,7 +68,7 @@ def load_cached_logits(
         >>> load_cached_logits(["clip3.wav", "./clip0.wav"], index).shape
         torch.Size([2, 3])
     """
-    index = _as_index(cache_index)
+    index = as_index(cache_index)
     names, strategy, weights = resolve_selection(index, teacher, fusion, weights)
     rows, keys = rows_and_keys(index, paths)
     out = read_selection(index, rows, names, strategy, weights, keys)

@@ -34,8 +34,6 @@ class RecordReads:
                 self._maps[teacher] = raw.view(DTYPES[info["dtype"]]).reshape(shape)
         return self._maps[teacher]
 
-    _logits_map = _teacher_map
-
     def read(self, teacher: str, rows: np.ndarray) -> np.ndarray:
         """``float32 [len(rows), C]`` logits of dense ``teacher`` at positions ``rows`` (one
         vectorised read; for a cache without a position axis a position is a sample)."""

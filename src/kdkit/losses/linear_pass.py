@@ -121,8 +121,8 @@ def _chunk_loop(
     grad_h = torch.empty_like(hidden) if grads_needed and want[0] else None
     grad_w = None
     if grads_needed and want[1]:
-        wide = dtype if weight.dtype != dtype else weight.dtype
-        grad_w = torch.zeros(weight.shape, dtype=wide, device=device)
+        # accumulated in the compute dtype (float32 for half weights), cast at the end
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=device)
     grad_b = None
     if grads_needed and want[2] and bias is not None:
         grad_b = torch.zeros(bias.shape, dtype=dtype, device=device)
