@@ -580,13 +580,20 @@ def _peak_bytes(fn) -> int:
 
 
 @pytest.mark.parametrize("loss_type", ["kldiv", "jsd"])
-@pytest.mark.parametrize("teacher_kind", ["live", "dense"])
+@pytest.mark.parametrize("teacher_kind", ["live", "dense", "top-k"])
 def test_extra_memory_is_a_fraction_of_the_logits(loss_type, teacher_kind, one_torch_thread):
+    """Extra peak <= 0.25 of one float32 [N, V] (0.3 for a top-k teacher: its chunk holds
+    the autograd graph of its divergence, so its chunks are sized smaller -- down to the
+    minimum chunk, which dominates at this small size; 0.39 before they were)."""
+    from kdkit.sparse import sparse_topk
+
     n, hidden, vocab = 512, 32, 4096
     logits_bytes = n * vocab * 4
     h, w, b, th, tw, tb = _problem(lead=(n,), hidden=hidden, vocab=vocab, seed=26)
     teacher = th if teacher_kind == "live" else ref_linear_logits(th, tw).float()
     kwargs = {"teacher_weight": tw} if teacher_kind == "live" else {}
+    if teacher_kind == "top-k":
+        teacher = sparse_topk(teacher, 32)
     grads_bytes = (h.numel() + w.numel() + b.numel()) * 4  # the gradients themselves
 
     def linear_step():
@@ -594,7 +601,7 @@ def test_extra_memory_is_a_fraction_of_the_logits(loss_type, teacher_kind, one_t
         loss.backward()
 
     def materialised_step():
-        z_t = teacher if teacher_kind == "dense" else th @ tw.T
+        z_t = th @ tw.T if teacher_kind == "live" else teacher
         loss = kd_loss(h @ w.T + b, z_t, 1.0, loss_type)
         loss.backward()
 
@@ -605,7 +612,7 @@ def test_extra_memory_is_a_fraction_of_the_logits(loss_type, teacher_kind, one_t
         p.grad = None
     materialised = _peak_bytes(materialised_step) - grads_bytes
     ratios = (extra / logits_bytes, materialised / logits_bytes)
-    assert extra <= 0.25 * logits_bytes, ratios
+    assert extra <= (0.3 if teacher_kind == "top-k" else 0.25) * logits_bytes, ratios
     assert materialised >= 1.0 * logits_bytes  # the logits path holds at least the logits
 
 

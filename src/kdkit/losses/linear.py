@@ -194,7 +194,7 @@ def _prepare(
     if chunk_elements is None:
         probe = torch.empty(0, dtype=dtype, device=hidden.device)
         backend = kernels.select_backend(probe, probe, dtype, temperature=temperature)
-        per_element = scratch_bytes_per_element(dtype, backend)
+        per_element = scratch_bytes_per_element(dtype, backend, isinstance(teacher, SparseLogits))
         chunk_elements = linear_chunk_elements(num_rows, vocab, per_element)
     rows = max(1, min(max(num_rows, 1), chunk_elements // vocab))
     source = teacher_source(

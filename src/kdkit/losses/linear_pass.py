@@ -37,11 +37,16 @@ MAX_LINEAR_CHUNK: int = 1 << 24
 """Bounds of the default chunk, in logits (64 Ki .. 16 Mi elements)."""
 
 
-def scratch_bytes_per_element(dtype: torch.dtype, backend: kernels.Backend) -> int:
+def scratch_bytes_per_element(
+    dtype: torch.dtype, backend: kernels.Backend, sparse: bool = False
+) -> int:
     """Scratch bytes per chunk logit: three buffers of the compute dtype (student logits,
     teacher logits, gradient), a ``logsumexp`` temporary, and the row kernel's own
-    scratch (none for the native and Triton kernels, a few buffers for torch ops)."""
+    scratch (none for the native and Triton kernels, a few buffers for torch ops; for a
+    sparse teacher the autograd graph of its per-chunk divergence: four more)."""
     item = torch.empty((), dtype=dtype).element_size()
+    if sparse:
+        return 8 * item
     extra = torch_ops.scratch_bytes_per_element("jsd", dtype, True) if backend.chunked else 0
     return 4 * item + extra
 
