@@ -172,23 +172,26 @@ def lm_distillation_loss(
             ignore_index,
             sparse_tail,
         )
-    else:
-        loss, terms, alpha, raise_flags = _linear_terms(
+    else:  # the linear path, normalised by the step's counts
+        from kdkit.losses.linear import student_loss_terms_linear
+
+        loss, terms, alpha, raise_flags = student_loss_terms_linear(
             student_hidden,
-            student_head,
-            teacher_logits,
+            student_head.weight,
+            teacher_logits if isinstance(teacher_logits, SparseLogits) else teacher_logits.detach(),
             targets,
             config,
             progress,
-            num_tokens,
-            kd_weight_total,
-            vocab_size,
-            ignore_index,
-            sparse_tail,
-            teacher_confidence,
-            logit_scale,
-            softcap,
-            teacher_head,
+            num_valid=num_tokens,
+            kd_weight_sum=kd_weight_total,
+            teacher_confidence=teacher_confidence,
+            student_bias=getattr(student_head, "bias", None),
+            vocab_size=vocab_size,
+            ignore_index=ignore_index,
+            sparse_tail=sparse_tail,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            **_teacher_layer(teacher_head),
         )
     flags = torch.stack([*terms.flags, terms.ce_sum.detach()]).tolist()  # one transfer
     raise_flags(flags[:4])
@@ -240,48 +243,6 @@ def _logits_terms(
         raise_for_flags(flags, terms, inputs)
 
     return loss, terms, alpha, raise_flags
-
-
-def _linear_terms(
-    hidden,
-    head,
-    teacher_logits,
-    targets,
-    config,
-    progress,
-    num_tokens,
-    kd_weight_total,
-    vocab_size,
-    ignore_index,
-    sparse_tail,
-    teacher_confidence,
-    logit_scale,
-    softcap,
-    teacher_head,
-) -> tuple[torch.Tensor, StudentLossTerms, float, Callable[[Sequence[float]], None]]:
-    """The loss through the output layer (no ``[B, L, V]`` student logits):
-    :func:`~kdkit.losses.linear.student_loss_terms_linear` with the step's counts."""
-    from kdkit.losses.linear import student_loss_terms_linear
-
-    result = student_loss_terms_linear(
-        hidden,
-        head.weight,
-        teacher_logits if isinstance(teacher_logits, SparseLogits) else teacher_logits.detach(),
-        targets,
-        config,
-        progress,
-        num_valid=num_tokens,
-        kd_weight_sum=kd_weight_total,
-        teacher_confidence=teacher_confidence,
-        student_bias=getattr(head, "bias", None),
-        vocab_size=vocab_size,
-        ignore_index=ignore_index,
-        sparse_tail=sparse_tail,
-        logit_scale=logit_scale,
-        softcap=softcap,
-        **_teacher_layer(teacher_head),
-    )
-    return result.loss, result.terms, result.alpha, result.raise_flags
 
 
 def _teacher_layer(head: nn.Module | None) -> dict[str, torch.Tensor | None]:
