@@ -37,13 +37,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from kdkit import kd_loss  # noqa: E402
 from kdkit._validation import (  # noqa: E402
-    check_choice,
-    check_fraction,
+    bad_rows,
+    check_kd_loss_options,
     check_logits,
     check_same_shape,
     compute_dtype,
 )
-from kdkit.losses import kd as kd_module  # noqa: E402
+from kdkit.losses.divergences import per_position_divergence, reduce  # noqa: E402
 from kdkit.losses.fused import fused_divergence  # noqa: E402
 
 T = 4.0
@@ -94,21 +94,15 @@ def measure(rows: int, classes: int, reps: int) -> tuple[dict[str, float], dict[
         check_logits("student_logits", s)
         check_logits("teacher_logits", t)
         check_same_shape(s, t)
-        kd_module._check_temperature(T)
-        check_choice("loss_type", "kldiv", kd_module.LOSS_TYPES)
-        check_choice("reduction", "batchmean", kd_module.REDUCTIONS)
-        check_fraction("jsd_beta", 0.5)
-        kd_module._check_implementation("auto", "kldiv")
+        check_kd_loss_options(T, "kldiv", "batchmean", 0.5, "auto")
 
     dtype = compute_dtype(s, t, temperature=T)
-    plain = kd_module._per_position_divergence(s.to(dtype), t.detach().to(dtype), T, "kldiv")
+    plain = per_position_divergence(s.to(dtype), t.detach().to(dtype), T, "kldiv")
     fused = fused_divergence(s, t, T, "kldiv", dtype)
 
     def check_block() -> None:
         infinite = torch.isinf(plain.detach())
-        torch.stack(
-            [kd_module._bad_rows(s).any(), kd_module._bad_rows(t).any(), infinite.any()]
-        ).tolist()
+        torch.stack([bad_rows(s).any(), bad_rows(t).any(), infinite.any()]).tolist()
 
     def backward(per_position_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
         # Times forward + backward of the divergence alone; the forward is subtracted below.
@@ -120,18 +114,16 @@ def measure(rows: int, classes: int, reps: int) -> tuple[dict[str, float], dict[
 
     stages = {
         "validation": validation,
-        "plain divergence fwd": lambda: kd_module._per_position_divergence(
+        "plain divergence fwd": lambda: per_position_divergence(
             s.to(dtype), t.detach().to(dtype), T, "kldiv"
         ),
         "fused divergence fwd": lambda: fused_divergence(s, t, T, "kldiv", dtype),
         "plain divergence fwd+bwd": backward(
-            lambda: kd_module._per_position_divergence(
-                s.to(dtype), t.detach().to(dtype), T, "kldiv"
-            )
+            lambda: per_position_divergence(s.to(dtype), t.detach().to(dtype), T, "kldiv")
         ),
         "fused divergence fwd+bwd": backward(lambda: fused_divergence(s, t, T, "kldiv", dtype)),
         "check_finite block": check_block,
-        "reduce + cast": lambda: kd_module._reduce(plain.detach(), "batchmean").to(torch.float32),
+        "reduce + cast": lambda: reduce(plain.detach(), "batchmean").to(torch.float32),
         "naive fwd": naive,
     }
     del fused

@@ -237,3 +237,44 @@ def test_fused_gradients_finite_for_masked_and_extreme_inputs(loss_type, kernel_
         x = s.clone().requires_grad_()
         kd_loss(x, t, loss_type=loss_type, implementation="fused").backward()
         assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("bad", ["nan", "+inf", "all -inf"])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_plain_path_value_check_names_every_bad_row(bad, where, masked):
+    """The plain path checks the [...] divergences and runs the [..., C] row checks only
+    when one is not finite: a bad row is still named, masked or not (a masked NaN row
+    would make the student's gradient NaN)."""
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 5, generator=gen, requires_grad=True)
+    t = torch.randn(6, 5, generator=gen)
+    target = (s.detach() if where == "student" else t).clone()
+    if bad == "nan":
+        target[2, 1] = math.nan
+    elif bad == "+inf":
+        target[2, 1] = math.inf
+    else:
+        target[2] = -math.inf
+    args = (target, t) if where == "student" else (s, target)
+    mask = torch.ones(6, dtype=torch.bool)
+    if masked:
+        mask[2] = False
+    with pytest.raises(ValueError, match=rf"{where}_logits has 1 row\(s\) .*: 2\)"):
+        kd_loss(*args, 2.0, mask=mask, implementation="reference")
+
+
+def test_plain_path_nan_with_finite_inputs_is_an_error(monkeypatch):
+    """A NaN divergence the row checks cannot explain is never returned silently."""
+    from kdkit.losses import divergences
+
+    original = divergences.per_position_divergence
+
+    def with_nan(*args, **kwargs):
+        out = original(*args, **kwargs).clone()
+        out[1] = math.nan
+        return out
+
+    monkeypatch.setattr(divergences, "per_position_divergence", with_nan)
+    with pytest.raises(ValueError, match="divergence is NaN at 1 position"):
+        kd_loss(torch.randn(4, 3), torch.randn(4, 3), 2.0, implementation="reference")

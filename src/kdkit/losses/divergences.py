@@ -201,17 +201,47 @@ def divergence_loss(
         chunk_elements=chunk_elements,
     )
     if check_finite:
-        infinite = torch.isinf(per_position.detach())
-        if mask is not None:
-            infinite = infinite & mask
-        flags = torch.stack(
-            [bad_rows(student_logits).any(), bad_rows(teacher_logits).any(), infinite.any()]
-        ).tolist()  # the one device-to-host transfer
-        if flags[0]:
-            raise_bad_rows("student_logits", student_logits)
-        if flags[1]:
-            raise_bad_rows("teacher_logits", teacher_logits)
-        if flags[2]:
-            raise_infinite_kd(infinite, loss_type)
+        # On the plain path a NaN or +inf in either input row, or a row without a finite
+        # entry, makes that row's divergence NaN (masked rows included: log_softmax
+        # propagates it) and an infinite KD makes it +inf, so one check of the [...] values
+        # stands for the [..., C] row checks, which then run only to name what is wrong.
+        # The fused kernels may skip a NaN entry in a row maximum: there the row checks
+        # always run.  Either way one device-to-host transfer.
+        fused = use_fused(student_logits, loss_type, implementation)
+        if fused or not bool(torch.isfinite(per_position.detach()).all()):
+            _raise_for_non_finite(per_position, student_logits, teacher_logits, mask, loss_type)
     loss = reduce(per_position, reduction, mask)
     return loss.to(result_dtype(student_logits, teacher_logits))
+
+
+def _raise_for_non_finite(
+    per_position: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None,
+    loss_type: str,
+) -> None:
+    """The named error for bad student rows, bad teacher rows, or an infinite KD at an
+    unmasked position (an infinite KD only at masked positions is allowed: it reaches
+    neither the loss nor the gradient); a NaN left unexplained is an error too."""
+    infinite = torch.isinf(per_position.detach())
+    if mask is not None:
+        infinite = infinite & mask
+    flags = torch.stack(
+        [bad_rows(student_logits).any(), bad_rows(teacher_logits).any(), infinite.any()]
+    ).tolist()
+    if flags[0]:
+        raise_bad_rows("student_logits", student_logits)
+    if flags[1]:
+        raise_bad_rows("teacher_logits", teacher_logits)
+    if flags[2]:
+        raise_infinite_kd(infinite, loss_type)
+    nan = torch.isnan(per_position.detach())
+    if mask is not None:
+        nan = nan & mask
+    count = int(nan.sum())
+    if count:  # finite inputs, NaN divergence: never returned silently
+        raise ValueError(
+            f"the {loss_type} divergence is NaN at {count} position(s) although both logits "
+            "are finite; please report this with the inputs"
+        )
