@@ -152,3 +152,33 @@ def test_distill_lm_from_a_top_k_cache(tmp_path, capsys, one_torch_thread):
     assert main([*argv, "--cache", str(tmp_path / "small"), "--output_dir", out + "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "of 8 samples, 3 missing from the cache" in err
+
+
+def test_a_top_k_cache_at_another_temperature_needs_retemper(
+    tmp_path, capsys, monkeypatch, one_torch_thread
+):
+    """Captured at T = 1, trained at T = 2: exit 2 with the loss's message before any
+    training step; --retemper (and --sparse_tail) reach the loss."""
+    from kdkit.hf import DistillationTrainer, dump_lm_teacher, load_lm_data
+
+    data = _ids(tmp_path)
+    dump_lm_teacher(tiny_llama(2, seed=1), load_lm_data(data), tmp_path / "cache", top_k=8)
+    config_json = tmp_path / "student.json"
+    config_json.write_text(json.dumps(tiny_llama(1).config.to_dict()))
+    argv = ["distill-lm", "--data", str(data), "--student_config", str(config_json)]
+    argv += ["--max_steps", "1", "--temperature", "2", "--cache", str(tmp_path / "cache")]
+    steps = []
+    original = DistillationTrainer.compute_loss
+
+    def counted(self, *args, **kwargs):
+        steps.append((self.retemper, self.sparse_tail))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationTrainer, "compute_loss", counted)
+    assert main([*argv, "--output_dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "differs from the sparse teacher's capture temperature" in err
+    assert steps == []  # refused before training
+    out = str(tmp_path / "b")
+    assert main([*argv, "--retemper", "--sparse_tail", "renormalize", "--output_dir", out]) == 0
+    assert steps and set(steps) == {(True, "renormalize")}

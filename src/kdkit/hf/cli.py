@@ -62,6 +62,20 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         "or top-k per token; made with the same --data and --max_length)",
     )
     teacher.add_argument("--teacher", help="teacher name in --cache (default: its only one)")
+    teacher.add_argument(
+        "--sparse_tail",
+        choices=["bucket", "renormalize"],
+        default=argparse.SUPPRESS,
+        help="a top-k cache's mass outside the top-k: its own class (bucket, default) or "
+        "dropped and the top-k renormalised",
+    )
+    teacher.add_argument(
+        "--retemper",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="train a top-k cache at another --temperature than its capture temperature "
+        "(an approximation)",
+    )
     student = parser.add_argument_group("student (one of)")
     student.add_argument("--student_model", help="local student model directory")
     student.add_argument(

@@ -101,6 +101,7 @@ def lm_distillation_loss(
     vocab_size: int | None = None,
     ignore_index: int = -100,
     sparse_tail: str = "bucket",
+    retemper: bool = False,
     teacher_confidence: torch.Tensor | None = None,
     logit_scale: float | None = None,
     softcap: float | None = None,
@@ -171,6 +172,7 @@ def lm_distillation_loss(
             vocab_size,
             ignore_index,
             sparse_tail,
+            retemper,
         )
     else:  # the linear path, normalised by the step's counts
         from kdkit.losses.linear import student_loss_terms_linear
@@ -189,6 +191,7 @@ def lm_distillation_loss(
             vocab_size=vocab_size,
             ignore_index=ignore_index,
             sparse_tail=sparse_tail,
+            retemper=retemper,
             logit_scale=logit_scale,
             softcap=softcap,
             **_teacher_layer(teacher_head),
@@ -219,6 +222,7 @@ def _logits_terms(
     vocab_size,
     ignore_index,
     sparse_tail,
+    retemper,
 ) -> tuple[torch.Tensor, StudentLossTerms, float, Callable[[Sequence[float]], None]]:
     """The loss on ``[B, L, V]`` student logits (``compute_student_loss``'s terms)."""
     sparse = isinstance(teacher_logits, SparseLogits)
@@ -228,7 +232,7 @@ def _logits_terms(
             teacher_logits = teacher_logits[..., :vocab_size]
     teacher = teacher_logits if sparse else teacher_logits.detach()
     inputs = StudentLossInputs(
-        student_logits, teacher, targets, config, None, ignore_index, "auto", sparse_tail
+        student_logits, teacher, targets, config, None, ignore_index, "auto", sparse_tail, retemper
     )
     alpha = checked_kd_weight(inputs, progress, KDLossConfig)
     terms = student_loss_terms(inputs, alpha)

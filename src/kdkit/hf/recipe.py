@@ -64,6 +64,8 @@ class LMDistillConfig:
     teacher_model: str | None = None
     cache: str | None = None
     teacher: str | None = None
+    sparse_tail: str = "bucket"
+    retemper: bool = False
     student_model: str | None = None
     student_config: str | None = None
     student_from_teacher: int | None = None
@@ -107,6 +109,10 @@ class LMDistillConfig:
             )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        from kdkit._validation import SPARSE_TAILS, check_bool, check_choice
+
+        check_choice("sparse_tail", self.sparse_tail, SPARSE_TAILS)
+        check_bool("retemper", self.retemper)
         if self.schedule_unit not in ("epoch", "step"):
             raise ValueError(f"schedule_unit must be 'epoch' or 'step', got {self.schedule_unit!r}")
         self.kd.validate()
@@ -241,6 +247,8 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
         teacher=teacher,
         teacher_cache=config.cache,
         cache_teacher=config.teacher,
+        sparse_tail=config.sparse_tail,
+        retemper=config.retemper,
         kd_config=config.kd,
         schedule_unit=config.schedule_unit,
         vocab_size=config.vocab_size,

@@ -98,6 +98,13 @@ class TeacherHidden:
         return TeacherHidden(self.hidden.to(device))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Captured:
+    """What the sparse options' check reads of a top-k cache: its capture temperature."""
+
+    temperature: float
+
+
 class _HiddenCapture:
     """Forward hook on the base model keeping its ``last_hidden_state`` (after the final norm)."""
 
@@ -130,6 +137,9 @@ class DistillationTrainer(transformers.Trainer):
         cache_teacher: The teacher's name in ``teacher_cache`` (default: its only one).
         sparse_tail: With a top-k cache: ``'bucket'`` or ``'renormalize'``
             (see :func:`~kdkit.compute_student_loss`).
+        retemper: With a top-k cache captured at another temperature than
+            ``kd_config.temperature``: re-temper its log-probabilities (an approximation,
+            see ``docs/decisions.md``); without it that is an error before training.
         kd_config: The KD settings (default ``KDLossConfig()``).
         schedule_unit: ``'epoch'`` (``warmup_epochs``/``kd_ramp_epochs`` in fractional
             epochs, ``state.epoch``) or ``'step'`` (in optimizer steps).
@@ -161,6 +171,7 @@ class DistillationTrainer(transformers.Trainer):
         teacher_cache: Any = None,
         cache_teacher: str | None = None,
         sparse_tail: str = "bucket",
+        retemper: bool = False,
         kd_config: KDLossConfig | None = None,
         schedule_unit: str = "epoch",
         teacher_tokenizer: Any = None,
@@ -198,6 +209,7 @@ class DistillationTrainer(transformers.Trainer):
         self.cache = None
         self.cache_teacher = cache_teacher
         self.sparse_tail = sparse_tail
+        self.retemper = retemper
         if teacher_cache is not None:
             from kdkit.cache import load_cache_index
             from kdkit.hf.capture import check_lm_cache
@@ -225,6 +237,14 @@ class DistillationTrainer(transformers.Trainer):
             teacher_tokenizer=teacher_tokenizer,
         )
         if self.cache is not None and self.cache.is_sparse(self.cache_teacher):
+            from kdkit._validation import check_sparse_options
+
+            info = self.cache.manifest["teachers"][self.cache_teacher]
+            captured = _Captured(float(info["capture_temperature"]))
+            # The loss's own check, before training (the same message).
+            check_sparse_options(
+                captured, float(kd_config.temperature), kd_config.loss_type, sparse_tail, retemper
+            )
             stored = self.cache.teacher_num_classes[self.cache_teacher]
             if stored != self.vocab_size:
                 raise ValueError(
@@ -471,6 +491,7 @@ class DistillationTrainer(transformers.Trainer):
             vocab_size=self.vocab_size,
             ignore_index=self.ignore_index,
             sparse_tail=self.sparse_tail,
+            retemper=self.retemper,
             teacher_confidence=confidence,
             logit_scale=self.output_transform.logit_scale,
             softcap=self.output_transform.softcap,
