@@ -186,6 +186,7 @@ def _ddp_worker(rank: int, store: str, cache: str, out: str, kd_on: str) -> None
         )
         result = train_student(config, train_data=TRAIN)
         torch.save(weights(result.model), f"{out}/weights.{rank}")
+        del result  # nothing of the run outlives the process group
     finally:
         dist.destroy_process_group()
 

@@ -19,6 +19,7 @@ the weights ``best_on`` names.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import warnings
@@ -104,10 +105,23 @@ def _run(
                 distil=distil,
                 teachers=teachers,
             )
-            with _interruptible(run):
-                return _train(run)
+            try:
+                with _interruptible(run):
+                    return _train(run)
+            finally:
+                _release_wrapper(run)
     finally:
         env.close()
+
+
+def _release_wrapper(run: Run) -> None:
+    """Under torchrun: drop the DistributedDataParallel wrapper (and its reducer, whose
+    autograd hooks sit on the student's parameters) while the process group is alive.
+    Left to the interpreter's exit, gloo's worker threads could be torn down after the
+    interpreter (SIGABRT "terminate called without an active exception", seen in CI)."""
+    if run.env.enabled and run.train_model is not run.model:
+        run.train_model = run.model
+        gc.collect()  # the wrapper sits in reference cycles (hooks, compiled graphs)
 
 
 @contextlib.contextmanager
