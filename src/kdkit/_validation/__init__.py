@@ -68,6 +68,7 @@ from kdkit._validation.losses import (
 )
 from kdkit._validation.sparse import (
     SPARSE_TAILS,
+    check_capture_temperature,
     check_sparse_options,
     check_sparse_tail,
     check_sparse_teacher,
@@ -103,6 +104,7 @@ __all__ = [
     "WEIGHTINGS",
     "bad_rows",
     "check_bool",
+    "check_capture_temperature",
     "check_choice",
     "check_device",
     "check_domain_batch",

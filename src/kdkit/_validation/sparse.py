@@ -12,6 +12,7 @@ from kdkit.sparse import SparseLogits
 
 __all__ = [
     "SPARSE_TAILS",
+    "check_capture_temperature",
     "check_sparse_options",
     "check_sparse_tail",
     "check_sparse_teacher",
@@ -60,15 +61,21 @@ def check_sparse_tail(loss_type: str, sparse_tail: object, retemper: object) -> 
     return sparse_tail  # type: ignore[return-value]
 
 
+def check_capture_temperature(capture: float, temperature: float, retemper: bool) -> None:
+    """The temperature rule: training at another temperature than a sparse teacher's
+    capture temperature needs ``retemper`` (an approximation)."""
+    if temperature != capture and not retemper:
+        raise ValueError(
+            f"temperature={temperature!r} differs from the sparse teacher's capture temperature "
+            f"{capture!r}; train at temperature={capture!r}, or pass "
+            "retemper=True to re-temper the top-k (an approximation, see docs/decisions.md)"
+        )
+
+
 def check_sparse_options(
     teacher: SparseLogits, temperature: float, loss_type: str, sparse_tail: object, retemper: object
 ) -> str:
-    """:func:`check_sparse_tail`, then the temperature rule; returns the tail."""
+    """:func:`check_sparse_tail`, then :func:`check_capture_temperature`; returns the tail."""
     check_sparse_tail(loss_type, sparse_tail, retemper)
-    if temperature != teacher.temperature and not retemper:
-        raise ValueError(
-            f"temperature={temperature!r} differs from the sparse teacher's capture temperature "
-            f"{teacher.temperature!r}; train at temperature={teacher.temperature!r}, or pass "
-            "retemper=True to re-temper the top-k (an approximation, see docs/decisions.md)"
-        )
+    check_capture_temperature(teacher.temperature, temperature, bool(retemper))
     return sparse_tail  # type: ignore[return-value]

@@ -27,7 +27,6 @@ Conventions (``docs/decisions.md``, section "Language models"):
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -49,7 +48,7 @@ from kdkit.sparse import SparseLogits
 
 __all__ = ["HAS_LINEAR_PATH", "LMLossStats", "lm_distillation_loss", "shift_labels"]
 
-HAS_LINEAR_PATH: bool = importlib.util.find_spec("kdkit.losses.linear") is not None
+HAS_LINEAR_PATH: bool = True
 """Always True in this kdkit (the fused linear loss is part of it): given the student's
 hidden states and output layer, the loss never materialises ``[B, L, V]`` student logits.
 Kept for code written against the first ``kdkit.hf``."""

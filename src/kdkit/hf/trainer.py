@@ -22,6 +22,8 @@ What it changes in the Trainer, and why:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -98,13 +100,6 @@ class TeacherHidden:
         return TeacherHidden(self.hidden.to(device))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Captured:
-    """What the sparse options' check reads of a top-k cache: its capture temperature."""
-
-    temperature: float
-
-
 class _HiddenCapture:
     """Forward hook on the base model keeping its ``last_hidden_state`` (after the final norm)."""
 
@@ -113,6 +108,35 @@ class _HiddenCapture:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+
+def _checked_arguments(
+    teacher: Any, teacher_cache: Any, schedule_unit: str, kd_config: Any, output_transform: Any
+) -> KDLossConfig:
+    """The trainer's own arguments, checked before the Trainer is built; the KD config."""
+    if (teacher is None) == (teacher_cache is None):
+        raise ValueError("give exactly one of teacher (a live model) and teacher_cache")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise ValueError(f"teacher must be a causal LM (nn.Module), got {type(teacher).__name__}")
+    if schedule_unit not in SCHEDULE_UNITS:
+        raise ValueError(
+            f"schedule_unit must be one of {list(SCHEDULE_UNITS)}, got {schedule_unit!r}"
+        )
+    kd_config = KDLossConfig() if kd_config is None else kd_config
+    kd_config.validate()
+    if output_transform is not None and not isinstance(output_transform, OutputTransform):
+        raise TypeError(
+            "output_transform must be a kdkit.hf.head.OutputTransform, got "
+            f"{type(output_transform).__name__}"
+        )
+    return kd_config
+
+
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    """Whether ``model_class.forward`` takes ``logits_to_keep`` (once per class: the
+    signature is inspected in the step otherwise)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 class DistillationTrainer(transformers.Trainer):
@@ -180,23 +204,9 @@ class DistillationTrainer(transformers.Trainer):
         output_transform: OutputTransform | None = None,
         **kwargs: Any,
     ) -> None:
-        if (teacher is None) == (teacher_cache is None):
-            raise ValueError("give exactly one of teacher (a live model) and teacher_cache")
-        if teacher is not None and not isinstance(teacher, nn.Module):
-            raise ValueError(
-                f"teacher must be a causal LM (nn.Module), got {type(teacher).__name__}"
-            )
-        if schedule_unit not in SCHEDULE_UNITS:
-            raise ValueError(
-                f"schedule_unit must be one of {list(SCHEDULE_UNITS)}, got {schedule_unit!r}"
-            )
-        kd_config = KDLossConfig() if kd_config is None else kd_config
-        kd_config.validate()
-        if output_transform is not None and not isinstance(output_transform, OutputTransform):
-            raise TypeError(
-                "output_transform must be a kdkit.hf.head.OutputTransform, got "
-                f"{type(output_transform).__name__}"
-            )
+        kd_config = _checked_arguments(
+            teacher, teacher_cache, schedule_unit, kd_config, output_transform
+        )
         super().__init__(model=model, args=args, **kwargs)
         if self.args.n_gpu > 1:
             raise ValueError(
@@ -206,28 +216,15 @@ class DistillationTrainer(transformers.Trainer):
         self.kd_config = kd_config
         self.schedule_unit = schedule_unit
         self.ignore_index = ignore_index
-        self.cache = None
-        self.cache_teacher = cache_teacher
         self.sparse_tail = sparse_tail
         self.retemper = retemper
-        if teacher_cache is not None:
-            from kdkit.cache import load_cache_index
-            from kdkit.hf.capture import check_lm_cache
-
-            self.cache = (
-                teacher_cache
-                if hasattr(teacher_cache, "teacher_num_classes")
-                else load_cache_index(teacher_cache)
-            )
-            names = self.cache.teachers
-            if cache_teacher is None and len(names) == 1:
-                self.cache_teacher = names[0]
-            if self.cache_teacher not in names:
-                raise ValueError(
-                    f"cache_teacher must be one of the cache's teachers {list(names)}, "
-                    f"got {cache_teacher!r}"
-                )
+        self.cache = None if teacher_cache is None else self._open_cache(teacher_cache)
+        self.cache_teacher = cache_teacher
+        if self.cache is not None:
+            self.cache_teacher = self._cache_teacher_name(cache_teacher)
             if self.train_dataset is not None:
+                from kdkit.hf.capture import check_lm_cache
+
                 check_lm_cache(self.cache, self.train_dataset)
         self.vocab_size = real_vocab_size(
             teacher if teacher is not None else self.cache.teacher_num_classes[self.cache_teacher],
@@ -237,22 +234,7 @@ class DistillationTrainer(transformers.Trainer):
             teacher_tokenizer=teacher_tokenizer,
         )
         if self.cache is not None and self.cache.is_sparse(self.cache_teacher):
-            from kdkit._validation import check_sparse_options
-
-            info = self.cache.manifest["teachers"][self.cache_teacher]
-            captured = _Captured(float(info["capture_temperature"]))
-            # The loss's own check, before training (the same message).
-            check_sparse_options(
-                captured, float(kd_config.temperature), kd_config.loss_type, sparse_tail, retemper
-            )
-            stored = self.cache.teacher_num_classes[self.cache_teacher]
-            if stored != self.vocab_size:
-                raise ValueError(
-                    f"the top-k cache {str(self.cache.path)!r} holds teacher "
-                    f"{self.cache_teacher!r} over {stored} classes, but the real vocabulary "
-                    f"has {self.vocab_size}: dump it again over the real vocabulary "
-                    f"(kdkit dump-teacher --vocab_size {self.vocab_size})"
-                )
+            self._check_top_k_cache()
         self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
         self.output_transform = (
             read_output_transform(model) if output_transform is None else output_transform
@@ -264,6 +246,45 @@ class DistillationTrainer(transformers.Trainer):
         self._normalisers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._window: torch.Tensor | None = None  # [ce, kd, N, W, selected, confidence]
         self._alpha = 0.0
+
+    @staticmethod
+    def _open_cache(teacher_cache: Any) -> Any:
+        from kdkit.cache import load_cache_index
+
+        if hasattr(teacher_cache, "teacher_num_classes"):  # already a CacheIndex
+            return teacher_cache
+        return load_cache_index(teacher_cache)
+
+    def _cache_teacher_name(self, cache_teacher: str | None) -> str:
+        """The cache's teacher to distil from: the one named, or its only one."""
+        names = self.cache.teachers
+        if cache_teacher is None and len(names) == 1:
+            return names[0]
+        if cache_teacher not in names:
+            raise ValueError(
+                f"cache_teacher must be one of the cache's teachers {list(names)}, "
+                f"got {cache_teacher!r}"
+            )
+        return cache_teacher
+
+    def _check_top_k_cache(self) -> None:
+        """Before training: the loss's own sparse checks (same messages), and a top-k
+        cache stored over the real vocabulary (its tail mass must not hold padding rows)."""
+        from kdkit._validation import check_capture_temperature, check_sparse_tail
+
+        info = self.cache.manifest["teachers"][self.cache_teacher]
+        check_sparse_tail(self.kd_config.loss_type, self.sparse_tail, self.retemper)
+        check_capture_temperature(
+            float(info["capture_temperature"]), float(self.kd_config.temperature), self.retemper
+        )
+        stored = self.cache.teacher_num_classes[self.cache_teacher]
+        if stored != self.vocab_size:
+            raise ValueError(
+                f"the top-k cache {str(self.cache.path)!r} holds teacher "
+                f"{self.cache_teacher!r} over {stored} classes, but the real vocabulary "
+                f"has {self.vocab_size}: dump it again over the real vocabulary "
+                f"(kdkit dump-teacher --vocab_size {self.vocab_size})"
+            )
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep ``sample_id`` (the cache key's first half) through the Trainer's column filter."""
@@ -327,7 +348,6 @@ class DistillationTrainer(transformers.Trainer):
         """Whether the live teacher can hand over hidden states instead of logits: a
         ``transformers`` causal LM on the student's device whose output transform is the
         student's (the linear path applies one transform to both)."""
-        import inspect
 
         teacher = self.teacher
         head = (
@@ -337,7 +357,7 @@ class DistillationTrainer(transformers.Trainer):
             head is not None
             and getattr(head, "weight", None) is not None
             and hasattr(teacher, "base_model")
-            and "logits_to_keep" in inspect.signature(teacher.forward).parameters
+            and _keeps_logits(type(teacher))
             and torch.device(teacher_device) == torch.device(student_device)
             and read_output_transform(teacher) == self.output_transform
         )
@@ -504,11 +524,7 @@ class DistillationTrainer(transformers.Trainer):
     @staticmethod
     def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
         """Ask for the last position's logits only (the loss uses the hidden states)."""
-        import inspect
-
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
-            return {"logits_to_keep": 1}
-        return {}
+        return {"logits_to_keep": 1} if _keeps_logits(type(model)) else {}
 
     # -- logging -----------------------------------------------------------------------
 
