@@ -17,6 +17,7 @@ default), so the cache keys match.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -79,7 +80,7 @@ def _load_teachers(
 def cmd_dump_lm(args: argparse.Namespace) -> int:
     """The body of ``kdkit dump-teacher --data`` (see the module docstring)."""
     from kdkit._extras import require_installed
-    from kdkit.cli import _CONFIG_ERRORS, _is_rank_zero, _message, _setup_logging, _top_k_option
+    from kdkit.cli import _CONFIG_ERRORS, _is_rank_zero, _message, _setup_logging
 
     try:
         for module in _MODULES:
@@ -87,70 +88,29 @@ def cmd_dump_lm(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(_message(exc), file=sys.stderr)
         return 1
-    max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
-    batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
     try:
-        from kdkit._validation import check_device
-        from kdkit.hf.recipe import local_dir
-
-        check_device(args.device, "--device")
-        if not os.path.isfile(args.data):
-            raise ValueError(f"--data {args.data!r} is not a file")
-        if isinstance(max_length, bool) or max_length < 2:
-            raise ValueError(f"--max_length must be an integer >= 2, got {max_length}")
-        if batch_size < 1:
-            raise ValueError(f"--batch_size must be an integer >= 1, got {batch_size}")
-        if args.vocab_size is not None and args.vocab_size < 1:
-            raise ValueError(f"--vocab_size must be an integer >= 1, got {args.vocab_size}")
-        top_k = _top_k_option(args.top_k)
-        if args.capture_temperature is not None and top_k is None:
-            raise ValueError("--capture_temperature applies to sparse teachers: pass --top_k too")
-        if isinstance(top_k, dict):
-            unknown = sorted(set(top_k) - {name for name, _ in args.teacher})
-            if unknown:
-                raise ValueError(f"--top_k names teachers that are not given: {unknown}")
-        tokenizer_dir = None
-        if args.tokenizer is not None:
-            tokenizer_dir = local_dir(args.tokenizer, "--tokenizer")
-        for name, location in args.teacher:
-            local_dir(location, f"--teacher {name}:")
+        flags = _checked_flags(args)
     except _CONFIG_ERRORS as exc:
         args._parser.error(_message(exc))
     _setup_logging()
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from kdkit.hf.capture import check_vocab_size, dump_lm_teacher
-    from kdkit.hf.data import load_lm_data
-    from kdkit.hf.recipe import _dir_tokenizer
-    from kdkit.hf.vocab import output_size
-
     hf_logging.disable_progress_bar()  # errors stay one line; no bars per weight file
-    from kdkit.train.torchrun import init_from_env
-
     try:
-        if tokenizer_dir is not None:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-        else:
-            tokenizer = _dir_tokenizer(local_dir(args.teacher[0][1], "--teacher"))
-        samples = load_lm_data(args.data, tokenizer, max_length=max_length)
-        models, _ = _load_teachers(args.teacher, args.teacher_dtype or "float32")
-        vocab_size = args.vocab_size
-        if vocab_size is None:
-            vocab_size = default_vocab_size(
-                tokenizer, {n: output_size(m) for n, m in models.items()}
-            )
-        check_vocab_size(models, vocab_size)
+        samples, models, vocab_size = _load_inputs(args, flags)
     except (*_CONFIG_ERRORS, OSError) as exc:
         args._parser.error(_message(exc))
+    from kdkit.hf.capture import dump_lm_teacher
+    from kdkit.train.torchrun import init_from_env
+
     env = init_from_env(args.device)  # under torchrun: a sharded dump, rank 0 writes
     try:
         index = dump_lm_teacher(
             models,
             samples,
             args.cache,
-            top_k=top_k,
-            batch_size=batch_size,
+            top_k=flags.top_k,
+            batch_size=flags.batch_size,
             device=env.device,
             capture_temperature=args.capture_temperature or 1.0,
             progress=args.progress and sys.stderr.isatty() and env.is_main,
@@ -171,3 +131,70 @@ def cmd_dump_lm(args: argparse.Namespace) -> int:
         f"{index.num_classes} classes for teachers {list(index.teachers)} in {index.path}"
     )
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flags:
+    """The checked flags of ``dump-teacher --data`` (defaults filled in)."""
+
+    max_length: int
+    batch_size: int
+    top_k: Any
+    tokenizer_dir: Path | None
+
+
+def _checked_flags(args: argparse.Namespace) -> _Flags:
+    """Every flag and path checked before anything is loaded (ValueError naming it)."""
+    from kdkit._validation import check_device
+    from kdkit.cli import _top_k_option
+    from kdkit.hf.recipe import local_dir
+
+    max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
+    batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
+    check_device(args.device, "--device")
+    if not os.path.isfile(args.data):
+        raise ValueError(f"--data {args.data!r} is not a file")
+    if isinstance(max_length, bool) or max_length < 2:
+        raise ValueError(f"--max_length must be an integer >= 2, got {max_length}")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be an integer >= 1, got {batch_size}")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ValueError(f"--vocab_size must be an integer >= 1, got {args.vocab_size}")
+    top_k = _top_k_option(args.top_k)
+    if args.capture_temperature is not None and top_k is None:
+        raise ValueError("--capture_temperature applies to sparse teachers: pass --top_k too")
+    if isinstance(top_k, dict):
+        unknown = sorted(set(top_k) - {name for name, _ in args.teacher})
+        if unknown:
+            raise ValueError(f"--top_k names teachers that are not given: {unknown}")
+    tokenizer_dir = None
+    if args.tokenizer is not None:
+        tokenizer_dir = local_dir(args.tokenizer, "--tokenizer")
+    for name, location in args.teacher:
+        local_dir(location, f"--teacher {name}:")
+    return _Flags(max_length, batch_size, top_k, tokenizer_dir)
+
+
+def _load_inputs(
+    args: argparse.Namespace, flags: _Flags
+) -> tuple[list, dict[str, Any], int | None]:
+    """``(samples, {name: teacher}, vocabulary cut)``: the tokenizer (``--tokenizer``, else
+    the first teacher's), the data read as ``distill-lm`` reads it, the teachers."""
+    from transformers import AutoTokenizer
+
+    from kdkit.hf.capture import check_vocab_size
+    from kdkit.hf.data import load_lm_data
+    from kdkit.hf.recipe import _dir_tokenizer, local_dir
+    from kdkit.hf.vocab import output_size
+
+    if flags.tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(flags.tokenizer_dir, local_files_only=True)
+    else:
+        tokenizer = _dir_tokenizer(local_dir(args.teacher[0][1], "--teacher"))
+    samples = load_lm_data(args.data, tokenizer, max_length=flags.max_length)
+    models, _ = _load_teachers(args.teacher, args.teacher_dtype or "float32")
+    vocab_size = args.vocab_size
+    if vocab_size is None:
+        vocab_size = default_vocab_size(tokenizer, {n: output_size(m) for n, m in models.items()})
+    check_vocab_size(models, vocab_size)
+    return samples, models, vocab_size
