@@ -7,11 +7,13 @@ import torch
 VOCAB = 48
 
 
-def tiny_llama(layers: int = 2, vocab: int = VOCAB, hidden: int = 16, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_decoder(family: str, layers: int, vocab: int, hidden: int, seed: int, **extra):
+    """A Llama-shaped decoder of ``family`` (``transformers``' ``{family}Config`` and
+    ``{family}ForCausalLM``) with the tests' tiny sizes and special tokens."""
+    import transformers
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -22,8 +24,13 @@ def tiny_llama(layers: int = 2, vocab: int = VOCAB, hidden: int = 16, seed: int 
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        **extra,
     )
-    return LlamaForCausalLM(config)
+    return getattr(transformers, f"{family}ForCausalLM")(config)
+
+
+def tiny_llama(layers: int = 2, vocab: int = VOCAB, hidden: int = 16, seed: int = 0):
+    return _tiny_decoder("Llama", layers, vocab, hidden, seed)
 
 
 def tiny_gpt2(layers: int = 2, vocab: int = VOCAB, hidden: int = 16, seed: int = 0):
@@ -95,42 +102,11 @@ def reference_grads(config, make=None):
 def tiny_gemma2(layers: int = 2, vocab: int = VOCAB, hidden: int = 16, seed: int = 0):
     """Gemma 2: its forward soft-caps the logits (``final_logit_softcapping``, small here so
     that it matters for a random model)."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Gemma2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=64,
-        final_logit_softcapping=0.5,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+    return _tiny_decoder(
+        "Gemma2", layers, vocab, hidden, seed, head_dim=8, final_logit_softcapping=0.5
     )
-    return Gemma2ForCausalLM(config)
 
 
 def tiny_cohere(layers: int = 2, vocab: int = VOCAB, hidden: int = 16, seed: int = 0):
     """Cohere: its forward multiplies the logits by ``logit_scale``."""
-    from transformers import CohereConfig, CohereForCausalLM
-
-    torch.manual_seed(seed)
-    config = CohereConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        logit_scale=3.0,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return CohereForCausalLM(config)
+    return _tiny_decoder("Cohere", layers, vocab, hidden, seed, logit_scale=3.0)
