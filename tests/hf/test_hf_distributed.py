@@ -6,14 +6,13 @@ behind.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from torchrun_testing import run_torchrun
 
 pytest.importorskip("transformers")
 
@@ -27,34 +26,7 @@ TIMEOUT = 240.0
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", str(HERE / "hf_ddp_worker.py"), *args]
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        raise AssertionError(f"torchrun timed out after {TIMEOUT} s:\n{err[-3000:]}") from None
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    return run_torchrun([str(HERE / "hf_ddp_worker.py"), *args], TIMEOUT)
 
 
 def test_ddp_two_ranks_give_the_global_batch_gradient(tmp_path):

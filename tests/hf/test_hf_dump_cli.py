@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 import torch
 
 from kdkit.cli import main
+from torchrun_testing import run_torchrun
 
 pytest.importorskip("transformers")
 
@@ -311,36 +310,8 @@ TORCHRUN_TIMEOUT = 180.0
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=2 -m kdkit ARGS`` (gloo, CPU); the whole
-    process group (agent and workers) is killed on a timeout."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", "-m", "kdkit", *args]
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = process.communicate(timeout=TORCHRUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        raise AssertionError(f"torchrun timed out:\n{err[-3000:]}") from None
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    """``torchrun --standalone --nproc_per_node=2 -m kdkit ARGS`` (gloo, CPU)."""
+    return run_torchrun(["-m", "kdkit", *args], TORCHRUN_TIMEOUT)
 
 
 def test_torchrun_two_ranks_dump_equals_one_process(tmp_path, dirs, one_torch_thread):

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from kdkit.losses.distributed import compute_student_loss_distributed
 from kdkit.losses.kd import STUDENT_LOSS_STATS, KDLossConfig, compute_student_loss
 from kdkit.sparse import sparse_topk
 from kdkit.train.torchrun import init_from_env
+from torchrun_testing import run_torchrun
 
 SPAWN_TIMEOUT = 60.0
 
@@ -308,36 +307,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _torchrun(args: list[str], timeout: float = TORCHRUN_TIMEOUT) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=2 -m kdkit ARGS``; the whole process group
-    (agent and workers) is killed on a timeout."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", "-m", "kdkit", *args]
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # one process group: agent + workers
-    )
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        raise AssertionError(f"torchrun timed out after {timeout} s:\n{err[-3000:]}") from None
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    """``torchrun --standalone --nproc_per_node=2 -m kdkit ARGS``."""
+    return run_torchrun(["-m", "kdkit", *args], timeout)
 
 
 @pytest.fixture(scope="module")
