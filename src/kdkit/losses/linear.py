@@ -794,15 +794,21 @@ def _student_terms(
     stand_in = (
         confidence if confidence is not None else torch.ones(num_rows, dtype=dtype, device=device)
     )
-    weights, selected = kd_selection(stand_in, config, valid, domain_mask)
+    # The KD weights the gradients are scaled by, fixed before the pass (the same as after
+    # it whenever KD counts: the confidence is known, or 'none' does not read it).
+    pass_weights, pass_selected = kd_selection(stand_in, config, valid, domain_mask)
 
-    count, weight_sum, scale = normalise(valid.sum().to(dtype), weights.sum())
+    count, weight_sum, scale = normalise(valid.sum().to(dtype), pass_weights.sum())
     count = torch.as_tensor(count, dtype=dtype, device=device).clamp_min(1)
     weight_sum = torch.as_tensor(weight_sum, dtype=dtype, device=device)
 
     def total(kd_rows: torch.Tensor, ce_rows: torch.Tensor) -> torch.Tensor:
         ce_sum = torch.where(valid, ce_rows, 0.0).sum()
-        kd_sum = weighted_kd_sum(kd_rows, weights, selected) if alpha > 0 else kd_rows.new_zeros(())
+        kd_sum = (
+            weighted_kd_sum(kd_rows, pass_weights, pass_selected)
+            if alpha > 0
+            else kd_rows.new_zeros(())
+        )
         return scale * combine(ce_sum / count, kd_mean(kd_sum, weight_sum, alpha), alpha)
 
     coef: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
