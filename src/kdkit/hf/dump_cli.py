@@ -146,7 +146,7 @@ class _Flags:
 def _checked_flags(args: argparse.Namespace) -> _Flags:
     """Every flag and path checked before anything is loaded (ValueError naming it)."""
     from kdkit._validation import check_device
-    from kdkit.cli import _top_k_option
+    from kdkit.cache.dump_cli import _top_k_option
     from kdkit.hf.recipe import local_dir
 
     max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
