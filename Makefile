@@ -3,15 +3,18 @@
 # `make demo` the demo's extra (.[demo]), `make test` / `make lint` the development extra
 # (.[dev]: the demo's packages plus pytest, hypothesis, ruff).  `make install-all` adds
 # every optional extra (TensorBoard, W&B, Triton): what CI runs the tests with.
+# `make docs` builds the API reference site into site/ (mkdocs --strict, the docs extra);
+# `make package-check` builds the sdist and wheel and tries the wheel in a fresh venv.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test lint bench install install-demo install-all clean
+.PHONY: demo test lint bench docs package-check install install-demo install-docs install-all clean
 
 install: $(VENV)/.installed-dev
 install-demo: $(VENV)/.installed-demo
+install-docs: $(VENV)/.installed-docs
 install-all: $(VENV)/.installed-all
 
 $(PY):
@@ -25,9 +28,13 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(PY)
 	$(PIP) -e '.[dev]'
 	touch $@
 
+$(VENV)/.installed-docs: pyproject.toml constraints.txt | $(PY)
+	$(PIP) -e '.[docs]'
+	touch $@
+
 $(VENV)/.installed-all: pyproject.toml constraints.txt | $(PY)
-	$(PIP) -e '.[dev,cache,train,demo,tensorboard,triton,wandb]'
-	touch $(VENV)/.installed-dev $(VENV)/.installed-demo $@
+	$(PIP) -e '.[dev,cache,train,demo,tensorboard,triton,wandb,docs]'
+	touch $(VENV)/.installed-dev $(VENV)/.installed-demo $(VENV)/.installed-docs $@
 
 demo: install-demo
 	$(VENV)/bin/kdkit demo
@@ -39,8 +46,14 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+docs: install-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+package-check: install-docs
+	PYTHON=$(abspath $(PY)) bash .ci/check_package.sh
+
 bench: install
 	$(PY) benchmarks/bench_losses.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build dist site src/*.egg-info
