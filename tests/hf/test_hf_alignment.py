@@ -4,16 +4,16 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from kdkit.hf.alignment import (  # noqa: E402
+from xtok_testing import byte_fallback, byte_level
+
+from kdkit.hf.alignment import (
     TokenizedText,
     align_ends,
     student_text,
     token_ends,
     tokenize_with_offsets,
 )
-from kdkit.hf.vocab_map import shared_vocabulary, token_bytes  # noqa: E402
-
-from xtok_testing import byte_fallback, byte_level  # noqa: E402
+from kdkit.hf.vocab_map import shared_vocabulary, token_bytes
 
 TRICKY = [
     "héllo wörld  \n\n  日本 😀x\t\tend",
@@ -95,7 +95,9 @@ def test_vocabulary_map_matches_spellings():
     t = t_tok.convert_tokens_to_ids("▁f")
     assert pairs[s] == t  # " f" in both spellings
     nl = s_tok.convert_tokens_to_ids("Ċ")
-    assert t_tok.convert_ids_to_tokens(pairs[nl]) == "<0x0A>"  # byte fallback "\n"
+    assert t_tok.convert_ids_to_tokens(pairs[nl]) == "\n"  # the ordinary token wins over <0x0A>
+    c3 = s_tok.convert_tokens_to_ids("Ã")  # the byte 0xC3 (first byte of "é")
+    assert t_tok.convert_ids_to_tokens(pairs[c3]) == "<0xC3>"  # byte fallback
     eos = s_tok.eos_token_id
     assert pairs[eos] == t_tok.eos_token_id  # special tokens by role
     assert len(set(pairs.values())) == len(pairs)  # one-to-one

@@ -65,7 +65,7 @@ def _decoder_kinds(tokenizer: Any) -> set[str]:
     decoder = json.loads(backend.to_str()).get("decoder") or {}
     parts = decoder.get("decoders", [decoder]) if isinstance(decoder, dict) else []
     kinds = {p.get("type") for p in parts if isinstance(p, dict)}
-    if any(p.get("type") == "Replace" and "▁" in json.dumps(p) for p in parts):
+    if any(p.get("type") == "Replace" and "▁" in json.dumps(p, ensure_ascii=False) for p in parts):
         kinds.add("Metaspace")
     return kinds
 
