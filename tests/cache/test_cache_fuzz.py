@@ -41,7 +41,7 @@ from kdkit.cache import (
     load_cached_logits,
     verify_cache,
 )
-from kdkit.cache.cli import add_subcommands
+from kdkit.cli.cache import add_subcommands
 
 EXAMPLES = int(os.environ.get("KDKIT_FUZZ_EXAMPLES", "150"))
 N, FEATURES = 10, 3

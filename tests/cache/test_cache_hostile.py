@@ -38,7 +38,7 @@ from kdkit.cache import (
     verify_cache,
 )
 from kdkit.cache._format import MAX_MANIFEST_BYTES, hash_keys
-from kdkit.cache.cli import add_subcommands
+from kdkit.cli.cache import add_subcommands
 
 N, FEATURES, CLASSES = 12, 4, 5
 KEYS = [f"clips/{i}.wav" for i in range(N)]

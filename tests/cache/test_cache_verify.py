@@ -12,7 +12,7 @@ from kdkit.cache import (
     load_cache_index,
     verify_cache,
 )
-from kdkit.cache.cli import add_subcommands
+from kdkit.cli.cache import add_subcommands
 
 
 def test_verify_detects_altered_and_truncated_files(tmp_path):

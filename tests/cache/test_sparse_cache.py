@@ -321,7 +321,7 @@ def test_fusion_rules(tmp_path):
 
 
 def test_cli_dump_and_info(tmp_path, capsys, monkeypatch):
-    from kdkit.cache import dump_cli
+    from kdkit.cli import dump_teacher as dump_cli
 
     assert dump_cli._top_k_spec("8") == (None, 8)
     assert dump_cli._top_k_spec("big=4") == ("big", 4)

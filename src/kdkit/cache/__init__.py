@@ -13,7 +13,7 @@ Example:
     torch.Size([2, 4])
 """
 
-from kdkit.cache._format import CacheError, normalize_key
+from kdkit.cache._format import CacheError, normalize_key, position_bytes
 from kdkit.cache.dataset import TeacherLogitsDataset
 from kdkit.cache.dump import dump_teacher_logits, teacher_fingerprint
 from kdkit.cache.index import CacheIndex, load_cache_index, verify_cache
@@ -27,6 +27,7 @@ __all__ = [
     "load_cache_index",
     "load_cached_logits",
     "normalize_key",
+    "position_bytes",
     "teacher_fingerprint",
     "verify_cache",
 ]

@@ -10,7 +10,7 @@
 * :func:`dump_lm_teacher`, :func:`check_lm_cache` -- per-token teacher capture (dense or
   top-k) keyed by sample id and ``input_ids`` fingerprint.
 
-The names load on first use (``kdkit.hf.cli`` builds its parser without ``transformers``);
+The names load on first use (``kdkit.cli.distill_lm`` builds its parser without ``transformers``);
 without ``transformers`` they raise ``ImportError`` naming the extra.
 """
 

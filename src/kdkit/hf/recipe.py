@@ -158,7 +158,7 @@ def _load_student(config: LMDistillConfig, teacher: Any) -> Any:
     return student_from_teacher(teacher, config.student_from_teacher)
 
 
-def _dir_tokenizer(path: str | Path | None) -> Any:
+def dir_tokenizer(path: str | Path | None) -> Any:
     """The tokenizer saved in a model directory, or None."""
     from transformers import AutoTokenizer
 
@@ -178,11 +178,11 @@ def _tokenizers(config: LMDistillConfig) -> tuple[Any, Any]:
     """
     from transformers import AutoTokenizer
 
-    teacher = _dir_tokenizer(config.teacher_model)  # None with a cache
+    teacher = dir_tokenizer(config.teacher_model)  # None with a cache
     if config.tokenizer is not None:
         path = local_dir(config.tokenizer, "--tokenizer")
         return AutoTokenizer.from_pretrained(path, local_files_only=True), teacher
-    student = _dir_tokenizer(config.student_model)
+    student = dir_tokenizer(config.student_model)
     return (student if student is not None else teacher), teacher
 
 

@@ -1,6 +1,6 @@
 """``kdkit cache info|verify PATH``: the cache's piece of the command line.
 
-The ``kdkit`` entry point (``kdkit.cli``) calls :func:`add_subcommands`; every subcommand
+The ``kdkit`` entry point (:mod:`kdkit.cli.main`) calls :func:`add_subcommands`; every subcommand
 sets ``func(args) -> int`` (the exit status) with ``parser.set_defaults``.
 """
 
@@ -10,8 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from kdkit.cache._format import CacheError, position_bytes
-from kdkit.cache.index import load_cache_index, verify_cache
+from kdkit.cache import CacheError, load_cache_index, position_bytes, verify_cache
 
 __all__ = ["add_subcommands", "cache_info", "cache_verify"]
 

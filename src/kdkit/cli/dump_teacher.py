@@ -2,7 +2,7 @@
 
 Two modes, exactly one given: ``--manifest`` (trained kdkit teachers over a dataset
 manifest, here) and ``--data`` (Hugging Face causal LMs over tokenised data,
-:mod:`kdkit.hf.dump_cli`); a flag of the other mode is a one-line error (exit 2).  Both
+:mod:`kdkit.cli.dump_lm`); a flag of the other mode is a one-line error (exit 2).  Both
 write through :func:`kdkit.dump_teacher_logits` (resumable, sharded under ``torchrun``).
 """
 
@@ -12,17 +12,18 @@ import argparse
 import sys
 from typing import Any
 
-from kdkit.cli import (
-    _CONFIG_ERRORS,
-    _TRUST_FLAG,
-    _is_rank_zero,
-    _json_dict,
-    _message,
-    _names,
-    _setup_logging,
+from kdkit.cli.common import (
+    CONFIG_ERRORS,
+    TRUST_FLAG,
+    is_rank_zero,
+    json_dict,
+    message,
+    names,
+    report_run_error,
+    setup_logging,
 )
 
-__all__ = ["add_dump_parser"]
+__all__ = ["add_dump_parser", "top_k_option"]
 
 
 def _teacher_spec(text: str) -> tuple[str, str]:
@@ -39,7 +40,7 @@ def _fused_spec(text: str) -> tuple[str, dict[str, Any]]:
     members, _, strategy = rest.partition(":")
     if not sep or not name or not members:
         raise argparse.ArgumentTypeError(f"expected NAME=a,b[:strategy], got {text!r}")
-    return name, {"teachers": _names(members), "strategy": strategy or "mean"}
+    return name, {"teachers": names(members), "strategy": strategy or "mean"}
 
 
 def _top_k_spec(text: str) -> tuple[str | None, int]:
@@ -56,7 +57,8 @@ def _top_k_spec(text: str) -> tuple[str | None, int]:
     return (name or None), k
 
 
-def _top_k_option(specs: list[tuple[str | None, int]] | None) -> int | dict[str, int] | None:
+def top_k_option(specs: list[tuple[str | None, int]] | None) -> int | dict[str, int] | None:
+    """The ``top_k`` argument of the dumps from the ``--top_k`` flags (ValueError if mixed)."""
     if not specs:
         return None
     if len(specs) == 1 and specs[0][0] is None:
@@ -94,12 +96,12 @@ def _dump_manifest(args: argparse.Namespace) -> int:
                 trust_factories=args.trust_factories,
             )
         fused = dict(args.fused) if args.fused else None
-        top_k = _top_k_option(args.top_k)
+        top_k = top_k_option(args.top_k)
         if args.capture_temperature is not None and top_k is None:
             raise ValueError("--capture_temperature applies to sparse teachers: pass --top_k too")
-    except _CONFIG_ERRORS as exc:
-        args._parser.error(_message(exc))
-    _setup_logging()
+    except CONFIG_ERRORS as exc:
+        args._parser.error(message(exc))
+    setup_logging()
     from kdkit.train.torchrun import init_from_env
 
     env = init_from_env(args.device)  # under torchrun: a sharded dump, rank 0 writes
@@ -117,13 +119,10 @@ def _dump_manifest(args: argparse.Namespace) -> int:
             capture_temperature=args.capture_temperature or 1.0,
         )
     except Exception as exc:  # the cache's own errors (CacheError) included
-        if not isinstance(exc, (*_CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
-            raise
-        print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
-        return 1
+        return report_run_error(args, exc)
     finally:
         env.close()
-    if not _is_rank_zero():
+    if not is_rank_zero():
         return 0
     print(
         f"cached {index.num_samples} samples x {index.num_classes} classes for teachers "
@@ -153,15 +152,16 @@ def _cmd_dump_teacher(args: argparse.Namespace) -> int:
     try:
         _check_dump_mode(args)
     except ValueError as exc:
-        args._parser.error(_message(exc))
-    if args.data is not None:  # Hugging Face causal LMs (kdkit[hf]): kdkit.hf.dump_cli
-        from kdkit.hf.dump_cli import cmd_dump_lm
+        args._parser.error(message(exc))
+    if args.data is not None:  # Hugging Face causal LMs (kdkit[hf]): kdkit.cli.dump_lm
+        from kdkit.cli.dump_lm import cmd_dump_lm
 
         return cmd_dump_lm(args)
     return _dump_manifest(args)
 
 
-def add_dump_parser(subparsers) -> argparse.ArgumentParser:
+def add_dump_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``dump-teacher``."""
     text = (
         "run teachers over data and cache their logits: trained kdkit teachers over a "
         "--manifest, or Hugging Face causal LMs over tokenised --data"
@@ -193,8 +193,8 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
         help="factory for NAME=WEIGHTS.safetensors teachers (given input_shape from the data "
         "and num_classes = largest label + 1 unless --model_kwargs sets them)",
     )
-    manifest.add_argument("--model_kwargs", type=_json_dict, help="factory arguments as JSON")
-    manifest.add_argument("--trust_factories", **_TRUST_FLAG)
+    manifest.add_argument("--model_kwargs", type=json_dict, help="factory arguments as JSON")
+    manifest.add_argument("--trust_factories", **TRUST_FLAG)
     manifest.add_argument(
         "--split", action="append", help="only these splits (default: all samples)"
     )

@@ -20,6 +20,9 @@ import os
 import sys
 from typing import Any
 
+from kdkit.cli.common import CONFIG_ERRORS, is_rank_zero, message, setup_logging
+from kdkit.cli.flags import add_flags, train_flags
+
 __all__ = ["add_subcommand", "build_config"]
 
 HF_MODULES: tuple[str, ...] = ("transformers", "tokenizers", "accelerate")
@@ -44,8 +47,6 @@ _TRAINER_FLAGS: tuple[tuple[str, type, str], ...] = (
 
 def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``distill-lm`` on the ``kdkit`` subparsers."""
-    from kdkit.cli import _add, train_flags
-
     text = "distil a causal LM (Hugging Face transformers) from a teacher; local dirs only"
     parser = subparsers.add_parser("distill-lm", help=text, description=text, allow_abbrev=False)
     data = parser.add_argument_group("data")
@@ -88,7 +89,7 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         help="the teacher's layers 0, k, 2k, ... (DistilBERT's initialisation)",
     )
     kd = parser.add_argument_group("KD loss (the spec's flags)")
-    _add(kd, train_flags(student=True)[2])
+    add_flags(kd, train_flags(student=True)[2])
     kd.add_argument(
         "--schedule_unit",
         choices=["epoch", "step"],
@@ -106,7 +107,7 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace) -> Any:
     """CLI flags -> one validated :class:`~kdkit.hf.recipe.LMDistillConfig`."""
     import dataclasses
 
@@ -129,13 +130,12 @@ def build_config(args: argparse.Namespace):
 
 def _cmd_distill_lm(args: argparse.Namespace) -> int:
     from kdkit._extras import require_installed
-    from kdkit.cli import _CONFIG_ERRORS, _message, _setup_logging
 
     try:
         for module in HF_MODULES:
             require_installed(module, "hf", "kdkit distill-lm")
     except ImportError as exc:
-        print(_message(exc), file=sys.stderr)
+        print(message(exc), file=sys.stderr)
         return 1
     try:
         config = build_config(args)
@@ -152,9 +152,9 @@ def _cmd_distill_lm(args: argparse.Namespace) -> int:
         for flag, value in (("--data", config.data), ("--eval_data", config.eval_data)):
             if value is not None and not os.path.isfile(value):
                 raise ValueError(f"{flag} {value!r} is not a file")
-    except _CONFIG_ERRORS as exc:
-        args._parser.error(_message(exc))
-    _setup_logging()
+    except CONFIG_ERRORS as exc:
+        args._parser.error(message(exc))
+    setup_logging()
     from transformers.utils import logging as hf_logging
 
     from kdkit.hf.recipe import distill_lm
@@ -163,9 +163,9 @@ def _cmd_distill_lm(args: argparse.Namespace) -> int:
 
     try:
         result = distill_lm(config)
-    except _CONFIG_ERRORS as exc:  # bad data, different tokenizers: before any training
-        args._parser.error(_message(exc))
-    if os.environ.get("RANK", "0") == "0":
+    except CONFIG_ERRORS as exc:  # bad data, different tokenizers: before any training
+        args._parser.error(message(exc))
+    if is_rank_zero():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         print(f"finished: {metrics}; student in {result.output_dir}")
     return 0

@@ -5,7 +5,7 @@
     kdkit dump-teacher --data train.jsonl --teacher big=runs/teacher --top_k 64 --cache cache/
     kdkit distill-lm --data train.jsonl --cache cache/ --student_model runs/student-init ...
 
-The parser lives in :mod:`kdkit.cli` (no ``transformers`` at parse time); this module is
+The parser lives in :mod:`kdkit.cli.dump_teacher` (no ``transformers`` at parse time); this module is
 the command body: it checks ``kdkit[hf]`` first (exit 1, one line), then the flags, the
 directories (local only, ``local_files_only``: a hub id is an error, never a download) and
 the data (exit 2, one line), loads the teachers and runs :func:`kdkit.hf.dump_lm_teacher`
@@ -22,6 +22,15 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from kdkit.cli.common import (
+    CONFIG_ERRORS,
+    is_rank_zero,
+    message,
+    report_run_error,
+    setup_logging,
+)
+from kdkit.cli.dump_teacher import top_k_option
 
 __all__ = ["cmd_dump_lm", "default_vocab_size"]
 
@@ -80,26 +89,25 @@ def _load_teachers(
 def cmd_dump_lm(args: argparse.Namespace) -> int:
     """The body of ``kdkit dump-teacher --data`` (see the module docstring)."""
     from kdkit._extras import require_installed
-    from kdkit.cli import _CONFIG_ERRORS, _is_rank_zero, _message, _setup_logging
 
     try:
         for module in _MODULES:
             require_installed(module, "hf", "kdkit dump-teacher --data")
     except ImportError as exc:
-        print(_message(exc), file=sys.stderr)
+        print(message(exc), file=sys.stderr)
         return 1
     try:
         flags = _checked_flags(args)
-    except _CONFIG_ERRORS as exc:
-        args._parser.error(_message(exc))
-    _setup_logging()
+    except CONFIG_ERRORS as exc:
+        args._parser.error(message(exc))
+    setup_logging()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # errors stay one line; no bars per weight file
     try:
         samples, models, vocab_size = _load_inputs(args, flags)
-    except (*_CONFIG_ERRORS, OSError) as exc:
-        args._parser.error(_message(exc))
+    except (*CONFIG_ERRORS, OSError) as exc:
+        args._parser.error(message(exc))
     from kdkit.hf.capture import dump_lm_teacher
     from kdkit.train.torchrun import init_from_env
 
@@ -118,13 +126,10 @@ def cmd_dump_lm(args: argparse.Namespace) -> int:
             allow_other_files=args.allow_other_files,
         )
     except Exception as exc:  # the cache's own errors (CacheError) included
-        if not isinstance(exc, (*_CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
-            raise
-        print(f"{args._parser.prog}: error: {_message(exc)}", file=sys.stderr)
-        return 1
+        return report_run_error(args, exc)
     finally:
         env.close()
-    if not _is_rank_zero():
+    if not is_rank_zero():
         return 0
     print(
         f"cached {index.num_samples} sequences ({index.num_positions} tokens) x "
@@ -146,7 +151,6 @@ class _Flags:
 def _checked_flags(args: argparse.Namespace) -> _Flags:
     """Every flag and path checked before anything is loaded (ValueError naming it)."""
     from kdkit._validation import check_device
-    from kdkit.cache.dump_cli import _top_k_option
     from kdkit.hf.recipe import local_dir
 
     max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
@@ -160,7 +164,7 @@ def _checked_flags(args: argparse.Namespace) -> _Flags:
         raise ValueError(f"--batch_size must be an integer >= 1, got {batch_size}")
     if args.vocab_size is not None and args.vocab_size < 1:
         raise ValueError(f"--vocab_size must be an integer >= 1, got {args.vocab_size}")
-    top_k = _top_k_option(args.top_k)
+    top_k = top_k_option(args.top_k)
     if args.capture_temperature is not None and top_k is None:
         raise ValueError("--capture_temperature applies to sparse teachers: pass --top_k too")
     if isinstance(top_k, dict):
@@ -184,13 +188,13 @@ def _load_inputs(
 
     from kdkit.hf.capture import check_vocab_size
     from kdkit.hf.data import load_lm_data
-    from kdkit.hf.recipe import _dir_tokenizer, local_dir
+    from kdkit.hf.recipe import dir_tokenizer, local_dir
     from kdkit.hf.vocab import output_size
 
     if flags.tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(flags.tokenizer_dir, local_files_only=True)
     else:
-        tokenizer = _dir_tokenizer(local_dir(args.teacher[0][1], "--teacher"))
+        tokenizer = dir_tokenizer(local_dir(args.teacher[0][1], "--teacher"))
     samples = load_lm_data(args.data, tokenizer, max_length=flags.max_length)
     models, _ = _load_teachers(args.teacher, args.teacher_dtype or "float32")
     vocab_size = args.vocab_size

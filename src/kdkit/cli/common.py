@@ -1,0 +1,149 @@
+"""What every ``kdkit`` subcommand shares: the error classes a command reports as one line,
+the one-line message, the parser that exits 2 on bad usage, argparse value types, logging
+and the rank test under ``torchrun``.
+
+Nothing in the library imports :mod:`kdkit.cli`; the command line imports the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+__all__ = [
+    "CONFIG_ERRORS",
+    "TRUST_FLAG",
+    "Parser",
+    "choice",
+    "floats",
+    "ints",
+    "is_rank_zero",
+    "json_dict",
+    "message",
+    "names",
+    "report_run_error",
+    "setup_logging",
+]
+
+CONFIG_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    FileNotFoundError,
+    ImportError,
+)
+"""Errors of bad settings or input: a command reports them as one line (exit 2)."""
+
+
+def message(exc: BaseException) -> str:
+    """The exception's text on one line (a ``KeyError``'s key without its quotes)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(text).split())  # one line
+
+
+class Parser(argparse.ArgumentParser):
+    """``error`` prints one line (with a did-you-mean hint for mistyped flags) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        if message.startswith("unrecognized arguments:"):
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                flag = word.split("=", 1)[0]
+                if flag.startswith("--"):
+                    close = difflib.get_close_matches(flag, known, n=1)
+                    if close:
+                        hints.append(f"{flag} -> {close[0]}?")
+            if hints:
+                message += f" (did you mean: {', '.join(hints)})"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+TRUST_FLAG: dict[str, Any] = {
+    "action": "store_true",
+    "help": "call model factories named in files (run directories, --config) even if they "
+    "are not kdkit's built-ins: only for files you trust (see kdkit.trust)",
+}
+"""``add_argument`` keywords of ``--trust_factories``."""
+
+
+def json_dict(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+def names(text: str) -> list[str]:
+    """An argparse type: comma-separated names (at least one)."""
+    values = [n.strip() for n in text.split(",") if n.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
+def floats(text: str) -> list[float]:
+    """An argparse type: comma-separated numbers."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers (at least one)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
+def choice(name: str, choices: Sequence[str]) -> Callable[[str], str]:
+    """An argparse type accepting one of ``choices`` (the config's own constant)."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {text!r}; {name} must be one of {list(choices)}"
+            )
+        return text
+
+    return parse
+
+
+def setup_logging() -> None:
+    """INFO messages of the library on stderr, one line each."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def is_rank_zero() -> bool:
+    """True outside ``torchrun`` and on its rank 0 (the rank that reports and writes)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def report_run_error(args: argparse.Namespace, exc: Exception) -> int:
+    """A dump's own failure as one line on stderr and exit status 1.
+
+    Bad settings (:data:`CONFIG_ERRORS`), ``OSError`` and the cache's ``CacheError`` are
+    reported; anything else is a bug and is raised again (``--debug`` shows it).
+    """
+    if not isinstance(exc, (*CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
+        raise exc
+    print(f"{args._parser.prog}: error: {message(exc)}", file=sys.stderr)
+    return 1

@@ -1,0 +1,65 @@
+"""The house rules, read from the source tree (ast, no imports executed).
+
+* the command line (``kdkit.cli``) imports the library; nothing in the library imports it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    """``{dotted name: (path, is_package)}`` of every module under ``src/kdkit``."""
+    found = {}
+    for path in sorted((SRC / "kdkit").rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts = parts[:-1]
+        found[".".join(parts)] = (path, is_package)
+    return found
+
+
+def _imports(module: str, path: Path, is_package: bool) -> list[tuple[str, str | None]]:
+    """``(module imported from, name or None)`` for every kdkit import of a module,
+    including those inside functions."""
+    out: list[tuple[str, str | None]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, None) for a in node.names if a.name.split(".")[0] == "kdkit"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")[: None if is_package else -1]
+                base = base[: len(base) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if source.split(".")[0] == "kdkit":
+                out += [(source, a.name) for a in node.names]
+    return out
+
+
+MODULES = _modules()
+
+
+def test_the_module_walk_sees_the_package():
+    assert "kdkit.cli.main" in MODULES and "kdkit.losses.kd" in MODULES
+    imported = {src for src, _ in _imports("kdkit.cli.main", *MODULES["kdkit.cli.main"])}
+    assert "kdkit.cli.common" in imported
+
+
+def test_the_library_never_imports_the_command_line():
+    offenders = [
+        f"{module} imports {source}"
+        for module, (path, is_package) in MODULES.items()
+        if not (module == "kdkit.cli" or module.startswith("kdkit.cli."))
+        and module != "kdkit.__main__"
+        for source, name in _imports(module, path, is_package)
+        if source == "kdkit.cli"
+        or source.startswith("kdkit.cli.")
+        or (source == "kdkit" and name == "cli")
+    ]
+    assert offenders == []
