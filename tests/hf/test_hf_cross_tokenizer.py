@@ -141,3 +141,51 @@ def test_cache_from_another_tokenizer_is_refused(tmp_path):
         processing_class=teacher_tok,
         train_dataset=samples,
     )
+
+
+def _cli_setup(tmp_path):
+    import json
+
+    teacher_dir = tmp_path / "teacher"
+    tok = byte_level()
+    tiny_llama(1, vocab=len(tok)).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS[:4]), encoding="utf-8")
+    return teacher_dir, data
+
+
+def test_cli_teacher_tokenizer_that_cannot_be_loaded(tmp_path, capsys):
+    from kdkit.cli import main
+
+    teacher_dir, data = _cli_setup(tmp_path)
+    (tmp_path / "empty").mkdir()
+    argv = ["distill-lm", "--data", str(data), "--teacher_model", str(teacher_dir)]
+    argv += ["--student_from_teacher", "1", "--teacher_tokenizer", str(tmp_path / "empty")]
+    argv += ["--output_dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--teacher_tokenizer" in err and "not a loadable" in err
+
+
+def test_cli_cross_tokenizer_run(tmp_path, capsys, one_torch_thread):
+    from kdkit.cli import main
+
+    teacher_dir, data = _cli_setup(tmp_path)
+    student_dir = tmp_path / "student"
+    other = byte_fallback()
+    tiny_llama(1, vocab=len(other), seed=4).save_pretrained(student_dir)
+    other.save_pretrained(student_dir)
+    argv = ["distill-lm", "--data", str(data), "--teacher_model", str(teacher_dir)]
+    argv += ["--student_model", str(student_dir), "--teacher_tokenizer", str(teacher_dir)]
+    argv += [
+        "--cross_tokenizer_loss",
+        "uld",
+        "--max_steps",
+        "1",
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 0
+    assert "finished" in capsys.readouterr().out
