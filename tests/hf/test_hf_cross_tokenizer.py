@@ -5,14 +5,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_testing import tiny_llama  # noqa: E402
-from xtok_testing import CORPUS, byte_fallback, byte_level  # noqa: E402
+from hf_testing import tiny_llama
+from xtok_testing import CORPUS, byte_fallback, byte_level
 
-from kdkit import KDLossConfig  # noqa: E402
-from kdkit.hf.alignment import Alignment  # noqa: E402
-from kdkit.hf.cross_tokenizer import cross_tokenizer_loss  # noqa: E402
-from kdkit.hf.loss import lm_distillation_loss  # noqa: E402
-from kdkit.hf.vocab_map import VocabMap  # noqa: E402
+from kdkit import KDLossConfig
+from kdkit.hf.alignment import Alignment
+from kdkit.hf.cross_tokenizer import cross_tokenizer_loss
+from kdkit.hf.loss import lm_distillation_loss
+from kdkit.hf.vocab_map import VocabMap
 
 
 def _problem(seed=0, b=2, length=7, h=8, v=11):
