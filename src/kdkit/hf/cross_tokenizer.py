@@ -267,18 +267,20 @@ def _kd_sum(
     softcap: float | None,
 ) -> torch.Tensor:
     """``sum_m l_m`` over the ``M`` aligned target positions."""
-    bias = getattr(head, "bias", None)
+    weight: torch.Tensor = head.weight  # type: ignore[assignment]
+    bias: torch.Tensor | None = getattr(head, "bias", None)
     if loss == "uld":
-        logits = head.weight[:vocab_size] if vocab_size is not None else head.weight
+        logits = weight[:vocab_size] if vocab_size is not None else weight
         z = hidden @ logits.t()
         if bias is not None:
             z = z + bias[: logits.shape[0]]
         z = OutputTransform(logit_scale, softcap).apply(z)
         return uld_distance(z, teacher, config.temperature, "sum")
+    assert vocab_map is not None  # checked by cross_tokenizer_loss
     m = vocab_map.to(hidden.device)
     return linear_kd_loss(
         hidden,
-        head.weight[m.student],
+        weight[m.student],
         teacher[:, m.teacher],
         config.temperature,
         config.loss_type,

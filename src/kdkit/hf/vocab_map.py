@@ -64,7 +64,7 @@ def _decoder_kinds(tokenizer: Any) -> set[str]:
         return set()
     decoder = json.loads(backend.to_str()).get("decoder") or {}
     parts = decoder.get("decoders", [decoder]) if isinstance(decoder, dict) else []
-    kinds = {p.get("type") for p in parts if isinstance(p, dict)}
+    kinds = {str(p.get("type")) for p in parts if isinstance(p, dict)}
     if any(p.get("type") == "Replace" and "▁" in json.dumps(p, ensure_ascii=False) for p in parts):
         kinds.add("Metaspace")
     return kinds
