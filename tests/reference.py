@@ -429,3 +429,14 @@ def ref_sparse_grad(student, sparse, temperature, sparse_tail, row_weights):
             row.append(w * temperature * g)
         rows.append(row)
     return torch.tensor(rows, dtype=torch.float64).reshape(student.shape)
+
+
+def ref_uld_row(student: list[float], teacher: list[float], temperature: float = 1.0) -> float:
+    """ULD of one row: L1 distance of the decreasingly sorted tempered probabilities,
+    the shorter vector padded with zeros (Boizard et al. 2024)."""
+    p = sorted((math.exp(v) for v in ref_log_softmax(student, temperature)), reverse=True)
+    q = sorted((math.exp(v) for v in ref_log_softmax(teacher, temperature)), reverse=True)
+    width = max(len(p), len(q))
+    p += [0.0] * (width - len(p))
+    q += [0.0] * (width - len(q))
+    return sum(abs(a - b) for a, b in zip(p, q))

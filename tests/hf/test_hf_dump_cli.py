@@ -232,7 +232,7 @@ def test_text_records_use_the_first_teachers_tokenizer(tmp_path, dirs, one_torch
         {"input_ids": ids[1], "sample_id": "2"},
         {"input_ids": ids[2], "sample_id": "3"},
     ]
-    dump_lm_teacher(_load(dirs["a"]), samples, tmp_path / "py", name="t")
+    dump_lm_teacher(_load(dirs["a"]), samples, tmp_path / "py", name="t", tokenizer=tokenizer)
     assert _files(tmp_path / "cli") == _files(tmp_path / "py")
 
 

@@ -58,6 +58,17 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     teacher = parser.add_argument_group("teacher (one of)")
     teacher.add_argument("--teacher_model", help="local teacher model directory")
     teacher.add_argument(
+        "--teacher_tokenizer",
+        help="the teacher's own tokenizer directory: cross-tokenizer distillation "
+        "(positions aligned by character offsets)",
+    )
+    teacher.add_argument(
+        "--cross_tokenizer_loss",
+        choices=["map", "uld"],
+        help="cross-tokenizer KD: the shared vocabulary (map, default with "
+        "--teacher_tokenizer) or the universal logit distance (uld)",
+    )
+    teacher.add_argument(
         "--cache",
         help="teacher cache of kdkit dump-teacher --data / kdkit.hf.dump_lm_teacher (dense "
         "or top-k per token; made with the same --data and --max_length)",
@@ -146,6 +157,7 @@ def _cmd_distill_lm(args: argparse.Namespace) -> int:
             ("--cache", config.cache),
             ("--student_model", config.student_model),
             ("--tokenizer", config.tokenizer),
+            ("--teacher_tokenizer", config.teacher_tokenizer),
         ):
             if value is not None:
                 local_dir(value, flag)

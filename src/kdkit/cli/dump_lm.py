@@ -105,7 +105,7 @@ def cmd_dump_lm(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # errors stay one line; no bars per weight file
     try:
-        samples, models, vocab_size = _load_inputs(args, flags)
+        samples, models, vocab_size, tokenizer = _load_inputs(args, flags)
     except (*CONFIG_ERRORS, OSError) as exc:
         args._parser.error(message(exc))
     from kdkit.hf.capture import dump_lm_teacher
@@ -124,6 +124,7 @@ def cmd_dump_lm(args: argparse.Namespace) -> int:
             progress=args.progress and sys.stderr.isatty() and env.is_main,
             vocab_size=vocab_size,
             allow_other_files=args.allow_other_files,
+            tokenizer=tokenizer,
         )
     except Exception as exc:  # the cache's own errors (CacheError) included
         return report_run_error(args, exc)
@@ -181,8 +182,8 @@ def _checked_flags(args: argparse.Namespace) -> _Flags:
 
 def _load_inputs(
     args: argparse.Namespace, flags: _Flags
-) -> tuple[list, dict[str, Any], int | None]:
-    """``(samples, {name: teacher}, vocabulary cut)``: the tokenizer (``--tokenizer``, else
+) -> tuple[list, dict[str, Any], int | None, Any]:
+    """``(samples, {name: teacher}, vocabulary cut, tokenizer)``: the tokenizer (``--tokenizer``, else
     the first teacher's), the data read as ``distill-lm`` reads it, the teachers."""
     from transformers import AutoTokenizer
 
@@ -201,4 +202,4 @@ def _load_inputs(
     if vocab_size is None:
         vocab_size = default_vocab_size(tokenizer, {n: output_size(m) for n, m in models.items()})
     check_vocab_size(models, vocab_size)
-    return samples, models, vocab_size
+    return samples, models, vocab_size, tokenizer

@@ -128,6 +128,7 @@ def dump_lm_teacher(
     progress: bool = False,
     vocab_size: int | None = None,
     allow_other_files: bool = False,
+    tokenizer: Any = None,
 ) -> Any:
     """Cache a causal LM's per-token outputs for ``samples`` (``{"input_ids", "sample_id"}``).
 
@@ -144,6 +145,9 @@ def dump_lm_teacher(
             ``vocab_size`` classes; top-k log-probabilities are normalised over the real
             vocabulary only).  ``None``: every output row is a class.
         allow_other_files: start a new cache in a directory holding other files.
+        tokenizer: the tokenizer that made the samples' ids: its fingerprint is written
+            next to the manifest (:mod:`kdkit.hf.fingerprint`), so a trainer with another
+            tokenizer refuses the cache.
 
     Raises:
         ValueError: a ``vocab_size`` < 1 or larger than a teacher's output rows; teachers
@@ -162,7 +166,7 @@ def dump_lm_teacher(
             vocab_size,
         )
     loader = DataLoader(list(samples), batch_size=batch_size, shuffle=False, collate_fn=_collate)
-    return dump_teacher_logits(
+    index = dump_teacher_logits(
         {n: _Logits(m, vocab_size).to(device) for n, m in models.items()},
         loader,
         cache_dir,
@@ -176,6 +180,11 @@ def dump_lm_teacher(
         progress=progress,
         allow_other_files=allow_other_files,
     )
+    if tokenizer is not None:
+        from kdkit.hf.fingerprint import write_cache_tokenizer
+
+        write_cache_tokenizer(cache_dir, tokenizer)
+    return index
 
 
 def check_lm_cache(index: Any, samples: Sequence[dict[str, Any]]) -> None:

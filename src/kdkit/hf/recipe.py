@@ -62,6 +62,8 @@ class LMDistillConfig:
     eval_data: str | None = None
     max_length: int = 512
     teacher_model: str | None = None
+    teacher_tokenizer: str | None = None
+    cross_tokenizer_loss: str | None = None
     cache: str | None = None
     teacher: str | None = None
     sparse_tail: str = "bucket"
@@ -87,6 +89,14 @@ class LMDistillConfig:
             raise ValueError("no training data: give --data FILE.jsonl")
         if (self.teacher_model is None) == (self.cache is None):
             raise ValueError("give exactly one teacher source: --teacher_model DIR or --cache DIR")
+        if self.cache is not None and (self.teacher_tokenizer or self.cross_tokenizer_loss):
+            raise ValueError(
+                "--teacher_tokenizer/--cross_tokenizer_loss need a live teacher (--teacher_model)"
+            )
+        if self.cross_tokenizer_loss not in (None, "map", "uld"):
+            raise ValueError(
+                f"cross_tokenizer_loss must be 'map' or 'uld', got {self.cross_tokenizer_loss!r}"
+            )
         if self.cache is not None and self.student_from_teacher is not None:
             raise ValueError("--student_from_teacher needs --teacher_model (the teacher's layers)")
         students = [
@@ -179,6 +189,15 @@ def _tokenizers(config: LMDistillConfig) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     teacher = dir_tokenizer(config.teacher_model)  # None with a cache
+    if config.teacher_tokenizer is not None:
+        path = local_dir(config.teacher_tokenizer, "--teacher_tokenizer")
+        try:
+            teacher = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            text = " ".join(str(exc).split())[:200]
+            raise ValueError(
+                f"--teacher_tokenizer {str(path)!r} is not a loadable tokenizer directory: {text}"
+            ) from None
     if config.tokenizer is not None:
         path = local_dir(config.tokenizer, "--tokenizer")
         return AutoTokenizer.from_pretrained(path, local_files_only=True), teacher
@@ -257,6 +276,8 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
         data_collator=CausalLMCollator(pad, cache_keys=config.cache is not None),
         processing_class=tokenizer,
         teacher_tokenizer=teacher_tokenizer,
+        cross_tokenizer_loss=config.cross_tokenizer_loss
+        or ("map" if config.teacher_tokenizer is not None else None),
     )
     output = trainer.train()
     metrics = {"train_loss": float(output.training_loss)}

@@ -55,6 +55,9 @@ STEP_TEACHER: str = "kd_step_teacher"
 """The batch key under which :meth:`DistillationTrainer.get_batch_samples` hands the
 teacher's confidence (and outputs) of a micro-batch to ``compute_loss``."""
 
+XTOK_BATCH: str = "kd_cross_tokenizer"
+"""The batch key of a micro-batch's :class:`~kdkit.hf.cross_tokenizer.CrossTokenizerBatch`."""
+
 LOG_KEYS: tuple[str, ...] = ("kd_loss", "ce_loss", "kd_weight", "coverage", "teacher_confidence")
 """The keys :class:`DistillationTrainer` adds to the Trainer's training logs."""
 
@@ -202,6 +205,7 @@ class DistillationTrainer(transformers.Trainer):
         vocab_size: int | None = None,
         ignore_index: int = -100,
         output_transform: OutputTransform | None = None,
+        cross_tokenizer_loss: str | None = None,
         **kwargs: Any,
     ) -> None:
         kd_config = _checked_arguments(
@@ -226,12 +230,27 @@ class DistillationTrainer(transformers.Trainer):
                 from kdkit.hf.capture import check_lm_cache
 
                 check_lm_cache(self.cache, self.train_dataset)
+        from kdkit.hf.fingerprint import check_cache_tokenizer, cross_tokenizer_setup
+
+        check_cache_tokenizer(self.cache, self.processing_class, cross_tokenizer_loss)
+        self.xtok = cross_tokenizer_setup(
+            cross_tokenizer_loss,
+            teacher,
+            model,
+            self.processing_class,
+            teacher_tokenizer,
+            kd_config,
+        )
         self.vocab_size = real_vocab_size(
-            teacher if teacher is not None else self.cache.teacher_num_classes[self.cache_teacher],
+            model
+            if self.xtok is not None
+            else teacher
+            if teacher is not None
+            else self.cache.teacher_num_classes[self.cache_teacher],
             model,
             vocab_size=vocab_size,
             tokenizer=self.processing_class,
-            teacher_tokenizer=teacher_tokenizer,
+            teacher_tokenizer=None if self.xtok else teacher_tokenizer,
         )
         if self.cache is not None and self.cache.is_sparse(self.cache_teacher):
             self._check_top_k_cache()
@@ -433,6 +452,16 @@ class DistillationTrainer(transformers.Trainer):
             ).to(device)
             valid = targets != self.ignore_index
             counts[0] += valid.sum()
+            if self.xtok is not None:  # the teacher's tokens, the aligned targets
+                batch[XTOK_BATCH] = self.xtok.prepare(
+                    batch["input_ids"], batch.get("attention_mask")
+                )
+                counts[1] += self.xtok.aligned_targets(
+                    batch[XTOK_BATCH],
+                    self._labels(batch),
+                    batch.get("attention_mask"),
+                    self.ignore_index,
+                ).to(device)
             if weighted:
                 outputs = self.teacher_logits(batch)
                 if isinstance(outputs, SparseLogits):  # the largest kept probability
@@ -449,7 +478,7 @@ class DistillationTrainer(transformers.Trainer):
                 small = isinstance(outputs, (SparseLogits, TeacherHidden))
                 keep = len(batches) == 1 or small
                 batch[STEP_TEACHER] = _StepTeacher(outputs if keep else None, confidence)
-        if not weighted:
+        if not weighted and self.xtok is None:
             counts[1] = counts[0]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -467,14 +496,18 @@ class DistillationTrainer(transformers.Trainer):
     ) -> Any:
         """Training: the distillation loss of this micro-batch; evaluation: the model's CE."""
         if not model.training or self._normalisers is None:
-            inputs = {k: v for k, v in inputs.items() if k not in ("kd_keys", STEP_TEACHER)}
+            drop = ("kd_keys", STEP_TEACHER, XTOK_BATCH)
+            inputs = {k: v for k, v in inputs.items() if k not in drop}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = self._labels(inputs)
         inputs.pop("labels", None)
         step: _StepTeacher | None = inputs.pop(STEP_TEACHER, None)
         device = inputs["input_ids"].device
-        if step is not None and step.outputs is not None:
+        xbatch = inputs.pop(XTOK_BATCH, None)
+        if xbatch is not None:
+            teacher_logits = self.xtok.teacher_logits(self.teacher, xbatch, device)
+        elif step is not None and step.outputs is not None:
             teacher_logits = step.outputs.to(device)
         else:
             teacher_logits = self.teacher_logits(inputs)
@@ -498,25 +531,27 @@ class DistillationTrainer(transformers.Trainer):
             )
             self._transform_checked = True
         num_tokens, kd_weight_total = self._normalisers
-        loss, stats = lm_distillation_loss(
-            capture.hidden,
-            head,
-            teacher_logits,
-            labels,
-            self.kd_config,
-            self.kd_progress(),
-            num_tokens=num_tokens,
-            kd_weight_total=kd_weight_total,
-            attention_mask=inputs.get("attention_mask"),
-            vocab_size=self.vocab_size,
-            ignore_index=self.ignore_index,
-            sparse_tail=self.sparse_tail,
-            retemper=self.retemper,
-            teacher_confidence=confidence,
-            logit_scale=self.output_transform.logit_scale,
-            softcap=self.output_transform.softcap,
-            teacher_head=teacher_head,
-        )
+        common = {
+            "num_tokens": num_tokens,
+            "kd_weight_total": kd_weight_total,
+            "attention_mask": inputs.get("attention_mask"),
+            "vocab_size": self.vocab_size,
+            "ignore_index": self.ignore_index,
+            "logit_scale": self.output_transform.logit_scale,
+            "softcap": self.output_transform.softcap,
+        }
+        main = (capture.hidden, head, teacher_logits, labels, self.kd_config, self.kd_progress())
+        if xbatch is not None:
+            loss, stats = self.xtok.loss_terms(*main, xbatch, **common)
+        else:
+            loss, stats = lm_distillation_loss(
+                *main,
+                **common,
+                sparse_tail=self.sparse_tail,
+                retemper=self.retemper,
+                teacher_confidence=confidence,
+                teacher_head=teacher_head,
+            )
         self._record(stats)
         loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss

@@ -2,9 +2,9 @@
 
 * The same tokenizer with a padded embedding matrix (e.g. 151936 vs 152064 rows) is the
   common case: both outputs are cut to the real vocabulary size, and that is logged once.
-* Different tokenizers (token -> id maps that disagree on the shared ids) are an error:
-  cross-tokenizer distillation is out of scope, and comparing logits of unrelated
-  vocabularies would silently optimise nonsense.
+* Different tokenizers (token -> id maps that disagree on the shared ids) are an error
+  unless cross-tokenizer mode is asked for (:mod:`kdkit.hf.cross_tokenizer`): comparing
+  logits of unrelated vocabularies id by id would silently optimise nonsense.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def check_tokenizers(teacher_tokenizer: Any, student_tokenizer: Any) -> int:
         raise ValueError(
             f"teacher and student tokenizers differ on {len(differ)} of {size} token ids "
             f"({examples}); kdkit distils between models that share one tokenizer "
-            "(cross-tokenizer distillation is not supported)"
+            "(for cross-tokenizer distillation give cross_tokenizer_loss='map' or 'uld'; "
+            "CLI: --teacher_tokenizer DIR)"
         )
     return size
 
