@@ -321,10 +321,10 @@ def test_fusion_rules(tmp_path):
 
 
 def test_cli_dump_and_info(tmp_path, capsys, monkeypatch):
-    from kdkit.cli import dump_teacher as dump_cli
+    from kdkit.cli import common as dump_cli
 
-    assert dump_cli._top_k_spec("8") == (None, 8)
-    assert dump_cli._top_k_spec("big=4") == ("big", 4)
+    assert dump_cli.top_k_spec("8") == (None, 8)
+    assert dump_cli.top_k_spec("big=4") == ("big", 4)
     argv = ["dump-teacher", "--manifest", "m", "--cache", "c", "--teacher", "a=b", "--top_k", "0"]
     assert cli_main(argv) == 2
     assert "expected K or NAME=K" in capsys.readouterr().err

@@ -9,7 +9,6 @@ raise ``KeyError`` for keys that are not cached.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,9 +23,6 @@ from kdkit.cache._format import (
     shown,
 )
 
-if TYPE_CHECKING:
-    from kdkit.cache.index import CacheIndex
-
 __all__ = ["KeyLookup", "keys_to_rows", "rows_and_keys"]
 
 
@@ -34,7 +30,8 @@ class KeyLookup:
     """The key lookups of :class:`~kdkit.cache.index.CacheIndex` (a base class of it).
 
     They use the index's ``manifest``, ``path``, ``num_samples`` and ``_file``, and the
-    ``_index``, ``_fence`` and ``_memo`` that its ``__init__`` sets.
+    ``_index``, ``_fence`` and ``_memo`` that its ``__init__`` sets.  This module never
+    imports :mod:`kdkit.cache.index` (the arrow runs one way: the index is built on it).
     """
 
     memo_size: int = 1 << 18
@@ -105,12 +102,12 @@ class KeyLookup:
         return read_keys_text(self.path / name, self.num_samples, bytes(self._file(name)))
 
 
-def keys_to_rows(index: CacheIndex, keys: Iterable[object]) -> np.ndarray:
+def keys_to_rows(index: KeyLookup, keys: Iterable[object]) -> np.ndarray:
     """Row numbers of ``keys``; raise ``KeyError`` (how many, first few) if any is missing."""
     return rows_and_keys(index, keys)[0]
 
 
-def rows_and_keys(index: CacheIndex, keys: Iterable[object]) -> tuple[np.ndarray, list[str]]:
+def rows_and_keys(index: KeyLookup, keys: Iterable[object]) -> tuple[np.ndarray, list[str]]:
     """:func:`keys_to_rows` and the normalised keys (normalised once)."""
     if isinstance(keys, (str, bytes)):
         raise TypeError(f"paths must be a sequence of keys, got a single string {keys!r}")

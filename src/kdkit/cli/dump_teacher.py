@@ -21,9 +21,11 @@ from kdkit.cli.common import (
     names,
     report_run_error,
     setup_logging,
+    top_k_option,
+    top_k_spec,
 )
 
-__all__ = ["add_dump_parser", "top_k_option"]
+__all__ = ["add_dump_parser"]
 
 
 def _teacher_spec(text: str) -> tuple[str, str]:
@@ -41,31 +43,6 @@ def _fused_spec(text: str) -> tuple[str, dict[str, Any]]:
     if not sep or not name or not members:
         raise argparse.ArgumentTypeError(f"expected NAME=a,b[:strategy], got {text!r}")
     return name, {"teachers": names(members), "strategy": strategy or "mean"}
-
-
-def _top_k_spec(text: str) -> tuple[str | None, int]:
-    """``K`` (every teacher) or ``NAME=K``."""
-    name, sep, value = text.rpartition("=")
-    try:
-        k = int(value)
-    except ValueError:
-        k = 0
-    if k < 1 or (sep and not name):
-        raise argparse.ArgumentTypeError(
-            f"expected K or NAME=K with an integer K >= 1, got {text!r}"
-        )
-    return (name or None), k
-
-
-def top_k_option(specs: list[tuple[str | None, int]] | None) -> int | dict[str, int] | None:
-    """The ``top_k`` argument of the dumps from the ``--top_k`` flags (ValueError if mixed)."""
-    if not specs:
-        return None
-    if len(specs) == 1 and specs[0][0] is None:
-        return specs[0][1]
-    if any(name is None for name, _ in specs):
-        raise ValueError("--top_k: give either one K for every teacher or NAME=K per teacher")
-    return {name: k for name, k in specs}  # type: ignore[misc]
 
 
 def _dump_manifest(args: argparse.Namespace) -> int:
@@ -233,7 +210,7 @@ def add_dump_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--top_k",
-        type=_top_k_spec,
+        type=top_k_spec,
         action="append",
         help="store teachers sparse: K (every teacher) or NAME=K (repeatable), the top-k "
         "log-probabilities over the full (--data: the real) vocabulary plus the tail mass",
