@@ -63,3 +63,38 @@ def test_the_library_never_imports_the_command_line():
         or (source == "kdkit" and name == "cli")
     ]
     assert offenders == []
+
+
+def _is_private(part: str) -> bool:
+    return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+
+def _parent(module: str) -> str:
+    return module.rsplit(".", 1)[0]
+
+
+def test_no_module_imports_a_private_name_from_another_module():
+    """A ``_name`` is private to its module; a ``_private`` module is private to its
+    parent package (``kdkit._validation`` is usable across ``kdkit``, ``kdkit.cache._format``
+    only inside ``kdkit.cache``)."""
+    offenders = []
+    for module, (path, is_package) in MODULES.items():
+        own_package = module if is_package else _parent(module)
+        for source, name in _imports(module, path, is_package):
+            if source == module:
+                continue
+            parts = source.split(".")
+            for i, part in enumerate(parts):
+                if _is_private(part):
+                    parent = ".".join(parts[:i])
+                    if not (own_package == parent or own_package.startswith(parent + ".")):
+                        offenders.append(f"{module} imports private module {source}")
+                    break
+            if name is not None and _is_private(name):
+                submodule = f"{source}.{name}"
+                if submodule in MODULES:
+                    if own_package != source and not own_package.startswith(source + "."):
+                        offenders.append(f"{module} imports private module {submodule}")
+                else:
+                    offenders.append(f"{module} imports {name} from {source}")
+    assert offenders == []

@@ -32,9 +32,7 @@ from kdkit.cache._format import (
 from kdkit.cache.lookup import KeyLookup, keys_to_rows
 from kdkit.cache.lookup import rows_and_keys as rows_and_keys
 from kdkit.cache.reads import RecordReads
-from kdkit.cache.verify import _VERIFY_BLOCK as _VERIFY_BLOCK
 from kdkit.cache.verify import IndexVerification
-from kdkit.cache.verify import _verify_positions_impl as _verify_positions_impl
 
 # load_cached_logits: from kdkit.cache.load, through __getattr__ below
 __all__ = ["CacheIndex", "load_cache_index", "load_cached_logits", "verify_cache"]  # noqa: F822

@@ -35,7 +35,7 @@ from :func:`kdkit.losses.divergences.reduce` and the student loss from
 :func:`kdkit.losses.distributed.finish_student_loss_distributed`).  The reductions are
 linear in the per-position terms, so their coefficients -- the gradient each
 per-position term receives -- are obtained *by differentiating those same functions*
-(:func:`kdkit.losses.linear_pass._coefficients`) before the chunk loop; no second copy of
+(:func:`kdkit.losses.linear_pass.reduction_coefficients`) before the chunk loop; no second copy of
 a normalisation rule exists.  :class:`~kdkit.losses.linear_pass.LinearDivergence` returns
 the per-position terms; in backward it checks that the incoming gradient is a multiple of
 the coefficients used in forward (always the case through the shared reductions: only
@@ -95,8 +95,8 @@ from kdkit.losses.kd import KDLossConfig
 from kdkit.losses.linear_pass import (
     LinearDivergence,
     Plan,
-    _coefficients,
     linear_chunk_elements,
+    reduction_coefficients,
     scratch_bytes_per_element,
 )
 from kdkit.losses.linear_teachers import (
@@ -425,7 +425,10 @@ def linear_kd_loss(
 
     coef: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
     if reduction != "none" and torch.is_grad_enabled():
-        coef = (_coefficients(reduced, num_rows, prep.dtype, student_hidden.device)[0], None)
+        coef = (
+            reduction_coefficients(reduced, num_rows, prep.dtype, student_hidden.device)[0],
+            None,
+        )
     plan = _plan(prep, temperature, loss_type, jsd_beta, kd=True)
     kd_rows, _, _, bad_s, bad_t = _apply(prep, plan, coef)
     if check_finite:
@@ -813,7 +816,7 @@ def _student_terms(
 
     coef: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
     if torch.is_grad_enabled():
-        coef = _coefficients(total, num_rows, dtype, device)
+        coef = reduction_coefficients(total, num_rows, dtype, device)
     plan = _plan(
         prep,
         config.temperature,

@@ -5,7 +5,7 @@ through its :class:`~kdkit.losses.linear_teachers.OutputLayer`, the teacher's ch
 per-position divergence, cross-entropy and confidence, and the gradients of a weighted
 sum of them with respect to the hidden states, the weight and the bias;
 :class:`LinearDivergence` wraps it for autograd, with the coefficient vectors that
-:func:`_coefficients` obtains by differentiating kdkit's own reductions.  Chunks are sized
+:func:`reduction_coefficients` obtains by differentiating kdkit's own reductions.  Chunks are sized
 by :func:`linear_chunk_elements`.  The front ends are in :mod:`kdkit.losses.linear`.
 """
 
@@ -18,13 +18,14 @@ import torch
 
 from kdkit.losses import kernels
 from kdkit.losses.kernels import torch_ops
-from kdkit.losses.linear_teachers import OutputLayer, TeacherSource, _blocks
+from kdkit.losses.linear_teachers import OutputLayer, TeacherSource, row_blocks
 
 __all__ = [
     "LinearDivergence",
     "PassResult",
     "Plan",
     "linear_chunk_elements",
+    "reduction_coefficients",
     "scratch_bytes_per_element",
 ]
 
@@ -249,7 +250,7 @@ def _accumulate(
             torch.mm(g, weight, out=grad_h[start:stop])
         else:
             acc = None
-            for v0, v1 in _blocks(vocab, weight.shape[1]):
+            for v0, v1 in row_blocks(vocab, weight.shape[1]):
                 part = g[:, v0:v1] @ weight[v0:v1].to(dtype)
                 acc = part if acc is None else acc.add_(part)
             grad_h[start:stop] = acc
@@ -373,7 +374,7 @@ def _common_factor(
     return lam
 
 
-def _coefficients(
+def reduction_coefficients(
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     num_rows: int,
     dtype: torch.dtype,
