@@ -98,3 +98,72 @@ def test_no_module_imports_a_private_name_from_another_module():
                 else:
                     offenders.append(f"{module} imports {name} from {source}")
     assert offenders == []
+
+
+def _arrows() -> dict[str, set[str]]:
+    """``{module: modules it imports}`` among kdkit modules, module-level, function-level
+    and ``TYPE_CHECKING`` imports alike; ``from package import submodule`` is an arrow to
+    the submodule.  Importing ``a.b.c`` is not counted as an arrow to the package ``a.b``:
+    a package ``__init__`` re-exporting its submodules is the one accepted circle."""
+    arrows: dict[str, set[str]] = {}
+    for module, (path, is_package) in MODULES.items():
+        targets = set()
+        for source, name in _imports(module, path, is_package):
+            sub = f"{source}.{name}"
+            target = sub if name is not None and sub in MODULES else source
+            if target in MODULES and target != module:
+                targets.add(target)
+        arrows[module] = targets
+    return arrows
+
+
+def _circles(arrows: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in arrows:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(arrows[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(arrows[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    top = stack.pop()
+                    on_stack.discard(top)
+                    component.append(top)
+                    if top == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles_among_kdkit_modules():
+    """No module reaches itself through imports (function-level ones included)."""
+    assert _circles(_arrows()) == []

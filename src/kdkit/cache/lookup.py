@@ -9,7 +9,6 @@ raise ``KeyError`` for keys that are not cached.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,9 +22,6 @@ from kdkit.cache._format import (
     read_keys_text,
     shown,
 )
-
-if TYPE_CHECKING:
-    from kdkit.cache.index import CacheIndex
 
 __all__ = ["KeyLookup", "keys_to_rows", "rows_and_keys"]
 
@@ -105,12 +101,12 @@ class KeyLookup:
         return read_keys_text(self.path / name, self.num_samples, bytes(self._file(name)))
 
 
-def keys_to_rows(index: CacheIndex, keys: Iterable[object]) -> np.ndarray:
+def keys_to_rows(index: KeyLookup, keys: Iterable[object]) -> np.ndarray:
     """Row numbers of ``keys``; raise ``KeyError`` (how many, first few) if any is missing."""
     return rows_and_keys(index, keys)[0]
 
 
-def rows_and_keys(index: CacheIndex, keys: Iterable[object]) -> tuple[np.ndarray, list[str]]:
+def rows_and_keys(index: KeyLookup, keys: Iterable[object]) -> tuple[np.ndarray, list[str]]:
     """:func:`keys_to_rows` and the normalised keys (normalised once)."""
     if isinstance(keys, (str, bytes)):
         raise TypeError(f"paths must be a sequence of keys, got a single string {keys!r}")

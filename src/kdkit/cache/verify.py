@@ -7,16 +7,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from kdkit.cache._format import CHECKSUM, CacheError, checksum_of, hash_keys, shown
 
-if TYPE_CHECKING:
-    from kdkit.cache.index import CacheIndex
-
 __all__ = ["IndexVerification"]
+
+_VERIFY_BLOCK = 1 << 16
+"""Sparse records read at once by :meth:`IndexVerification.verify`."""
 
 
 class IndexVerification:
@@ -26,7 +24,19 @@ class IndexVerification:
     """
 
     def _verify_positions(self) -> None:
-        _verify_positions_impl(self)
+        """Check the offsets of a sequence cache and read every sparse record."""
+        if self.is_sequence:
+            offsets = np.asarray(self.offsets())
+            if offsets[0] != 0 or offsets[-1] != self.num_positions or (np.diff(offsets) < 0).any():
+                raise CacheError(
+                    f"cache file {self.manifest['positions']['file']!r} in {self.path} does not "
+                    f"hold non-decreasing offsets from 0 to num_positions={self.num_positions}"
+                )
+        for name in self.teachers:
+            if self.is_sparse(name):
+                for start in range(0, self.num_positions, _VERIFY_BLOCK):
+                    stop = min(start + _VERIFY_BLOCK, self.num_positions)
+                    self.read_sparse(name, np.arange(start, stop))
 
     def verify(self) -> None:
         """Check every file's size and checksum, that the key index matches the keys and
@@ -61,21 +71,3 @@ class IndexVerification:
                     f"cache file {info['index']!r} in {self.path} does not match the keys in "
                     f"{info['file']!r}"
                 )
-
-
-def _verify_positions_impl(index: CacheIndex) -> None:
-    if index.is_sequence:
-        offsets = np.asarray(index.offsets())
-        if offsets[0] != 0 or offsets[-1] != index.num_positions or (np.diff(offsets) < 0).any():
-            raise CacheError(
-                f"cache file {index.manifest['positions']['file']!r} in {index.path} does not hold "
-                f"non-decreasing offsets from 0 to num_positions={index.num_positions}"
-            )
-    for name in index.teachers:
-        if index.is_sparse(name):
-            for start in range(0, index.num_positions, _VERIFY_BLOCK):
-                stop = min(start + _VERIFY_BLOCK, index.num_positions)
-                index.read_sparse(name, np.arange(start, stop))
-
-
-_VERIFY_BLOCK = 1 << 16

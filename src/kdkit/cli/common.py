@@ -29,6 +29,7 @@ __all__ = [
     "names",
     "report_run_error",
     "setup_logging",
+    "top_k_option",
 ]
 
 CONFIG_ERRORS: tuple[type[Exception], ...] = (
@@ -147,3 +148,14 @@ def report_run_error(args: argparse.Namespace, exc: Exception) -> int:
         raise exc
     print(f"{args._parser.prog}: error: {message(exc)}", file=sys.stderr)
     return 1
+
+
+def top_k_option(specs: list[tuple[str | None, int]] | None) -> int | dict[str, int] | None:
+    """The ``top_k`` argument of the dumps from the ``--top_k`` flags (ValueError if mixed)."""
+    if not specs:
+        return None
+    if len(specs) == 1 and specs[0][0] is None:
+        return specs[0][1]
+    if any(name is None for name, _ in specs):
+        raise ValueError("--top_k: give either one K for every teacher or NAME=K per teacher")
+    return {name: k for name, k in specs}  # type: ignore[misc]

@@ -29,8 +29,8 @@ from kdkit.cli.common import (
     message,
     report_run_error,
     setup_logging,
+    top_k_option,
 )
-from kdkit.cli.dump_teacher import top_k_option
 
 __all__ = ["cmd_dump_lm", "default_vocab_size"]
 

@@ -21,6 +21,7 @@ from kdkit.cli.common import (
     names,
     report_run_error,
     setup_logging,
+    top_k_option,
 )
 
 __all__ = ["add_dump_parser", "top_k_option"]
@@ -55,17 +56,6 @@ def _top_k_spec(text: str) -> tuple[str | None, int]:
             f"expected K or NAME=K with an integer K >= 1, got {text!r}"
         )
     return (name or None), k
-
-
-def top_k_option(specs: list[tuple[str | None, int]] | None) -> int | dict[str, int] | None:
-    """The ``top_k`` argument of the dumps from the ``--top_k`` flags (ValueError if mixed)."""
-    if not specs:
-        return None
-    if len(specs) == 1 and specs[0][0] is None:
-        return specs[0][1]
-    if any(name is None for name, _ in specs):
-        raise ValueError("--top_k: give either one K for every teacher or NAME=K per teacher")
-    return {name: k for name, k in specs}  # type: ignore[misc]
 
 
 def _dump_manifest(args: argparse.Namespace) -> int:
