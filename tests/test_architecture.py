@@ -167,3 +167,16 @@ def test_the_circle_finder_finds_a_circle():
 def test_no_import_circles_among_kdkit_modules():
     """No module reaches itself through imports (function-level ones included)."""
     assert _circles(_arrows()) == []
+
+
+MAX_LINES = 650
+
+
+def test_no_file_over_650_lines():
+    """Put new code in a new, well-named module rather than growing a big file."""
+    offenders = [
+        f"{path.relative_to(SRC)}: {n} lines"
+        for path, _ in MODULES.values()
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    ]
+    assert offenders == []
