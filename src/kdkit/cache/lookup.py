@@ -22,11 +22,12 @@ from kdkit.cache._format import (
     read_keys_text,
     shown,
 )
+from kdkit.cache.index_state import IndexState
 
 __all__ = ["KeyLookup", "keys_to_rows", "rows_and_keys"]
 
 
-class KeyLookup:
+class KeyLookup(IndexState):
     """The key lookups of :class:`~kdkit.cache.index.CacheIndex` (a base class of it).
 
     They use the index's ``manifest``, ``path``, ``num_samples`` and ``_file``, and the

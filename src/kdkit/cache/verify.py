@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdkit.cache._format import CHECKSUM, CacheError, checksum_of, hash_keys, shown
+from kdkit.cache.index_state import IndexState
 
 __all__ = ["IndexVerification"]
 
@@ -17,7 +18,7 @@ _VERIFY_BLOCK = 1 << 16
 """Sparse records read at once by :meth:`IndexVerification.verify`."""
 
 
-class IndexVerification:
+class IndexVerification(IndexState):
     """The full check of :class:`~kdkit.cache.index.CacheIndex` (a base class of it).
 
     It uses the index's files, keys, key index, offsets and sparse reads.

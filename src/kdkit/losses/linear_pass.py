@@ -275,7 +275,7 @@ class LinearDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -311,7 +311,7 @@ class LinearDivergence(torch.autograd.Function):
         )
 
     @staticmethod
-    def backward(ctx: Any, g_kd: torch.Tensor | None, g_ce: torch.Tensor | None, *_: Any):  # type: ignore[override]
+    def backward(ctx: Any, g_kd: torch.Tensor | None, g_ce: torch.Tensor | None, *_: Any):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "the fused linear KD loss does not support double backward (create_graph=True)"
