@@ -180,3 +180,95 @@ def test_no_file_over_650_lines():
         if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     ]
     assert offenders == []
+
+
+FLOORS = ("core", "losses", "cache", "train", "hf", "demo", "cli")
+"""The layers, lowest first.  ``core`` is every top-level module of ``kdkit`` (``_validation``,
+``_io``, ``errors``, ``sparse``, ``models``, ...); the others are the subpackages of that name."""
+
+FACADES = {"kdkit", "kdkit.__main__", "kdkit.distributed"}
+"""Above every floor: the package's re-exports, ``python -m kdkit`` and the 0.1.0
+compatibility module ``kdkit.distributed``.  Nothing in kdkit imports them."""
+
+
+def _floor(module: str) -> int:
+    if module in FACADES:
+        return len(FLOORS)
+    top = module.split(".")[1]
+    return FLOORS.index(top) if top in FLOORS else 0
+
+
+def test_lower_floors_never_import_higher_ones():
+    """losses/_validation/core -> cache -> train -> hf -> demo -> cli, never upwards."""
+    offenders = [
+        f"{module} ({FLOORS[_floor(module)]}) imports {target}"
+        for module, targets in _arrows().items()
+        if module not in FACADES
+        for target in sorted(targets)
+        if _floor(target) > _floor(module)
+    ]
+    assert offenders == []
+    assert _floor("kdkit._validation.losses") == 0 and _floor("kdkit.cli.main") == 6
+
+
+def test_nothing_in_kdkit_imports_a_facade():
+    offenders = [
+        f"{module} imports {target}"
+        for module, targets in _arrows().items()
+        for target in targets
+        if target in FACADES and target != "kdkit"
+    ]
+    assert offenders == []
+
+
+MAX_FUNCTION_LINES = 80
+
+LONG_FUNCTIONS: dict[str, str] = {
+    "kdkit.cli.dump_teacher:add_dump_parser": "an argparse table",
+    "kdkit.losses.kernels.triton_kernel:_row_pass_kernel": "a Triton kernel (one launch)",
+    "kdkit.losses.linear_pass:_chunk_loop": "the chunk-pass kernel loop (hot path, #24)",
+}
+"""``{"module:function": reason}``: argparse tables and kernels allowed over the limit."""
+
+
+def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> int:
+    """Code lines of a function: its lines less blank, comment-only and docstring lines."""
+    skip: set[int] = set()
+    body = node.body
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
+        skip.update(range(body[0].lineno, (body[0].end_lineno or body[0].lineno) + 1))
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    return sum(
+        1
+        for n in range(first, (node.end_lineno or node.lineno) + 1)
+        if n not in skip and lines[n - 1].strip() and not lines[n - 1].strip().startswith("#")
+    )
+
+
+def _long_functions() -> list[str]:
+    found = []
+    for module, (path, _) in MODULES.items():
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = _code_lines(node, lines)
+                if n > MAX_FUNCTION_LINES and f"{module}:{node.name}" not in LONG_FUNCTIONS:
+                    found.append(f"{module}:{node.name} ({n} lines)")
+    return found
+
+
+def test_the_line_counter_skips_docstrings_and_comments():
+    src = 'def f():\n    """Doc.\n\n    More."""\n    # a comment\n\n    return 1\n'
+    node = ast.parse(src).body[0]
+    assert isinstance(node, ast.FunctionDef)
+    assert _code_lines(node, src.splitlines()) == 2
+
+
+def test_no_function_over_80_code_lines():
+    assert _long_functions() == []

@@ -375,6 +375,23 @@ def _local_counts(count: torch.Tensor, weight_sum: torch.Tensor) -> tuple[Any, A
     return count, weight_sum, 1.0
 
 
+def _selection_inputs(
+    setup: _StudentSetup, sparse: bool, confidence: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The domain mask (a sparse teacher's uncovered positions leave the KD selection) and
+    the teacher's confidence ``[N]`` (given, from a confidence pass, or ``None`` if unused)."""
+    prep, _, config, alpha, domain_mask, _ = setup
+    if sparse:  # its uncovered positions leave the KD selection (student_loss_terms)
+        teacher_mask = prep.teacher.mask  # type: ignore[attr-defined]
+        domain_mask = teacher_mask if domain_mask is None else domain_mask & teacher_mask
+    needs_confidence = sparse or (alpha > 0 and config.kd_weighting != "none")
+    if confidence is not None:
+        confidence = confidence.reshape(-1).to(prep.dtype)
+    elif needs_confidence:
+        confidence = teacher_confidence_pass(prep)
+    return domain_mask, confidence
+
+
 def _student_terms(
     setup: _StudentSetup,
     normalise: Normalise,
@@ -391,20 +408,12 @@ def _student_terms(
     """
     prep, targets, config, alpha, domain_mask, ignore_index = setup
     num_rows, dtype, device = prep.hidden.shape[0], prep.dtype, prep.hidden.device
-    vocab = prep.vocab
     valid = targets != ignore_index
-    out_of_range = valid & ((targets < 0) | (targets >= vocab))
-    safe_targets = torch.where(valid, targets.clamp(0, vocab - 1), 0).long()
+    out_of_range = valid & ((targets < 0) | (targets >= prep.vocab))
+    safe_targets = torch.where(valid, targets.clamp(0, prep.vocab - 1), 0).long()
 
     sparse = isinstance(prep.teacher, SparseTeacher)
-    if sparse:  # its uncovered positions leave the KD selection (student_loss_terms)
-        teacher_mask = prep.teacher.mask  # type: ignore[attr-defined]
-        domain_mask = teacher_mask if domain_mask is None else domain_mask & teacher_mask
-    needs_confidence = sparse or (alpha > 0 and config.kd_weighting != "none")
-    if confidence is not None:
-        confidence = confidence.reshape(-1).to(dtype)
-    elif needs_confidence:
-        confidence = teacher_confidence_pass(prep)
+    domain_mask, confidence = _selection_inputs(setup, sparse, confidence)
     # 'none' weights do not depend on the confidence: ones stand in for it before the pass.
     stand_in = (
         confidence if confidence is not None else torch.ones(num_rows, dtype=dtype, device=device)
@@ -469,7 +478,7 @@ def _student_terms(
 
     def raise_flags(flags: Any) -> None:
         if flags[0]:
-            raise_out_of_range_targets(targets, out_of_range, vocab, ignore_index)
+            raise_out_of_range_targets(targets, out_of_range, prep.vocab, ignore_index)
         if flags[1]:
             raise_flagged_rows(student_name(prep), bad_s)
         if flags[2] and sparse:
