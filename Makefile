@@ -1,7 +1,7 @@
 # Two commands for a newcomer: `make demo` (the main job) and `make test`.
 # Both create .venv/ on first use and install pinned dependencies, each only what it needs:
 # `make demo` the demo's extra (.[demo]), `make test` / `make lint` the development extra
-# (.[dev]: the demo's packages plus pytest, hypothesis, ruff).  `make install-all` adds
+# (.[dev]: the demo's packages plus pytest, hypothesis, ruff, mypy).  `make install-all` adds
 # every optional extra (TensorBoard, W&B, Triton): what CI runs the tests with.
 # `make docs` builds the API reference site into site/ (mkdocs --strict, the docs extra);
 # `make package-check` builds the sdist and wheel and tries the wheel in a fresh venv.
@@ -10,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test lint bench docs package-check install install-demo install-docs install-all clean
+.PHONY: demo test lint typecheck bench docs package-check install install-demo install-docs install-all clean
 
 install: $(VENV)/.installed-dev
 install-demo: $(VENV)/.installed-demo
@@ -45,6 +45,10 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# mypy over src/kdkit (config: [tool.mypy] in pyproject.toml); joins `lint` once clean.
+typecheck: install
+	$(VENV)/bin/mypy
 
 docs: install-docs
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

@@ -115,7 +115,7 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
             raise ValueError(f"module {module_name!r} has no attribute {attr!r} (model {spec!r})")
     if not callable(factory):
         raise ValueError(f"model {spec!r} is not callable")
-    return factory  # type: ignore[return-value]
+    return factory
 
 
 def resolve_model_kwargs(

@@ -172,8 +172,8 @@ class SparseLogits:
 
         def move(t: torch.Tensor) -> torch.Tensor:
             if t.is_floating_point():
-                return t.to(*args, **kwargs)  # type: ignore[arg-type]
-            moved = t.to(*args, **kwargs)  # type: ignore[arg-type]
+                return t.to(*args, **kwargs)
+            moved = t.to(*args, **kwargs)
             return moved.to(t.dtype)
 
         return dataclasses.replace(

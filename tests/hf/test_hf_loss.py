@@ -176,7 +176,8 @@ def test_top_k_teacher_matches_compute_student_loss(tail, weighting):
 
 def test_given_teacher_confidence_skips_the_pass_and_changes_nothing(monkeypatch):
     """The trainer's confidence (computed for W) replaces the linear path's own pass."""
-    import kdkit.losses.linear as linear
+    import kdkit.losses.linear_front as linear_front
+    import kdkit.losses.linear_student as linear_student
     from kdkit.losses.student_terms import teacher_confidence
 
     config = KDLossConfig(temperature=2.0, kd_alpha=0.6, kd_weighting="pmax")
@@ -189,7 +190,8 @@ def test_given_teacher_confidence_skips_the_pass_and_changes_nothing(monkeypatch
     def no_pass(prep):
         raise AssertionError("a second confidence pass")
 
-    monkeypatch.setattr(linear, "_teacher_confidence_pass", no_pass)
+    monkeypatch.setattr(linear_front, "teacher_confidence_pass", no_pass)
+    monkeypatch.setattr(linear_student, "teacher_confidence_pass", no_pass)
     loss, stats = lm_distillation_loss(
         hidden,
         head,

@@ -154,7 +154,7 @@ def check_str(name: str, value: object, *, optional: bool = False) -> str | None
             raise TypeError(f"{name} must be a string or None, got {value!r}")
     elif not isinstance(value, str) or not value:
         raise TypeError(f"{name} must be a non-empty string, got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def check_choice(name: str, value: object, choices: Collection[str]) -> str:

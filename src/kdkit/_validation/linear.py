@@ -166,4 +166,4 @@ def check_linear_options(
         softcap = check_positive_finite("softcap", softcap)
     if chunk_elements is not None:
         chunk_elements = check_int("chunk_elements", chunk_elements, minimum=1)
-    return logit_scale, softcap, chunk_elements  # type: ignore[return-value]
+    return logit_scale, softcap, chunk_elements

@@ -102,8 +102,8 @@ def check_student_loss_args(
     else:
         check_logits("teacher_logits", teacher_logits)
         check_same_shape(student_logits, teacher_logits)  # type: ignore[arg-type]
-    batch_shape = student_logits.shape[:-1]  # type: ignore[union-attr]
-    device = student_logits.device  # type: ignore[union-attr]
+    batch_shape = student_logits.shape[:-1]
+    device = student_logits.device
     check_targets(targets, batch_shape, device)
     if domain_mask is not None:
         check_mask("domain_mask", domain_mask, batch_shape, device)

@@ -56,7 +56,7 @@ def check_device(device: object, name: str = "device") -> torch.device:
         ValueError: device 'gpu' is not a torch device (e.g. cpu, cuda, cuda:1, mps)
     """
     try:
-        dev = torch.device(device)  # type: ignore[arg-type]
+        dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(
             f"{name} {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)"

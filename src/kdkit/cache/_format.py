@@ -137,7 +137,7 @@ def normalize_key(key: object) -> str:
         if isinstance(text, bytes):
             text = os.fsdecode(text)
     elif hasattr(key, "item") and getattr(key, "ndim", None) == 0:
-        text = str(key.item())  # type: ignore[union-attr]
+        text = str(key.item())
     else:
         text = str(key)
     return posixpath.normpath(text.replace("\\", "/"))

@@ -22,16 +22,16 @@ from kdkit.cache._format import (
     read_keys_text,
     shown,
 )
+from kdkit.cache.index_state import IndexState
 
 __all__ = ["KeyLookup", "keys_to_rows", "rows_and_keys"]
 
 
-class KeyLookup:
+class KeyLookup(IndexState):
     """The key lookups of :class:`~kdkit.cache.index.CacheIndex` (a base class of it).
 
     They use the index's ``manifest``, ``path``, ``num_samples`` and ``_file``, and the
-    ``_index``, ``_fence`` and ``_memo`` that its ``__init__`` sets.  This module never
-    imports :mod:`kdkit.cache.index` (the arrow runs one way: the index is built on it).
+    ``_index``, ``_fence`` and ``_memo`` that its ``__init__`` sets.
     """
 
     memo_size: int = 1 << 18

@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from kdkit.cache._format import DTYPES, CacheError, is_sparse, position_dtype
+from kdkit.cache.index_state import IndexState
 
 __all__ = ["RecordReads"]
 
 
-class RecordReads:
+class RecordReads(IndexState):
     """The record reads of :class:`~kdkit.cache.index.CacheIndex` (a base class of it).
 
     They use the index's ``manifest``, ``path``, ``num_positions``, ``_file`` and the

@@ -10,27 +10,28 @@ from __future__ import annotations
 import numpy as np
 
 from kdkit.cache._format import CHECKSUM, CacheError, checksum_of, hash_keys, shown
+from kdkit.cache.index_state import IndexState
 
 __all__ = ["IndexVerification"]
 
 _VERIFY_BLOCK = 1 << 16
-"""Positions of a sparse teacher read per block by :meth:`IndexVerification.verify`."""
+"""Sparse records read at once by :meth:`IndexVerification.verify`."""
 
 
-class IndexVerification:
+class IndexVerification(IndexState):
     """The full check of :class:`~kdkit.cache.index.CacheIndex` (a base class of it).
 
-    It uses the index's files, keys, key index, offsets and sparse reads.  This module
-    never imports :mod:`kdkit.cache.index` (the arrow runs one way: the index is built on it).
+    It uses the index's files, keys, key index, offsets and sparse reads.
     """
 
     def _verify_positions(self) -> None:
+        """Check the offsets of a sequence cache and read every sparse record."""
         if self.is_sequence:
             offsets = np.asarray(self.offsets())
             if offsets[0] != 0 or offsets[-1] != self.num_positions or (np.diff(offsets) < 0).any():
                 raise CacheError(
-                    f"cache file {self.manifest['positions']['file']!r} in {self.path} does not hold "
-                    f"non-decreasing offsets from 0 to num_positions={self.num_positions}"
+                    f"cache file {self.manifest['positions']['file']!r} in {self.path} does not "
+                    f"hold non-decreasing offsets from 0 to num_positions={self.num_positions}"
                 )
         for name in self.teachers:
             if self.is_sparse(name):

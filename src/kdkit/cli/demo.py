@@ -40,7 +40,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except CONFIG_ERRORS as exc:
         args._parser.error(message(exc))
     setup_logging()
-    result = run(config)  # type: ignore[arg-type]
+    result = run(config)
     print(result.table)
     print(f"\nreport: {result.report_path} (wall time {result.wall_time_s:.1f} s)")
     return 0

@@ -70,7 +70,7 @@ class FusedDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         student: torch.Tensor,
         teacher: torch.Tensor,

@@ -18,13 +18,14 @@ import torch
 
 from kdkit.losses import kernels
 from kdkit.losses.kernels import torch_ops
-from kdkit.losses.linear_teachers import OutputLayer, TeacherSource, vocab_blocks
+from kdkit.losses.linear_teachers import OutputLayer, TeacherSource, row_blocks
 
 __all__ = [
     "LinearDivergence",
     "PassResult",
     "Plan",
     "linear_chunk_elements",
+    "reduction_coefficients",
     "scratch_bytes_per_element",
 ]
 
@@ -249,7 +250,7 @@ def _accumulate(
             torch.mm(g, weight, out=grad_h[start:stop])
         else:
             acc = None
-            for v0, v1 in vocab_blocks(vocab, weight.shape[1]):
+            for v0, v1 in row_blocks(vocab, weight.shape[1]):
                 part = g[:, v0:v1] @ weight[v0:v1].to(dtype)
                 acc = part if acc is None else acc.add_(part)
             grad_h[start:stop] = acc
@@ -274,7 +275,7 @@ class LinearDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -310,7 +311,7 @@ class LinearDivergence(torch.autograd.Function):
         )
 
     @staticmethod
-    def backward(ctx: Any, g_kd: torch.Tensor | None, g_ce: torch.Tensor | None, *_: Any):  # type: ignore[override]
+    def backward(ctx: Any, g_kd: torch.Tensor | None, g_ce: torch.Tensor | None, *_: Any):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "the fused linear KD loss does not support double backward (create_graph=True)"

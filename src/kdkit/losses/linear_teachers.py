@@ -26,6 +26,7 @@ __all__ = [
     "OutputLayer",
     "SparseTeacher",
     "TeacherSource",
+    "row_blocks",
     "teacher_source",
 ]
 
@@ -57,7 +58,7 @@ class OutputLayer(NamedTuple):
         if weight.dtype == dtype:
             torch.mm(h, weight.t(), out=out)
         else:  # cast the weight in blocks of rows, never as a whole
-            for v0, v1 in vocab_blocks(self.vocab, weight.shape[1]):
+            for v0, v1 in row_blocks(self.vocab, weight.shape[1]):
                 out[:, v0:v1] = h @ weight[v0:v1].to(dtype).t()
         if self.bias is not None:
             out.add_(self.bias[: self.vocab].to(dtype))
@@ -77,9 +78,10 @@ class OutputLayer(NamedTuple):
             grad.mul_(self.logit_scale)
 
 
-def vocab_blocks(rows: int, width: int) -> list[tuple[int, int]]:
-    """``[(v0, v1), ...]``: the vocabulary rows ``0..rows`` in blocks of about
-    ``BLOCK_ELEMENTS / width`` rows (bounded scratch per block of a ``width``-wide weight)."""
+def row_blocks(rows: int, width: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(rows)`` in blocks of about
+    ``BLOCK_ELEMENTS / width`` rows (at least one), so one block of a ``[rows, width]``
+    matrix holds about ``BLOCK_ELEMENTS`` elements."""
     step = max(1, BLOCK_ELEMENTS // max(width, 1))
     return [(v0, min(v0 + step, rows)) for v0 in range(0, rows, step)]
 

@@ -64,7 +64,7 @@ class _SparseStudentTerms(torch.autograd.Function):
     """``(LSE(s/T), LSE over classes not in idx of s/T, s[idx]/T)`` for ``s [N, V]``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, student: torch.Tensor, idx: torch.Tensor, temperature: float, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, v = student.shape
@@ -82,7 +82,7 @@ class _SparseStudentTerms(torch.autograd.Function):
         return lse, lse_out, gathered
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, g_lse: torch.Tensor, g_out: torch.Tensor, g_gathered: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, None, None]:
         student, idx, lse, lse_out = ctx.saved_tensors
