@@ -25,11 +25,11 @@ from typing import Any
 
 from kdkit.cli.common import (
     CONFIG_ERRORS,
+    capture_temperature_option,
     is_rank_zero,
     message,
     report_run_error,
     setup_logging,
-    capture_temperature_option,
     top_k_option,
 )
 

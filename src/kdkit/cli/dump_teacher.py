@@ -15,13 +15,13 @@ from typing import Any
 from kdkit.cli.common import (
     CONFIG_ERRORS,
     TRUST_FLAG,
+    capture_temperature_option,
     is_rank_zero,
     json_dict,
     message,
     names,
     report_run_error,
     setup_logging,
-    capture_temperature_option,
     top_k_option,
     top_k_spec,
 )
