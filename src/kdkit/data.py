@@ -28,10 +28,7 @@ CSV (header required)::
 from __future__ import annotations
 
 import csv
-import io
 import json
-import pickle
-import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,54 +95,38 @@ def read_manifest(path: str | Path) -> list[ManifestRecord]:
         ValueError: an unknown extension, a malformed line (named by line number), a
             missing ``path``/``label``, a non-integer label or domain, duplicate paths.
     """
-    return [record for _, record in _numbered_records(path)]
-
-
-def _manifest_text(path: Path) -> str:
-    """The manifest's text; a non-UTF-8 byte is an error naming the file and line."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")  # a UTF-8 BOM (spreadsheets write one) is accepted
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ValueError(
-            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the manifest "
-            "as UTF-8"
-        ) from None
-
-
-def _numbered_records(path: str | Path) -> list[tuple[int, ManifestRecord]]:
-    """:func:`read_manifest` with each record's line number."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
     suffix = path.suffix.lower()
-    records: list[tuple[int, ManifestRecord]] = []
+    records: list[ManifestRecord] = []
     if suffix in (".jsonl", ".json", ".ndjson"):
-        for number, line in enumerate(io.StringIO(_manifest_text(path)), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: each line must be a JSON object")
-            records.append((number, _record(row, where)))
+        with path.open(encoding="utf-8-sig") as f:  # a UTF-8 BOM is accepted
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{where}: each line must be a JSON object")
+                records.append(_record(row, where))
     elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(_manifest_text(path), newline=""))
-        if reader.fieldnames is None or not set(_REQUIRED) <= set(reader.fieldnames):
-            raise ValueError(
-                f"{path}: the CSV header must name at least {list(_REQUIRED)}, "
-                f"got {reader.fieldnames}"
-            )
-        for number, row in enumerate(reader, start=2):
-            records.append((number, _record(row, f"{path}:{number}")))
+        with path.open(encoding="utf-8-sig", newline="") as f:  # spreadsheets write a BOM
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not set(_REQUIRED) <= set(reader.fieldnames):
+                raise ValueError(
+                    f"{path}: the CSV header must name at least {list(_REQUIRED)}, "
+                    f"got {reader.fieldnames}"
+                )
+            for number, row in enumerate(reader, start=2):
+                records.append(_record(row, f"{path}:{number}"))
     else:
         raise ValueError(f"manifest {str(path)!r} must end in .jsonl, .json, .ndjson or .csv")
     seen: set[str] = set()
-    for _, record in records:
+    for record in records:
         if record.path in seen:
             raise ValueError(f"{path}: duplicate path {record.path!r}")
         seen.add(record.path)
@@ -214,17 +195,7 @@ class ManifestDataset(Dataset):
         self.manifest = Path(manifest)
         self.root = self.manifest.resolve().parent
         self._first: tuple[Path, tuple[int, ...]] | None = None
-        if split is not None and (
-            isinstance(split, (bytes, bytearray))
-            or not isinstance(split, (str, Sequence))
-            or (not isinstance(split, str) and not all(isinstance(x, str) for x in split))
-        ):
-            raise TypeError(
-                f"split must be a split name (str), a sequence of names or None, got {split!r}"
-            )
-        numbered = _numbered_records(self.manifest)
-        self._lines = {record.path: number for number, record in numbered}
-        records = [record for _, record in numbered]
+        records = read_manifest(self.manifest)
         splits = None if split is None else ({split} if isinstance(split, str) else set(split))
         keep_domains = None if domains is None else set(domains)
         self.records = [
@@ -248,7 +219,7 @@ class ManifestDataset(Dataset):
         file = Path(record.path)
         if not file.is_absolute():
             file = self.root / file
-        features = self._features(file, record.path)
+        features = torch.from_numpy(np.asarray(_load_features(file), dtype=np.float32))
         if self._first is None:  # the shape every other sample must have
             self._first = (file, tuple(features.shape))
         elif tuple(features.shape) != self._first[1]:
@@ -257,27 +228,6 @@ class ManifestDataset(Dataset):
                 f"has {self._first[1]}; every sample of a data set needs the same shape"
             )
         return _sample_item(features, record.label, record.domain, record.path)
-
-    def _features(self, file: Path, entry: str) -> torch.Tensor:
-        """The file's float32 features; any unreadable file names it and its manifest line."""
-        where = f"{self.manifest}:{self._lines.get(entry, '?')}"
-        try:
-            array = _load_features(file)
-            if array.dtype == object or not (
-                np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
-            ):
-                raise ValueError(f"dtype {array.dtype} is not numeric")
-            return torch.from_numpy(np.asarray(array, dtype=np.float32))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{where}: feature file {str(file)!r} does not exist") from None
-        except (ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-            text = " ".join(str(exc).split())
-            if "pickle" in text or "Object arrays" in text:  # numpy's advice is not given
-                text = "it holds Python objects (pickled data), which kdkit never loads"
-            raise ValueError(
-                f"{where}: feature file {str(file)!r} is not a readable numeric .npy/.npz "
-                f"array: {text}"
-            ) from None
 
 
 def _sample_item(features: torch.Tensor, label: int, domain: int, path: str) -> dict[str, Any]:
