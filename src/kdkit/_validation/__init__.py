@@ -69,6 +69,7 @@ from kdkit._validation.losses import (
 from kdkit._validation.sparse import (
     SPARSE_TAILS,
     check_capture_temperature,
+    check_sparse_finite,
     check_sparse_options,
     check_sparse_tail,
     check_sparse_teacher,
@@ -130,6 +131,7 @@ __all__ = [
     "check_precision",
     "check_same_shape",
     "check_source_domain",
+    "check_sparse_finite",
     "check_sparse_options",
     "check_sparse_tail",
     "check_sparse_teacher",

@@ -13,6 +13,7 @@ from kdkit.sparse import SparseLogits
 __all__ = [
     "SPARSE_TAILS",
     "check_capture_temperature",
+    "check_sparse_finite",
     "check_sparse_options",
     "check_sparse_tail",
     "check_sparse_teacher",
@@ -73,9 +74,36 @@ def check_capture_temperature(capture: float, temperature: float, retemper: bool
 
 
 def check_sparse_options(
-    teacher: SparseLogits, temperature: float, loss_type: str, sparse_tail: object, retemper: object
+    teacher: SparseLogits,
+    temperature: float,
+    loss_type: str,
+    sparse_tail: object,
+    retemper: object,
+    check_finite: bool = True,
 ) -> str:
-    """:func:`check_sparse_tail`, then :func:`check_capture_temperature`; returns the tail."""
+    """:func:`check_sparse_tail`, :func:`check_capture_temperature`, then (``check_finite``)
+    :func:`check_sparse_finite`; returns the tail."""
     check_sparse_tail(loss_type, sparse_tail, retemper)
     check_capture_temperature(teacher.temperature, temperature, bool(retemper))
+    if check_finite:
+        check_sparse_finite(teacher)
     return sparse_tail  # type: ignore[return-value]
+
+
+def check_sparse_finite(teacher: SparseLogits, mask: torch.Tensor | None = None) -> None:
+    """A sparse teacher's stored log-probabilities at its real positions (``teacher.mask``,
+    and ``mask`` if given) must be NaN-free, never ``+inf``, and hold some probability mass
+    (top-k and tail not all ``-inf``): ``check_finite``'s rule for sparse teachers (one
+    host transfer)."""
+    real = teacher.mask if mask is None else teacher.mask & mask.to(torch.bool)
+    values = torch.cat([teacher.logprobs, teacher.tail_logprob.unsqueeze(-1)], dim=-1).detach()
+    nan = torch.isnan(values).any(-1) & real
+    pos_inf = (values == torch.inf).any(-1) & real
+    empty = (torch.logsumexp(values.masked_fill(values.isnan(), 0.0), dim=-1) == -torch.inf) & real
+    flags = torch.stack([nan.any(), pos_inf.any(), empty.any()]).tolist()
+    for flag, what in zip(flags, ("NaN", "+inf", "no probability mass (top-k and tail all -inf)")):
+        if flag:
+            raise ValueError(
+                f"teacher_logits (sparse): the stored log-probabilities hold {what} at a real "
+                "position; a sparse teacher needs finite log-probabilities (tail may be -inf)"
+            )

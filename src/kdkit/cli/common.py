@@ -11,6 +11,7 @@ import argparse
 import difflib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -163,6 +164,17 @@ def top_k_spec(text: str) -> tuple[str | None, int]:
             f"expected K or NAME=K with an integer K >= 1, got {text!r}"
         )
     return (name or None), k
+
+
+def capture_temperature_option(value: float | None, top_k: object) -> float:
+    """``--capture_temperature`` checked (ValueError): a finite T > 0, sparse dumps only; 1 if unset."""
+    if value is None:
+        return 1.0
+    if top_k is None:
+        raise ValueError("--capture_temperature applies to sparse teachers: pass --top_k too")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--capture_temperature must be a finite number > 0, got {value}")
+    return float(value)
 
 
 def top_k_option(specs: list[tuple[str | None, int]] | None) -> int | dict[str, int] | None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from kdkit.cli.common import (
     CONFIG_ERRORS,
+    capture_temperature_option,
     is_rank_zero,
     message,
     report_run_error,
@@ -120,7 +121,7 @@ def cmd_dump_lm(args: argparse.Namespace) -> int:
             top_k=flags.top_k,
             batch_size=flags.batch_size,
             device=env.device,
-            capture_temperature=args.capture_temperature or 1.0,
+            capture_temperature=args.capture_temperature,
             progress=args.progress and sys.stderr.isatty() and env.is_main,
             vocab_size=vocab_size,
             allow_other_files=args.allow_other_files,
@@ -166,8 +167,7 @@ def _checked_flags(args: argparse.Namespace) -> _Flags:
     if args.vocab_size is not None and args.vocab_size < 1:
         raise ValueError(f"--vocab_size must be an integer >= 1, got {args.vocab_size}")
     top_k = top_k_option(args.top_k)
-    if args.capture_temperature is not None and top_k is None:
-        raise ValueError("--capture_temperature applies to sparse teachers: pass --top_k too")
+    args.capture_temperature = capture_temperature_option(args.capture_temperature, top_k)
     if isinstance(top_k, dict):
         unknown = sorted(set(top_k) - {name for name, _ in args.teacher})
         if unknown:

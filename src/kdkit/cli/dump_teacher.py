@@ -15,6 +15,7 @@ from typing import Any
 from kdkit.cli.common import (
     CONFIG_ERRORS,
     TRUST_FLAG,
+    capture_temperature_option,
     is_rank_zero,
     json_dict,
     message,
@@ -74,8 +75,7 @@ def _dump_manifest(args: argparse.Namespace) -> int:
             )
         fused = dict(args.fused) if args.fused else None
         top_k = top_k_option(args.top_k)
-        if args.capture_temperature is not None and top_k is None:
-            raise ValueError("--capture_temperature applies to sparse teachers: pass --top_k too")
+        args.capture_temperature = capture_temperature_option(args.capture_temperature, top_k)
     except CONFIG_ERRORS as exc:
         args._parser.error(message(exc))
     setup_logging()
@@ -93,7 +93,7 @@ def _dump_manifest(args: argparse.Namespace) -> int:
             progress=args.progress and sys.stderr.isatty() and env.is_main,
             allow_other_files=args.allow_other_files,
             top_k=top_k,
-            capture_temperature=args.capture_temperature or 1.0,
+            capture_temperature=args.capture_temperature,
         )
     except Exception as exc:  # the cache's own errors (CacheError) included
         return report_run_error(args, exc)

@@ -46,12 +46,13 @@ def add_train_parser(subparsers: Any, name: str, student: bool) -> argparse.Argu
 
 def build_config(args: argparse.Namespace, student: bool) -> Any:
     """Config file -> CLI flags -> validated TrainConfig (raises the library's errors)."""
-    from kdkit.train.config import TrainConfig, load_config_file
+    from kdkit.train.config import FACTORY_FIELDS, TrainConfig, load_config_file
 
     values: dict[str, Any] = {}
-    if args.config:  # a factory named by --model replaces the file's: nothing to trust
-        trust = getattr(args, "trust_factories", False) or hasattr(args, "model")
-        values = load_config_file(args.config, trust_factories=trust)
+    if args.config:  # a factory named on the command line replaces the file's: no trust needed
+        trust = getattr(args, "trust_factories", False)
+        replaced = [name for name in FACTORY_FIELDS if hasattr(args, name)]
+        values = load_config_file(args.config, trust_factories=trust, replaced=replaced)
         from kdkit.augment import check_file_augment
 
         check_file_augment(values, args.config)  # callables only from the command line

@@ -107,12 +107,27 @@ class CausalLMCollator:
             ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
             n = len(ids)
             input_ids[i, :n] = ids
-            mask[i, :n] = 1
             own = sample.get("labels")
             labels[i, :n] = ids if own is None else torch.as_tensor(own, dtype=torch.long)
+            mask[i, :n] = self._record_mask(sample, n, i)
+            labels[i, :n][mask[i, :n] == 0] = self.ignore_index  # pads never train
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
         if self.cache_keys:
             from kdkit.hf.capture import lm_cache_key
 
             batch["kd_keys"] = [lm_cache_key(s["sample_id"], s["input_ids"]) for s in samples]
         return batch
+
+    @staticmethod
+    def _record_mask(sample: dict[str, Any], n: int, i: int) -> torch.Tensor:
+        """The sample's own ``attention_mask`` (0/1, one per token), or all ones."""
+        own = sample.get("attention_mask")
+        if own is None:
+            return torch.ones(n, dtype=torch.long)
+        own_mask = torch.as_tensor(own, dtype=torch.long)
+        if own_mask.shape != (n,) or not bool(((own_mask == 0) | (own_mask == 1)).all()):
+            raise ValueError(
+                f"sample {i}: attention_mask must be {n} values of 0/1 (one per input id), "
+                f"got shape {tuple(own_mask.shape)}"
+            )
+        return own_mask

@@ -203,7 +203,9 @@ def kd_loss(
     if mask is not None:
         check_mask("mask", mask, student_logits.shape[:-1], student_logits.device)
     if sparse:
-        tail = check_sparse_options(teacher_logits, temperature, loss_type, sparse_tail, retemper)
+        tail = check_sparse_options(
+            teacher_logits, temperature, loss_type, sparse_tail, retemper, check_finite
+        )
         return sparse_kd_loss(
             student_logits,
             teacher_logits,

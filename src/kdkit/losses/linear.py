@@ -224,7 +224,9 @@ def linear_kd_loss(
         chunk_elements,
     )
     if sparse:  # after prepare_inputs: the teacher is known to be a SparseLogits that fits
-        tail = check_sparse_options(teacher, temperature, loss_type, sparse_tail, retemper)
+        tail = check_sparse_options(
+            teacher, temperature, loss_type, sparse_tail, retemper, check_finite
+        )
         prep.teacher.sparse_tail = tail  # type: ignore[attr-defined]
     if mask is not None:
         check_mask("mask", mask, prep.batch_shape, student_hidden.device)

@@ -57,6 +57,7 @@ from kdkit.trust import check_factory_trusted
 __all__ = [
     "BEST_METRICS",
     "BEST_ON",
+    "FACTORY_FIELDS",
     "FEATURE_LOSSES",
     "FIELD_CHOICES",
     "FIELD_HELP",
@@ -559,12 +560,21 @@ def _yaml_loader(yaml: Any) -> type:
     return Loader
 
 
+FACTORY_FIELDS: tuple[str, ...] = ("model", "teacher_factory")
+"""Config fields naming a factory that kdkit imports and calls: from a file they need trust."""
+
+
 def load_config_file(
-    path: str | Path, *, trust_factories: bool | Collection[str] = False
+    path: str | Path,
+    *,
+    trust_factories: bool | Collection[str] = False,
+    replaced: Collection[str] = (),
 ) -> dict[str, Any]:
     """Read a ``.toml`` or ``.yaml``/``.yml`` config file into a dict (not yet validated).
 
-    A ``model`` factory other than kdkit's built-ins is refused unless
+    A factory (any of :data:`FACTORY_FIELDS`: ``model``, ``teacher_factory``) other than
+    kdkit's built-ins is refused unless the caller ``replaced`` that field (a command-line
+    value wins, so the file's is never called) or
     ``trust_factories`` is ``True`` or names it (:mod:`kdkit.trust`).
 
     TOML uses :mod:`tomllib` (Python >= 3.11) or the ``tomli`` package; YAML needs
@@ -574,7 +584,7 @@ def load_config_file(
         FileNotFoundError: the file does not exist.
         ValueError: unknown extension, a parse error, or a top level that is not a table.
         ImportError: the parser for the format is not installed (says what to install).
-        kdkit.trust.UntrustedFactoryError: an untrusted ``model`` factory.
+        kdkit.trust.UntrustedFactoryError: an untrusted factory in a :data:`FACTORY_FIELDS` field.
     """
     path = Path(path)
     if not path.is_file():
@@ -606,6 +616,7 @@ def load_config_file(
         raise ValueError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
     if not isinstance(values, dict):
         raise ValueError(f"{path}: the top level must be a table of settings")
-    if "model" in values:
-        check_factory_trusted(values["model"], str(path), trust_factories)
+    for name in FACTORY_FIELDS:
+        if values.get(name) is not None and name not in replaced:
+            check_factory_trusted(values[name], f"{path} ({name})", trust_factories)
     return values
