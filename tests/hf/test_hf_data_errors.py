@@ -35,18 +35,11 @@ BAD = {
 
 def _argv(command, data, teacher_dir, tmp_path):
     if command == "dump":
-        return ["dump-teacher", "--data", data, "--teacher", f"t={teacher_dir}"] + [
-            "--cache",
-            str(tmp_path / "cache"),
-        ]
-    return ["distill-lm", "--data", data, "--teacher_model", str(teacher_dir)] + [
-        "--student_from_teacher",
-        "2",
-        "--max_steps",
-        "1",
-        "--output_dir",
-        str(tmp_path / "out"),
-    ]
+        cache = str(tmp_path / "cache")
+        return ["dump-teacher", "--data", data, "--teacher", f"t={teacher_dir}", "--cache", cache]
+    out = str(tmp_path / "out")
+    argv = ["distill-lm", "--data", data, "--teacher_model", str(teacher_dir)]
+    return [*argv, "--student_from_teacher", "2", "--max_steps", "1", "--output_dir", out]
 
 
 @pytest.mark.parametrize("command", ["dump", "distill"])
@@ -65,7 +58,7 @@ def test_vocab_size_smaller_than_the_data_ids_is_refused_at_dump_time(
     tmp_path, teacher_dir, capsys
 ):
     data = _data(tmp_path, [{"input_ids": [1, 2, 40]}])
-    argv = _argv("dump", data, teacher_dir, tmp_path) + ["--vocab_size", "20"]
+    argv = [*_argv("dump", data, teacher_dir, tmp_path), "--vocab_size", "20"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--vocab_size 20" in err and "token id 40" in err
