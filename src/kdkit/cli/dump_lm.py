@@ -188,7 +188,7 @@ def _load_inputs(
     from transformers import AutoTokenizer
 
     from kdkit.hf.capture import check_vocab_size
-    from kdkit.hf.data import load_lm_data
+    from kdkit.hf.data import check_token_ids, load_lm_data
     from kdkit.hf.recipe import dir_tokenizer, local_dir
     from kdkit.hf.vocab import output_size
 
@@ -196,10 +196,17 @@ def _load_inputs(
         tokenizer = AutoTokenizer.from_pretrained(flags.tokenizer_dir, local_files_only=True)
     else:
         tokenizer = dir_tokenizer(local_dir(args.teacher[0][1], "--teacher"))
-    samples = load_lm_data(args.data, tokenizer, max_length=flags.max_length)
+    try:
+        samples = load_lm_data(args.data, tokenizer, max_length=flags.max_length)
+    except ValueError as exc:
+        raise ValueError(f"--data {message(exc)}") from None
     models, _ = _load_teachers(args.teacher, args.teacher_dtype or "float32")
     vocab_size = args.vocab_size
     if vocab_size is None:
         vocab_size = default_vocab_size(tokenizer, {n: output_size(m) for n, m in models.items()})
     check_vocab_size(models, vocab_size)
+    rows = min(m.get_input_embeddings().num_embeddings for m in models.values())
+    if vocab_size is not None and vocab_size < rows:
+        check_token_ids(samples, vocab_size, f"--data {args.data}", "--vocab_size")
+    check_token_ids(samples, rows, f"--data {args.data}", "teacher input embeddings")
     return samples, models, vocab_size, tokenizer

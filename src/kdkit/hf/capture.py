@@ -197,6 +197,13 @@ def check_lm_cache(index: Any, samples: Sequence[dict[str, Any]]) -> None:
 
     if not hasattr(index, "keys"):
         index = load_cache_index(index)
+    for number, s in enumerate(samples):
+        if not isinstance(s, dict) or "sample_id" not in s or "input_ids" not in s:
+            raise ValueError(
+                f"teacher cache {str(index.path)!r}: training sample {number} has no "
+                "'sample_id' (and 'input_ids'), the key of its cached teacher outputs: read "
+                "the data with kdkit.hf.load_lm_data or add a sample_id to each record"
+            )
     cached: dict[str, set[str]] = {}
     for key in index.keys():  # noqa: SIM118 (a CacheIndex, not a dict)
         sample_id, _, fingerprint = key.rpartition("@")

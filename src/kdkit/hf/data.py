@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CausalLMCollator", "load_lm_data"]
+__all__ = ["CausalLMCollator", "check_token_ids", "load_lm_data"]
 
 
 def load_lm_data(
@@ -35,6 +36,7 @@ def load_lm_data(
     if max_length is not None and (isinstance(max_length, bool) or max_length < 2):
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
     samples: list[dict[str, Any]] = []
+    short = 0
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -47,6 +49,9 @@ def load_lm_data(
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
             ids = _record_ids(record, tokenizer, where)
+            if not ids:
+                raise ValueError(f"{where}: empty token sequence (a record needs >= 1 token)")
+            short += len(ids) == 1
             sample_id = str(record.get("id", number))
             step = max_length or max(len(ids), 1)
             blocks = [ids[i : i + step] for i in range(0, len(ids), step)] or [ids]
@@ -55,7 +60,34 @@ def load_lm_data(
                 samples.append({"input_ids": block, "sample_id": sample_id + suffix})
     if not samples:
         raise ValueError(f"data file {str(path)!r} holds no samples")
+    if short:
+        warnings.warn(
+            f"data file {str(path)!r}: {short} one-token record(s) have no next token to "
+            "predict and add nothing to the loss",
+            stacklevel=2,
+        )
     return samples
+
+
+def check_token_ids(
+    samples: list[dict[str, Any]], limit: int | None, source: str, what: str
+) -> None:
+    """Every token id of ``samples`` below ``limit`` (a model's vocabulary size).
+
+    Raises:
+        ValueError: naming ``source`` (the data file), the sample (its id; the line number
+            unless the record has an ``"id"``), the id and ``what`` bounds it.
+    """
+    if limit is None:
+        return
+    for sample in samples:
+        ids = sample["input_ids"]
+        top = max(ids) if ids else -1
+        if top >= limit:
+            raise ValueError(
+                f"{source}: sample {sample['sample_id']!r} (line or id) has token id {top}, "
+                f"out of the vocabulary ({what} {limit}: ids 0..{limit - 1})"
+            )
 
 
 def _record_ids(record: dict[str, Any], tokenizer: Any, where: str) -> list[int]:

@@ -224,13 +224,13 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
     from kdkit._extras import require
 
     transformers = require("transformers", "hf", "kdkit distill-lm")
-    from kdkit.hf.data import CausalLMCollator, load_lm_data
+    from kdkit.hf.data import CausalLMCollator, check_token_ids
     from kdkit.hf.trainer import DistillationTrainer
 
     tokenizer, teacher_tokenizer = _tokenizers(config)
-    train_data = load_lm_data(config.data, tokenizer, max_length=config.max_length)
+    train_data = _flag_data("--data", config.data, tokenizer, config.max_length)
     eval_data = (
-        load_lm_data(config.eval_data, tokenizer, max_length=config.max_length)
+        _flag_data("--eval_data", config.eval_data, tokenizer, config.max_length)
         if config.eval_data
         else None
     )
@@ -241,6 +241,14 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
             teacher_dir, local_files_only=True
         )
     student = _load_student(config, teacher)
+    models = [student] if teacher is None else [student, teacher]
+    rows = min(m.get_input_embeddings().num_embeddings for m in models)
+    for flag, path, data in (
+        ("--data", config.data, train_data),
+        ("--eval_data", config.eval_data, eval_data),
+    ):
+        if data is not None:
+            check_token_ids(data, rows, f"{flag} {path}", "model input embeddings")
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad = pad if pad is not None else (student.config.pad_token_id or 0)
     out = Path(config.output_dir)
@@ -290,3 +298,15 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
             json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8"
         )
     return LMDistillResult(out, metrics, trainer)
+
+
+def _flag_data(
+    flag: str, path: Any, tokenizer: Any, max_length: int | None
+) -> list[dict[str, Any]]:
+    """:func:`~kdkit.hf.data.load_lm_data`, its ValueError naming ``flag``."""
+    from kdkit.hf.data import load_lm_data
+
+    try:
+        return load_lm_data(path, tokenizer, max_length=max_length)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {' '.join(str(exc).split())}") from None

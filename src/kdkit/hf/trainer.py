@@ -125,7 +125,15 @@ def _checked_arguments(
         raise ValueError(
             f"schedule_unit must be one of {list(SCHEDULE_UNITS)}, got {schedule_unit!r}"
         )
-    kd_config = KDLossConfig() if kd_config is None else kd_config
+    if isinstance(kd_config, dict):
+        kd_config = KDLossConfig.from_dict(kd_config)
+    if kd_config is None:
+        kd_config = KDLossConfig()
+    if not isinstance(kd_config, KDLossConfig):
+        raise TypeError(
+            f"kd_config must be a KDLossConfig or a dict of its fields, got "
+            f"{type(kd_config).__name__}"
+        )
     kd_config.validate()
     if output_transform is not None and not isinstance(output_transform, OutputTransform):
         raise TypeError(
