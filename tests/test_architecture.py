@@ -52,6 +52,7 @@ def _imports(module: str, path: Path, is_package: bool) -> list[tuple[str, str |
 
 MODULES = _modules()
 
+
 def test_the_module_walk_sees_the_package():
     assert "kdkit.cli.main" in MODULES and "kdkit.losses.kd" in MODULES
     imported = {src for src, _ in _imports("kdkit.cli.main", *MODULES["kdkit.cli.main"])}

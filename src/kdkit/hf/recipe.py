@@ -241,7 +241,9 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
             teacher_dir, local_files_only=True
         )
     student = _load_student(config, teacher)
-    models = [student] if teacher is None else [student, teacher]
+    cross = config.cross_tokenizer_loss is not None or config.teacher_tokenizer is not None
+    # the data's ids are the student's tokens (cross-tokenizer: the teacher re-tokenises)
+    models = [student] if teacher is None or cross else [student, teacher]
     rows = min(m.get_input_embeddings().num_embeddings for m in models)
     for flag, path, data in (
         ("--data", config.data, train_data),
@@ -252,22 +254,7 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad = pad if pad is not None else (student.config.pad_token_id or 0)
     out = Path(config.output_dir)
-    args = transformers.TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps,
-        bf16=config.bf16,
-        seed=config.seed,
-        logging_steps=config.logging_steps,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
+    args = _training_arguments(transformers, config, out)
     trainer = DistillationTrainer(
         student,
         args,
@@ -298,6 +285,26 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
             json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8"
         )
     return LMDistillResult(out, metrics, trainer)
+
+
+def _training_arguments(transformers: Any, config: LMDistillConfig, out: Path) -> Any:
+    """The ``transformers.TrainingArguments`` of the recipe (no checkpoints, no reporters)."""
+    return transformers.TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        bf16=config.bf16,
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
 
 
 def _flag_data(
