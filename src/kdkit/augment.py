@@ -78,7 +78,9 @@ def gaussian_noise(x: torch.Tensor, sigma: float, generator: torch.Generator) ->
     return x + sigma * noise.to(x.device)
 
 
-def _band_mask(length: int, batch: int, fraction: float, generator: torch.Generator):
+def _band_mask(
+    length: int, batch: int, fraction: float, generator: torch.Generator
+) -> torch.Tensor:
     """``[B, length]`` booleans: one band per sample, width uniform in 0..fraction*length."""
     max_width = int(fraction * length)
     width = (_uniform([batch], generator) * (max_width + 1)).long()
@@ -192,7 +194,7 @@ class Augmentation:
     ) -> tuple[torch.Tensor, Mix | None]:
         mix = None
         for step in self.steps:
-            if step.name == "mixup":
+            if step.name == "mixup" and step.param is not None:  # a built-in: always has one
                 x, mix = mixup(x, step.param, generator)
             elif step.param is not None:
                 x = step.fn(x, step.param, generator)

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -219,7 +219,7 @@ class FeatureDistiller(nn.Module):
             self._handles.append(t_mod.register_forward_hook(self._hook("teacher", i)))
         return self
 
-    def _hook(self, role: str, i: int):
+    def _hook(self, role: str, i: int) -> Callable[[nn.Module, object, object], None]:
         pair = self.pairs[i]
 
         def hook(module: nn.Module, args: object, output: object) -> None:

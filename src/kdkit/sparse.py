@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -108,7 +109,9 @@ class SparseLogits:
     tail_logprob: torch.Tensor
     vocab_size: int
     temperature: float = 1.0
-    mask: torch.Tensor | None = None
+    # ``None`` (all positions real) is replaced by an all-True mask in ``__post_init__``, so
+    # every reader sees a tensor; the annotation says what the attribute holds.
+    mask: torch.Tensor = None  # type: ignore[assignment]
     keys: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -167,7 +170,7 @@ class SparseLogits:
         """The shape of the dense logits this stands for: ``[B, L, V]``."""
         return torch.Size([*self.positions_shape, self.vocab_size])
 
-    def to(self, *args: object, **kwargs: object) -> SparseLogits:
+    def to(self, *args: Any, **kwargs: Any) -> SparseLogits:
         """Move every tensor like :meth:`torch.Tensor.to` (a dtype applies to the floats only)."""
 
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -181,7 +184,7 @@ class SparseLogits:
             indices=move(self.indices),
             logprobs=move(self.logprobs),
             tail_logprob=move(self.tail_logprob),
-            mask=move(self.mask),  # type: ignore[arg-type]
+            mask=move(self.mask),
         )
 
     def pin_memory(self) -> SparseLogits:
@@ -191,7 +194,7 @@ class SparseLogits:
             indices=self.indices.pin_memory(),
             logprobs=self.logprobs.pin_memory(),
             tail_logprob=self.tail_logprob.pin_memory(),
-            mask=self.mask.pin_memory(),  # type: ignore[union-attr]
+            mask=self.mask.pin_memory(),
         )
 
     def detach(self) -> SparseLogits:
@@ -206,7 +209,7 @@ class SparseLogits:
         if self.indices.ndim < 2:
             raise ValueError("SparseLogits.unbind needs a batch axis: indices [B, ..., K]")
         seq = self.indices.ndim >= 3
-        lengths = self.mask.sum(dim=-1).tolist() if seq else None  # type: ignore[union-attr]
+        lengths = self.mask.sum(dim=-1).tolist() if seq else None
         out = []
         for i in range(self.indices.shape[0]):
             sl = slice(0, int(lengths[i])) if lengths is not None else slice(None)
@@ -217,7 +220,7 @@ class SparseLogits:
                     self.tail_logprob[i][sl] if seq else self.tail_logprob[i],
                     self.vocab_size,
                     self.temperature,
-                    self.mask[i][sl] if seq else self.mask[i],  # type: ignore[index]
+                    self.mask[i][sl] if seq else self.mask[i],
                     None if self.keys is None else (self.keys[i],),
                 )
             )
@@ -248,7 +251,7 @@ class SparseLogits:
                 )
         keys = None
         if all(it.keys is not None and len(it.keys) == 1 for it in items):
-            keys = tuple(it.keys[0] for it in items)  # type: ignore[index]
+            keys = tuple(it.keys[0] for it in items if it.keys is not None)
         if first.indices.ndim == 1:  # classification items [K]
             return SparseLogits(
                 torch.stack([it.indices for it in items]),
@@ -256,7 +259,7 @@ class SparseLogits:
                 torch.stack([it.tail_logprob for it in items]),
                 first.vocab_size,
                 first.temperature,
-                torch.stack([it.mask for it in items]),  # type: ignore[misc]
+                torch.stack([it.mask for it in items]),
                 keys,
             )
         length = max(it.indices.shape[0] for it in items)
@@ -267,7 +270,7 @@ class SparseLogits:
             torch.stack([it.tail_logprob for it in padded]),
             first.vocab_size,
             first.temperature,
-            torch.stack([it.mask for it in padded]),  # type: ignore[misc]
+            torch.stack([it.mask for it in padded]),
             keys,
         )
 
@@ -289,7 +292,7 @@ class SparseLogits:
         if length == have:
             return self
         if length < have:
-            if bool(self.mask[..., length:].any()):  # type: ignore[index]
+            if bool(self.mask[..., length:].any()):
                 raise ValueError(
                     f"SparseLogits.with_length({length}) would drop real positions "
                     f"(it holds {have})"
@@ -299,7 +302,7 @@ class SparseLogits:
                 indices=self.indices[..., :length, :],
                 logprobs=self.logprobs[..., :length, :],
                 tail_logprob=self.tail_logprob[..., :length],
-                mask=self.mask[..., :length],  # type: ignore[index]
+                mask=self.mask[..., :length],
             )
         k, lead, dev = self.top_k, self.indices.shape[:-2], self.device
         extra = length - have
@@ -314,7 +317,7 @@ class SparseLogits:
             indices=torch.cat([self.indices, indices], dim=-2),
             logprobs=torch.cat([self.logprobs, logprobs], dim=-2),
             tail_logprob=torch.cat([self.tail_logprob, tail], dim=-1),
-            mask=torch.cat([self.mask, mask], dim=-1),  # type: ignore[list-item]
+            mask=torch.cat([self.mask, mask], dim=-1),
         )
 
     def dense_logprobs(self, fill: str = "uniform") -> torch.Tensor:
@@ -324,7 +327,7 @@ class SparseLogits:
         For inspection and tests; it materialises ``[..., V]``.
         """
         v, k = self.vocab_size, self.top_k
-        base = -math.inf
+        base: float | torch.Tensor = -math.inf
         if fill == "uniform" and v > k:
             base = self.tail_logprob - math.log(v - k)
         elif fill not in ("uniform", "zero"):

@@ -96,14 +96,13 @@ def check_student_loss_args(
     current_epoch: object,
 ) -> None:
     """Check the tensors and epoch of ``compute_student_loss`` (options: see above)."""
-    check_logits("student_logits", student_logits)
+    student = check_logits("student_logits", student_logits)
     if isinstance(teacher_logits, SparseLogits):
-        check_sparse_teacher(student_logits, teacher_logits)  # type: ignore[arg-type]
+        check_sparse_teacher(student, teacher_logits)
     else:
-        check_logits("teacher_logits", teacher_logits)
-        check_same_shape(student_logits, teacher_logits)  # type: ignore[arg-type]
-    batch_shape = student_logits.shape[:-1]
-    device = student_logits.device
+        check_same_shape(student, check_logits("teacher_logits", teacher_logits))
+    batch_shape = student.shape[:-1]
+    device = student.device
     check_targets(targets, batch_shape, device)
     if domain_mask is not None:
         check_mask("domain_mask", domain_mask, batch_shape, device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -56,7 +56,8 @@ def check_device(device: object, name: str = "device") -> torch.device:
         ValueError: device 'gpu' is not a torch device (e.g. cpu, cuda, cuda:1, mps)
     """
     try:
-        dev = torch.device(device)
+        # anything else makes torch.device raise TypeError, turned into the message below
+        dev = torch.device(cast("str | int | torch.device", device))
     except (RuntimeError, TypeError):
         raise ValueError(
             f"{name} {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)"
@@ -222,7 +223,7 @@ def check_position_values(
     _check_batch_shape_and_device(name, values, batch_shape, device)
 
 
-def check_normaliser(name: str, value: object) -> object:
+def check_normaliser(name: str, value: object) -> torch.Tensor | float:
     """A count that divides a loss: a finite number >= 0, or a one-element tensor (not
     inspected, so that a device tensor costs no host transfer)."""
     if isinstance(value, torch.Tensor):

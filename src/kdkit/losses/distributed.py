@@ -117,16 +117,19 @@ def compute_student_loss_distributed(
         >>> loss.item() == compute_student_loss(s, t, y, config)[0].item()
         True
     """
-    kwargs = {
-        "tensor_stats": tensor_stats,
-        "ignore_index": ignore_index,
-        "implementation": implementation,
-        "sparse_tail": sparse_tail,
-        "retemper": retemper,
-    }
     if not is_distributed(group):
         return compute_student_loss(
-            student_logits, teacher_logits, targets, config, current_epoch, domain_mask, **kwargs
+            student_logits,
+            teacher_logits,
+            targets,
+            config,
+            current_epoch,
+            domain_mask,
+            tensor_stats=tensor_stats,
+            ignore_index=ignore_index,
+            implementation=implementation,
+            sparse_tail=sparse_tail,
+            retemper=retemper,
         )
     inputs = StudentLossInputs(
         student_logits,
@@ -201,4 +204,4 @@ def finish_student_loss_distributed(
             "see that rank's error"
         )
     raise_infinite_ce(values[1], alpha)
-    return loss, stats_dict(*values[:5], alpha)
+    return loss, stats_dict(values[0], values[1], values[2], values[3], values[4], alpha)

@@ -191,8 +191,7 @@ def kd_loss(
         torch.Size([])
     """
     check_logits("student_logits", student_logits)
-    sparse = isinstance(teacher_logits, SparseLogits)
-    if sparse:
+    if isinstance(teacher_logits, SparseLogits):
         check_sparse_teacher(student_logits, teacher_logits)
     else:
         check_logits("teacher_logits", teacher_logits)
@@ -202,7 +201,7 @@ def kd_loss(
     )
     if mask is not None:
         check_mask("mask", mask, student_logits.shape[:-1], student_logits.device)
-    if sparse:
+    if isinstance(teacher_logits, SparseLogits):
         tail = check_sparse_options(
             teacher_logits, temperature, loss_type, sparse_tail, retemper, check_finite
         )
@@ -268,13 +267,14 @@ def compute_confidence_weights(
         >>> stats["coverage"]
         0.5
     """
-    sparse = isinstance(teacher_logits, SparseLogits)
-    if not sparse:
+    if not isinstance(teacher_logits, SparseLogits):
         check_logits("teacher_logits", teacher_logits)
     check_choice("weighting", weighting, WEIGHTINGS)
     threshold = check_fraction("threshold", threshold)
 
-    if sparse:  # the top-1 stored probability; padding positions are left out
+    if isinstance(
+        teacher_logits, SparseLogits
+    ):  # the top-1 stored probability; padding positions are left out
         confidence = sparse_confidence(teacher_logits, compute_dtype(teacher_logits.logprobs))
         weights = confidence_weights(confidence, weighting, threshold)
         real = teacher_logits.mask

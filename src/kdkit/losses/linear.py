@@ -131,7 +131,7 @@ __all__ = [
 def linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: torch.Tensor | SparseLogits,
     temperature: float = 4.0,
     loss_type: str = "kldiv",
     reduction: str = "batchmean",
@@ -209,7 +209,6 @@ def linear_kd_loss(
     temperature, jsd_beta = check_kd_loss_options(
         temperature, loss_type, reduction, jsd_beta, "auto"
     )
-    sparse = isinstance(teacher, SparseLogits)
     prep = prepare_inputs(
         student_hidden,
         student_weight,
@@ -223,7 +222,8 @@ def linear_kd_loss(
         vocab_size,
         chunk_elements,
     )
-    if sparse:  # after prepare_inputs: the teacher is known to be a SparseLogits that fits
+    # after prepare_inputs: the teacher is known to be a SparseLogits that fits
+    if isinstance(teacher, SparseLogits):
         tail = check_sparse_options(
             teacher, temperature, loss_type, sparse_tail, retemper, check_finite
         )
@@ -233,7 +233,7 @@ def linear_kd_loss(
     num_rows = prep.hidden.shape[0]
     # A sparse teacher's uncovered positions count as masked (as sparse_kd_loss does).
     keep = mask
-    if sparse:
+    if isinstance(teacher, SparseLogits):
         keep = teacher.mask if mask is None else mask & teacher.mask
     flat_mask = None if keep is None else keep.reshape(-1)
 
@@ -253,14 +253,15 @@ def linear_kd_loss(
         infinite = torch.isinf(kd_rows.detach())
         if flat_mask is not None:
             infinite = infinite & flat_mask
-        if sparse:  # the stored log-probs are not checked; positions it lacks are
+        # the stored log-probs are not checked; positions it lacks are
+        if isinstance(teacher, SparseLogits):
             uncovered = (mask & ~teacher.mask) if mask is not None else torch.zeros_like(bad_t)
             bad_t = uncovered.reshape(-1)
         flags = torch.stack([bad_s.any(), bad_t.any(), infinite.any()]).tolist()
         if flags[0]:
             raise_flagged_rows(student_name(prep), bad_s)
-        if flags[1] and sparse:
-            raise_uncovered(mask, teacher)  # type: ignore[arg-type]
+        if flags[1] and isinstance(teacher, SparseLogits) and mask is not None:  # 0 without a mask
+            raise_uncovered(mask, teacher)
         if flags[1]:
             raise_flagged_rows(prep.teacher.name, bad_t)  # type: ignore[attr-defined]
         if flags[2]:

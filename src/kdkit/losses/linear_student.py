@@ -65,7 +65,7 @@ __all__ = [
 def compute_student_loss_linear(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: torch.Tensor | SparseLogits,
     targets: torch.Tensor,
     config: KDLossConfig,
     current_epoch: float = 0,
@@ -139,7 +139,7 @@ def compute_student_loss_linear(
 def compute_student_loss_linear_distributed(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: torch.Tensor | SparseLogits,
     targets: torch.Tensor,
     config: KDLossConfig,
     current_epoch: float = 0,
@@ -169,7 +169,7 @@ def compute_student_loss_linear_distributed(
     gradient the pass computes.  Other arguments as :func:`compute_student_loss_linear`.
     Without a process group (or with one rank) it is :func:`compute_student_loss_linear`.
     """
-    options = {
+    options: dict[str, Any] = {  # passed on by name to the functions above
         "student_bias": student_bias,
         "teacher_weight": teacher_weight,
         "teacher_bias": teacher_bias,
@@ -205,7 +205,9 @@ def compute_student_loss_linear_distributed(
     )
     scale = float(dist.get_world_size(group)) if gradients_averaged else 1.0
 
-    def global_counts(count: torch.Tensor, weight_sum: torch.Tensor):
+    def global_counts(
+        count: torch.Tensor, weight_sum: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         both = torch.stack([count, weight_sum])
         dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
         return both[0], both[1], scale

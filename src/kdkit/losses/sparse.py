@@ -162,11 +162,11 @@ def sparse_confidence(teacher: SparseLogits, dtype: torch.dtype) -> torch.Tensor
 def raise_uncovered(valid: torch.Tensor, teacher: SparseLogits) -> None:
     """``ValueError`` naming the first sample with a valid student position that the sparse
     teacher has no output for (its cached sequence is shorter)."""
-    uncovered = (valid & ~teacher.mask).reshape(valid.shape[0], -1).any(dim=-1)  # type: ignore[operator]
+    uncovered = (valid & ~teacher.mask).reshape(valid.shape[0], -1).any(dim=-1)
     i = int(uncovered.nonzero()[0, 0])
     name = repr(teacher.keys[i]) if teacher.keys is not None else f"in row {i}"
     have = int(valid[i].sum()) if valid.ndim > 1 else 1
-    cached = int(teacher.mask[i].sum()) if teacher.mask.ndim > 1 else 0  # type: ignore[union-attr]
+    cached = int(teacher.mask[i].sum()) if teacher.mask.ndim > 1 else 0
     raise ValueError(
         f"sample {name} has {have} valid student positions but {cached} cached teacher positions "
         f"({int(uncovered.sum())} sample(s) have positions without teacher output)"
@@ -196,12 +196,12 @@ def sparse_kd_loss(
     keep = teacher.mask if mask is None else mask & teacher.mask
     if check_finite:
         infinite = torch.isinf(per_position.detach()) & keep
-        uncovered = (mask & ~teacher.mask).any() if mask is not None else infinite.new_zeros(())  # type: ignore[operator]
+        uncovered = (mask & ~teacher.mask).any() if mask is not None else infinite.new_zeros(())
         flags = torch.stack([bad_rows(student_logits).any(), infinite.any(), uncovered]).tolist()
         if flags[0]:
             raise_bad_rows("student_logits", student_logits)
-        if flags[2]:
-            raise_uncovered(mask, teacher)  # type: ignore[arg-type]
+        if flags[2] and mask is not None:  # flags[2] is 0 without a mask
+            raise_uncovered(mask, teacher)
         if flags[1]:
             raise_infinite_kd(infinite, loss_type)
     loss = reduce(per_position, reduction, keep)

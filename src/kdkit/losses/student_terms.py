@@ -80,7 +80,7 @@ class StudentLossInputs(NamedTuple):
     """The per-call arguments of the student losses (``config``: a ``KDLossConfig``)."""
 
     student_logits: torch.Tensor
-    teacher_logits: torch.Tensor
+    teacher_logits: torch.Tensor | SparseLogits
     targets: torch.Tensor
     config: Any
     domain_mask: torch.Tensor | None
@@ -212,7 +212,7 @@ def _teacher_selection(
 
 
 def normaliser_counts(
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseLogits,
     targets: torch.Tensor,
     config: Any,
     domain_mask: torch.Tensor | None,
@@ -237,8 +237,9 @@ def student_loss_terms(
 ) -> StudentLossTerms:
     """Sums and counts of the CE and weighted KD terms of one batch."""
     student_logits, teacher_logits, targets, config, domain_mask, ignore_index = inputs[:6]
-    sparse = isinstance(teacher_logits, SparseLogits)
-    teacher_values = teacher_logits.logprobs if sparse else teacher_logits
+    teacher_values = (
+        teacher_logits.logprobs if isinstance(teacher_logits, SparseLogits) else teacher_logits
+    )
     dtype = compute_dtype(student_logits, teacher_values, temperature=config.temperature)
     student = student_logits.to(dtype)
     valid = targets != ignore_index
@@ -250,7 +251,7 @@ def student_loss_terms(
     infinite = None
     kd_sum = student.new_zeros(())
     infinite_any = torch.zeros((), dtype=torch.bool, device=student.device)
-    if alpha > 0 and sparse:
+    if alpha > 0 and isinstance(teacher_logits, SparseLogits):
         per_sample = sparse_divergence(
             student_logits,
             teacher_logits,
@@ -259,7 +260,9 @@ def student_loss_terms(
             config.jsd_beta,
             inputs.sparse_tail,
         )
-    if alpha > 0 and not sparse:  # during warmup the divergence is not computed at all
+    if alpha > 0 and not isinstance(
+        teacher_logits, SparseLogits
+    ):  # during warmup the divergence is not computed at all
         per_sample = divergence(
             student_logits,
             teacher_logits,
@@ -334,7 +337,7 @@ def raise_for_flags(
         raise_bad_rows("student_logits", student_logits)
     if flags[2] and isinstance(teacher_logits, SparseLogits):
         raise_uncovered(targets != inputs.ignore_index, teacher_logits)
-    if flags[2]:
+    if flags[2] and not isinstance(teacher_logits, SparseLogits):
         raise_bad_rows("teacher_logits", teacher_logits)
     if flags[3] and terms.infinite is not None:
         raise_infinite_kd(terms.infinite, inputs.config.loss_type)
@@ -390,4 +393,4 @@ def finish_student_loss(
     ).tolist()  # the one device-to-host transfer: stats and value checks together
     raise_flags(values[5:])
     raise_infinite_ce(values[1], alpha)
-    return total, stats_dict(*values[:5], alpha)
+    return total, stats_dict(values[0], values[1], values[2], values[3], values[4], alpha)

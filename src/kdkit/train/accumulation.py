@@ -282,7 +282,7 @@ class StepTotals:
         if any(values[6:10]):
             self._raise(values[6:10])
         raise_infinite_ce(values[1], alpha)
-        stats = stats_dict(*values[:5], alpha)
+        stats = stats_dict(values[0], values[1], values[2], values[3], values[4], alpha)
         stats.update(zip(self.feature_names, values[10 : len(head)]))
         return stats, values[5], values[len(head) :]
 
