@@ -539,5 +539,5 @@ def file_sizes(manifest: dict[str, Any]) -> dict[str, int]:
 def checksum_of(raw: np.ndarray) -> str:
     """Streamed BLAKE2b (64-byte digest, hex) of a mapped file."""
     return blake2b_hex(
-        memoryview(raw[start : start + READ_BLOCK]) for start in range(0, raw.shape[0], READ_BLOCK)
+        raw[start : start + READ_BLOCK].data for start in range(0, raw.shape[0], READ_BLOCK)
     )

@@ -64,7 +64,7 @@ class Captured:
             lengths = self.lengths[rows]
             pos = torch.from_numpy(flat_positions(offsets[rows], lengths))
 
-        def pick(t):
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[pos]
 
         return Captured(

@@ -153,7 +153,7 @@ def dump_teacher_logits(
     models = check_teachers(teachers)
     dev = torch.device(device)
     sparse = check_top_k(top_k, capture_temperature, list(models))
-    options = dict(
+    options: dict[str, Any] = dict(  # passed on by name to both writers
         input_key=input_key,
         key_field=key_field,
         key_fn=key_fn,

@@ -6,7 +6,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -22,8 +22,10 @@ from kdkit.cache._format import (
 )
 from kdkit.cache.index import CacheIndex
 
+_T = TypeVar("_T")
 
-def pick_ensembles(ensembles: object, fused: object) -> object:
+
+def pick_ensembles(ensembles: _T | None, fused: _T | None) -> _T | None:
     """``ensembles``, or the deprecated ``fused`` alias (a ``DeprecationWarning``).
 
     ``None`` means "not given" for both (so passing ``fused=None`` stays silent).

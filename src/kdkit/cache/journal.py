@@ -215,7 +215,7 @@ class Journal:
         for name in self.config["teachers"]:
             parts = [p[2][name] for p in self._pending if name in p[2] and len(p[2][name])]
             rows = sum(p[4].get(name, 0) for p in self._pending)
-            arr = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+            arr: np.ndarray = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
             chunk["teacher_rows"][name] = rows
             if sequence:
                 chunk["teacher_positions"][name] = int(arr.shape[0])

@@ -15,7 +15,7 @@ def resolve_selection(
     teacher: str | Sequence[str] | None,
     fusion: str | None,
     weights: Sequence[float] | None,
-) -> tuple[list[str], str | None, list[float] | None]:
+) -> tuple[list[str], str | None, Sequence[float] | None]:
     """Validate ``teacher``/``fusion``/``weights`` against ``index``: (teachers, strategy, weights)."""
     available = index.teachers
     if fusion is None and weights is not None:
@@ -23,7 +23,7 @@ def resolve_selection(
     if teacher is None:
         if fusion is not None:
             names = [n for n in available if not index.manifest["teachers"][n].get("fused")]
-            return _check_names(index, names), fusion, weights  # type: ignore[return-value]
+            return _check_names(index, names), fusion, weights
         if len(available) == 1:
             return [available[0]], None, None
         default = index.default_fusion

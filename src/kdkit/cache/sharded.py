@@ -43,7 +43,9 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _own_batches(data: Any, batch_size: int, num_workers: int, rank: int, world: int):
+def _own_batches(
+    data: Any, batch_size: int, num_workers: int, rank: int, world: int
+) -> tuple[int, Iterator[tuple[int, Any]]]:
     """``(number of batches, iterator of (index, batch or None))``: only own batches load."""
     if isinstance(data, DataLoader):
         return len(data), (
@@ -92,10 +94,10 @@ def _rounds(
                     mine = compute(batch)
                 if i == min(start + world, count) - 1:
                     break
-            received = [None] * world if rank == 0 else None
+            received: list[Any] | None = [None] * world if rank == 0 else None
             dist.gather_object(mine, received, dst=0)
-            if rank == 0:
-                yield received  # type: ignore[misc]
+            if received is not None:  # rank 0
+                yield received
 
 
 def _in_order(rounds: Iterable[list[Any]]) -> Iterator[Gathered]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,7 @@ class LogitsRecord:
     teacher without a position axis)."""
 
     plan: Plan
-    logits: dict[str, Captured | torch.Tensor]
+    logits: Mapping[str, Captured | torch.Tensor]
 
     @property
     def keys(self) -> list[str]:
@@ -238,7 +238,7 @@ class CacheWriter:
                 f"teacher {name!r} returned {'[B, L, V]' if sequence else '[B, C]'} logits but "
                 f"the cache holds {have}; all teachers of a cache must agree"
             )
-        if not sequence:
+        if y.lengths is None:  # not a sequence teacher
             return
         prior = lengths[rows]
         clash = (prior >= 0) & (prior != y.lengths)
@@ -255,15 +255,16 @@ class CacheWriter:
         if name not in self.sparse:
             check_logit_values(name, pos_keys, y.logits, self.dtype)  # type: ignore[arg-type]
             return y.logits.numpy().astype(DTYPES[self.dtype])  # type: ignore[union-attr]
-        info = {
+        index_dtype = index_dtype_for(y.num_classes)
+        info: dict[str, Any] = {
             "kind": "sparse",
             "top_k": self.sparse[name].top_k,
-            "index_dtype": index_dtype_for(y.num_classes),
+            "index_dtype": index_dtype,
             "dtype": self.dtype,
             "num_classes": y.num_classes,
         }
         rec = np.zeros(len(y.tail), dtype=position_dtype(info))  # type: ignore[arg-type]
-        rec["indices"] = y.indices.numpy().astype(INDEX_DTYPES[info["index_dtype"]])  # type: ignore[union-attr]
+        rec["indices"] = y.indices.numpy().astype(INDEX_DTYPES[index_dtype])  # type: ignore[union-attr]
         logprobs = y.logprobs.numpy()  # type: ignore[union-attr]
         if self.dtype == "float16":  # probability exp(-65504) is 0 in every float type
             logprobs = np.maximum(logprobs, -FLOAT16_MAX)
