@@ -44,7 +44,7 @@ def _replace(tmp: Path, final: Path) -> Path:
     return final
 
 
-def atomic_write(final: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(final: Path, write: Callable[[Path], object]) -> Path:
     """``write`` a temporary file ``.<name>.tmp`` next to ``final``, fsync it, rename it
     over ``final``; return ``final``.
 

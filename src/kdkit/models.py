@@ -123,7 +123,7 @@ def resolve_model_kwargs(
     model_kwargs: Mapping[str, Any],
     *,
     input_shape: Sequence[int],
-    num_classes: int,
+    num_classes: int | None,
 ) -> dict[str, Any]:
     """``model_kwargs`` plus ``input_shape``/``num_classes`` when the factory takes them."""
     kwargs = dict(model_kwargs)

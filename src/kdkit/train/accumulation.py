@@ -255,15 +255,16 @@ class StepTotals:
         the same samples.  Raises the input errors of the losses (also on the ranks whose
         own input was fine).
         """
-        sums = self._sums
+        sums, normaliser = self._sums, self.normaliser
+        assert sums is not None and normaliser is not None  # set by the first loss() call
         if is_distributed():
             sums = sums.clone()
             dist.all_reduce(sums)
-        count = self.normaliser[0].clamp_min(1)
+        count = normaliser[0].clamp_min(1)
         ce = sums[0] / count
         accuracy = sums[4] / count
         n_feature = len(self.feature_names)
-        feature = sums[len(sums) - n_feature :] / self.normaliser[2].clamp_min(1)
+        feature = sums[len(sums) - n_feature :] / normaliser[2].clamp_min(1)
         feature_loss = feature[0] if n_feature else None
         if self.kd is None:
             total = ce if feature_loss is None else ce + feature_loss
@@ -273,7 +274,7 @@ class StepTotals:
             stats.update(zip(self.feature_names, values[3 : len(head)]))
             return stats, values[2], values[len(head) :]
         alpha = self.alpha
-        kd = kd_mean(sums[1], self.normaliser[1], alpha)
+        kd = kd_mean(sums[1], normaliser[1], alpha)
         total = combine(ce, kd, alpha)
         if feature_loss is not None:
             total = total + feature_loss

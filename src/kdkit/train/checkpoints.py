@@ -23,6 +23,7 @@ import json
 import random
 from collections.abc import Collection
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 
-def _safetensors():
+def _safetensors() -> ModuleType:
     try:
         import safetensors.torch
     except ModuleNotFoundError:

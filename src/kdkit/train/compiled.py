@@ -10,6 +10,8 @@ plain module from any such wrapper.
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -20,7 +22,7 @@ def compile_student(module: nn.Module) -> nn.Module:
     """``torch.compile(module)`` (compiled lazily, at the first forward)."""
     import torch
 
-    return torch.compile(module)
+    return cast(nn.Module, torch.compile(module))  # an OptimizedModule for a module
 
 
 def unwrap_model(module: nn.Module) -> nn.Module:
@@ -34,7 +36,7 @@ def unwrap_model(module: nn.Module) -> nn.Module:
     """
     while True:
         if hasattr(module, "_orig_mod"):  # torch._dynamo.OptimizedModule
-            module = module._orig_mod
+            module = cast(nn.Module, module._orig_mod)
         elif isinstance(module, DistributedDataParallel):
             module = module.module
         else:

@@ -29,6 +29,7 @@ import dataclasses
 import difflib
 import json
 import re
+import sys
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -591,11 +592,11 @@ def load_config_file(
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".toml":
-        try:
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ModuleNotFoundError:  # Python 3.10
+        else:  # Python 3.10
             try:
-                import tomli as tomllib  # type: ignore[no-redef]
+                import tomli as tomllib
             except ModuleNotFoundError:
                 raise ImportError(
                     "reading TOML on Python 3.10 needs the 'tomli' package (pip install tomli), "

@@ -121,6 +121,8 @@ def _train_step(
     (:func:`_micro_batch_loss`), normalised over the whole step like CE and KD.
     """
     config = run.config
+    precision = run.precision
+    assert precision is not None  # set by setup_run
     prepared = [_prepare(run, batch) for batch in batches]
     micro = [p.micro for p in prepared]
     run.optimizer.zero_grad(set_to_none=True)
@@ -131,15 +133,15 @@ def _train_step(
     totals = StepTotals(normaliser, kd, kd_epoch, run.hooks.stat_names)
     for i, prep in enumerate(prepared):
         with sync_context(run.train_model, last=i == len(micro) - 1):
-            run.precision.backward(_micro_batch_loss(run, prep, totals))
-    scaled = run.precision.scaler is not None  # fp16: inf/NaN gradients skip the step
+            precision.backward(_micro_batch_loss(run, prep, totals))
+    scaled = precision.scaler is not None  # fp16: inf/NaN gradients skip the step
     params = list(run.hooks.trainable(run.model).parameters())  # with feature_kd's projections
     extra = [torch.ones(()) if scaled else grads_finite(params)]  # to device in finish
     if config.clip_grad_norm is not None:
-        run.precision.unscale_(run.optimizer)
+        precision.unscale_(run.optimizer)
         extra.append(torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm))
-    if scaled:
-        extra.append(run.precision.skipped_in_a_row)  # of the steps before this one
+    if scaled and precision.skipped_in_a_row is not None:  # kept with the scaler
+        extra.append(precision.skipped_in_a_row)  # of the steps before this one
     try:
         stats, acc, values = totals.finish(extra)
     except ValueError:
@@ -154,9 +156,9 @@ def _train_step(
     if config.clip_grad_norm is not None:
         stats["grad_norm"] = values[1]  # before clipping
     if scaled:
-        run.precision.check_skipped(values[-1])
+        precision.check_skipped(values[-1])
     with scaled_lr(run.optimizer, lr_factor):
-        run.precision.step(run.optimizer)
+        precision.step(run.optimizer)
     if run.ema is not None:
         run.ema.update()
     return stats, acc
@@ -169,6 +171,7 @@ def _micro_batch_loss(run: Run, prep: _Prepared, totals: StepTotals) -> torch.Te
     captured in the forward (the teacher's were captured in :func:`_prepare`), each
     normalised over the whole step (:meth:`~kdkit.train.accumulation.StepTotals.loss`).
     """
+    assert run.precision is not None  # set by setup_run
     with run.hooks.capture(prep.teacher_features):
         with run.precision.autocast():  # the forward only: the losses run in float32
             logits = run.train_model(prep.micro.features)

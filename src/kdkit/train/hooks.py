@@ -67,6 +67,7 @@ class StepHooks:
             return None, None
         if self.generator is None:
             self.start_epoch(0)
+        assert self.generator is not None  # start_epoch made it (augmentation is set)
         first = not self._checked_values
         view, mix = self.augmentation(features, self.generator, check_values=first)
         if first:  # the built-ins cannot create NaN from finite input; check once anyway
@@ -177,6 +178,7 @@ def build_step_hooks(
             "cannot see the augmented view"
         )
     if live:
+        assert example is not None  # given whenever a live teacher is
         out = _probe(model, example)
         if out.dim() != 2 or out.shape[-1] != num_classes:
             raise InputError(
@@ -185,6 +187,7 @@ def build_step_hooks(
             )
     hooks = StepHooks(seed=config.seed, rank=rank, device=device)
     if config.augment:
+        assert example is not None  # given whenever augmentation is on
         hooks.augmentation = Augmentation(config.augment)
         probe = torch.Generator(device=device).manual_seed(0)
         hooks.augmentation(example, probe, check_values=True)  # bad callables fail here
@@ -206,6 +209,7 @@ def build_step_hooks(
                 "feature_kd needs a live teacher (teacher_model=NAME=SPEC / --teacher_model); "
                 "teacher features are not cached"
             )
+        assert example is not None  # given whenever feature KD is on
         hooks.distiller = FeatureDistiller(config.feature_kd, loss=config.feature_kd_loss)
         hooks.distiller.setup(
             model, {t.name: t.module for t in live}, example, seed=config.seed + 1

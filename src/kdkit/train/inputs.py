@@ -10,10 +10,10 @@ runs before :func:`kdkit.train.setup.setup_run` seeds the RNG and builds the stu
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from kdkit.cache.index import CacheIndex
 from kdkit.cache.lookup import keys_to_rows
 from kdkit.cache.selection import resolve_selection
 from kdkit.data import ManifestDataset
+from kdkit.sparse import SparseLogits
 from kdkit.train.config import TrainConfig
 from kdkit.train.teachers import Teachers, open_live_teachers
 from kdkit.train.torchrun import DistributedEnv
@@ -43,8 +44,9 @@ class TeacherSource:
     strategy: str | None
     weights: list[float] | None
 
-    def logits(self, paths: Sequence[object]) -> torch.Tensor:
-        """float32 ``[B, C]`` teacher logits of the samples ``paths`` (fused if several)."""
+    def logits(self, paths: Sequence[object]) -> torch.Tensor | SparseLogits:
+        """float32 ``[B, C]`` teacher logits of the samples ``paths`` (fused if several; a
+        sparse cache's :class:`~kdkit.sparse.SparseLogits`)."""
         rows = keys_to_rows(self.index, paths)
         return read_selection(self.index, rows, self.names, self.strategy, self.weights)
 
@@ -94,9 +96,10 @@ def _sample_fields(dataset: Dataset) -> tuple[list[int], list[int], list[str]]:
     if records is not None:  # ManifestDataset
         return [r.label for r in records], [r.domain for r in records], [r.path for r in records]
     if all(hasattr(dataset, a) for a in ("labels", "domains", "paths")):  # ArrayDataset
-        return list(dataset.labels), list(dataset.domains), list(dataset.paths)
+        arrays: Any = dataset  # duck-typed: the attributes were just checked
+        return list(arrays.labels), list(arrays.domains), list(arrays.paths)
     labels, domains, paths = [], [], []
-    for i in range(len(dataset)):  # type: ignore[arg-type]
+    for i in range(len(cast(Sized, dataset))):  # map-style: torch.Dataset declares no __len__
         item = dataset[i]
         labels.append(int(item["label"]))
         domains.append(int(item.get("domain", 0)))
@@ -105,7 +108,7 @@ def _sample_fields(dataset: Dataset) -> tuple[list[int], list[int], list[str]]:
 
 
 def _check_item(dataset: Dataset, name: str) -> dict[str, Any]:
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    if len(cast(Sized, dataset)) == 0:  # map-style: torch.Dataset declares no __len__
         raise ValueError(f"{name} is empty")
     item = dataset[0]
     if not isinstance(item, dict):
@@ -133,7 +136,7 @@ def _resolve_data(
 
 def _example_batch(dataset: Dataset) -> torch.Tensor:
     """The features of the first (up to) two samples: the probe batch of the setup checks."""
-    items = [dataset[i] for i in range(min(2, len(dataset)))]  # type: ignore[arg-type]
+    items = [dataset[i] for i in range(min(2, len(cast(Sized, dataset))))]  # map-style
     return default_collate([{"features": item["features"]} for item in items])["features"]
 
 
@@ -183,14 +186,14 @@ def _prepare_teacher(
         )
     if not num_classes:
         num_classes = max(labels) + 1
-        missing = num_classes - len(set(labels))
-        if missing:  # e.g. one label far beyond the others
+        empty_classes = num_classes - len(set(labels))
+        if empty_classes:  # e.g. one label far beyond the others
             logger.warning(
                 "the model gets %d outputs (largest train label %d + 1) but %d of those "
                 "classes have no training sample; set num_classes to make this explicit",
                 num_classes,
                 num_classes - 1,
-                missing,
+                empty_classes,
             )
     if min(labels) < 0 or max(labels) >= num_classes:
         raise ValueError(
@@ -216,6 +219,7 @@ def _open_teacher(
 
     ``fuse=False`` (live teachers join them) keeps every selected name unfused.
     """
+    assert config.cache is not None  # the caller checked
     index = load_cache_index(config.cache)
     available = list(index.teachers)
     if config.teacher is None:

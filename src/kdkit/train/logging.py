@@ -105,7 +105,7 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def progress_bar(total: int, description: str, enabled: bool):
+def progress_bar(total: int, description: str, enabled: bool) -> Any | None:
     """A tqdm bar when ``enabled``, tqdm is installed and stderr is a terminal, else ``None``."""
     return optional_tqdm(
         enabled and sys.stderr.isatty(),

@@ -163,7 +163,7 @@ def _train(run: Run) -> TrainResult:
         if sink is not None:
             sink.close()
     if env.enabled:  # every rank returns rank 0's history and best checkpoint
-        shared = [run.history, run.best_epoch, run.best_metrics]
+        shared: list[Any] = [run.history, run.best_epoch, run.best_metrics]
         torch.distributed.broadcast_object_list(shared, src=0)
         run.history, run.best_epoch, run.best_metrics = shared
     return _finish(run)
@@ -224,6 +224,7 @@ def _warn_if_no_kd(run: Run, epoch: int, record: dict[str, Any]) -> None:
 
 def _evaluate(run: Run, model: nn.Module) -> dict[str, float]:
     config = run.config
+    assert run.eval_data is not None  # the caller checked
     return evaluate(
         model,
         run.eval_data,

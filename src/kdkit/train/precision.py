@@ -28,7 +28,7 @@ bit-for-bit on resume (:meth:`Precision.state_dict`).
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -95,11 +95,15 @@ class Precision:
         if self.scaler is None:
             optimizer.step()
             return
+        skipped_before = self.skipped_in_a_row
+        assert skipped_before is not None  # created with the scaler
         self.scaler.step(optimizer)
-        before = self.scaler._scale.clone()  # private: the scale tensor (no sync)
+        # private: the scale tensor (no sync), created by the scaler's first scale()
+        before = cast(torch.Tensor, self.scaler._scale).clone()
         self.scaler.update()
-        skipped = self.scaler._scale < before  # the scale only shrinks on a skipped step
-        self.skipped_in_a_row = torch.where(skipped, self.skipped_in_a_row + 1, 0.0)
+        # the scale only shrinks on a skipped step
+        skipped = cast(torch.Tensor, self.scaler._scale) < before
+        self.skipped_in_a_row = torch.where(skipped, skipped_before + 1, 0.0)
 
     def check_skipped(self, skipped_in_a_row: float) -> None:
         """Raise :class:`FloatingPointError` when too many fp16 steps in a row were skipped."""
@@ -116,6 +120,7 @@ class Precision:
         """The scaler's state (``{}`` without one): plain floats and ints, exact."""
         if self.scaler is None:
             return {}
+        assert self.skipped_in_a_row is not None  # created with the scaler
         state = dict(self.scaler.state_dict())
         state["skipped_in_a_row"] = float(self.skipped_in_a_row)
         return state
@@ -127,4 +132,5 @@ class Precision:
         state = dict(state)
         skipped = state.pop("skipped_in_a_row", 0.0)
         self.scaler.load_state_dict(state)
+        assert self.skipped_in_a_row is not None  # created with the scaler
         self.skipped_in_a_row.fill_(skipped)

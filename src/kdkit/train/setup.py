@@ -143,7 +143,7 @@ def _build_run(
     )
     optimizer = _make_optimizer(config, hooks.trainable(model))
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = None
+    sampler: DistributedSampler | None = None
     if env.enabled:  # each rank gets its shard; the shuffle is seeded by seed + epoch
         sampler = DistributedSampler(
             inputs.train_data,
@@ -253,7 +253,9 @@ def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+def _make_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler:
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     if config.lr_schedule == "step":
@@ -278,6 +280,7 @@ def _load_resume_state(run: Run) -> None:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    assert run.precision is not None  # _attach_step_options runs before the resume
     run.precision.load_state_dict(state.get("precision", {}))
     if run.ema is not None:  # a checkpoint from before ema_decay existed: start from it
         if "ema" in state:

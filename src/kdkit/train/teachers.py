@@ -32,6 +32,7 @@ from torch import nn
 
 from kdkit.errors import InputError
 from kdkit.fusion import fuse_teacher_logits
+from kdkit.sparse import SparseLogits
 
 __all__ = [
     "LiveTeacher",
@@ -157,8 +158,9 @@ class Teachers:
         clean: torch.Tensor,
         view: torch.Tensor | None = None,
         mix: Any = None,
-    ) -> torch.Tensor:
-        """Fused float32 teacher logits ``[B, C]`` on ``clean``'s device.
+    ) -> torch.Tensor | SparseLogits:
+        """Fused float32 teacher logits ``[B, C]`` on ``clean``'s device (a sparse cache's
+        :class:`~kdkit.sparse.SparseLogits` on the plain cached path).
 
         Args:
             paths: the batch's cache keys (needed with cached teachers).
@@ -168,18 +170,21 @@ class Teachers:
         """
         device = clean.device
         if self.cached_only and mix is None:  # the plain cached path (fused by the cache)
+            assert paths is not None  # given with cached teachers
             return self.cached.logits(list(paths)).to(device)
         parts: list[torch.Tensor] = []
         if self.cached is not None:
             from kdkit.cache.lookup import keys_to_rows
 
+            assert paths is not None  # given with cached teachers
             rows = keys_to_rows(self.cached.index, list(paths))
             for name in self.cached.names:
                 part = torch.from_numpy(self.cached.index.read(name, rows)).to(device)
                 parts.append(part if mix is None else mix.mix(part))
         consistent = self.consistent and view is not None
+        teacher_input = view if consistent and view is not None else clean
         for teacher in self.live:
-            out = teacher.logits(view if consistent else clean)
+            out = teacher.logits(teacher_input)
             parts.append(out if mix is None or consistent else mix.mix(out))
         if len(parts) == 1:
             return parts[0]
