@@ -19,7 +19,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from kdkit.demo.lm import run_lm_demo as run
 
         default_dir, progress = "kdkit-lm-demo", args.progress and sys.stderr.isatty()
-    else:
+    else:  # the same names for the other demo (its own types, hence the ignores)
         from kdkit.demo import DemoConfig as Config  # type: ignore[assignment]
         from kdkit.demo import run_demo as run  # type: ignore[assignment]
         from kdkit.demo.run import check_demo_extras as check_extras

@@ -41,6 +41,7 @@ DEFAULT_MAX_LENGTH = 512
 DEFAULT_BATCH_SIZE = 8
 
 _MODULES = ("transformers", "tokenizers")
+_LOAD_ERRORS: tuple[type[Exception], ...] = (*CONFIG_ERRORS, OSError)  # loading the inputs
 
 
 def default_vocab_size(tokenizer: Any, rows: dict[str, int]) -> int | None:
@@ -107,7 +108,7 @@ def cmd_dump_lm(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()  # errors stay one line; no bars per weight file
     try:
         samples, models, vocab_size, tokenizer = _load_inputs(args, flags)
-    except (*CONFIG_ERRORS, OSError) as exc:
+    except _LOAD_ERRORS as exc:
         args._parser.error(message(exc))
     from kdkit.hf.capture import dump_lm_teacher
     from kdkit.train.torchrun import init_from_env

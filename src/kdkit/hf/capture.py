@@ -15,12 +15,12 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "check_lm_cache",
@@ -165,7 +165,9 @@ def dump_lm_teacher(
             vocab_size,
             vocab_size,
         )
-    loader = DataLoader(list(samples), batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    # a list is a map-style dataset (__getitem__ and __len__)
+    dataset = cast("Dataset[dict[str, Any]]", list(samples))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
     index = dump_teacher_logits(
         {n: _Logits(m, vocab_size).to(device) for n, m in models.items()},
         loader,

@@ -30,7 +30,7 @@ of target tokens with an aligned teacher position.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -267,7 +267,7 @@ def _kd_sum(
     softcap: float | None,
 ) -> torch.Tensor:
     """``sum_m l_m`` over the ``M`` aligned target positions."""
-    weight: torch.Tensor = head.weight  # type: ignore[assignment]
+    weight = cast(torch.Tensor, head.weight)  # an output layer's weight parameter
     bias: torch.Tensor | None = getattr(head, "bias", None)
     if loss == "uld":
         logits = weight[:vocab_size] if vocab_size is not None else weight

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -123,7 +123,7 @@ def check_output_transform(
     bias = getattr(head, "bias", None)
     expected = transform.apply(
         torch.nn.functional.linear(
-            last, head.weight.float(), None if bias is None else bias.float()
+            last, cast(torch.Tensor, head.weight).float(), None if bias is None else bias.float()
         )
     )
     got = model_logits.float()

@@ -10,6 +10,7 @@ student keeps the teacher's width, embeddings, final norm and output layer.
 from __future__ import annotations
 
 import copy
+from typing import Any, cast
 
 from torch import nn
 
@@ -67,7 +68,7 @@ def student_from_teacher(teacher: nn.Module, every_k: int) -> nn.Module:
     """
     if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
         raise ValueError(f"every_k must be an integer >= 1, got {every_k!r}")
-    config = teacher.config
+    config: Any = teacher.config  # a transformers PretrainedConfig (untyped package)
     num_layers = int(config.num_hidden_layers)
     keep = kept_layers(num_layers, every_k)
     pruned = copy.deepcopy(teacher)
@@ -76,7 +77,7 @@ def student_from_teacher(teacher: nn.Module, every_k: int) -> nn.Module:
     for new_index, layer in enumerate(new_layers):
         for module in layer.modules():  # attention modules index the KV cache by layer
             if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
+                cast(Any, module).layer_idx = new_index  # an int attribute, not a submodule
     setattr(parent, attribute, new_layers)
 
     student_config = copy.deepcopy(config)

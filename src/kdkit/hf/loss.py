@@ -28,7 +28,7 @@ Conventions (``docs/decisions.md``, section "Language models"):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import nn
@@ -178,7 +178,7 @@ def lm_distillation_loss(
 
         loss, terms, alpha, raise_flags = student_loss_terms_linear(
             student_hidden,
-            student_head.weight,
+            cast(torch.Tensor, student_head.weight),
             teacher_logits if isinstance(teacher_logits, SparseLogits) else teacher_logits.detach(),
             targets,
             config,
@@ -211,25 +211,26 @@ def lm_distillation_loss(
 
 
 def _logits_terms(
-    student_logits,
-    teacher_logits,
-    targets,
-    config,
-    progress,
-    num_tokens,
-    kd_weight_total,
-    vocab_size,
-    ignore_index,
-    sparse_tail,
-    retemper,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseLogits,
+    targets: torch.Tensor,
+    config: KDLossConfig,
+    progress: float,
+    num_tokens: torch.Tensor | float | None,
+    kd_weight_total: torch.Tensor | float | None,
+    vocab_size: int | None,
+    ignore_index: int,
+    sparse_tail: str,
+    retemper: bool,
 ) -> tuple[torch.Tensor, StudentLossTerms, float, Callable[[Sequence[float]], None]]:
     """The loss on ``[B, L, V]`` student logits (``compute_student_loss``'s terms)."""
-    sparse = isinstance(teacher_logits, SparseLogits)
     if vocab_size is not None:
         student_logits = student_logits[..., :vocab_size]
-        if not sparse:
+        if not isinstance(teacher_logits, SparseLogits):
             teacher_logits = teacher_logits[..., :vocab_size]
-    teacher = teacher_logits if sparse else teacher_logits.detach()
+    teacher = (
+        teacher_logits if isinstance(teacher_logits, SparseLogits) else teacher_logits.detach()
+    )
     inputs = StudentLossInputs(
         student_logits, teacher, targets, config, None, ignore_index, "auto", sparse_tail, retemper
     )
@@ -254,6 +255,6 @@ def _teacher_layer(head: nn.Module | None) -> dict[str, torch.Tensor | None]:
         return {}
     bias = getattr(head, "bias", None)
     return {
-        "teacher_weight": head.weight.detach(),
+        "teacher_weight": cast(torch.Tensor, head.weight).detach(),
         "teacher_bias": None if bias is None else bias.detach(),
     }

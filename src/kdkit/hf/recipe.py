@@ -165,6 +165,7 @@ def _load_student(config: LMDistillConfig, teacher: Any) -> Any:
             )
         model_config = AutoConfig.for_model(values.pop("model_type"), **values)
         return AutoModelForCausalLM.from_config(model_config)
+    assert config.student_from_teacher is not None  # validate(): exactly one student
     return student_from_teacher(teacher, config.student_from_teacher)
 
 
@@ -218,6 +219,7 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
     if config.teacher_model is not None:
         teacher_dir = local_dir(config.teacher_model, "--teacher_model")
     else:
+        assert config.cache is not None  # validate(): exactly one teacher source
         local_dir(config.cache, "--cache")
     if config.student_model is not None:
         local_dir(config.student_model, "--student_model")

@@ -26,10 +26,11 @@ def output_size(model: nn.Module | int) -> int:
     """
     if isinstance(model, int):
         return model
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lm: Any = model  # a transformers model (untyped package)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
-    return int(model.config.vocab_size)
+    return int(lm.config.vocab_size)
 
 
 def check_tokenizers(teacher_tokenizer: Any, student_tokenizer: Any) -> int:
