@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Collection
-from typing import Any
+from typing import Any, SupportsFloat, cast
 
 import torch
 
@@ -78,7 +78,7 @@ def _as_float(name: str, value: object) -> float:
         )
     if not is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    return float(value)  # type: ignore[arg-type]
+    return float(cast(SupportsFloat, value))  # a real number (checked)
 
 
 def check_positive_finite(name: str, value: object) -> float:
@@ -125,7 +125,7 @@ def check_precision(precision: object, device: object, choices: Collection[str])
             f"precision 'fp16' needs a CUDA device, got device {device!r}; "
             "on CPU use precision 'bf16' or '32'"
         )
-    return precision  # type: ignore[return-value]
+    return cast(str, precision)  # one of choices (checked)
 
 
 def check_int(name: str, value: object, minimum: int | None = None) -> int:

@@ -5,6 +5,8 @@ type and the capture temperature.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from kdkit._validation.choices import check_bool, check_choice
@@ -59,7 +61,7 @@ def check_sparse_tail(loss_type: str, sparse_tail: object, retemper: object) -> 
             f"loss_type={loss_type!r} needs the teacher's probability outside the top-k: use "
             "sparse_tail='bucket' (the tail as a (K+1)-th class) with a sparse teacher"
         )
-    return sparse_tail  # type: ignore[return-value]
+    return cast(str, sparse_tail)  # one of SPARSE_TAILS (checked)
 
 
 def check_capture_temperature(capture: float, temperature: float, retemper: bool) -> None:
@@ -87,7 +89,7 @@ def check_sparse_options(
     check_capture_temperature(teacher.temperature, temperature, bool(retemper))
     if check_finite:
         check_sparse_finite(teacher)
-    return sparse_tail  # type: ignore[return-value]
+    return cast(str, sparse_tail)  # one of SPARSE_TAILS (checked)
 
 
 def check_sparse_finite(teacher: SparseLogits, mask: torch.Tensor | None = None) -> None:

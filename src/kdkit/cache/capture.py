@@ -52,7 +52,9 @@ class Captured:
     def rows(self) -> int:
         if self.lengths is not None:
             return len(self.lengths)
-        return int((self.logits if self.logits is not None else self.tail).shape[0])  # type: ignore[union-attr]
+        flat = self.logits if self.logits is not None else self.tail
+        assert flat is not None  # dense captures hold logits, sparse ones a tail
+        return int(flat.shape[0])
 
     def select(self, rows: np.ndarray) -> Captured:
         """The samples ``rows`` (positions in this batch), in that order."""

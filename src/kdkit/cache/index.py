@@ -145,6 +145,7 @@ class CacheIndex(KeyLookup, RecordReads, IndexVerification):
         return {"path": str(self.path), "manifest": self.manifest}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # mypy refuses __init__ on an instance; unpickling rebuilds the maps through it
         self.__init__(state["path"], state["manifest"])  # type: ignore[misc]
 
     # -- lazily opened memory maps --------------------------------------------------------

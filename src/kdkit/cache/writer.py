@@ -253,8 +253,10 @@ class CacheWriter:
     def _stored(self, name: str, pos_keys: list[str], y: Captured) -> np.ndarray:
         """The stored positions of one teacher: ``[P, C]`` dense or ``[P]`` sparse records."""
         if name not in self.sparse:
-            check_logit_values(name, pos_keys, y.logits, self.dtype)  # type: ignore[arg-type]
-            return y.logits.numpy().astype(DTYPES[self.dtype])  # type: ignore[union-attr]
+            assert y.logits is not None  # a dense teacher's capture
+            check_logit_values(name, pos_keys, y.logits, self.dtype)
+            return y.logits.numpy().astype(DTYPES[self.dtype])
+        assert y.indices is not None and y.logprobs is not None and y.tail is not None  # sparse
         index_dtype = index_dtype_for(y.num_classes)
         info: dict[str, Any] = {
             "kind": "sparse",
@@ -263,13 +265,13 @@ class CacheWriter:
             "dtype": self.dtype,
             "num_classes": y.num_classes,
         }
-        rec = np.zeros(len(y.tail), dtype=position_dtype(info))  # type: ignore[arg-type]
-        rec["indices"] = y.indices.numpy().astype(INDEX_DTYPES[index_dtype])  # type: ignore[union-attr]
-        logprobs = y.logprobs.numpy()  # type: ignore[union-attr]
+        rec = np.zeros(len(y.tail), dtype=position_dtype(info))
+        rec["indices"] = y.indices.numpy().astype(INDEX_DTYPES[index_dtype])
+        logprobs = y.logprobs.numpy()
         if self.dtype == "float16":  # probability exp(-65504) is 0 in every float type
             logprobs = np.maximum(logprobs, -FLOAT16_MAX)
         rec["logprobs"] = logprobs
-        rec["tail"] = y.tail.numpy()  # type: ignore[union-attr]
+        rec["tail"] = y.tail.numpy()
         return rec
 
     def consume(self, records: Iterable[LogitsRecord]) -> None:
@@ -478,7 +480,8 @@ class CacheWriter:
         mm = np.memmap(self.root / fname, dtype=dtype, mode="w+", shape=(p,))
         p_old = 0
         if cached:
-            src = self.old._teacher_map(name)  # type: ignore[union-attr]
+            assert self.old is not None  # cached positions come from the old cache
+            src = self.old._teacher_map(name)
             p_old = len(src)
             for start in range(0, p_old, BLOCK_ROWS):
                 stop = min(start + BLOCK_ROWS, p_old)
@@ -490,8 +493,9 @@ class CacheWriter:
             dest = dest if name in self.new_teachers else dest[rows < 0]
             if offsets is not None:
                 lengths = self.journal.chunk_lengths(chunk)
-                lengths = lengths if name in self.new_teachers else lengths[rows < 0]  # type: ignore[index]
-                dest = flat_positions(offsets[dest], lengths)  # type: ignore[arg-type]
+                assert lengths is not None  # a sequence cache's chunks record lengths
+                lengths = lengths if name in self.new_teachers else lengths[rows < 0]
+                dest = flat_positions(offsets[dest], lengths)
             mm[dest] = arr
         mm.flush()
         del mm
