@@ -78,7 +78,9 @@ def gaussian_noise(x: torch.Tensor, sigma: float, generator: torch.Generator) ->
     return x + sigma * noise.to(x.device)
 
 
-def _band_mask(length: int, batch: int, fraction: float, generator: torch.Generator):
+def _band_mask(
+    length: int, batch: int, fraction: float, generator: torch.Generator
+) -> torch.Tensor:
     """``[B, length]`` booleans: one band per sample, width uniform in 0..fraction*length."""
     max_width = int(fraction * length)
     width = (_uniform([batch], generator) * (max_width + 1)).long()
@@ -192,12 +194,12 @@ class Augmentation:
     ) -> tuple[torch.Tensor, Mix | None]:
         mix = None
         for step in self.steps:
-            if step.name == "mixup":
-                x, mix = mixup(x, step.param, generator)
-            elif step.param is not None:
-                x = step.fn(x, step.param, generator)
-            else:
+            if step.param is None:  # a user callable
                 x = _checked(step.name, step.fn(x, generator), x.shape[0], check_values)
+            elif step.name == "mixup":
+                x, mix = mixup(x, step.param, generator)
+            else:
+                x = step.fn(x, step.param, generator)
         return x, mix
 
     def __repr__(self) -> str:

@@ -44,7 +44,11 @@ DOMAIN_NAMES: dict[int, str] = {
 def _box_blur(image: np.ndarray) -> np.ndarray:
     padded = np.pad(image, 1, mode="edge")
     h, w = image.shape
-    return sum(padded[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+    total = np.zeros_like(image)
+    for i in range(3):
+        for j in range(3):
+            total += padded[i : i + h, j : j + w]
+    return total / 9.0
 
 
 def distort(

@@ -25,7 +25,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from kdkit.demo.report import (
 from kdkit.demo.settings import check_counts, check_output_dir
 from kdkit.train import TrainConfig, evaluate, train_student, train_teacher
 from kdkit.train.logging import read_metrics
+
+if TYPE_CHECKING:
+    from kdkit.losses.kd import KDLossConfig
 
 __all__ = ["AUGMENT", "CONDITIONS", "DemoConfig", "DemoResult", "check_demo_extras", "run_demo"]
 
@@ -99,6 +102,12 @@ class DemoConfig:
         check_output_dir(self.output_dir)
 
 
+def _resolved(count: int | None) -> int:
+    """A count of :class:`DemoConfig` (``__post_init__`` has replaced every ``None``)."""
+    assert count is not None
+    return count
+
+
 @dataclasses.dataclass
 class DemoResult:
     """Outputs of :func:`run_demo`."""
@@ -111,7 +120,7 @@ class DemoResult:
     kd_gain: float
 
 
-def _student_kd(config: DemoConfig):
+def _student_kd(config: DemoConfig) -> KDLossConfig:
     from kdkit.losses.kd import KDLossConfig
 
     if config.quick:
@@ -255,7 +264,7 @@ def _train_teachers(
     for name, spec in TEACHERS.items():
         result = train_teacher(
             TrainConfig(
-                epochs=config.teacher_epochs,
+                epochs=_resolved(config.teacher_epochs),
                 batch_size=64,
                 output_dir=str(out / "teachers" / name),
                 **spec,
@@ -284,7 +293,7 @@ def _train_students(
     runs: dict[str, list[Path]] = {}
     finals: dict[str, list[dict[str, float]]] = {}
     for name, overrides in CONDITIONS.items():
-        for seed in range(config.seeds):
+        for seed in range(_resolved(config.seeds)):
             slug = (
                 name.lower()
                 .replace(" + ", " ")
@@ -304,7 +313,7 @@ def _train_students(
                     TrainConfig(
                         model="kdkit.models:mlp",
                         model_kwargs={"hidden": [32]},
-                        epochs=config.student_epochs,
+                        epochs=_resolved(config.student_epochs),
                         batch_size=32,
                         seed=seed,
                         kd=kd,
@@ -364,7 +373,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         torch.set_num_threads(previous_threads)
 
     summary = summarize(finals)
-    table = _format_table(summary, teacher_metrics, config.seeds)
+    table = _format_table(summary, teacher_metrics, _resolved(config.seeds))
     kd_gain = summary["KD (MLP teacher)"]["target_acc"][0] - summary["CE only"]["target_acc"][0]
     plots = _plots(out, runs)
     wall = time.perf_counter() - start
@@ -386,7 +395,7 @@ def _report(
     return write_report(
         out,
         "kdkit demo report",
-        settings_line(config.quick, config.seeds, budget, wall),
+        settings_line(config.quick, _resolved(config.seeds), budget, wall),
         [
             ("Setup", _setup_lines(config, data)),
             ("Results", _results_lines(config, table, summary, kd_gain)),
