@@ -131,3 +131,22 @@ def test_augmentation_figure_is_a_png(tmp_path):
         {"demo": AUGMENT, "before #25": AUGMENT_BEFORE},
     )
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gain_offset_is_a_per_sample_affine_map_in_the_devices_range():
+    from kdkit.augment import Augmentation
+    from kdkit.demo.views import gain_offset
+
+    x = torch.rand(64, 8, 8, dtype=torch.float64) + 0.1
+    out = gain_offset(x, torch.Generator().manual_seed(3))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    # Per sample out = g * x + o: recover g and o from two pixels, check every pixel.
+    flat, y = x.reshape(64, -1), out.reshape(64, -1)
+    g = (y[:, 1] - y[:, 0]) / (flat[:, 1] - flat[:, 0])
+    o = y[:, 0] - g * flat[:, 0]
+    torch.testing.assert_close(y, g[:, None] * flat + o[:, None])
+    assert bool(((g >= 0.5) & (g <= 1.6)).all()) and bool(((o >= 0) & (o <= 0.25)).all())
+    again = gain_offset(x, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)
+    view, mix = Augmentation("kdkit.demo.views:gain_offset")(x, torch.Generator())
+    assert view.shape == x.shape and mix is None
