@@ -88,7 +88,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _fold(args: argparse.Namespace, out: Path, fold: int) -> tuple[dict, dict]:
     """One validation fold: view accuracies of the teacher and the students' final metrics."""
-    config = DemoConfig(output_dir=str(out), seeds=args.seeds, progress=False)
+    config = DemoConfig(
+        output_dir=str(out),
+        seeds=args.seeds,
+        progress=False,
+        student_epochs=args.student_epochs,
+    )
     data = carve_validation(make_demo_data(seed=0), seed=fold)
     common = common_settings(config)
     teachers, _ = train_teachers(
@@ -108,7 +113,8 @@ def _fold(args: argparse.Namespace, out: Path, fold: int) -> tuple[dict, dict]:
             "augment": AUGMENT_BEFORE,
         },
     }
-    conditions.update({f"live + {spec}": {"live": ["mlp"], "augment": spec} for spec in GRID})
+    grid = GRID if args.grid is None else args.grid.split(";")
+    conditions.update({f"live + {spec}": {"live": ["mlp"], "augment": spec} for spec in grid})
     cache = out / "cache"
     dump_teacher_logits(teachers, data.subset(), cache, progress=False)
     _, finals = train_students(
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--folds", type=int, default=3, help="validation carves (seeds 1..N)")
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--margin", type=float, default=0.05, help="label-keeping margin")
+    parser.add_argument("--student_epochs", type=int, help="default: the demo's (40)")
+    parser.add_argument("--grid", help="';'-separated augmentations instead of GRID")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
