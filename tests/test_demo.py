@@ -47,13 +47,16 @@ def test_demo_quick(tmp_path, capsys):
     assert "target mean" in printed
     report = (out / "report.md").read_text()
     assert "## Results" in report and "T = 4, alpha = 0.7, pmax" in report
-    for png in ("accuracy_curves.png", "kd_schedule.png", "coverage_confidence.png", "losses.png"):
+    pngs = ("accuracy_curves.png", "kd_schedule.png", "coverage_confidence.png", "losses.png")
+    for png in (*pngs, "augmentation_views.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "data" / "manifest.jsonl").is_file()
     assert (out / "students" / "kd-mlp-teacher-seed0" / "metrics.jsonl").is_file()
     live = out / "students" / "kd-augment-live-teacher-seed0"
     assert '"augment": [' in (live / "config.json").read_text()
     assert "consistent" in report and "live teacher" in report
+    assert "![augmentation_views.png](augmentation_views.png)" in report
+    assert "chosen on a validation split" in report and "with the setting before #25" in report
 
 
 def test_demo_without_matplotlib_fails_before_any_work(tmp_path, monkeypatch, capsys):

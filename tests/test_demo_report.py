@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from kdkit.demo.report import (
     bash_block,
     figure,
+    image_grid,
     image_lines,
     markdown_table,
     mean_std,
@@ -77,3 +79,17 @@ def test_figure_saves_nothing_when_drawing_fails(tmp_path):
     with pytest.raises(KeyError), figure(tmp_path / "f.png"):
         raise KeyError("no such metric")
     assert not (tmp_path / "f.png").exists()
+
+
+def test_image_grid_saves_a_png_and_checks_its_labels(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    cells = [[np.zeros((8, 8)), np.ones((8, 8))], [np.eye(8), np.full((8, 8), 2.0)]]
+    path = image_grid(tmp_path / "g.png", cells, ["r0", "r1"], ["a", "b"], vmin=0.0, vmax=1.0)
+    assert path == tmp_path / "g.png" and path.read_bytes()[:4] == b"\x89PNG"
+    width, height = Image.open(path).size
+    assert width > height  # 2 columns + row labels are wider than 2 rows + titles
+    with pytest.raises(ValueError, match="1 row and 2 column labels for a grid of \\[2, 2\\]"):
+        image_grid(tmp_path / "h.png", cells, ["r0"], ["a", "b"], vmin=0.0, vmax=1.0)
+    assert not (tmp_path / "h.png").exists()

@@ -194,12 +194,12 @@ class Augmentation:
     ) -> tuple[torch.Tensor, Mix | None]:
         mix = None
         for step in self.steps:
-            if step.name == "mixup" and step.param is not None:  # a built-in: always has one
-                x, mix = mixup(x, step.param, generator)
-            elif step.param is not None:
-                x = step.fn(x, step.param, generator)
-            else:
+            if step.param is None:  # a user callable
                 x = _checked(step.name, step.fn(x, generator), x.shape[0], check_values)
+            elif step.name == "mixup":
+                x, mix = mixup(x, step.param, generator)
+            else:
+                x = step.fn(x, step.param, generator)
         return x, mix
 
     def __repr__(self) -> str:

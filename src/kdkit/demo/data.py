@@ -31,7 +31,14 @@ import numpy as np
 from kdkit._extras import missing_message, require_installed
 from kdkit.data import ArrayDataset, ManifestRecord, write_manifest
 
-__all__ = ["DOMAIN_NAMES", "DemoData", "distort", "load_digits_arrays", "make_demo_data"]
+__all__ = [
+    "DOMAIN_NAMES",
+    "DemoData",
+    "carve_validation",
+    "distort",
+    "load_digits_arrays",
+    "make_demo_data",
+]
 
 DOMAIN_NAMES: dict[int, str] = {
     0: "source",
@@ -44,7 +51,11 @@ DOMAIN_NAMES: dict[int, str] = {
 def _box_blur(image: np.ndarray) -> np.ndarray:
     padded = np.pad(image, 1, mode="edge")
     h, w = image.shape
-    return sum(padded[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+    total = np.zeros_like(image)
+    for i in range(3):
+        for j in range(3):
+            total += padded[i : i + h, j : j + w]
+    return total / 9.0
 
 
 def distort(
@@ -135,3 +146,29 @@ def make_demo_data(seed: int = 0, target_label_fraction: float = 0.1) -> DemoDat
     splits = np.where(test, "test", np.where(student_labelled, "train", "teacher_train"))
     paths = [f"features/digit-{i:04d}.npy" for i in range(n)]
     return DemoData(features.astype(np.float32), labels, domains, splits, paths)
+
+
+def carve_validation(data: DemoData, fraction: float = 0.2, seed: int = 1) -> DemoData:
+    """A copy of ``data`` in which ``fraction`` of each training group becomes ``val``.
+
+    The groups are (domain, split) for the splits ``train`` and ``teacher_train``; from
+    each, ``round(fraction * n)`` samples drawn without replacement (``seed``) move to the
+    split ``val``, so the student's ``train`` keeps its mix of source and few target labels
+    and neither teachers (``train`` + ``teacher_train``) nor students see ``val``.  ``test``
+    is unchanged.  Used to choose settings (the demo's augmentation) without the test split.
+
+    Example:
+        >>> data = carve_validation(make_demo_data())
+        >>> sorted(set(data.splits.tolist()))
+        ['teacher_train', 'test', 'train', 'val']
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    rng = np.random.default_rng(seed)
+    splits = data.splits.astype("<U13")  # room for every split name
+    for split in ("train", "teacher_train"):
+        for domain in DOMAIN_NAMES:
+            group = np.flatnonzero((data.splits == split) & (data.domains == domain))
+            chosen = rng.choice(group, round(fraction * len(group)), replace=False)
+            splits[chosen] = "val"
+    return DemoData(data.features, data.labels, data.domains, splits, list(data.paths))

@@ -66,6 +66,48 @@ def figure(
     fig.savefig(path, dpi=100)
 
 
+def image_grid(
+    path: Path,
+    cells: list[list[np.ndarray]],
+    row_labels: list[str],
+    column_labels: list[str],
+    *,
+    vmin: float,
+    vmax: float,
+    title: str | None = None,
+) -> Path:
+    """Save ``cells`` (rows of 2-D arrays) as a grid of grey-scale images on one fixed
+    scale ``[vmin, vmax]``, with a label per row (left) and per column (top); PNG, 100 dpi.
+
+    Raises:
+        ValueError: when the labels do not match the grid's rows and columns.
+    """
+    if len(cells) != len(row_labels) or any(len(r) != len(column_labels) for r in cells):
+        raise ValueError(
+            f"image_grid: {len(row_labels)} row and {len(column_labels)} column labels for "
+            f"a grid of {[len(r) for r in cells]} images per row"
+        )
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1.2 * len(column_labels) + 1.5, 1.2 * len(row_labels) + 0.6))
+    axes = fig.subplots(len(row_labels), len(column_labels), squeeze=False)
+    for i, row in enumerate(cells):
+        for j, image in enumerate(row):
+            ax = axes[i][j]
+            ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(column_labels[j], fontsize=8)
+            if j == 0:
+                ax.set_ylabel(row_labels[i], fontsize=8)
+    if title is not None:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def settings_line(quick: bool, seeds: int, budget: str, wall: float) -> str:
     """The report's first line: quick or not, seeds, the training ``budget``, wall time."""
     return (
