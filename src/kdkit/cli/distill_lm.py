@@ -99,6 +99,13 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         metavar="EVERY_K",
         help="the teacher's layers 0, k, 2k, ... (DistilBERT's initialisation)",
     )
+    student.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="allow model and tokenizer directories to run their own code (auto_map); "
+        "refused without this flag",
+    )
     kd = parser.add_argument_group("KD loss (the spec's flags)")
     add_flags(kd, train_flags(student=True)[2])
     kd.add_argument(

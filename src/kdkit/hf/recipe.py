@@ -71,6 +71,7 @@ class LMDistillConfig:
     student_model: str | None = None
     student_config: str | None = None
     student_from_teacher: int | None = None
+    trust_remote_code: bool = False
     kd: KDLossConfig = dataclasses.field(default_factory=KDLossConfig)
     schedule_unit: str = "epoch"
     per_device_train_batch_size: int = 8
@@ -123,6 +124,7 @@ class LMDistillConfig:
 
         check_choice("sparse_tail", self.sparse_tail, SPARSE_TAILS)
         check_bool("retemper", self.retemper)
+        check_bool("trust_remote_code", self.trust_remote_code)
         if self.schedule_unit not in ("epoch", "step"):
             raise ValueError(f"schedule_unit must be 'epoch' or 'step', got {self.schedule_unit!r}")
         self.kd.validate()
@@ -144,10 +146,11 @@ def _load_student(config: LMDistillConfig, teacher: Any) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kdkit.hf.layers import student_from_teacher
+    from kdkit.hf.loading import load_causal_lm
 
     if config.student_model is not None:
         path = local_dir(config.student_model, "--student_model")
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        return load_causal_lm(path, "--student_model", trust_remote_code=config.trust_remote_code)
     if config.student_config is not None:
         path = Path(config.student_config)
         if not path.is_file():
@@ -168,16 +171,18 @@ def _load_student(config: LMDistillConfig, teacher: Any) -> Any:
     return student_from_teacher(teacher, config.student_from_teacher)
 
 
-def dir_tokenizer(path: str | Path | None) -> Any:
-    """The tokenizer saved in a model directory, or None."""
-    from transformers import AutoTokenizer
+def dir_tokenizer(
+    path: str | Path | None, what: str = "model directory", *, trust_remote_code: bool = False
+) -> Any:
+    """The tokenizer saved in a model directory, or None (see :mod:`kdkit.hf.loading`)."""
+    from kdkit.hf.loading import load_tokenizer
 
     if path is None:
         return None
     path = Path(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return load_tokenizer(path, what, trust_remote_code=trust_remote_code)
 
 
 def _tokenizers(config: LMDistillConfig) -> tuple[Any, Any]:
@@ -186,22 +191,17 @@ def _tokenizers(config: LMDistillConfig) -> tuple[Any, Any]:
     The student's: ``--tokenizer``, else the student directory's, else the teacher's.  The
     teacher's directory tokenizer is compared with it before training.
     """
-    from transformers import AutoTokenizer
+    from kdkit.hf.loading import load_tokenizer
 
-    teacher = dir_tokenizer(config.teacher_model)  # None with a cache
+    trust = config.trust_remote_code
+    teacher = dir_tokenizer(config.teacher_model, "--teacher_model", trust_remote_code=trust)
     if config.teacher_tokenizer is not None:
         path = local_dir(config.teacher_tokenizer, "--teacher_tokenizer")
-        try:
-            teacher = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            text = " ".join(str(exc).split())[:200]
-            raise ValueError(
-                f"--teacher_tokenizer {str(path)!r} is not a loadable tokenizer directory: {text}"
-            ) from None
+        teacher = load_tokenizer(path, "--teacher_tokenizer", trust_remote_code=trust)
     if config.tokenizer is not None:
         path = local_dir(config.tokenizer, "--tokenizer")
-        return AutoTokenizer.from_pretrained(path, local_files_only=True), teacher
-    student = dir_tokenizer(config.student_model)
+        return load_tokenizer(path, "--tokenizer", trust_remote_code=trust), teacher
+    student = dir_tokenizer(config.student_model, "--student_model", trust_remote_code=trust)
     return (student if student is not None else teacher), teacher
 
 
@@ -225,6 +225,7 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
 
     transformers = require("transformers", "hf", "kdkit distill-lm")
     from kdkit.hf.data import CausalLMCollator, check_token_ids
+    from kdkit.hf.loading import load_causal_lm
     from kdkit.hf.trainer import DistillationTrainer
 
     tokenizer, teacher_tokenizer = _tokenizers(config)
@@ -237,8 +238,8 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
     transformers.set_seed(config.seed)
     teacher = None
     if teacher_dir is not None:
-        teacher = transformers.AutoModelForCausalLM.from_pretrained(
-            teacher_dir, local_files_only=True
+        teacher = load_causal_lm(
+            teacher_dir, "--teacher_model", trust_remote_code=config.trust_remote_code
         )
     student = _load_student(config, teacher)
     cross = config.cross_tokenizer_loss is not None or config.teacher_tokenizer is not None

@@ -1,0 +1,243 @@
+"""Reliability III (#22) items 3 and 5: ``kdkit.hf`` attacked as a careless or hostile user.
+
+Data records with their own labels and masks, batches without targets, caches of another
+teacher / dataset / tokenizer, model directories that ask to run code, interrupted and
+concurrent runs.  Each case: a one-line error naming the argument, or the correct result.
+The torchrun cases (a rank killed mid-way) live in ``test_hf_hostile_torchrun.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdkit.cli import main
+
+pytest.importorskip("transformers")
+
+from hf_testing import VOCAB, lm_samples, tiny_llama
+
+MARKER = "kdkit_remote_code_ran"
+
+
+def _data(tmp_path: Path, records: list[dict], name: str = "train.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _ids(tmp_path: Path, n: int = 8, name: str = "train.jsonl") -> Path:
+    return _data(tmp_path, [{"input_ids": s["input_ids"]} for s in lm_samples(n)], name)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "teacher"
+    tiny_llama(2, seed=1).save_pretrained(path)
+    return path
+
+
+def _distill(data: Path, teacher: Path, out: Path, *extra: str) -> int:
+    argv = ["distill-lm", "--data", str(data), "--teacher_model", str(teacher)]
+    argv += ["--student_from_teacher", "2", "--max_steps", "1", "--output_dir", str(out)]
+    return main([*argv, *extra])
+
+
+def _one_line(capsys, prefix: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(prefix), err
+    return err
+
+
+# --- records with their own labels / attention_mask ------------------------------------
+
+
+def test_record_labels_and_mask_are_kept_and_split_into_blocks(tmp_path):
+    """They used to be dropped silently: a prompt masked with -100 was trained on."""
+    from kdkit.hf import CausalLMCollator, load_lm_data
+
+    ids = [5, 6, 7, 8, 9]
+    labels = [-100, -100, 7, 8, 9]
+    mask = [1, 1, 1, 1, 0]
+    path = _data(tmp_path, [{"input_ids": ids, "labels": labels, "attention_mask": mask}])
+    (whole,) = load_lm_data(path)
+    assert whole["labels"] == labels and whole["attention_mask"] == mask
+    first, second = load_lm_data(path, max_length=3)
+    assert (first["labels"], second["labels"]) == (labels[:3], labels[3:])
+    assert (first["attention_mask"], second["attention_mask"]) == (mask[:3], mask[3:])
+    batch = CausalLMCollator(0)([whole])
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, -100]]
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"input_ids": [3, 4], "labels": [3]}, "labels must be 2 integers >= 0 or -100"),
+        ({"input_ids": [3, 4], "labels": [3, -5]}, "labels must be 2 integers >= 0 or -100"),
+        ({"input_ids": [3, 4], "labels": "x"}, "labels must be 2 integers"),
+        ({"input_ids": [3, 4], "attention_mask": [1, 2]}, "attention_mask must be 2 0/1"),
+        ({"text": "w1 w2", "labels": [1, 2]}, "labels needs input_ids"),
+    ],
+    ids=["labels-short", "labels-negative", "labels-string", "mask-not-binary", "text-labels"],
+)
+def test_bad_record_labels_or_mask_are_one_line_naming_the_line(tmp_path, record, message):
+    from kdkit.hf import load_lm_data
+
+    path = _data(tmp_path, [{"input_ids": [3, 4, 5]}, record])
+    with pytest.raises(ValueError, match=r"train\.jsonl:2: ") as info:
+        load_lm_data(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_label_out_of_the_vocabulary_is_one_line_exit_2(tmp_path, teacher_dir, capsys):
+    data = _data(tmp_path, [{"input_ids": [3, 4, 5], "labels": [3, 4, VOCAB + 3]}])
+    assert _distill(data, teacher_dir, tmp_path / "out") == 2
+    err = _one_line(capsys, "kdkit distill-lm: error: --data ")
+    assert f"token id {VOCAB + 3}" in err
+
+
+@pytest.mark.parametrize("kind", ["labels", "attention_mask", "one_token"])
+def test_data_without_any_target_is_one_line_exit_2(tmp_path, teacher_dir, capsys, kind):
+    """Decision (#22): a whole data file without targets is an error (it trained at loss 0
+    for the whole run); a batch without targets is an exact 0 (next test)."""
+    records = []
+    for s in lm_samples(4):
+        n = len(s["input_ids"])
+        if kind == "labels":
+            records.append({"input_ids": s["input_ids"], "labels": [-100] * n})
+        elif kind == "attention_mask":
+            records.append({"input_ids": s["input_ids"], "attention_mask": [1] + [0] * (n - 1)})
+        else:
+            records.append({"input_ids": s["input_ids"][:1]})
+    assert _distill(_data(tmp_path, records), teacher_dir, tmp_path / "out") == 2
+    err = _one_line(capsys, "kdkit distill-lm: error: --data ")
+    assert "none of its 4 record(s) has a token to predict" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_records_without_targets_warn_with_their_count(tmp_path):
+    from kdkit.hf import load_lm_data
+
+    path = _data(tmp_path, [{"input_ids": [3, 4], "labels": [-100, -100]}, {"input_ids": [3, 4]}])
+    with pytest.warns(UserWarning, match="1 record\\(s\\) have no target"):
+        load_lm_data(path)
+
+
+def test_batches_without_targets_are_an_exact_zero_and_change_nothing(tmp_path, one_torch_thread):
+    """Labels all -100 / padding-only batches: loss 0, gradient 0, no NaN, weights kept."""
+    from transformers import TrainingArguments
+
+    from kdkit.hf import CausalLMCollator, DistillationTrainer
+
+    samples = lm_samples(4)
+    for s in samples[:2]:
+        s["labels"] = [-100] * len(s["input_ids"])
+    for s in samples[2:]:
+        s["attention_mask"] = [0] * len(s["input_ids"])
+    student = tiny_llama(1, seed=2)
+    before = [p.detach().clone() for p in student.parameters()]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = DistillationTrainer(
+        student,
+        args,
+        teacher=tiny_llama(2, seed=1),
+        train_dataset=samples,
+        data_collator=CausalLMCollator(0),
+    )
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "ce_loss" in log]
+    assert len(logs) == 2
+    for log in logs:
+        assert (log["loss"], log["ce_loss"], log["kd_loss"], log["grad_norm"]) == (0, 0, 0, 0)
+    for p, q in zip(student.parameters(), before):
+        assert torch.equal(p.detach(), q)
+
+
+# --- model directories that ask to run code --------------------------------------------
+
+
+def _remote_dir(root: Path, name: str, model_type: str | None, where: str = "config.json"):
+    """A saved tiny Llama whose ``where`` asks for ``modeling_evil.py`` (which would write
+    a marker file if it ever ran); ``model_type`` replaces the config's when given."""
+    path = root / name
+    tiny_llama(1, seed=3).save_pretrained(path)
+    if where == "tokenizer_config.json":
+        from tokenizers import Tokenizer
+        from tokenizers.models import WordLevel
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))
+        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>").save_pretrained(path)
+    config = json.loads((path / where).read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    if where == "tokenizer_config.json":
+        config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    if model_type is not None:
+        config["model_type"] = model_type
+    (path / where).write_text(json.dumps(config))
+    code = f"open({str(root / MARKER)!r}, 'w').write('ran')\n"
+    (path / "modeling_evil.py").write_text(code)
+    (path / "tokenization_evil.py").write_text(code)
+    return path
+
+
+REMOTE = [
+    ("custom-model-type", "evil", "config.json"),
+    ("llama-with-auto-map", None, "config.json"),
+    ("tokenizer-auto-map", None, "tokenizer_config.json"),
+]
+
+
+@pytest.mark.parametrize("case, model_type, where", REMOTE, ids=[c for c, _, _ in REMOTE])
+@pytest.mark.parametrize("command", ["distill-lm", "dump-teacher"])
+def test_a_directory_asking_for_code_is_refused_without_trust(
+    tmp_path, capsys, command, case, model_type, where
+):
+    """transformers would prompt (and run the code on 'y') or silently load its own class
+    of the same model_type; kdkit refuses in one line and never prompts."""
+    remote = _remote_dir(tmp_path, "remote", model_type, where)
+    data = _ids(tmp_path)
+    capsys.readouterr()
+    if command == "distill-lm":
+        assert _distill(data, remote, tmp_path / "out") == 2
+        label = f"--teacher_model {str(remote)!r}"
+    else:
+        argv = ["dump-teacher", "--data", str(data), "--teacher", f"t={remote}"]
+        assert main([*argv, "--cache", str(tmp_path / "cache"), "--no-progress"]) == 2
+        label = f"--teacher t={str(remote)!r}"
+    err = _one_line(capsys, f"kdkit {command}: error: {label} asks to run its own code ")
+    assert f"({where} auto_map: " in err and "--trust_remote_code" in err
+    assert "[y/N]" not in err and not (tmp_path / MARKER).exists()
+
+
+def test_trust_remote_code_is_passed_on_only_when_given(tmp_path, monkeypatch):
+    import transformers
+
+    from kdkit.hf.loading import check_remote_code, load_causal_lm
+
+    remote = _remote_dir(tmp_path, "remote", None)
+    check_remote_code(remote, "--teacher_model", True)  # trusted: no error
+    seen: list[object] = []
+
+    def fake(path, **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        return "model"
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    assert load_causal_lm(remote, "--teacher_model", trust_remote_code=True) == "model"
+    plain = tmp_path / "plain"
+    tiny_llama(1).save_pretrained(plain)
+    assert load_causal_lm(plain, "--teacher_model") == "model"
+    assert seen == [True, False] and not (tmp_path / MARKER).exists()
