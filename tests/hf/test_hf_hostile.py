@@ -241,3 +241,135 @@ def test_trust_remote_code_is_passed_on_only_when_given(tmp_path, monkeypatch):
     tiny_llama(1).save_pretrained(plain)
     assert load_causal_lm(plain, "--teacher_model") == "model"
     assert seen == [True, False] and not (tmp_path / MARKER).exists()
+
+
+# --- caches of another teacher, dataset, tokenizer or vocabulary -----------------------
+
+
+def _word_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *words])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 2)]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache_models")
+    made = {
+        "t": tiny_llama(2, seed=1),
+        "other": tiny_llama(2, seed=7),
+        "wide": tiny_llama(2, vocab=VOCAB + 16, seed=7),
+        "student": tiny_llama(1, seed=3),
+    }
+    for name, model in made.items():
+        model.save_pretrained(root / name)
+    return {name: root / name for name in made}
+
+
+def _dump(data: Path, cache: Path, *specs: str, extra: tuple[str, ...] = ()) -> int:
+    argv = ["dump-teacher", "--data", str(data), "--cache", str(cache), "--no-progress"]
+    for spec in specs:
+        argv += ["--teacher", spec]
+    return main([*argv, *extra])
+
+
+def _from_cache(data: Path, cache: Path, student: Path, out: Path, *extra: str) -> int:
+    argv = ["distill-lm", "--data", str(data), "--cache", str(cache)]
+    argv += ["--student_model", str(student), "--max_steps", "1", "--output_dir", str(out)]
+    return main([*argv, *extra])
+
+
+CACHE_CASES = [
+    ("another-teacher", "dump", 1, "teacher 't' has other weights than the one cached in"),
+    ("another-vocabulary", "dump", 1, "holds teachers over {'t': 48} classes, but teacher(s)"),
+    ("another-dataset", "distill", 2, "6 cached for other token sequences"),
+    ("another-max-length", "distill", 2, "missing from the cache"),
+    ("another-teacher-name", "distill", 2, "cache_teacher must be one of the cache's teachers"),
+    ("wide-cache-no-tokenizer", "distill", 2, "the cached teacher 't' has 64 output classes"),
+]
+
+
+@pytest.mark.parametrize(
+    "case, step, status, message", CACHE_CASES, ids=[c for c, *_ in CACHE_CASES]
+)
+def test_a_cache_that_does_not_match_is_refused_in_one_line(
+    tmp_path, dirs, capsys, one_torch_thread, case, step, status, message
+):
+    data, cache = _ids(tmp_path, 6), tmp_path / "cache"
+    teacher = dirs["wide"] if case == "wide-cache-no-tokenizer" else dirs["t"]
+    assert _dump(data, cache, f"t={teacher}") == 0
+    before = {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()}
+    capsys.readouterr()
+    out = tmp_path / "out"
+    if case == "another-teacher":
+        assert _dump(data, cache, f"t={dirs['other']}") == status
+    elif case == "another-vocabulary":
+        assert _dump(data, cache, f"u={dirs['wide']}") == status
+    elif case == "another-dataset":
+        other = _data(tmp_path, [{"input_ids": s["input_ids"]} for s in lm_samples(6, seed=5)])
+        assert _from_cache(other, cache, dirs["student"], out) == status
+    elif case == "another-max-length":
+        assert _from_cache(data, cache, dirs["student"], out, "--max_length", "4") == status
+    elif case == "another-teacher-name":
+        assert _from_cache(data, cache, dirs["student"], out, "--teacher", "zz") == status
+    else:
+        assert _from_cache(data, cache, dirs["student"], out) == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()} == before
+    assert not (out / "model.safetensors").exists()
+
+
+def test_a_cache_of_another_tokenizer_is_refused_even_on_the_same_ids(
+    tmp_path, dirs, capsys, one_torch_thread
+):
+    """Tokenizer B splits this text like A (same ids, so every cache key matches) but
+    differs elsewhere: the fingerprint next to the manifest refuses it."""
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    for model, path, words in ((dirs["t"], teacher, WORDS), (dirs["student"], student, None)):
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(model).save_pretrained(path)
+        swapped = [*WORDS[:-2], WORDS[-1], WORDS[-2]]
+        _word_tokenizer(words or swapped).save_pretrained(path)
+    data = _data(tmp_path, [{"text": "w1 w2 w3 w4"}, {"text": "w5 w6 w7"}])
+    assert _dump(data, tmp_path / "cache", f"t={teacher}") == 0
+    capsys.readouterr()
+    assert _from_cache(data, tmp_path / "cache", student, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was made with another tokenizer" in err, err
+
+
+@pytest.mark.parametrize("source", ["live", "cache"])
+def test_other_output_sizes_without_a_tokenizer_need_vocab_size(
+    tmp_path, dirs, capsys, one_torch_thread, source
+):
+    """Decision (#22): distill-lm does not guess whether 64 vs 48 rows is padding."""
+    data, out = _ids(tmp_path, 6), tmp_path / "out"
+    if source == "live":
+        argv = ["distill-lm", "--data", str(data), "--teacher_model", str(dirs["wide"])]
+        argv += ["--student_model", str(dirs["student"]), "--max_steps", "1"]
+        argv += ["--output_dir", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "the teacher has 64 output classes and the student" in err
+        assert main([*argv, "--vocab_size", str(VOCAB)]) == 0
+    else:
+        assert _dump(data, tmp_path / "cache", f"t={dirs['wide']}") == 0
+        capsys.readouterr()
+        assert _from_cache(data, tmp_path / "cache", dirs["student"], out) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "has 64 output classes and the student 48" in err
+        # a dense cache cut to the student's vocabulary with --vocab_size trains
+        extra = ("--vocab_size", str(VOCAB))
+        assert _from_cache(data, tmp_path / "cache", dirs["student"], out, *extra) == 0
+    assert (out / "model.safetensors").is_file()

@@ -157,6 +157,7 @@ def dump_lm_teacher(
 
     models = dict(teacher) if isinstance(teacher, Mapping) else {name: teacher}
     cut = check_vocab_size(models, vocab_size)
+    _check_cached_vocabulary(cache_dir, models, vocab_size)
     if cut:
         logger.info(
             "padded vocabulary: teacher output rows %s, real vocabulary %d; logits are cut to "
@@ -185,6 +186,33 @@ def dump_lm_teacher(
 
         write_cache_tokenizer(cache_dir, tokenizer)
     return index
+
+
+def _check_cached_vocabulary(
+    cache_dir: str | os.PathLike[str], models: Mapping[str, nn.Module], vocab_size: int | None
+) -> None:
+    """A cache holds LM teachers of one vocabulary: new teachers over as many classes as the
+    ones already cached (ValueError naming both), or a cache of one vocabulary stays mixed."""
+    from pathlib import Path
+
+    from kdkit.cache import load_cache_index
+    from kdkit.hf.vocab import output_size
+
+    if not (Path(cache_dir) / "manifest.json").is_file():
+        return
+    cached = {
+        n: c for n, c in load_cache_index(cache_dir).teacher_num_classes.items() if n not in models
+    }
+    if not cached:
+        return
+    sizes = {n: output_size(m) if vocab_size is None else vocab_size for n, m in models.items()}
+    other = {n: c for n, c in sizes.items() if c not in set(cached.values())}
+    if other:
+        raise ValueError(
+            f"teacher cache {str(cache_dir)!r} holds teachers over {cached} classes, but "
+            f"teacher(s) {other} have another vocabulary; one cache holds teachers of one "
+            "vocabulary: use another cache directory (or --vocab_size if only the padding differs)"
+        )
 
 
 def check_lm_cache(index: Any, samples: Sequence[dict[str, Any]]) -> None:

@@ -242,6 +242,7 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
             teacher_dir, "--teacher_model", trust_remote_code=config.trust_remote_code
         )
     student = _load_student(config, teacher)
+    _check_vocabularies(config, tokenizer, teacher, student)
     cross = config.cross_tokenizer_loss is not None or config.teacher_tokenizer is not None
     # the data's ids are the student's tokens (cross-tokenizer: the teacher re-tokenises)
     models = [student] if teacher is None or cross else [student, teacher]
@@ -286,6 +287,37 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
             json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8"
         )
     return LMDistillResult(out, metrics, trainer)
+
+
+def _check_vocabularies(
+    config: LMDistillConfig, tokenizer: Any, teacher: Any, student: Any
+) -> None:
+    """Teacher and student of different output sizes need a tokenizer or ``--vocab_size``.
+
+    Without either, the difference could be padding (the same tokenizer) or another
+    vocabulary altogether; ``distill-lm`` does not guess (the library's
+    :func:`~kdkit.hf.vocab.real_vocab_size` takes the smaller size, logged).
+    """
+    from kdkit.hf.vocab import output_size
+
+    if tokenizer is not None or config.vocab_size is not None or config.teacher_tokenizer:
+        return
+    if teacher is not None:
+        rows, source = output_size(teacher), "the teacher"
+    else:
+        from kdkit.cache import load_cache_index
+
+        index = load_cache_index(config.cache)
+        classes = index.teacher_num_classes
+        name = config.teacher if config.teacher in classes else next(iter(classes))
+        rows, source = classes[name], f"the cached teacher {name!r}"
+    if rows != output_size(student):
+        raise ValueError(
+            f"{source} has {rows} output classes and the student {output_size(student)}, and "
+            "no tokenizer says which vocabulary they share: pass --vocab_size N if they share "
+            "a tokenizer and only the padding differs, --tokenizer DIR, or --teacher_tokenizer "
+            "DIR for teachers with another tokenizer (cross-tokenizer distillation)"
+        )
 
 
 def _training_arguments(transformers: Any, config: LMDistillConfig, out: Path) -> Any:
