@@ -373,3 +373,90 @@ def test_other_output_sizes_without_a_tokenizer_need_vocab_size(
         extra = ("--vocab_size", str(VOCAB))
         assert _from_cache(data, tmp_path / "cache", dirs["student"], out, *extra) == 0
     assert (out / "model.safetensors").is_file()
+
+
+# --- two runs on one output directory; interrupting and resuming a training run --------
+
+
+def test_a_second_run_into_a_locked_output_dir_fails_at_once(tmp_path, teacher_dir, capsys):
+    from kdkit._lock import directory_lock
+
+    out = tmp_path / "out"
+    with directory_lock(out, "distill-lm run"):  # another process's run, as far as flock sees
+        assert _distill(_ids(tmp_path), teacher_dir, out) == 1
+    err = _one_line(capsys, "kdkit distill-lm: error: ")
+    assert f"pid {__import__('os').getpid()}" in err and "in use by another kdkit" in err
+    assert not (out / "model.safetensors").exists()
+
+
+def _train_argv(data: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
+    argv = ["distill-lm", "--data", str(data), "--teacher_model", str(teacher)]
+    argv += ["--student_from_teacher", "2", "--per_device_train_batch_size", "2"]
+    argv += ["--max_steps", "24", "--save_steps", "2", "--logging_steps", "50"]
+    return [*argv, "--output_dir", str(out), *extra]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
+    tmp_path, teacher_dir, one_torch_thread, sig
+):
+    import signal
+
+    from hostile_testing import interrupt_when, kdkit_process
+
+    data = _ids(tmp_path)
+    assert main(_train_argv(data, teacher_dir, tmp_path / "whole")) == 0
+    out = tmp_path / "cut"
+    process = kdkit_process(_train_argv(data, teacher_dir, out))
+    ready = lambda: (out / "checkpoint-2" / "trainer_state.json").is_file()  # noqa: E731
+    sent, status, err = interrupt_when(process, ready, getattr(signal, sig))
+    assert sent, f"the run ended before its first checkpoint: {err[-2000:]}"
+    if sig == "SIGINT":
+        assert status == 130 and "interrupted; resume with --resume" in err, err[-2000:]
+    else:
+        assert status == -signal.SIGKILL
+    assert not (out / "model.safetensors").exists()
+    assert main(_train_argv(data, teacher_dir, out)) == 2  # checkpoints, no --resume
+    if sig == "SIGKILL":  # and one killed while it was written: skipped with a warning
+        import shutil
+
+        last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+        shutil.copytree(last, out / "checkpoint-1000")
+        (out / "checkpoint-1000" / "trainer_state.json").write_text('{"global_st')
+        with pytest.warns(UserWarning, match="checkpoint-1000' is incomplete"):
+            assert main(_train_argv(data, teacher_dir, out, "--resume")) == 0
+    else:
+        assert main(_train_argv(data, teacher_dir, out, "--resume")) == 0
+    whole, resumed = _weights(tmp_path / "whole"), _weights(out)
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+RESUME_BAD = [
+    ("no-checkpoint", (), "--resume: no checkpoint in --output_dir"),
+    ("other-lr", ("--learning_rate", "1e-3"), "learning_rate: 0.0005 -> 0.001"),
+    ("other-kd", ("--temperature", "3"), "kd: "),
+]
+
+
+@pytest.mark.parametrize("case, extra, message", RESUME_BAD, ids=[c for c, *_ in RESUME_BAD])
+def test_resume_refuses_other_settings_and_a_run_without_checkpoints(
+    tmp_path, teacher_dir, capsys, one_torch_thread, case, extra, message
+):
+    data, out = _ids(tmp_path), tmp_path / "out"
+    argv = _train_argv(data, teacher_dir, out)
+    argv[argv.index("--max_steps") + 1] = "2"
+    if case == "no-checkpoint":
+        argv[argv.index("--save_steps") + 1] = "0"
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--resume", *extra]) == 2
+    err = _one_line(capsys, "kdkit distill-lm: error: --resume: ")
+    assert message in err, err

@@ -83,6 +83,8 @@ class LMDistillConfig:
     seed: int = 0
     logging_steps: int = 10
     vocab_size: int | None = None
+    save_steps: int = 0
+    resume: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the setting, before anything is loaded."""
@@ -125,6 +127,11 @@ class LMDistillConfig:
         check_choice("sparse_tail", self.sparse_tail, SPARSE_TAILS)
         check_bool("retemper", self.retemper)
         check_bool("trust_remote_code", self.trust_remote_code)
+        check_bool("resume", self.resume)
+        if isinstance(self.save_steps, bool) or not isinstance(self.save_steps, int):
+            raise ValueError(f"save_steps must be an integer >= 0, got {self.save_steps!r}")
+        if self.save_steps < 0:
+            raise ValueError(f"save_steps must be an integer >= 0, got {self.save_steps!r}")
         if self.schedule_unit not in ("epoch", "step"):
             raise ValueError(f"schedule_unit must be 'epoch' or 'step', got {self.schedule_unit!r}")
         self.kd.validate()
@@ -256,36 +263,35 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad = pad if pad is not None else (student.config.pad_token_id or 0)
     out = Path(config.output_dir)
-    args = _training_arguments(transformers, config, out)
-    trainer = DistillationTrainer(
-        student,
-        args,
-        teacher=teacher,
-        teacher_cache=config.cache,
-        cache_teacher=config.teacher,
-        sparse_tail=config.sparse_tail,
-        retemper=config.retemper,
-        kd_config=config.kd,
-        schedule_unit=config.schedule_unit,
-        vocab_size=config.vocab_size,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        data_collator=CausalLMCollator(pad, cache_keys=config.cache is not None),
-        processing_class=tokenizer,
-        teacher_tokenizer=teacher_tokenizer,
-        cross_tokenizer_loss=config.cross_tokenizer_loss
-        or ("map" if config.teacher_tokenizer is not None else None),
-    )
-    output = trainer.train()
-    metrics = {"train_loss": float(output.training_loss)}
-    if eval_data is not None:
-        loss = trainer.evaluate()["eval_loss"]
-        metrics.update(eval_loss=float(loss), eval_perplexity=math.exp(min(loss, 700.0)))
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        (out / "kdkit_config.json").write_text(
-            json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8"
+    from kdkit.hf.run_dir import run_directory, write_settings
+
+    with run_directory(config.to_dict(), out) as checkpoint:
+        trainer = DistillationTrainer(
+            student,
+            _training_arguments(transformers, config, out),
+            teacher=teacher,
+            teacher_cache=config.cache,
+            cache_teacher=config.teacher,
+            sparse_tail=config.sparse_tail,
+            retemper=config.retemper,
+            kd_config=config.kd,
+            schedule_unit=config.schedule_unit,
+            vocab_size=config.vocab_size,
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            data_collator=CausalLMCollator(pad, cache_keys=config.cache is not None),
+            processing_class=tokenizer,
+            teacher_tokenizer=teacher_tokenizer,
+            cross_tokenizer_loss=config.cross_tokenizer_loss
+            or ("map" if config.teacher_tokenizer is not None else None),
         )
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = {"train_loss": float(output.training_loss)}
+        if eval_data is not None:
+            loss = trainer.evaluate()["eval_loss"]
+            metrics.update(eval_loss=float(loss), eval_perplexity=math.exp(min(loss, 700.0)))
+        trainer.save_model(str(out))
+        write_settings(config.to_dict(), out)
     return LMDistillResult(out, metrics, trainer)
 
 
@@ -321,7 +327,8 @@ def _check_vocabularies(
 
 
 def _training_arguments(transformers: Any, config: LMDistillConfig, out: Path) -> Any:
-    """The ``transformers.TrainingArguments`` of the recipe (no checkpoints, no reporters)."""
+    """The ``transformers.TrainingArguments`` of the recipe (checkpoints every
+    ``save_steps`` optimizer steps, none if 0; no reporters)."""
     return transformers.TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -333,7 +340,8 @@ def _training_arguments(transformers: Any, config: LMDistillConfig, out: Path) -
         bf16=config.bf16,
         seed=config.seed,
         logging_steps=config.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
         report_to=[],
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),
