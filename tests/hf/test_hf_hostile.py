@@ -460,3 +460,47 @@ def test_resume_refuses_other_settings_and_a_run_without_checkpoints(
     assert main([*argv, "--resume", *extra]) == 2
     err = _one_line(capsys, "kdkit distill-lm: error: --resume: ")
     assert message in err, err
+
+
+# --- interrupting and resuming dump-teacher --data --------------------------------------
+
+
+def _journal_chunks(cache: Path) -> int:
+    try:
+        return len(json.loads((cache / ".partial" / "journal.json").read_text())["chunks"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _cache_files(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(cache.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_an_interrupted_dump_resumes_to_the_uninterrupted_cache(
+    tmp_path, teacher_dir, one_torch_thread, sig
+):
+    """Killed after its second committed chunk (of 25): the re-run adopts the committed
+    chunks and the cache is byte for byte the one of an uninterrupted dump."""
+    import signal
+
+    from hostile_testing import interrupt_when, kdkit_process
+
+    data = _ids(tmp_path, 200)
+    extra = ("--top_k", "5", "--batch_size", "1", "--checkpoint_rows", "8")
+    assert _dump(data, tmp_path / "whole", f"t={teacher_dir}", extra=extra) == 0
+    cache = tmp_path / "cut"
+    argv = ["dump-teacher", "--data", str(data), "--teacher", f"t={teacher_dir}"]
+    process = kdkit_process([*argv, "--cache", str(cache), "--no-progress", *extra])
+    sent, status, err = interrupt_when(
+        process, lambda: _journal_chunks(cache) >= 2, getattr(signal, sig)
+    )
+    assert sent, f"the dump ended before its second chunk: {err[-2000:]}"
+    if sig == "SIGINT":
+        assert status == 130 and "interrupted; run the same command again" in err, err
+    else:
+        assert status == -signal.SIGKILL
+    assert not (cache / "manifest.json").exists() and 2 <= _journal_chunks(cache) < 25
+    assert _dump(data, cache, f"t={teacher_dir}", extra=extra) == 0
+    assert _cache_files(cache) == _cache_files(tmp_path / "whole")
+    assert not (cache / ".partial").exists()

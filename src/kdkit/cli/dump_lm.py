@@ -124,7 +124,12 @@ def cmd_dump_lm(args: argparse.Namespace) -> int:
             vocab_size=vocab_size,
             allow_other_files=args.allow_other_files,
             tokenizer=tokenizer,
+            checkpoint_rows=args.checkpoint_rows or 65536,
         )
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            "interrupted; run the same command again to resume (committed chunks are kept)"
+        ) from None
     except Exception as exc:  # the cache's own errors (CacheError) included
         return report_run_error(args, exc)
     finally:
@@ -162,6 +167,8 @@ def _checked_flags(args: argparse.Namespace) -> _Flags:
         raise ValueError(f"--max_length must be an integer >= 2, got {max_length}")
     if batch_size < 1:
         raise ValueError(f"--batch_size must be an integer >= 1, got {batch_size}")
+    if args.checkpoint_rows is not None and args.checkpoint_rows < 1:
+        raise ValueError(f"--checkpoint_rows must be an integer >= 1, got {args.checkpoint_rows}")
     if args.vocab_size is not None and args.vocab_size < 1:
         raise ValueError(f"--vocab_size must be an integer >= 1, got {args.vocab_size}")
     top_k = top_k_option(args.top_k)

@@ -129,6 +129,7 @@ def dump_lm_teacher(
     vocab_size: int | None = None,
     allow_other_files: bool = False,
     tokenizer: Any = None,
+    checkpoint_rows: int = 65536,
 ) -> Any:
     """Cache a causal LM's per-token outputs for ``samples`` (``{"input_ids", "sample_id"}``).
 
@@ -148,6 +149,8 @@ def dump_lm_teacher(
         tokenizer: the tokenizer that made the samples' ids: its fingerprint is written
             next to the manifest (:mod:`kdkit.hf.fingerprint`), so a trainer with another
             tokenizer refuses the cache.
+        checkpoint_rows: rows per committed chunk (the most work an interruption loses;
+            a re-run resumes from the committed chunks).
 
     Raises:
         ValueError: a ``vocab_size`` < 1 or larger than a teacher's output rows; teachers
@@ -180,6 +183,7 @@ def dump_lm_teacher(
         mask_field="attention_mask",
         progress=progress,
         allow_other_files=allow_other_files,
+        checkpoint_rows=checkpoint_rows,
     )
     if tokenizer is not None:
         from kdkit.hf.fingerprint import write_cache_tokenizer
