@@ -131,6 +131,14 @@ def cmd_dump_lm(args: argparse.Namespace) -> int:
             "interrupted; run the same command again to resume (committed chunks are kept)"
         ) from None
     except Exception as exc:  # the cache's own errors (CacheError) included
+        if env.enabled and isinstance(exc, RuntimeError):  # gloo/NCCL: a rank died or hung
+            print(
+                f"{args._parser.prog}: error: rank {env.rank}: the other ranks stopped "
+                f"answering ({message(exc)}); the committed chunks are kept: run the same "
+                "command again to resume",
+                file=sys.stderr,
+            )
+            return 1
         return report_run_error(args, exc)
     finally:
         env.close()

@@ -328,7 +328,10 @@ def _check_vocabularies(
 
 def _training_arguments(transformers: Any, config: LMDistillConfig, out: Path) -> Any:
     """The ``transformers.TrainingArguments`` of the recipe (checkpoints every
-    ``save_steps`` optimizer steps, none if 0; no reporters)."""
+    ``save_steps`` optimizer steps, none if 0; no reporters; the process-group timeout of
+    :func:`kdkit.train.torchrun.dist_timeout`)."""
+    from kdkit.train.torchrun import dist_timeout
+
     return transformers.TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -345,6 +348,7 @@ def _training_arguments(transformers: Any, config: LMDistillConfig, out: Path) -
         report_to=[],
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_timeout=math.ceil(dist_timeout().total_seconds()),
     )
 
 
