@@ -443,6 +443,7 @@ RESUME_BAD = [
     ("no-checkpoint", (), "--resume: no checkpoint in --output_dir"),
     ("other-lr", ("--learning_rate", "1e-3"), "learning_rate: 0.0005 -> 0.001"),
     ("other-kd", ("--temperature", "3"), "kd: "),
+    ("edited-data", (), "data_files: {'data': "),
 ]
 
 
@@ -457,6 +458,8 @@ def test_resume_refuses_other_settings_and_a_run_without_checkpoints(
         argv[argv.index("--save_steps") + 1] = "0"
     assert main(argv) == 0
     capsys.readouterr()
+    if case == "edited-data":  # the same file name, other records
+        _data(tmp_path, [{"input_ids": s["input_ids"][::-1]} for s in lm_samples(8)])
     assert main([*argv, "--resume", *extra]) == 2
     err = _one_line(capsys, "kdkit distill-lm: error: --resume: ")
     assert message in err, err

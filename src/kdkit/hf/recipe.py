@@ -263,9 +263,10 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad = pad if pad is not None else (student.config.pad_token_id or 0)
     out = Path(config.output_dir)
-    from kdkit.hf.run_dir import run_directory, write_settings
+    from kdkit.hf.run_dir import run_directory, run_settings, write_settings
 
-    with run_directory(config.to_dict(), out) as checkpoint:
+    settings = run_settings(config.to_dict())
+    with run_directory(settings, out) as checkpoint:
         trainer = DistillationTrainer(
             student,
             _training_arguments(transformers, config, out),
@@ -291,7 +292,7 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
             loss = trainer.evaluate()["eval_loss"]
             metrics.update(eval_loss=float(loss), eval_perplexity=math.exp(min(loss, 700.0)))
         trainer.save_model(str(out))
-        write_settings(config.to_dict(), out)
+        write_settings(settings, out)
     return LMDistillResult(out, metrics, trainer)
 
 
@@ -313,7 +314,7 @@ def _check_vocabularies(
     else:
         from kdkit.cache import load_cache_index
 
-        index = load_cache_index(config.cache)
+        index = load_cache_index(str(config.cache))
         classes = index.teacher_num_classes
         name = config.teacher if config.teacher in classes else next(iter(classes))
         rows, source = classes[name], f"the cached teacher {name!r}"

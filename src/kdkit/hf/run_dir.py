@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FREE_SETTINGS", "RUN_CONFIG", "run_directory"]
+__all__ = ["FREE_SETTINGS", "RUN_CONFIG", "run_directory", "run_settings", "write_settings"]
 
 RUN_CONFIG: str = "kdkit_config.json"
 """The run's settings, written when it starts and again when it ends."""
@@ -107,6 +107,22 @@ def resume_checkpoint(settings: dict[str, Any], out: Path) -> str | None:
             + "); resume with the same ones or use another --output_dir"
         )
     return str(complete[-1])
+
+
+def run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` plus ``data_files``: BLAKE2b fingerprints of the ``data`` and ``eval_data``
+    files, so that a resume over an edited file of the same name is refused too."""
+    import hashlib
+
+    files: dict[str, str] = {}
+    for key in ("data", "eval_data"):
+        if config.get(key):
+            digest = hashlib.blake2b(digest_size=16)
+            with open(config[key], "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            files[key] = digest.hexdigest()
+    return {**config, "data_files": files}
 
 
 def write_settings(settings: dict[str, Any], out: Path) -> None:
