@@ -99,6 +99,13 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         metavar="EVERY_K",
         help="the teacher's layers 0, k, 2k, ... (DistilBERT's initialisation)",
     )
+    student.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="allow model and tokenizer directories to run their own code (auto_map); "
+        "refused without this flag",
+    )
     kd = parser.add_argument_group("KD loss (the spec's flags)")
     add_flags(kd, train_flags(student=True)[2])
     kd.add_argument(
@@ -107,6 +114,13 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="what --warmup_epochs/--kd_ramp_epochs count (default: epoch)",
     )
+    _add_training_flags(parser)
+    parser.set_defaults(func=_cmd_distill_lm)
+    return parser
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """The ``transformers.TrainingArguments`` flags, checkpoints and ``--resume``."""
     loop = parser.add_argument_group("training (transformers.TrainingArguments)")
     for name, kind, help_text in _TRAINER_FLAGS:
         loop.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS, help=help_text)
@@ -114,8 +128,18 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         "--bf16", action="store_true", default=argparse.SUPPRESS, help="bfloat16 mixed precision"
     )
     loop.add_argument("--output_dir", default=argparse.SUPPRESS, help="default: runs/lm-student")
-    parser.set_defaults(func=_cmd_distill_lm)
-    return parser
+    loop.add_argument(
+        "--save_steps",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="write a resumable checkpoint every N optimizer steps (default 0: none)",
+    )
+    loop.add_argument(
+        "--resume",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="continue the run in --output_dir from its last checkpoint (same settings)",
+    )
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -173,10 +197,22 @@ def _cmd_distill_lm(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # errors stay one line; no bars per weight file
 
+    from kdkit._lock import DirectoryLockedError
+
     try:
         result = distill_lm(config)
     except CONFIG_ERRORS as exc:  # bad data, different tokenizers: before any training
         args._parser.error(message(exc))
+    except DirectoryLockedError as exc:  # another run holds --output_dir
+        print(f"{args._parser.prog}: error: {message(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        how = (
+            "resume with --resume (from the last checkpoint)"
+            if config.save_steps
+            else "no checkpoint was written (--save_steps N makes a run resumable)"
+        )
+        raise KeyboardInterrupt(f"interrupted; {how}") from None
     if is_rank_zero():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         print(f"finished: {metrics}; student in {result.output_dir}")

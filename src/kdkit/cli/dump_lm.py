@@ -61,12 +61,13 @@ def default_vocab_size(tokenizer: Any, rows: dict[str, int]) -> int | None:
 
 
 def _load_teachers(
-    specs: list[tuple[str, str]], dtype: str
+    specs: list[tuple[str, str]], dtype: str, trust_remote_code: bool = False
 ) -> tuple[dict[str, Any], dict[str, Path]]:
-    """``({name: model}, {name: directory})``; ValueError naming the flag on any failure."""
+    """``({name: model}, {name: directory})``; ValueError naming the flag on any failure
+    (a directory asking to run its own code without ``--trust_remote_code`` included)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from kdkit.hf.loading import load_causal_lm
     from kdkit.hf.recipe import local_dir
 
     dirs: dict[str, Path] = {}
@@ -76,15 +77,12 @@ def _load_teachers(
         dirs[name] = local_dir(location, f"--teacher {name}:")
     models = {}
     for name, path in dirs.items():
-        try:
-            models[name] = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=getattr(torch, dtype)
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            text = " ".join(str(exc).split())
-            raise ValueError(
-                f"--teacher {name}={str(path)!r} is not a loadable causal LM directory: {text}"
-            ) from None
+        models[name] = load_causal_lm(
+            path,
+            f"--teacher {name}=",
+            trust_remote_code=trust_remote_code,
+            dtype=getattr(torch, dtype),
+        )
     return models, dirs
 
 
@@ -127,8 +125,21 @@ def cmd_dump_lm(args: argparse.Namespace) -> int:
             vocab_size=vocab_size,
             allow_other_files=args.allow_other_files,
             tokenizer=tokenizer,
+            checkpoint_rows=args.checkpoint_rows or 65536,
         )
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            "interrupted; run the same command again to resume (committed chunks are kept)"
+        ) from None
     except Exception as exc:  # the cache's own errors (CacheError) included
+        if env.enabled and isinstance(exc, RuntimeError):  # gloo/NCCL: a rank died or hung
+            print(
+                f"{args._parser.prog}: error: rank {env.rank}: the other ranks stopped "
+                f"answering ({message(exc)}); the committed chunks are kept: run the same "
+                "command again to resume",
+                file=sys.stderr,
+            )
+            return 1
         return report_run_error(args, exc)
     finally:
         env.close()
@@ -165,6 +176,8 @@ def _checked_flags(args: argparse.Namespace) -> _Flags:
         raise ValueError(f"--max_length must be an integer >= 2, got {max_length}")
     if batch_size < 1:
         raise ValueError(f"--batch_size must be an integer >= 1, got {batch_size}")
+    if args.checkpoint_rows is not None and args.checkpoint_rows < 1:
+        raise ValueError(f"--checkpoint_rows must be an integer >= 1, got {args.checkpoint_rows}")
     if args.vocab_size is not None and args.vocab_size < 1:
         raise ValueError(f"--vocab_size must be an integer >= 1, got {args.vocab_size}")
     top_k = top_k_option(args.top_k)
@@ -186,22 +199,25 @@ def _load_inputs(
 ) -> tuple[list, dict[str, Any], int | None, Any]:
     """``(samples, {name: teacher}, vocabulary cut, tokenizer)``: the tokenizer (``--tokenizer``, else
     the first teacher's), the data read as ``distill-lm`` reads it, the teachers."""
-    from transformers import AutoTokenizer
-
     from kdkit.hf.capture import check_vocab_size
     from kdkit.hf.data import check_token_ids, load_lm_data
+    from kdkit.hf.loading import load_tokenizer
     from kdkit.hf.recipe import dir_tokenizer, local_dir
     from kdkit.hf.vocab import output_size
 
+    trust = bool(getattr(args, "trust_remote_code", False))
     if flags.tokenizer_dir is not None:
-        tokenizer = AutoTokenizer.from_pretrained(flags.tokenizer_dir, local_files_only=True)
+        tokenizer = load_tokenizer(flags.tokenizer_dir, "--tokenizer", trust_remote_code=trust)
     else:
-        tokenizer = dir_tokenizer(local_dir(args.teacher[0][1], "--teacher"))
+        teacher_dir = local_dir(args.teacher[0][1], "--teacher")
+        tokenizer = dir_tokenizer(
+            teacher_dir, f"--teacher {args.teacher[0][0]}=", trust_remote_code=trust
+        )
     try:
         samples = load_lm_data(args.data, tokenizer, max_length=flags.max_length)
     except ValueError as exc:
         raise ValueError(f"--data {message(exc)}") from None
-    models, _ = _load_teachers(args.teacher, args.teacher_dtype or "float32")
+    models, _ = _load_teachers(args.teacher, args.teacher_dtype or "float32", trust)
     vocab_size = args.vocab_size
     if vocab_size is None:
         vocab_size = default_vocab_size(tokenizer, {n: output_size(m) for n, m in models.items()})

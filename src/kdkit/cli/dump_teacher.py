@@ -109,7 +109,14 @@ def _dump_manifest(args: argparse.Namespace) -> int:
 
 
 _MANIFEST_ONLY = ("model", "model_kwargs", "checkpoint", "split", "fused")
-_LM_ONLY = ("tokenizer", "max_length", "vocab_size", "teacher_dtype")
+_LM_ONLY = (
+    "tokenizer",
+    "max_length",
+    "vocab_size",
+    "teacher_dtype",
+    "trust_remote_code",
+    "checkpoint_rows",
+)
 
 
 def _check_dump_mode(args: argparse.Namespace) -> None:
@@ -202,6 +209,18 @@ def add_dump_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--teacher_dtype",
         choices=["float32", "bfloat16", "float16"],
         help="dtype the teachers are loaded in (default: float32)",
+    )
+    lm.add_argument(
+        "--checkpoint_rows",
+        type=int,
+        help="sequences per committed chunk, the most work an interruption loses (default: 65536)",
+    )
+    lm.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        default=None,
+        help="allow model and tokenizer directories to run their own code (auto_map); "
+        "refused without this flag",
     )
     parser.add_argument(
         "--allow_other_files",

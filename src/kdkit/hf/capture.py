@@ -129,6 +129,7 @@ def dump_lm_teacher(
     vocab_size: int | None = None,
     allow_other_files: bool = False,
     tokenizer: Any = None,
+    checkpoint_rows: int = 65536,
 ) -> Any:
     """Cache a causal LM's per-token outputs for ``samples`` (``{"input_ids", "sample_id"}``).
 
@@ -148,6 +149,8 @@ def dump_lm_teacher(
         tokenizer: the tokenizer that made the samples' ids: its fingerprint is written
             next to the manifest (:mod:`kdkit.hf.fingerprint`), so a trainer with another
             tokenizer refuses the cache.
+        checkpoint_rows: rows per committed chunk (the most work an interruption loses;
+            a re-run resumes from the committed chunks).
 
     Raises:
         ValueError: a ``vocab_size`` < 1 or larger than a teacher's output rows; teachers
@@ -157,6 +160,7 @@ def dump_lm_teacher(
 
     models = dict(teacher) if isinstance(teacher, Mapping) else {name: teacher}
     cut = check_vocab_size(models, vocab_size)
+    _check_cached_vocabulary(cache_dir, models, vocab_size)
     if cut:
         logger.info(
             "padded vocabulary: teacher output rows %s, real vocabulary %d; logits are cut to "
@@ -181,12 +185,40 @@ def dump_lm_teacher(
         mask_field="attention_mask",
         progress=progress,
         allow_other_files=allow_other_files,
+        checkpoint_rows=checkpoint_rows,
     )
     if tokenizer is not None:
         from kdkit.hf.fingerprint import write_cache_tokenizer
 
         write_cache_tokenizer(cache_dir, tokenizer)
     return index
+
+
+def _check_cached_vocabulary(
+    cache_dir: str | os.PathLike[str], models: Mapping[str, nn.Module], vocab_size: int | None
+) -> None:
+    """A cache holds LM teachers of one vocabulary: new teachers over as many classes as the
+    ones already cached (ValueError naming both), or a cache of one vocabulary stays mixed."""
+    from pathlib import Path
+
+    from kdkit.cache import load_cache_index
+    from kdkit.hf.vocab import output_size
+
+    if not (Path(cache_dir) / "manifest.json").is_file():
+        return
+    cached = {
+        n: c for n, c in load_cache_index(cache_dir).teacher_num_classes.items() if n not in models
+    }
+    if not cached:
+        return
+    sizes = {n: output_size(m) if vocab_size is None else vocab_size for n, m in models.items()}
+    other = {n: c for n, c in sizes.items() if c not in set(cached.values())}
+    if other:
+        raise ValueError(
+            f"teacher cache {str(cache_dir)!r} holds teachers over {cached} classes, but "
+            f"teacher(s) {other} have another vocabulary; one cache holds teachers of one "
+            "vocabulary: use another cache directory (or --vocab_size if only the padding differs)"
+        )
 
 
 def check_lm_cache(index: Any, samples: Sequence[dict[str, Any]]) -> None:

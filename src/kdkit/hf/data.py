@@ -2,8 +2,11 @@
 
 One JSON object per line, either ``{"input_ids": [1, 2, ...]}`` (already tokenised) or
 ``{"text": "..."}`` (tokenised with a local tokenizer), with an optional ``"id"`` (the
-sample id; default: the line number).  Sequences longer than ``max_length`` are split
-into consecutive blocks (ids ``"<id>#<block>"``), so no token is dropped.
+sample id; default: the line number).  An ``input_ids`` record may carry its own
+``"labels"`` (targets, ``-100`` for tokens that are not targets, e.g. a prompt) and
+``"attention_mask"`` (0/1), one per token; they are kept and split with the ids.
+Sequences longer than ``max_length`` are split into consecutive blocks (ids
+``"<id>#<block>"``), so no token is dropped.
 """
 
 from __future__ import annotations
@@ -24,11 +27,16 @@ def load_lm_data(
 ) -> list[dict[str, Any]]:
     """Read a JSONL file into ``[{"input_ids": [...], "sample_id": str}, ...]``.
 
+    A record's own ``labels`` and ``attention_mask`` are kept (same keys, split into the
+    same blocks); a record with neither gets none (the collator's defaults).
+
     Raises:
         FileNotFoundError: no such file.
         ValueError: a line that is not a JSON object, has neither ``input_ids`` nor
             ``text``, has ``text`` but no tokenizer was given, or non-integer / negative
-            ids; an empty file.  The message names the file and line.
+            ids; ``labels`` or ``attention_mask`` of another length than the ids, not
+            integers (labels: ``>= 0`` or ``-100``; mask: 0/1), or given with ``text``;
+            an empty file.  The message names the file and line.
     """
     path = Path(path)
     if not path.is_file():
@@ -36,7 +44,7 @@ def load_lm_data(
     if max_length is not None and (isinstance(max_length, bool) or max_length < 2):
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
     samples: list[dict[str, Any]] = []
-    short = 0
+    short = untargeted = records = 0
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -51,19 +59,37 @@ def load_lm_data(
             ids = _record_ids(record, tokenizer, where)
             if not ids:
                 raise ValueError(f"{where}: empty token sequence (a record needs >= 1 token)")
-            short += len(ids) == 1
             sample_id = str(record.get("id", number))
+            extra = _record_extras(record, len(ids), where)
             step = max_length or max(len(ids), 1)
-            blocks = [ids[i : i + step] for i in range(0, len(ids), step)] or [ids]
-            for b, block in enumerate(blocks):
-                suffix = f"#{b}" if len(blocks) > 1 else ""
-                samples.append({"input_ids": block, "sample_id": sample_id + suffix})
+            starts = range(0, len(ids), step)
+            blocks = []
+            for b, i in enumerate(starts):
+                suffix = f"#{b}" if len(starts) > 1 else ""
+                sample = {"input_ids": ids[i : i + step], "sample_id": sample_id + suffix}
+                sample.update({k: v[i : i + step] for k, v in extra.items()})
+                blocks.append(sample)
+            records += 1
+            short += len(ids) == 1
+            untargeted += len(ids) > 1 and not any(map(_has_target, blocks))
+            samples.extend(blocks)
     if not samples:
         raise ValueError(f"data file {str(path)!r} holds no samples")
+    if short + untargeted == records:
+        raise ValueError(
+            f"data file {str(path)!r}: none of its {records} record(s) has a token to predict "
+            "(one token, every label -100 or every attention_mask 0): nothing to train on"
+        )
     if short:
         warnings.warn(
             f"data file {str(path)!r}: {short} one-token record(s) have no next token to "
             "predict and add nothing to the loss",
+            stacklevel=2,
+        )
+    if untargeted:
+        warnings.warn(
+            f"data file {str(path)!r}: {untargeted} record(s) have no target (every label "
+            "-100 or attention_mask 0 after the first token) and add nothing to the loss",
             stacklevel=2,
         )
     return samples
@@ -72,7 +98,8 @@ def load_lm_data(
 def check_token_ids(
     samples: list[dict[str, Any]], limit: int | None, source: str, what: str
 ) -> None:
-    """Every token id of ``samples`` below ``limit`` (a model's vocabulary size).
+    """Every token id of ``samples`` (``input_ids`` and ``labels``) below ``limit`` (a
+    model's vocabulary size).
 
     Raises:
         ValueError: naming ``source`` (the data file), the sample (its id; the line number
@@ -81,7 +108,7 @@ def check_token_ids(
     if limit is None:
         return
     for sample in samples:
-        ids = sample["input_ids"]
+        ids = [*sample["input_ids"], *(sample.get("labels") or ())]
         top = max(ids) if ids else -1
         if top >= limit:
             raise ValueError(
@@ -90,7 +117,39 @@ def check_token_ids(
             )
 
 
+def _has_target(sample: dict[str, Any]) -> bool:
+    """True if some position after the first is a target (label not -100, mask 1)."""
+    labels = sample.get("labels") or sample["input_ids"]
+    mask = sample.get("attention_mask") or [1] * len(labels)
+    return any(label != -100 and m == 1 for label, m in zip(labels[1:], mask[1:]))
+
+
+def _record_extras(record: dict[str, Any], n: int, where: str) -> dict[str, list[int]]:
+    """A record's own ``labels`` / ``attention_mask``, checked against its ``n`` ids."""
+    allowed = {"labels": "integers >= 0 or -100", "attention_mask": "0/1 values"}
+    extra: dict[str, list[int]] = {}
+    for key, what in allowed.items():
+        if key not in record:
+            continue
+        values = record[key]
+        ok = isinstance(values, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values
+        )
+        if ok and key == "labels":
+            ok = all(v >= 0 or v == -100 for v in values)
+        elif ok:
+            ok = all(v in (0, 1) for v in values)
+        if not ok or len(values) != n:
+            size = len(values) if isinstance(values, list) else type(values).__name__
+            raise ValueError(f"{where}: {key} must be {n} {what} (one per input id), got {size}")
+        extra[key] = values
+    return extra
+
+
 def _record_ids(record: dict[str, Any], tokenizer: Any, where: str) -> list[int]:
+    for key in ("labels", "attention_mask"):
+        if key in record and "input_ids" not in record:
+            raise ValueError(f"{where}: {key} needs input_ids (a 'text' record has none)")
     if "input_ids" in record:
         ids = record["input_ids"]
         if not isinstance(ids, list) or not all(

@@ -71,6 +71,7 @@ class LMDistillConfig:
     student_model: str | None = None
     student_config: str | None = None
     student_from_teacher: int | None = None
+    trust_remote_code: bool = False
     kd: KDLossConfig = dataclasses.field(default_factory=KDLossConfig)
     schedule_unit: str = "epoch"
     per_device_train_batch_size: int = 8
@@ -82,6 +83,8 @@ class LMDistillConfig:
     seed: int = 0
     logging_steps: int = 10
     vocab_size: int | None = None
+    save_steps: int = 0
+    resume: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the setting, before anything is loaded."""
@@ -123,6 +126,12 @@ class LMDistillConfig:
 
         check_choice("sparse_tail", self.sparse_tail, SPARSE_TAILS)
         check_bool("retemper", self.retemper)
+        check_bool("trust_remote_code", self.trust_remote_code)
+        check_bool("resume", self.resume)
+        if isinstance(self.save_steps, bool) or not isinstance(self.save_steps, int):
+            raise ValueError(f"save_steps must be an integer >= 0, got {self.save_steps!r}")
+        if self.save_steps < 0:
+            raise ValueError(f"save_steps must be an integer >= 0, got {self.save_steps!r}")
         if self.schedule_unit not in ("epoch", "step"):
             raise ValueError(f"schedule_unit must be 'epoch' or 'step', got {self.schedule_unit!r}")
         self.kd.validate()
@@ -144,10 +153,11 @@ def _load_student(config: LMDistillConfig, teacher: Any) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kdkit.hf.layers import student_from_teacher
+    from kdkit.hf.loading import load_causal_lm
 
     if config.student_model is not None:
         path = local_dir(config.student_model, "--student_model")
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        return load_causal_lm(path, "--student_model", trust_remote_code=config.trust_remote_code)
     if config.student_config is not None:
         path = Path(config.student_config)
         if not path.is_file():
@@ -169,16 +179,18 @@ def _load_student(config: LMDistillConfig, teacher: Any) -> Any:
     return student_from_teacher(teacher, config.student_from_teacher)
 
 
-def dir_tokenizer(path: str | Path | None) -> Any:
-    """The tokenizer saved in a model directory, or None."""
-    from transformers import AutoTokenizer
+def dir_tokenizer(
+    path: str | Path | None, what: str = "model directory", *, trust_remote_code: bool = False
+) -> Any:
+    """The tokenizer saved in a model directory, or None (see :mod:`kdkit.hf.loading`)."""
+    from kdkit.hf.loading import load_tokenizer
 
     if path is None:
         return None
     path = Path(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return load_tokenizer(path, what, trust_remote_code=trust_remote_code)
 
 
 def _tokenizers(config: LMDistillConfig) -> tuple[Any, Any]:
@@ -187,22 +199,17 @@ def _tokenizers(config: LMDistillConfig) -> tuple[Any, Any]:
     The student's: ``--tokenizer``, else the student directory's, else the teacher's.  The
     teacher's directory tokenizer is compared with it before training.
     """
-    from transformers import AutoTokenizer
+    from kdkit.hf.loading import load_tokenizer
 
-    teacher = dir_tokenizer(config.teacher_model)  # None with a cache
+    trust = config.trust_remote_code
+    teacher = dir_tokenizer(config.teacher_model, "--teacher_model", trust_remote_code=trust)
     if config.teacher_tokenizer is not None:
         path = local_dir(config.teacher_tokenizer, "--teacher_tokenizer")
-        try:
-            teacher = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            text = " ".join(str(exc).split())[:200]
-            raise ValueError(
-                f"--teacher_tokenizer {str(path)!r} is not a loadable tokenizer directory: {text}"
-            ) from None
+        teacher = load_tokenizer(path, "--teacher_tokenizer", trust_remote_code=trust)
     if config.tokenizer is not None:
         path = local_dir(config.tokenizer, "--tokenizer")
-        return AutoTokenizer.from_pretrained(path, local_files_only=True), teacher
-    student = dir_tokenizer(config.student_model)
+        return load_tokenizer(path, "--tokenizer", trust_remote_code=trust), teacher
+    student = dir_tokenizer(config.student_model, "--student_model", trust_remote_code=trust)
     return (student if student is not None else teacher), teacher
 
 
@@ -227,6 +234,7 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
 
     transformers = require("transformers", "hf", "kdkit distill-lm")
     from kdkit.hf.data import CausalLMCollator, check_token_ids
+    from kdkit.hf.loading import load_causal_lm
     from kdkit.hf.trainer import DistillationTrainer
 
     tokenizer, teacher_tokenizer = _tokenizers(config)
@@ -239,10 +247,11 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
     transformers.set_seed(config.seed)
     teacher = None
     if teacher_dir is not None:
-        teacher = transformers.AutoModelForCausalLM.from_pretrained(
-            teacher_dir, local_files_only=True
+        teacher = load_causal_lm(
+            teacher_dir, "--teacher_model", trust_remote_code=config.trust_remote_code
         )
     student = _load_student(config, teacher)
+    _check_vocabularies(config, tokenizer, teacher, student)
     cross = config.cross_tokenizer_loss is not None or config.teacher_tokenizer is not None
     # the data's ids are the student's tokens (cross-tokenizer: the teacher re-tokenises)
     models = [student] if teacher is None or cross else [student, teacher]
@@ -256,41 +265,76 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad = pad if pad is not None else (student.config.pad_token_id or 0)
     out = Path(config.output_dir)
-    args = _training_arguments(transformers, config, out)
-    trainer = DistillationTrainer(
-        student,
-        args,
-        teacher=teacher,
-        teacher_cache=config.cache,
-        cache_teacher=config.teacher,
-        sparse_tail=config.sparse_tail,
-        retemper=config.retemper,
-        kd_config=config.kd,
-        schedule_unit=config.schedule_unit,
-        vocab_size=config.vocab_size,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        data_collator=CausalLMCollator(pad, cache_keys=config.cache is not None),
-        processing_class=tokenizer,
-        teacher_tokenizer=teacher_tokenizer,
-        cross_tokenizer_loss=config.cross_tokenizer_loss
-        or ("map" if config.teacher_tokenizer is not None else None),
-    )
-    output = trainer.train()
-    metrics = {"train_loss": float(output.training_loss)}
-    if eval_data is not None:
-        loss = trainer.evaluate()["eval_loss"]
-        metrics.update(eval_loss=float(loss), eval_perplexity=math.exp(min(loss, 700.0)))
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        (out / "kdkit_config.json").write_text(
-            json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8"
+    from kdkit.hf.run_dir import run_directory, run_settings, write_settings
+
+    settings = run_settings(config.to_dict())
+    with run_directory(settings, out) as checkpoint:
+        trainer = DistillationTrainer(
+            student,
+            _training_arguments(transformers, config, out),
+            teacher=teacher,
+            teacher_cache=config.cache,
+            cache_teacher=config.teacher,
+            sparse_tail=config.sparse_tail,
+            retemper=config.retemper,
+            kd_config=config.kd,
+            schedule_unit=config.schedule_unit,
+            vocab_size=config.vocab_size,
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            data_collator=CausalLMCollator(pad, cache_keys=config.cache is not None),
+            processing_class=tokenizer,
+            teacher_tokenizer=teacher_tokenizer,
+            cross_tokenizer_loss=config.cross_tokenizer_loss
+            or ("map" if config.teacher_tokenizer is not None else None),
         )
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = {"train_loss": float(output.training_loss)}
+        if eval_data is not None:
+            loss = trainer.evaluate()["eval_loss"]
+            metrics.update(eval_loss=float(loss), eval_perplexity=math.exp(min(loss, 700.0)))
+        trainer.save_model(str(out))
+        write_settings(settings, out)
     return LMDistillResult(out, metrics, trainer)
 
 
+def _check_vocabularies(
+    config: LMDistillConfig, tokenizer: Any, teacher: Any, student: Any
+) -> None:
+    """Teacher and student of different output sizes need a tokenizer or ``--vocab_size``.
+
+    Without either, the difference could be padding (the same tokenizer) or another
+    vocabulary altogether; ``distill-lm`` does not guess (the library's
+    :func:`~kdkit.hf.vocab.real_vocab_size` takes the smaller size, logged).
+    """
+    from kdkit.hf.vocab import output_size
+
+    if tokenizer is not None or config.vocab_size is not None or config.teacher_tokenizer:
+        return
+    if teacher is not None:
+        rows, source = output_size(teacher), "the teacher"
+    else:
+        from kdkit.cache import load_cache_index
+
+        index = load_cache_index(str(config.cache))
+        classes = index.teacher_num_classes
+        name = config.teacher if config.teacher in classes else next(iter(classes))
+        rows, source = classes[name], f"the cached teacher {name!r}"
+    if rows != output_size(student):
+        raise ValueError(
+            f"{source} has {rows} output classes and the student {output_size(student)}, and "
+            "no tokenizer says which vocabulary they share: pass --vocab_size N if they share "
+            "a tokenizer and only the padding differs, --tokenizer DIR, or --teacher_tokenizer "
+            "DIR for teachers with another tokenizer (cross-tokenizer distillation)"
+        )
+
+
 def _training_arguments(transformers: Any, config: LMDistillConfig, out: Path) -> Any:
-    """The ``transformers.TrainingArguments`` of the recipe (no checkpoints, no reporters)."""
+    """The ``transformers.TrainingArguments`` of the recipe (checkpoints every
+    ``save_steps`` optimizer steps, none if 0; no reporters; the process-group timeout of
+    :func:`kdkit.train.torchrun.dist_timeout`)."""
+    from kdkit.train.torchrun import dist_timeout
+
     return transformers.TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -302,10 +346,12 @@ def _training_arguments(transformers: Any, config: LMDistillConfig, out: Path) -
         bf16=config.bf16,
         seed=config.seed,
         logging_steps=config.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
         report_to=[],
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_timeout=math.ceil(dist_timeout().total_seconds()),
     )
 
 

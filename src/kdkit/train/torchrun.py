@@ -15,7 +15,12 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedEnv", "init_from_env"]
+__all__ = ["TIMEOUT_ENV", "DistributedEnv", "dist_timeout", "init_from_env"]
+
+TIMEOUT_ENV: str = "KDKIT_DIST_TIMEOUT"
+"""Seconds a rank waits in a collective (barrier, gather, all-reduce) for the others before
+it fails with an error; default 1800.  A rank that dies is noticed sooner (its sockets
+close, or torchrun's agent stops the job); this bounds the wait for one that hangs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +73,33 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def dist_timeout() -> datetime.timedelta:
+    """The process-group timeout: :data:`TIMEOUT_ENV` seconds (a number > 0), else 30 min.
+
+    Raises:
+        ValueError: the variable is set to something else than a number > 0 (named).
+    """
+    value = os.environ.get(TIMEOUT_ENV)
+    if value is None or value == "":
+        return datetime.timedelta(minutes=30)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(
+            f"environment variable {TIMEOUT_ENV} must be a number of seconds > 0, got {value!r}"
+        )
+    return datetime.timedelta(seconds=seconds)
+
+
 def init_from_env(device: str | torch.device = "cpu") -> DistributedEnv:
     """Detect a torchrun launch and initialise the process group.
 
     Reads ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (set by ``torchrun``).  With a world
     size above 1 it initialises the default process group -- NCCL for CUDA devices (each
-    rank takes ``cuda:LOCAL_RANK``), gloo otherwise -- unless one is already initialised
+    rank takes ``cuda:LOCAL_RANK``), gloo otherwise, with the timeout of
+    :func:`dist_timeout` -- unless one is already initialised
     (then it is reused and not destroyed by :meth:`DistributedEnv.close`).  Without
     torchrun it returns a single-process :class:`DistributedEnv` on ``device``.
 
@@ -103,7 +129,7 @@ def init_from_env(device: str | torch.device = "cpu") -> DistributedEnv:
             backend=backend,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(minutes=30),
+            timeout=dist_timeout(),
         )
     return DistributedEnv(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device, owns_group=owns
