@@ -36,6 +36,7 @@ from kdkit._extras import require
 from kdkit.hf.head import OutputTransform, check_output_transform
 from kdkit.hf.head import output_transform as read_output_transform
 from kdkit.hf.loss import LMLossStats, lm_distillation_loss, shift_labels
+from kdkit.hf.on_policy import PROMPT_KEYS, OnPolicyConfig, checked_on_policy, prepare_step
 from kdkit.hf.vocab import real_vocab_size
 from kdkit.losses.kd import KDLossConfig
 from kdkit.losses.sparse import sparse_confidence
@@ -187,6 +188,12 @@ class DistillationTrainer(transformers.Trainer):
             (:class:`~kdkit.hf.head.OutputTransform`: ``logit_scale``, ``softcap``);
             default: read from its config (:func:`~kdkit.hf.head.output_transform`).
             Checked against the model's own logits at the first training step.
+        on_policy: On-policy distillation (:class:`~kdkit.hf.on_policy.OnPolicyConfig`):
+            per optimizer step, with probability ``on_policy_fraction``, the step's
+            completions are sampled by the student from the batches' prompts (with
+            ``seq_kd``, otherwise by the teacher) and scored by the live teacher.  Needs
+            prompt data (:class:`~kdkit.hf.on_policy_data.PromptCollator`); default
+            ``None`` (or ``on_policy_fraction=0`` without ``seq_kd``): off-policy only.
         **kwargs: Passed to ``transformers.Trainer`` (``train_dataset``,
             ``data_collator``, ``processing_class``, ``callbacks``...).
 
@@ -214,10 +221,14 @@ class DistillationTrainer(transformers.Trainer):
         ignore_index: int = -100,
         output_transform: OutputTransform | None = None,
         cross_tokenizer_loss: str | None = None,
+        on_policy: OnPolicyConfig | None = None,
         **kwargs: Any,
     ) -> None:
         kd_config = _checked_arguments(
             teacher, teacher_cache, schedule_unit, kd_config, output_transform
+        )
+        on_policy = checked_on_policy(
+            on_policy, teacher_cache, cross_tokenizer_loss, kwargs.get("train_dataset")
         )
         super().__init__(model=model, args=args, **kwargs)
         if self.args.n_gpu > 1:
@@ -273,6 +284,8 @@ class DistillationTrainer(transformers.Trainer):
         self._normalisers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._window: torch.Tensor | None = None  # [ce, kd, N, W, selected, confidence]
         self._alpha = 0.0
+        self.on_policy = on_policy
+        self.completion_source = "data"  # the last step's: 'data', 'student' or 'teacher'
 
     @staticmethod
     def _open_cache(teacher_cache: Any) -> Any:
@@ -316,8 +329,8 @@ class DistillationTrainer(transformers.Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         """Keep ``sample_id`` (the cache key's first half) through the Trainer's column filter."""
         super()._set_signature_columns_if_needed()
-        if "sample_id" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "sample_id"]
+        keep = ("sample_id", "prompt_length")
+        self._signature_columns += [k for k in keep if k not in self._signature_columns]
 
     # -- schedule and teacher ---------------------------------------------------------
 
@@ -452,6 +465,8 @@ class DistillationTrainer(transformers.Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        if self.on_policy is not None:
+            batches = self._on_policy_batches(batches)
         counts = torch.zeros(2, dtype=torch.float64, device=device)
         weighted = self.kd_config.kd_weighting != "none"
         for batch in batches:
@@ -493,6 +508,24 @@ class DistillationTrainer(transformers.Trainer):
         self._normalisers = (counts[0], counts[1])
         return batches, counts[0]
 
+    def _on_policy_batches(self, batches: list) -> list:
+        """The step's micro-batches with sampled completions (:func:`prepare_step`)."""
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.model.config, "pad_token_id", None)
+        batches, self.completion_source = prepare_step(
+            batches,
+            self.on_policy,
+            student=self.accelerator.unwrap_model(self.model),
+            teacher=lambda: (self._teacher_device(), self.teacher)[1],
+            seed=self.args.seed,
+            step=self.state.global_step,
+            rank=self.args.process_index,
+            pad_token_id=0 if pad is None else int(pad),
+            ignore_index=self.ignore_index,
+        )
+        return batches
+
     # -- the loss ----------------------------------------------------------------------
 
     def compute_loss(
@@ -504,7 +537,7 @@ class DistillationTrainer(transformers.Trainer):
     ) -> Any:
         """Training: the distillation loss of this micro-batch; evaluation: the model's CE."""
         if not model.training or self._normalisers is None:
-            drop = ("kd_keys", STEP_TEACHER, XTOK_BATCH)
+            drop = ("kd_keys", STEP_TEACHER, XTOK_BATCH, *PROMPT_KEYS)
             inputs = {k: v for k, v in inputs.items() if k not in drop}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
@@ -524,7 +557,8 @@ class DistillationTrainer(transformers.Trainer):
         if isinstance(teacher_logits, TeacherHidden):
             teacher_head = self.teacher.get_output_embeddings()
             teacher_logits = teacher_logits.hidden
-        inputs.pop("kd_keys", None)
+        for key in ("kd_keys", *PROMPT_KEYS):
+            inputs.pop(key, None)
         unwrapped = self.accelerator.unwrap_model(model)
         capture = _HiddenCapture()
         handle = unwrapped.base_model.register_forward_hook(capture)
