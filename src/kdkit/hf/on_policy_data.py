@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -94,7 +94,7 @@ def prompt_record(record: dict[str, Any], tokenizer: Any, where: str) -> dict[st
     return {"input_ids": head + tail, "prompt_length": len(head)}
 
 
-def _token(value: Any) -> bool:
+def _token(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -26,7 +26,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ from kdkit.losses.sparse import sparse_confidence
 from kdkit.losses.student_terms import confidence_weights, teacher_confidence
 from kdkit.sparse import SparseLogits
 
-transformers = require("transformers", "hf", "kdkit.hf")
+transformers: Any = require("transformers", "hf", "kdkit.hf")
 
 __all__ = ["SCHEDULE_UNITS", "DistillationTrainer"]
 
@@ -145,7 +145,7 @@ def _checked_arguments(
 
 
 @functools.cache
-def _keeps_logits(model_class: type) -> bool:
+def _keeps_logits(model_class: Any) -> bool:
     """Whether ``model_class.forward`` takes ``logits_to_keep`` (once per class: the
     signature is inspected in the step otherwise)."""
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
@@ -241,7 +241,7 @@ class DistillationTrainer(transformers.Trainer):
         self.ignore_index = ignore_index
         self.sparse_tail = sparse_tail
         self.retemper = retemper
-        self.cache = None if teacher_cache is None else self._open_cache(teacher_cache)
+        self.cache: Any = None if teacher_cache is None else self._open_cache(teacher_cache)
         self.cache_teacher = cache_teacher
         if self.cache is not None:
             self.cache_teacher = self._cache_teacher_name(cache_teacher)
@@ -265,7 +265,7 @@ class DistillationTrainer(transformers.Trainer):
             if self.xtok is not None
             else teacher
             if teacher is not None
-            else self.cache.teacher_num_classes[self.cache_teacher],
+            else cast(Any, self.cache).teacher_num_classes[self.cache_teacher],
             model,
             vocab_size=vocab_size,
             tokenizer=self.processing_class,
@@ -273,7 +273,7 @@ class DistillationTrainer(transformers.Trainer):
         )
         if self.cache is not None and self.cache.is_sparse(self.cache_teacher):
             self._check_top_k_cache()
-        self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
+        self.teacher: Any = None if teacher is None else teacher.eval().requires_grad_(False)
         self.output_transform = (
             read_output_transform(model) if output_transform is None else output_transform
         )
@@ -305,7 +305,7 @@ class DistillationTrainer(transformers.Trainer):
                 f"cache_teacher must be one of the cache's teachers {list(names)}, "
                 f"got {cache_teacher!r}"
             )
-        return cache_teacher
+        return cast(str, cache_teacher)
 
     def _check_top_k_cache(self) -> None:
         """Before training: the loss's own sparse checks (same messages), and a top-k
@@ -381,7 +381,7 @@ class DistillationTrainer(transformers.Trainer):
             finally:
                 handle.remove()
             if self._teacher_checked or self._check_teacher_transform(outputs, capture):
-                return TeacherHidden(capture.hidden)
+                return TeacherHidden(cast(torch.Tensor, capture.hidden))
         return self.teacher(**kwargs).logits.to(student_device)
 
     def _hidden_path_possible(self, teacher_device: torch.device, student_device: Any) -> bool:
@@ -397,7 +397,7 @@ class DistillationTrainer(transformers.Trainer):
             head is not None
             and getattr(head, "weight", None) is not None
             and hasattr(teacher, "base_model")
-            and _keeps_logits(type(teacher))
+            and _keeps_logits(cast(Any, type(teacher)))
             and torch.device(teacher_device) == torch.device(student_device)
             and read_output_transform(teacher) == self.output_transform
         )
@@ -412,7 +412,7 @@ class DistillationTrainer(transformers.Trainer):
                 "teacher",
                 self.teacher,
                 outputs.logits,
-                capture.hidden,
+                cast(torch.Tensor, capture.hidden),
                 self.teacher.get_output_embeddings(),
                 self.output_transform,
             )
@@ -515,7 +515,7 @@ class DistillationTrainer(transformers.Trainer):
             pad = getattr(self.model.config, "pad_token_id", None)
         batches, self.completion_source = prepare_step(
             batches,
-            self.on_policy,
+            cast(OnPolicyConfig, self.on_policy),
             student=self.accelerator.unwrap_model(self.model),
             teacher=lambda: (self._teacher_device(), self.teacher)[1],
             seed=self.args.seed,
@@ -569,11 +569,16 @@ class DistillationTrainer(transformers.Trainer):
         head = unwrapped.get_output_embeddings()
         if not self._transform_checked:  # once: the model's own logits vs the transform
             check_output_transform(
-                "student", unwrapped, outputs.logits, capture.hidden, head, self.output_transform
+                "student",
+                unwrapped,
+                outputs.logits,
+                cast(torch.Tensor, capture.hidden),
+                head,
+                self.output_transform,
             )
             self._transform_checked = True
         num_tokens, kd_weight_total = self._normalisers
-        common = {
+        common: dict[str, Any] = {
             "num_tokens": num_tokens,
             "kd_weight_total": kd_weight_total,
             "attention_mask": inputs.get("attention_mask"),
@@ -582,7 +587,14 @@ class DistillationTrainer(transformers.Trainer):
             "logit_scale": self.output_transform.logit_scale,
             "softcap": self.output_transform.softcap,
         }
-        main = (capture.hidden, head, teacher_logits, labels, self.kd_config, self.kd_progress())
+        main: tuple[Any, ...] = (
+            capture.hidden,
+            head,
+            teacher_logits,
+            labels,
+            self.kd_config,
+            self.kd_progress(),
+        )
         if xbatch is not None:
             loss, stats = self.xtok.loss_terms(*main, xbatch, **common)
         else:
@@ -601,7 +613,7 @@ class DistillationTrainer(transformers.Trainer):
     @staticmethod
     def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
         """Ask for the last position's logits only (the loss uses the hidden states)."""
-        return {"logits_to_keep": 1} if _keeps_logits(type(model)) else {}
+        return {"logits_to_keep": 1} if _keeps_logits(cast(Any, type(model))) else {}
 
     # -- logging -----------------------------------------------------------------------
 
