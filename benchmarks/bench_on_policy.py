@@ -5,12 +5,15 @@ teacher 4 layers, the student 2, vocabulary ``--vocab``, blocks of 64 tokens, mi
 16): prompt/completion records of ``--prompt`` + ``--new`` random tokens.  Rows, each the
 median over ``--steps`` optimizer steps (after one warm-up step) of each of ``--rounds``
 rounds (every row once per round, so a change of machine load hits all rows alike), timed
-from one step's end to the next's (batch fetch, generation and the teacher included):
+from one step's end to the next's (batch fetch, generation and the teacher included), and
+the median over rounds of each round's ratio to its off-policy step:
 
 * ``off-policy`` -- ``on_policy_fraction=0``: the data's completions (today's trainer);
 * ``on-policy`` -- ``on_policy_fraction=1``: the student samples ``--new`` tokens per
   prompt (KV cache) and the teacher scores them;
-* ``seq_kd`` -- the teacher samples them.
+* ``seq_kd`` -- the teacher samples them;
+* ``on-policy, no KV cache`` -- as ``on-policy`` with ``generate(use_cache=False)``
+  forced (every new token re-encodes the whole prefix): what the cache saves.
 
 EOS is switched off during sampling so that every completion has ``--new`` tokens, like
 the data's: the rows train on the same number of tokens and differ by the sampling only.
@@ -57,7 +60,15 @@ def _step_times(row: str, args: argparse.Namespace, out: str) -> list[float]:
         "off-policy": OnPolicyConfig(0.0),
         "on-policy": OnPolicyConfig(1.0, max_new_tokens=args.new),
         "seq_kd": OnPolicyConfig(0.0, seq_kd=True, max_new_tokens=args.new),
+        "on-policy, no KV cache": OnPolicyConfig(1.0, max_new_tokens=args.new),
     }[row]
+    if row == "on-policy, no KV cache":
+        generate = student.generate
+
+        def no_cache(*a, **k):
+            return generate(*a, **{**k, "use_cache": False})
+
+        student.generate = no_cache
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
@@ -96,10 +107,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = ("off-policy", "on-policy", "seq_kd")
+    rows = ("off-policy", "on-policy", "seq_kd", "on-policy, no KV cache")
     times: dict[str, list[float]] = {r: [] for r in rows}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.rounds):
@@ -110,12 +121,13 @@ def main() -> None:
         f"V = {args.vocab}, B = {args.batch}, prompt {args.prompt} + {args.new} tokens, "
         f"{args.threads} threads; median of {args.rounds} rounds x {args.steps} steps"
     )
-    print("| step | ms | x off-policy | rounds (ms) |")
-    print("|---|---:|---:|---|")
+    print("| step | ms | x off-policy | median of the rounds' ratios | rounds (ms) |")
+    print("|---|---:|---:|---:|---|")
     for row in rows:
         ms = statistics.median(times[row])
+        ratio = statistics.median(t / b for t, b in zip(times[row], times["off-policy"]))
         rounds = ", ".join(f"{1000 * t:.0f}" for t in times[row])
-        print(f"| {row} | {1000 * ms:.1f} | {ms / base:.2f} | {rounds} |")
+        print(f"| {row} | {1000 * ms:.1f} | {ms / base:.2f} | {ratio:.2f} | {rounds} |")
 
 
 if __name__ == "__main__":
