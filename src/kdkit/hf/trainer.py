@@ -327,10 +327,11 @@ class DistillationTrainer(transformers.Trainer):
             )
 
     def _set_signature_columns_if_needed(self) -> None:
-        """Keep ``sample_id`` (the cache key's first half) through the Trainer's column filter."""
+        """Keep ``sample_id`` (cache keys) and ``prompt_length`` through the column filter."""
         super()._set_signature_columns_if_needed()
         keep = ("sample_id", "prompt_length")
-        self._signature_columns += [k for k in keep if k not in self._signature_columns]
+        missing = [k for k in keep if k not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *missing]
 
     # -- schedule and teacher ---------------------------------------------------------
 
