@@ -241,11 +241,19 @@ def test_fraction_1_with_a_frozen_student_is_the_loss_by_hand(
     assert losses[0] == pytest.approx(_reference_loss(student, teacher, rows, config), rel=1e-5)
 
 
-@pytest.mark.parametrize("loss_type", ["kldiv", "jsd"])
-def test_generated_tokens_normalise_the_step_8x1_4x2_2x4(tmp_path, loss_type, one_torch_thread):
+@pytest.mark.parametrize(
+    "loss_type, weighting", [("kldiv", "none"), ("jsd", "none"), ("reverse_kl", "pmax")]
+)
+def test_generated_tokens_normalise_the_step_8x1_4x2_2x4(
+    tmp_path, loss_type, weighting, one_torch_thread
+):
     """Deterministic decoding (top_p tiny keeps one token) so that every split generates
-    the same completions; the step's update must then not depend on the split."""
-    config = KDLossConfig(temperature=2.0, kd_alpha=0.5, loss_type=loss_type)
+    the same completions; the step's update must then not depend on the split (with
+    ``pmax`` the KD normaliser is the teacher's confidence summed over the generated
+    tokens of the step)."""
+    config = KDLossConfig(
+        temperature=2.0, kd_alpha=0.5, loss_type=loss_type, kd_weighting=weighting
+    )
     policy = OnPolicyConfig(1.0, max_new_tokens=4, top_p=1e-6)
     grads = []
     for batch, accumulation in ((8, 1), (4, 2), (2, 4)):
