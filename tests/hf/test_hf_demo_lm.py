@@ -37,8 +37,11 @@ def test_lm_demo_tiny(tmp_path, one_torch_thread):
     assert set(result.summary) == set(LM_CONDITIONS)
     for stats in result.summary.values():
         assert stats["perplexity"][0] > 1 and 0 <= stats["accuracy"][0] <= 1
+        assert -20 < stats["teacher_loglik"][0] < 0  # nats per sampled token
+    assert -20 < result.teacher_metrics["teacher_loglik"] < 0
     report = result.report_path.read_text()
     assert "## Results" in report and "layer-dropped init + KD" in report
+    assert "on-policy KD (GKD)" in report and "teacher log-lik" in report
     for png in ("perplexity_curves.png", "kd_losses.png"):
         assert (tmp_path / "lm" / png).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "lm" / "teacher" / "config.json").is_file()

@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from kdkit.cli.common import CONFIG_ERRORS, is_rank_zero, message, setup_logging
-from kdkit.cli.flags import add_flags, train_flags
+from kdkit.cli.flags import add_flags, config_flags, train_flags
 
 __all__ = ["add_subcommand", "build_config"]
 
@@ -108,6 +108,11 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     )
     kd = parser.add_argument_group("KD loss (the spec's flags)")
     add_flags(kd, train_flags(student=True)[2])
+    policy = parser.add_argument_group(
+        "on-policy distillation (GKD; data: {'prompt', 'completion'} or "
+        "{'input_ids', 'prompt_length'} per line)"
+    )
+    add_flags(policy, on_policy_flags())
     kd.add_argument(
         "--schedule_unit",
         choices=["epoch", "step"],
@@ -142,10 +147,18 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def on_policy_flags() -> list[Any]:
+    """The flags of :class:`~kdkit.hf.on_policy.OnPolicyConfig`'s fields (same names)."""
+    from kdkit.hf.on_policy import ON_POLICY_FIELD_HELP, OnPolicyConfig
+
+    return config_flags(OnPolicyConfig, ON_POLICY_FIELD_HELP, OnPolicyConfig())
+
+
 def build_config(args: argparse.Namespace) -> Any:
     """CLI flags -> one validated :class:`~kdkit.hf.recipe.LMDistillConfig`."""
     import dataclasses
 
+    from kdkit.hf.on_policy import OnPolicyConfig
     from kdkit.hf.recipe import LMDistillConfig
     from kdkit.losses.kd import KDLossConfig
 
@@ -153,12 +166,15 @@ def build_config(args: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     kd: dict[str, Any] = {}
     for field in dataclasses.fields(LMDistillConfig):
-        if field.name != "kd" and getattr(args, field.name, None) is not None:
+        if field.name not in ("kd", "on_policy") and getattr(args, field.name, None) is not None:
             values[field.name] = getattr(args, field.name)
     for name in kd_names:
         if hasattr(args, name):
             kd[name] = getattr(args, name)
-    config = LMDistillConfig(**values, kd=KDLossConfig.from_dict(kd))
+    policy = {f.field: getattr(args, f.field) for f in on_policy_flags() if hasattr(args, f.field)}
+    config = LMDistillConfig(
+        **values, kd=KDLossConfig.from_dict(kd), on_policy=OnPolicyConfig.from_dict(policy)
+    )
     config.validate()
     return config
 

@@ -9,13 +9,13 @@ Pipeline (CPU, offline, nothing downloaded; ``transformers``, ``tokenizers`` and
 3. Blocks of ``block`` tokens; the teacher (a randomly initialised Llama-style model) is
    trained with CE on all training blocks; the students see only the first quarter of
    them (the regime where a teacher trained on more data has something to give).
-4. The same small student (the teacher's width, half its layers) trained five ways,
+4. The same small student (the teacher's width, half its layers) trained six ways,
    each over several seeds: CE only (``transformers.Trainer``); KD from the live teacher
-   (:class:`~kdkit.hf.DistillationTrainer`); KD from the teacher's top-8 and top-64
-   caches; the teacher's layers 0, 2, ... as the initialisation
-   (:func:`~kdkit.hf.student_from_teacher`) + KD.
-5. Held-out perplexity and next-token accuracy (mean ± std over seeds, last step; no
-   model selection on the held-out files), learning curves, ``report.md``.
+   (:class:`~kdkit.hf.DistillationTrainer`); on-policy KD (:mod:`kdkit.demo.lm_on_policy`);
+   KD from the teacher's top-8 and top-64 caches; the teacher's layers 0, 2, ... as the
+   initialisation (:func:`~kdkit.hf.student_from_teacher`) + KD.
+5. Held-out perplexity, next-token accuracy and the teacher's log-likelihood of each
+   model's samples (mean ± std over seeds, last step; no model selection), ``report.md``.
 
 KD from top-k teacher caches (two K) runs from ``kdkit.hf.dump_lm_teacher`` caches.
 """
@@ -36,6 +36,11 @@ import torch
 
 from kdkit._extras import require_installed
 from kdkit.demo.lm_data import blocks_of, demo_llama, evaluate_lm, stdlib_corpus, train_tokenizer
+from kdkit.demo.lm_on_policy import (
+    ON_POLICY_CONDITION,
+    on_policy_trainer,
+    teacher_loglik_of_samples,
+)
 from kdkit.demo.report import (
     Summary,
     bash_block,
@@ -67,6 +72,7 @@ CACHE_KS: tuple[int, ...] = (8, 64)
 LM_CONDITIONS: tuple[str, ...] = (
     "CE only",
     "KD (live teacher)",
+    ON_POLICY_CONDITION,
     *(f"KD (top-{k} cache)" for k in CACHE_KS),
     "layer-dropped init + KD",
 )
@@ -210,7 +216,9 @@ def _train(
         data_collator=CausalLMCollator(tokenizer.pad_token_id),
         callbacks=[curve],
     )
-    if teacher is None:
+    if condition == ON_POLICY_CONDITION:
+        trainer = on_policy_trainer(student, args, teacher, data, config, tokenizer, [curve])
+    elif teacher is None:
         trainer = Trainer(student, args, **common)
     elif isinstance(teacher, (str, Path)):  # a top-k cache of dump_lm_teacher
         kd = KDLossConfig(temperature=config.temperature, kd_alpha=config.kd_alpha)
@@ -267,10 +275,8 @@ def _run_student(job: _StudentJob) -> tuple[Any, ...]:
     hf_logging.set_verbosity_error()
     out, config, condition = Path(job.out), job.config, job.condition
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "teacher")
-    teacher: Any = None
-    if condition != "CE only":
-        teacher = AutoModelForCausalLM.from_pretrained(out / "teacher", local_files_only=True)
-        teacher.eval()
+    scorer = AutoModelForCausalLM.from_pretrained(out / "teacher", local_files_only=True)
+    teacher: Any = None if condition == "CE only" else scorer.eval()
     if condition == "layer-dropped init + KD":
         student = student_from_teacher(teacher, 2)
     else:
@@ -279,7 +285,7 @@ def _run_student(job: _StudentJob) -> tuple[Any, ...]:
         if condition == f"KD (top-{k} cache)":
             teacher = out / f"cache-top{k}"
     slug = condition.lower().replace(" ", "-").replace("(", "").replace(")", "")
-    return _train(
+    result = _train(
         condition,
         student,
         teacher,
@@ -291,6 +297,9 @@ def _run_student(job: _StudentJob) -> tuple[Any, ...]:
         out / "runs" / f"{slug.replace('+', 'plus')}-seed{job.seed}",
         tokenizer,
     )
+    loglik = teacher_loglik_of_samples(student, scorer, job.held_out, config.block, job.seed)
+    result[0]["teacher_loglik"] = loglik
+    return result
 
 
 def _run_jobs(jobs: list[_StudentJob], workers: int) -> list[tuple[Any, ...]]:
@@ -370,6 +379,9 @@ def _teacher(
         corpus.tokenizer,
     )
     logger.info("%s", line)
+    metrics["teacher_loglik"] = teacher_loglik_of_samples(
+        teacher, teacher, corpus.held_out, config.block, 1000
+    )
     teacher.save_pretrained(out / "teacher")
     corpus.tokenizer.save_pretrained(out / "teacher")
     teacher.eval()
@@ -484,19 +496,29 @@ def _facts(corpus: _Corpus, cache_bytes: dict[int, float]) -> dict[str, Any]:
 
 def format_lm_table(summary: Summary, teacher: dict[str, float], seeds: int) -> str:
     """The results table (markdown)."""
-    header = ["model", "held-out perplexity", "next-token accuracy (%)"]
+    header = ["model", "held-out perplexity", "next-token accuracy (%)", "teacher log-lik"]
     rows = [
-        ["teacher (4 layers)", f"{teacher['perplexity']:.2f}", f"{100 * teacher['accuracy']:.1f}"]
+        [
+            "teacher (4 layers)",
+            f"{teacher['perplexity']:.2f}",
+            f"{100 * teacher['accuracy']:.1f}",
+            f"{teacher['teacher_loglik']:.2f}",
+        ]
     ]
     rows += [
         [
             f"student (2 layers): {name}",
             mean_std(stats["perplexity"], ".2f", scale=1),
             mean_std(stats["accuracy"]),
+            mean_std(stats["teacher_loglik"], ".2f", scale=1),
         ]
         for name, stats in summary.items()
     ]
-    note = f"Held-out stdlib files; students: mean ± std over {seeds} seed(s), last step."
+    note = (
+        f"Held-out stdlib files; students: mean ± std over {seeds} seed(s), last step. "
+        "Teacher log-lik: the teacher's mean log-probability (nats/token) of the model's "
+        "own samples continuing held-out prompts (higher: more teacher-like generations)."
+    )
     return markdown_table(note, header, rows)
 
 
@@ -585,6 +607,10 @@ def _setup_lines(config: LMDemoConfig, facts: dict[str, Any]) -> list[str]:
         + " log-probabilities (float16, plus the tail mass) per token of the students' "
         "blocks (`kdkit.hf.dump_lm_teacher`), read back as `SparseLogits` "
         "(`DistillationTrainer(teacher_cache=...)`, `sparse_tail='bucket'`).",
+        f"* {ON_POLICY_CONDITION}: blocks split into prompt (first half) and completion; "
+        "per step, with probability 0.5, the student samples the completions (T = 1, KV "
+        "cache) and the live teacher scores them (`DistillationTrainer(on_policy=...)`); "
+        "JSD (beta 0.5), kd_alpha = 1, as TRL's GKD.",
     ]
 
 
@@ -592,13 +618,18 @@ def _results_lines(config: LMDemoConfig, table: str, summary: Summary) -> list[s
     ce = summary["CE only"]["perplexity"][0]
     kd = summary["KD (live teacher)"]["perplexity"][0]
     init = summary["layer-dropped init + KD"]["perplexity"][0]
+    ll = {c: summary[c]["teacher_loglik"][0] for c in ("CE only", "KD (live teacher)")}
+    on = summary[ON_POLICY_CONDITION]
     return [
         *(quick_note("steps", "kdkit demo --lm") if config.quick else []),
         table,
         "",
         f"Held-out perplexity: CE only {ce:.2f}, KD from the live teacher {kd:.2f} "
         f"({100 * (kd / ce - 1):+.1f} %), layer-dropped init + KD {init:.2f} "
-        f"({100 * (init / ce - 1):+.1f} %).",
+        f"({100 * (init / ce - 1):+.1f} %). {ON_POLICY_CONDITION}: perplexity "
+        f"{on['perplexity'][0]:.2f}, teacher log-likelihood of its samples "
+        f"{on['teacher_loglik'][0]:.2f} nats/token (CE only {ll['CE only']:.2f}, KD "
+        f"{ll['KD (live teacher)']:.2f}).",
     ]
 
 

@@ -7,6 +7,8 @@
 * :func:`student_from_teacher` -- a student made of every k-th teacher layer;
 * :func:`real_vocab_size` -- padded vocabularies and tokenizer checks;
 * :class:`CausalLMCollator`, :func:`load_lm_data` -- JSONL data (``input_ids`` or text);
+* :class:`OnPolicyConfig`, :class:`PromptCollator`, :func:`load_prompt_data` -- on-policy
+  distillation (GKD) on prompt/completion data;
 * :func:`dump_lm_teacher`, :func:`check_lm_cache` -- per-token teacher capture (dense or
   top-k) keyed by sample id and ``input_ids`` fingerprint.
 
@@ -30,6 +32,9 @@ _EXPORTS: dict[str, str] = {
     "LMLossStats": "kdkit.hf.loss",
     "lm_distillation_loss": "kdkit.hf.loss",
     "shift_labels": "kdkit.hf.loss",
+    "OnPolicyConfig": "kdkit.hf.on_policy",
+    "PromptCollator": "kdkit.hf.on_policy_data",
+    "load_prompt_data": "kdkit.hf.on_policy_data",
     "LMDistillConfig": "kdkit.hf.recipe",
     "distill_lm": "kdkit.hf.recipe",
     "LOG_KEYS": "kdkit.hf.trainer",

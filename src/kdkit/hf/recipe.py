@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from kdkit.hf.on_policy import OnPolicyConfig
 from kdkit.losses.kd import KDLossConfig
 
 __all__ = ["LMDistillConfig", "LMDistillResult", "distill_lm", "local_dir"]
@@ -85,6 +86,7 @@ class LMDistillConfig:
     vocab_size: int | None = None
     save_steps: int = 0
     resume: bool = False
+    on_policy: OnPolicyConfig = dataclasses.field(default_factory=OnPolicyConfig)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the setting, before anything is loaded."""
@@ -95,6 +97,18 @@ class LMDistillConfig:
         if self.cache is not None and (self.teacher_tokenizer or self.cross_tokenizer_loss):
             raise ValueError(
                 "--teacher_tokenizer/--cross_tokenizer_loss need a live teacher (--teacher_model)"
+            )
+        if self.on_policy.active and (
+            self.cache is not None or self.teacher_tokenizer or self.cross_tokenizer_loss
+        ):
+            raise ValueError(
+                "--on_policy_fraction/--seq_kd need a live teacher of the student's tokenizer "
+                "(--teacher_model, no --cache, no --teacher_tokenizer): a cache cannot score "
+                "sampled sequences"
+            )
+        if not isinstance(self.on_policy, OnPolicyConfig):
+            raise TypeError(
+                f"on_policy must be an OnPolicyConfig, got {type(self.on_policy).__name__}"
             )
         if self.cross_tokenizer_loss not in (None, "map", "uld"):
             raise ValueError(
@@ -235,12 +249,14 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
     transformers = require("transformers", "hf", "kdkit distill-lm")
     from kdkit.hf.data import CausalLMCollator, check_token_ids
     from kdkit.hf.loading import load_causal_lm
+    from kdkit.hf.on_policy_data import PromptCollator
     from kdkit.hf.trainer import DistillationTrainer
 
     tokenizer, teacher_tokenizer = _tokenizers(config)
-    train_data = _flag_data("--data", config.data, tokenizer, config.max_length)
+    prompts = config.on_policy.active
+    train_data = _flag_data("--data", config.data, tokenizer, config.max_length, prompts)
     eval_data = (
-        _flag_data("--eval_data", config.eval_data, tokenizer, config.max_length)
+        _flag_data("--eval_data", config.eval_data, tokenizer, config.max_length, prompts)
         if config.eval_data
         else None
     )
@@ -282,11 +298,14 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
             vocab_size=config.vocab_size,
             train_dataset=train_data,
             eval_dataset=eval_data,
-            data_collator=CausalLMCollator(pad, cache_keys=config.cache is not None),
+            data_collator=PromptCollator(pad)
+            if prompts
+            else CausalLMCollator(pad, cache_keys=config.cache is not None),
             processing_class=tokenizer,
             teacher_tokenizer=teacher_tokenizer,
             cross_tokenizer_loss=config.cross_tokenizer_loss
             or ("map" if config.teacher_tokenizer is not None else None),
+            on_policy=config.on_policy if prompts else None,
         )
         output = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = {"train_loss": float(output.training_loss)}
@@ -356,12 +375,15 @@ def _training_arguments(transformers: Any, config: LMDistillConfig, out: Path) -
 
 
 def _flag_data(
-    flag: str, path: Any, tokenizer: Any, max_length: int | None
+    flag: str, path: Any, tokenizer: Any, max_length: int | None, prompts: bool = False
 ) -> list[dict[str, Any]]:
-    """:func:`~kdkit.hf.data.load_lm_data`, its ValueError naming ``flag``."""
+    """:func:`~kdkit.hf.data.load_lm_data` (on-policy: :func:`~kdkit.hf.on_policy_data.
+    load_prompt_data`), its ValueError naming ``flag``."""
     from kdkit.hf.data import load_lm_data
+    from kdkit.hf.on_policy_data import load_prompt_data
 
+    load = load_prompt_data if prompts else load_lm_data
     try:
-        return load_lm_data(path, tokenizer, max_length=max_length)
+        return load(path, tokenizer, max_length=max_length)
     except ValueError as exc:
         raise ValueError(f"{flag} {' '.join(str(exc).split())}") from None

@@ -26,7 +26,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -36,13 +36,14 @@ from kdkit._extras import require
 from kdkit.hf.head import OutputTransform, check_output_transform
 from kdkit.hf.head import output_transform as read_output_transform
 from kdkit.hf.loss import LMLossStats, lm_distillation_loss, shift_labels
+from kdkit.hf.on_policy import PROMPT_KEYS, OnPolicyConfig, checked_on_policy, prepare_step
 from kdkit.hf.vocab import real_vocab_size
 from kdkit.losses.kd import KDLossConfig
 from kdkit.losses.sparse import sparse_confidence
 from kdkit.losses.student_terms import confidence_weights, teacher_confidence
 from kdkit.sparse import SparseLogits
 
-transformers = require("transformers", "hf", "kdkit.hf")
+transformers: Any = require("transformers", "hf", "kdkit.hf")
 
 __all__ = ["SCHEDULE_UNITS", "DistillationTrainer"]
 
@@ -144,7 +145,7 @@ def _checked_arguments(
 
 
 @functools.cache
-def _keeps_logits(model_class: type) -> bool:
+def _keeps_logits(model_class: Any) -> bool:
     """Whether ``model_class.forward`` takes ``logits_to_keep`` (once per class: the
     signature is inspected in the step otherwise)."""
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
@@ -187,6 +188,12 @@ class DistillationTrainer(transformers.Trainer):
             (:class:`~kdkit.hf.head.OutputTransform`: ``logit_scale``, ``softcap``);
             default: read from its config (:func:`~kdkit.hf.head.output_transform`).
             Checked against the model's own logits at the first training step.
+        on_policy: On-policy distillation (:class:`~kdkit.hf.on_policy.OnPolicyConfig`):
+            per optimizer step, with probability ``on_policy_fraction``, the step's
+            completions are sampled by the student from the batches' prompts (with
+            ``seq_kd``, otherwise by the teacher) and scored by the live teacher.  Needs
+            prompt data (:class:`~kdkit.hf.on_policy_data.PromptCollator`); default
+            ``None`` (or ``on_policy_fraction=0`` without ``seq_kd``): off-policy only.
         **kwargs: Passed to ``transformers.Trainer`` (``train_dataset``,
             ``data_collator``, ``processing_class``, ``callbacks``...).
 
@@ -214,10 +221,14 @@ class DistillationTrainer(transformers.Trainer):
         ignore_index: int = -100,
         output_transform: OutputTransform | None = None,
         cross_tokenizer_loss: str | None = None,
+        on_policy: OnPolicyConfig | None = None,
         **kwargs: Any,
     ) -> None:
         kd_config = _checked_arguments(
             teacher, teacher_cache, schedule_unit, kd_config, output_transform
+        )
+        on_policy = checked_on_policy(
+            on_policy, teacher_cache, cross_tokenizer_loss, kwargs.get("train_dataset")
         )
         super().__init__(model=model, args=args, **kwargs)
         if self.args.n_gpu > 1:
@@ -230,7 +241,7 @@ class DistillationTrainer(transformers.Trainer):
         self.ignore_index = ignore_index
         self.sparse_tail = sparse_tail
         self.retemper = retemper
-        self.cache = None if teacher_cache is None else self._open_cache(teacher_cache)
+        self.cache: Any = None if teacher_cache is None else self._open_cache(teacher_cache)
         self.cache_teacher = cache_teacher
         if self.cache is not None:
             self.cache_teacher = self._cache_teacher_name(cache_teacher)
@@ -254,7 +265,7 @@ class DistillationTrainer(transformers.Trainer):
             if self.xtok is not None
             else teacher
             if teacher is not None
-            else self.cache.teacher_num_classes[self.cache_teacher],
+            else cast(Any, self.cache).teacher_num_classes[self.cache_teacher],
             model,
             vocab_size=vocab_size,
             tokenizer=self.processing_class,
@@ -262,7 +273,7 @@ class DistillationTrainer(transformers.Trainer):
         )
         if self.cache is not None and self.cache.is_sparse(self.cache_teacher):
             self._check_top_k_cache()
-        self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
+        self.teacher: Any = None if teacher is None else teacher.eval().requires_grad_(False)
         self.output_transform = (
             read_output_transform(model) if output_transform is None else output_transform
         )
@@ -273,6 +284,8 @@ class DistillationTrainer(transformers.Trainer):
         self._normalisers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._window: torch.Tensor | None = None  # [ce, kd, N, W, selected, confidence]
         self._alpha = 0.0
+        self.on_policy = on_policy
+        self.completion_source = "data"  # the last step's: 'data', 'student' or 'teacher'
 
     @staticmethod
     def _open_cache(teacher_cache: Any) -> Any:
@@ -292,7 +305,7 @@ class DistillationTrainer(transformers.Trainer):
                 f"cache_teacher must be one of the cache's teachers {list(names)}, "
                 f"got {cache_teacher!r}"
             )
-        return cache_teacher
+        return cast(str, cache_teacher)
 
     def _check_top_k_cache(self) -> None:
         """Before training: the loss's own sparse checks (same messages), and a top-k
@@ -314,10 +327,11 @@ class DistillationTrainer(transformers.Trainer):
             )
 
     def _set_signature_columns_if_needed(self) -> None:
-        """Keep ``sample_id`` (the cache key's first half) through the Trainer's column filter."""
+        """Keep ``sample_id`` (cache keys) and ``prompt_length`` through the column filter."""
         super()._set_signature_columns_if_needed()
-        if "sample_id" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "sample_id"]
+        keep = ("sample_id", "prompt_length")
+        missing = [k for k in keep if k not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *missing]
 
     # -- schedule and teacher ---------------------------------------------------------
 
@@ -368,7 +382,7 @@ class DistillationTrainer(transformers.Trainer):
             finally:
                 handle.remove()
             if self._teacher_checked or self._check_teacher_transform(outputs, capture):
-                return TeacherHidden(capture.hidden)
+                return TeacherHidden(cast(torch.Tensor, capture.hidden))
         return self.teacher(**kwargs).logits.to(student_device)
 
     def _hidden_path_possible(self, teacher_device: torch.device, student_device: Any) -> bool:
@@ -384,7 +398,7 @@ class DistillationTrainer(transformers.Trainer):
             head is not None
             and getattr(head, "weight", None) is not None
             and hasattr(teacher, "base_model")
-            and _keeps_logits(type(teacher))
+            and _keeps_logits(cast(Any, type(teacher)))
             and torch.device(teacher_device) == torch.device(student_device)
             and read_output_transform(teacher) == self.output_transform
         )
@@ -399,7 +413,7 @@ class DistillationTrainer(transformers.Trainer):
                 "teacher",
                 self.teacher,
                 outputs.logits,
-                capture.hidden,
+                cast(torch.Tensor, capture.hidden),
                 self.teacher.get_output_embeddings(),
                 self.output_transform,
             )
@@ -452,6 +466,8 @@ class DistillationTrainer(transformers.Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        if self.on_policy is not None:
+            batches = self._on_policy_batches(batches)
         counts = torch.zeros(2, dtype=torch.float64, device=device)
         weighted = self.kd_config.kd_weighting != "none"
         for batch in batches:
@@ -493,6 +509,24 @@ class DistillationTrainer(transformers.Trainer):
         self._normalisers = (counts[0], counts[1])
         return batches, counts[0]
 
+    def _on_policy_batches(self, batches: list) -> list:
+        """The step's micro-batches with sampled completions (:func:`prepare_step`)."""
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.model.config, "pad_token_id", None)
+        batches, self.completion_source = prepare_step(
+            batches,
+            cast(OnPolicyConfig, self.on_policy),
+            student=self.accelerator.unwrap_model(self.model),
+            teacher=lambda: (self._teacher_device(), self.teacher)[1],
+            seed=self.args.seed,
+            step=self.state.global_step,
+            rank=self.args.process_index,
+            pad_token_id=0 if pad is None else int(pad),
+            ignore_index=self.ignore_index,
+        )
+        return batches
+
     # -- the loss ----------------------------------------------------------------------
 
     def compute_loss(
@@ -504,7 +538,7 @@ class DistillationTrainer(transformers.Trainer):
     ) -> Any:
         """Training: the distillation loss of this micro-batch; evaluation: the model's CE."""
         if not model.training or self._normalisers is None:
-            drop = ("kd_keys", STEP_TEACHER, XTOK_BATCH)
+            drop = ("kd_keys", STEP_TEACHER, XTOK_BATCH, *PROMPT_KEYS)
             inputs = {k: v for k, v in inputs.items() if k not in drop}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
@@ -524,7 +558,8 @@ class DistillationTrainer(transformers.Trainer):
         if isinstance(teacher_logits, TeacherHidden):
             teacher_head = self.teacher.get_output_embeddings()
             teacher_logits = teacher_logits.hidden
-        inputs.pop("kd_keys", None)
+        for key in ("kd_keys", *PROMPT_KEYS):
+            inputs.pop(key, None)
         unwrapped = self.accelerator.unwrap_model(model)
         capture = _HiddenCapture()
         handle = unwrapped.base_model.register_forward_hook(capture)
@@ -535,11 +570,16 @@ class DistillationTrainer(transformers.Trainer):
         head = unwrapped.get_output_embeddings()
         if not self._transform_checked:  # once: the model's own logits vs the transform
             check_output_transform(
-                "student", unwrapped, outputs.logits, capture.hidden, head, self.output_transform
+                "student",
+                unwrapped,
+                outputs.logits,
+                cast(torch.Tensor, capture.hidden),
+                head,
+                self.output_transform,
             )
             self._transform_checked = True
         num_tokens, kd_weight_total = self._normalisers
-        common = {
+        common: dict[str, Any] = {
             "num_tokens": num_tokens,
             "kd_weight_total": kd_weight_total,
             "attention_mask": inputs.get("attention_mask"),
@@ -548,7 +588,14 @@ class DistillationTrainer(transformers.Trainer):
             "logit_scale": self.output_transform.logit_scale,
             "softcap": self.output_transform.softcap,
         }
-        main = (capture.hidden, head, teacher_logits, labels, self.kd_config, self.kd_progress())
+        main: tuple[Any, ...] = (
+            capture.hidden,
+            head,
+            teacher_logits,
+            labels,
+            self.kd_config,
+            self.kd_progress(),
+        )
         if xbatch is not None:
             loss, stats = self.xtok.loss_terms(*main, xbatch, **common)
         else:
@@ -567,7 +614,7 @@ class DistillationTrainer(transformers.Trainer):
     @staticmethod
     def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
         """Ask for the last position's logits only (the loss uses the hidden states)."""
-        return {"logits_to_keep": 1} if _keeps_logits(type(model)) else {}
+        return {"logits_to_keep": 1} if _keeps_logits(cast(Any, type(model))) else {}
 
     # -- logging -----------------------------------------------------------------------
 
