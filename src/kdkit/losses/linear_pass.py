@@ -43,11 +43,12 @@ def scratch_bytes_per_element(
 ) -> int:
     """Scratch bytes per chunk logit: three buffers of the compute dtype (student logits,
     teacher logits, gradient), a ``logsumexp`` temporary, and the row kernel's own
-    scratch (none for the native and Triton kernels, a few buffers for torch ops; for a
-    sparse teacher the autograd graph of its per-chunk divergence: four more)."""
+    scratch (none for the native and Triton kernels, a few buffers for torch ops; a
+    sparse teacher's closed-form row pass uses the gradient buffer for ``s / T``, or one
+    of its own when values only are asked, where there is no gradient buffer)."""
     item = torch.empty((), dtype=dtype).element_size()
     if sparse:
-        return 8 * item
+        return 4 * item
     extra = torch_ops.scratch_bytes_per_element("jsd", dtype, True) if backend.chunked else 0
     return 4 * item + extra
 
