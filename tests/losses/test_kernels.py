@@ -184,6 +184,72 @@ def test_row_pass_on_a_chunk_of_logits(kernel_backend):
         torch.testing.assert_close(value_only, loss)
 
 
+@pytest.mark.parametrize("beta", [1e-3, 0.1, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_jsd_with_vanishing_probabilities(kernel_backend, beta, temperature):
+    """JSD's mixture m = beta p_t + (1 - beta) p_s over probabilities that run from 1
+    through float32's subnormal range to exact zeros (logits spread over 0 .. -150 / T and
+    the two sides in opposite orders), where m underflows while p_s > 0: values and
+    gradients stay finite and equal the float64 reference."""
+    c = 160
+    ramp = torch.linspace(0.0, -150.0 * temperature, c)
+    student = torch.stack(
+        [ramp, ramp.flip(0), ramp[torch.randperm(c, generator=torch.Generator().manual_seed(1))]]
+    )
+    teacher = torch.stack([ramp.flip(0), ramp, ramp + 3.0])
+    student = student.requires_grad_()
+    loss = kd_loss(
+        student, teacher, temperature, "jsd", "none", jsd_beta=beta, implementation="fused"
+    )
+    expected = ref_kd_per_sample(student, teacher, temperature, "jsd", beta)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    loss.sum().backward()
+    assert torch.isfinite(student.grad).all()
+    expected_grad = _reference_grad(student, teacher, temperature, "jsd", beta, torch.ones(3))
+    torch.testing.assert_close(student.grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_over_a_wide_range_of_logit_scales(kernel_backend, beta):
+    """The one-log-per-class JSD (native.c) against the reference over scales 1e-3 .. 1e3."""
+    for seed, scale in enumerate((1e-3, 0.1, 1.0, 10.0, 100.0, 1000.0)):
+        student = _logits((4, 257), 30 + seed, scale).requires_grad_()
+        teacher = _logits((4, 257), 40 + seed, scale)
+        loss = kd_loss(student, teacher, 1.0, "jsd", "none", jsd_beta=beta, implementation="fused")
+        expected = ref_kd_per_sample(student, teacher, 1.0, "jsd", beta)
+        torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=1e-6)
+        loss.sum().backward()
+        expected_grad = _reference_grad(student, teacher, 1.0, "jsd", beta, torch.ones(4))
+        torch.testing.assert_close(student.grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_native_float_log_is_within_three_ulp():
+    """native.c's vectorisable ``kd_logf`` (the JSD's one log per class) against float64
+    ``log`` over normal and subnormal floats, and at 0, inf, NaN and negative inputs."""
+    import ctypes
+
+    import numpy as np
+
+    _native_or_skip()
+    lib = native.load()
+    fn = lib.kdkit_log_f32
+    fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    rng = np.random.default_rng(0)
+    bits = rng.integers(1, 0x7F800000, size=200_000, dtype=np.int64).astype(np.uint32)
+    x = np.concatenate([bits.view(np.float32), np.float32([1.0, 2.0, 0.5, 1e-45, 3.4e38])])
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    fn(x.ctypes.data, y.ctypes.data, x.size)
+    exact = np.log(x.astype(np.float64))
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    ulp = np.maximum(ulp, np.spacing(np.float32(0)))  # log(1) = 0
+    assert float(np.max(np.abs(y - exact) / ulp)) <= 3.0  # 1.96 measured here (FMA on)
+    special = np.float32([0.0, np.inf, np.nan, -1.0, -np.inf])
+    out = np.empty_like(special)
+    fn(special.ctypes.data, out.ctypes.data, special.size)
+    assert out[0] == -np.inf and out[1] == np.inf and np.isnan(out[2:]).all()
+
+
 # ---------------------------------------------------------------------------------------
 # Selection and fallback
 # ---------------------------------------------------------------------------------------
