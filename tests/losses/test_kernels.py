@@ -211,7 +211,8 @@ def test_jsd_with_vanishing_probabilities(kernel_backend, beta, temperature):
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
 def test_jsd_over_a_wide_range_of_logit_scales(kernel_backend, beta):
-    """The one-log-per-class JSD (native.c) against the reference over scales 1e-3 .. 1e3."""
+    """native.c's exp-free JSD mixture (log1p of the probability ratio) against the
+    reference over logit scales 1e-3 .. 1e3."""
     for seed, scale in enumerate((1e-3, 0.1, 1.0, 10.0, 100.0, 1000.0)):
         student = _logits((4, 257), 30 + seed, scale).requires_grad_()
         teacher = _logits((4, 257), 40 + seed, scale)
@@ -221,33 +222,6 @@ def test_jsd_over_a_wide_range_of_logit_scales(kernel_backend, beta):
         loss.sum().backward()
         expected_grad = _reference_grad(student, teacher, 1.0, "jsd", beta, torch.ones(4))
         torch.testing.assert_close(student.grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
-
-
-def test_native_float_log_is_within_three_ulp():
-    """native.c's vectorisable ``kd_logf`` (the JSD's one log per class) against float64
-    ``log`` over normal and subnormal floats, and at 0, inf, NaN and negative inputs."""
-    import ctypes
-
-    import numpy as np
-
-    _native_or_skip()
-    lib = native.load()
-    fn = lib.kdkit_log_f32
-    fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    rng = np.random.default_rng(0)
-    bits = rng.integers(1, 0x7F800000, size=200_000, dtype=np.int64).astype(np.uint32)
-    x = np.concatenate([bits.view(np.float32), np.float32([1.0, 2.0, 0.5, 1e-45, 3.4e38])])
-    x = np.ascontiguousarray(x)
-    y = np.empty_like(x)
-    fn(x.ctypes.data, y.ctypes.data, x.size)
-    exact = np.log(x.astype(np.float64))
-    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
-    ulp = np.maximum(ulp, np.spacing(np.float32(0)))  # log(1) = 0
-    assert float(np.max(np.abs(y - exact) / ulp)) <= 3.0  # 1.96 measured here (FMA on)
-    special = np.float32([0.0, np.inf, np.nan, -1.0, -np.inf])
-    out = np.empty_like(special)
-    fn(special.ctypes.data, out.ctypes.data, special.size)
-    assert out[0] == -np.inf and out[1] == np.inf and np.isnan(out[2:]).all()
 
 
 # ---------------------------------------------------------------------------------------

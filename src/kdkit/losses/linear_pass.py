@@ -334,10 +334,11 @@ def _accumulate(
         if weight.dtype == dtype:
             torch.mm(g, weight, out=grad_h[start:stop])
         else:
-            acc = None
+            acc: torch.Tensor | None = None
             for v0, v1 in row_blocks(vocab, weight.shape[1]):
                 part = g[:, v0:v1] @ weight[v0:v1].to(dtype)
                 acc = part if acc is None else acc.add_(part)
+            assert acc is not None  # vocab >= 1
             grad_h[start:stop] = acc
     if grad_w is not None:
         h_c = h if h.dtype == grad_w.dtype else h.to(grad_w.dtype)
@@ -396,7 +397,9 @@ class LinearDivergence(torch.autograd.Function):
         )
 
     @staticmethod
-    def backward(ctx: Any, g_kd: torch.Tensor | None, g_ce: torch.Tensor | None, *_: Any):
+    def backward(
+        ctx: Any, g_kd: torch.Tensor | None, g_ce: torch.Tensor | None, *_: Any
+    ) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "the fused linear KD loss does not support double backward (create_graph=True)"

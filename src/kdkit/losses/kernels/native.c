@@ -11,9 +11,9 @@
  *
  * Per row: (1) max of s and t; (2) e = exp((x - max) / T) into a per-thread scratch row,
  * and their sums; (3) loss terms (reverse_kl/jsd keep p_s and log p_s - log r in the
- * scratch; jsd takes log m = log(beta p_t + (1 - beta) p_s) from the probabilities, one
- * log per class, instead of a logaddexp's exp and log1p: #24); (4) the gradient from the
- * scratch.  s and t are read three times, the
+ * scratch; jsd's log m is logaddexp(log beta + log p_t, log(1 - beta) + log p_s) with
+ * the larger term's log and log1p(min / max) of the two probabilities already at hand: no
+ * exp, one division per class, #24); (4) the gradient from the scratch.  s and t are read three times, the
  * gradient written once.  Rows are handed out in blocks from one atomic counter to the
  * threads of one call (pthreads, or OpenMP if built with KDKIT_USE_OPENMP), so a thread
  * the OS descheduled does not hold the others back.
@@ -102,38 +102,24 @@ static inline float kd_expf(float x) {
     return x < lo ? 0.0f : y;
 }
 
-/* log(x) for x >= 0, within 2 ulp: x = 2^e f with f in [sqrt(1/2), sqrt(2)), and
- * log f = 2 atanh(u), u = (f - 1) / (f + 1), |u| < 0.172, by its series to u^11 (the next
- * term is < 1e-11).  Subnormal x are scaled by 2^64 first; log(0) = -inf, log(inf) = inf,
- * NaN and negative x give NaN. */
-static inline float kd_logf(float x) {
-    const int sub = x < 1.17549435e-38f; /* FLT_MIN */
-    const float xs = sub ? x * 18446744073709551616.0f : x;
-    int32_t i;
-    memcpy(&i, &xs, 4);
-    const int32_t e = (i - 0x3f3504f3) >> 23; /* 0x3f3504f3: sqrt(1/2) */
-    const float f = bits_to_float(i - e * 8388608);
-    const float u = (f - 1.0f) / (f + 1.0f), u2 = u * u;
-    float q = 1.0f / 11.0f;
+/* log(1 + mn / mx) for 0 <= mn <= mx, mx > 0: 2 atanh(u) with u = mn / (2 mx + mn) in
+ * [0, 1/3] (one division, no exp), series to u^15 (< 2e-9 relative). */
+static inline float kd_log1p_ratiof(float mn, float mx) {
+    float u = mn / (2.0f * mx + mn), u2 = u * u;
+    float q = 1.0f / 15.0f;
+    q = q * u2 + 1.0f / 13.0f;
+    q = q * u2 + 1.0f / 11.0f;
     q = q * u2 + 1.0f / 9.0f;
     q = q * u2 + 1.0f / 7.0f;
     q = q * u2 + 1.0f / 5.0f;
     q = q * u2 + 1.0f / 3.0f;
-    const float ef = (float)e - (sub ? 64.0f : 0.0f);
-    float y = ef * 0.693359375f + (ef * -2.12194440e-4f + 2.0f * u * (1.0f + q * u2));
-    y = x > 0.0f ? y : (x == 0.0f ? -INFINITY : NAN);
-    return x == INFINITY ? INFINITY : y;
+    return 2.0f * u * (1.0f + q * u2);
 }
 
 #define F_EXP(x) kd_expf(x)
-#define F_LOG(x) kd_logf(x)
+#define F_LOG1P_RATIO(mn, mx) kd_log1p_ratiof(mn, mx)
 #define D_EXP(x) exp(x)
-#define D_LOG(x) log(x)
-
-/* y = kd_logf(x) element-wise: exported only for the tests of its accuracy. */
-void kdkit_log_f32(const float *x, float *y, int64_t n) {
-    for (int64_t j = 0; j < n; j++) y[j] = kd_logf(x[j]);
-}
+#define D_LOG1P_RATIO(mn, mx) log1p((mn) / (mx))
 
 /* ---- the row pass ------------------------------------------------------------------ */
 
@@ -156,7 +142,7 @@ struct ctx {
  * two rows of A: es = exp((s - max_s) / T) (then p_s), et = exp((t - max_t) / T) (then
  * log p_s - log r for reverse_kl / jsd).
  */
-#define DEFINE_ROW(NAME, IN, A, LOAD, STORE, EXP, LOG)                                     \
+#define DEFINE_ROW(NAME, IN, A, LOAD, STORE, EXP, LOG1P_RATIO)                             \
     static void NAME(const ctx_t *c, int64_t r, void *scratch) {                           \
         const int64_t C = c->C;                                                            \
         const IN *restrict s = (const IN *)c->s + r * C;                                   \
@@ -218,18 +204,20 @@ struct ctx {
                     g[j] = STORE(ps > zero ? temp * ps * (et[j] - (A)acc) : zero);         \
                 }                                                                          \
             }                                                                              \
-        } else { /* jsd, 0 < beta < 1: m = b p_t + (1 - b) p_s, one log per class */        \
+        } else { /* jsd, 0 < beta < 1: log m = log max + log(1 + min / max) (see above) */ \
             const A beta = (A)c->beta, omb = (A)(1 - c->beta);                             \
-            /* the least positive A: m underflowing while p_s > 0 keeps log m finite */      \
-            const A least = sizeof(A) == sizeof(float) ? (A)1.40129846e-45f                \
-                                                       : (A)4.9406564584124654e-324;       \
+            const A lb = (A)log(c->beta), l1b = (A)log1p(-c->beta);                        \
             _Pragma("omp simd reduction(+ : acc, acc2)")                                   \
             for (int64_t j = 0; j < C; j++) {                                              \
                 A lps = (LOAD(s[j]) - ms) * inv_t - lzs;                                   \
                 A lpt = (LOAD(t[j]) - mt) * inv_t - lzt;                                   \
                 A pt = et[j] * rzt, ps = es[j] * rzs;                                      \
-                A m = beta * pt + omb * ps;                                                \
-                A lm = LOG(m > zero ? m : least), d = lps - lm;                            \
+                A a = beta * pt, b = omb * ps, la = lb + lpt, lb_ = l1b + lps;             \
+                int first = a > b;                                                         \
+                A mx = first ? a : b, mn = first ? b : a, lmx = first ? la : lb_;          \
+                A lm = lmx + (mx > zero ? LOG1P_RATIO(mn, mx) : zero);                     \
+                lm = lmx > -INFINITY ? lm : zero;                                          \
+                A d = lps - lm;                                                            \
                 acc += pt > zero ? pt * (lpt - lm) : zero;                                 \
                 acc2 += ps > zero ? ps * d : zero;                                         \
                 es[j] = ps;                                                                \
@@ -248,14 +236,14 @@ struct ctx {
         ((A *)c->loss)[r] = (A)(c->temp * c->temp * value);                                \
     }
 
-DEFINE_ROW(row_f32_f32, float, float, ID_LOAD, F_STORE, F_EXP, F_LOG)
-DEFINE_ROW(row_f32_f64, float, double, ID_LOAD, F_STORE, D_EXP, D_LOG)
-DEFINE_ROW(row_f64_f64, double, double, ID_LOAD, D_STORE, D_EXP, D_LOG)
-DEFINE_ROW(row_bf16_f32, uint16_t, float, BF_LOAD, BF_STORE, F_EXP, F_LOG)
-DEFINE_ROW(row_bf16_f64, uint16_t, double, BF_LOAD, BF_STORE, D_EXP, D_LOG)
+DEFINE_ROW(row_f32_f32, float, float, ID_LOAD, F_STORE, F_EXP, F_LOG1P_RATIO)
+DEFINE_ROW(row_f32_f64, float, double, ID_LOAD, F_STORE, D_EXP, D_LOG1P_RATIO)
+DEFINE_ROW(row_f64_f64, double, double, ID_LOAD, D_STORE, D_EXP, D_LOG1P_RATIO)
+DEFINE_ROW(row_bf16_f32, uint16_t, float, BF_LOAD, BF_STORE, F_EXP, F_LOG1P_RATIO)
+DEFINE_ROW(row_bf16_f64, uint16_t, double, BF_LOAD, BF_STORE, D_EXP, D_LOG1P_RATIO)
 #if HAVE_F16
-DEFINE_ROW(row_f16_f32, _Float16, float, H_LOAD, H_STORE, F_EXP, F_LOG)
-DEFINE_ROW(row_f16_f64, _Float16, double, H_LOAD, H_STORE, D_EXP, D_LOG)
+DEFINE_ROW(row_f16_f32, _Float16, float, H_LOAD, H_STORE, F_EXP, F_LOG1P_RATIO)
+DEFINE_ROW(row_f16_f64, _Float16, double, H_LOAD, H_STORE, D_EXP, D_LOG1P_RATIO)
 #endif
 
 static void *worker(void *arg) {
