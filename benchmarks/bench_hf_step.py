@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
-def _llama(vocab: int, layers: int, hidden: int, length: int, seed: int):
+def llama(vocab: int, layers: int, hidden: int, length: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -57,7 +57,9 @@ def _llama(vocab: int, layers: int, hidden: int, length: int, seed: int):
     )
 
 
-def _timer():
+def step_timer(sync=None):
+    """A ``TrainerCallback`` recording step times in ``.times``; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called before each clock reading."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -69,6 +71,8 @@ def _timer():
             self._last: float | None = None
 
         def on_step_end(self, args, state, control, **kwargs):
+            if sync is not None:
+                sync()
             now = time.perf_counter()
             if self._last is not None:
                 self.times.append(now - self._last)
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for i in range(total)
     ]
-    teacher = _llama(args.vocab, 4, args.hidden, args.length, seed=1)
+    teacher = llama(args.vocab, 4, args.hidden, args.length, seed=1)
     config = KDLossConfig(temperature=1.0, kd_alpha=0.5)
     pmax = KDLossConfig(temperature=1.0, kd_alpha=0.5, kd_weighting="pmax")
     times: dict[str, list[float]] = {}
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         def run(name: str, make) -> None:
             if args.only is not None and name != args.only:
                 return
-            timer = _timer()
+            timer = step_timer()
             probe = _memory_probe()
             targs = TrainingArguments(
                 output_dir=str(Path(tmp) / name.replace(" ", "-")),
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 logging_steps=10_000,
                 dataloader_pin_memory=False,
             )
-            student = _llama(args.vocab, 2, args.hidden, args.length, seed=2)
+            student = llama(args.vocab, 2, args.hidden, args.length, seed=2)
             trainer = make(student, targs, timer)
             trainer.remove_callback(PrinterCallback)
             trainer.add_callback(probe)

@@ -8,6 +8,7 @@ Forward + backward wrt the student logits, at several [N, C] sizes and dtypes:
   the input dtype, as usually written;
 * ``ce``: ``F.cross_entropy(s, y)``, the floor a fused KD loss should reach;
 * ``jsd``: ``kd_loss(s, t, T, 'jsd')`` (beta 0.5), to compare with ``kdkit`` ('kldiv');
+* ``reverse_kl``: ``kd_loss(s, t, T, 'reverse_kl')``, likewise;
 * ``nocheck``: ``kd_loss(s, t, T, check_finite=False)``;
 * ``torchops``: ``kdkit`` with ``KDKIT_KERNEL=torch`` (the fallback row pass).
 
@@ -62,8 +63,8 @@ from kdkit import kd_loss  # noqa: E402
 from reference import ref_cross_entropy, ref_kd_loss, ref_kd_per_sample  # noqa: E402
 
 TEMPERATURE = 4.0
-VARIANTS = ("kdkit", "naive", "ce", "jsd", "nocheck", "torchops")
-DEFAULT_VARIANTS = ("kdkit", "naive", "ce", "jsd", "nocheck")
+VARIANTS = ("kdkit", "naive", "ce", "jsd", "reverse_kl", "nocheck", "torchops")
+DEFAULT_VARIANTS = ("kdkit", "naive", "ce", "jsd", "reverse_kl", "nocheck")
 FULL_SIZES = ((32, 10), (256, 1000), (4096, 1000), (2048, 32000), (1024, 128256))
 QUICK_SIZES = ((32, 10), (256, 1000), (1024, 32000))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,8 +77,8 @@ ALLOCATORS = {
 def loss_fn(variant: str) -> Callable[..., torch.Tensor]:
     if variant == "kdkit":
         return lambda s, t, y: kd_loss(s, t, TEMPERATURE)
-    if variant == "jsd":
-        return lambda s, t, y: kd_loss(s, t, TEMPERATURE, "jsd")
+    if variant in ("jsd", "reverse_kl"):
+        return lambda s, t, y: kd_loss(s, t, TEMPERATURE, variant)
     if variant == "nocheck":
         return lambda s, t, y: kd_loss(s, t, TEMPERATURE, check_finite=False)
     if variant == "torchops":
@@ -179,8 +180,8 @@ def reference_check() -> list[str]:
             value = float(loss_fn(variant)(s, t, y).detach())
             if variant == "ce":
                 expected = float(ref_cross_entropy(s, y))
-            elif variant == "jsd":
-                expected = float(ref_kd_per_sample(s, t, TEMPERATURE, "jsd").mean())
+            elif variant in ("jsd", "reverse_kl"):
+                expected = float(ref_kd_per_sample(s, t, TEMPERATURE, variant).mean())
             else:
                 expected = float(ref_kd_loss(s, t, TEMPERATURE))
             rel = abs(value - expected) / abs(expected)
@@ -334,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("| " + " | ".join(cells) + " |", flush=True)
         if args.no_memory:
             continue
-        memory_variants = [v for v in ("kdkit", "naive", "ce", "jsd") if v in variants]
+        memory_variants = [
+            v for v in ("kdkit", "naive", "ce", "jsd", "reverse_kl") if v in variants
+        ]
         print(f"\n### Extra peak RSS, forward + backward ({alloc} allocator)\n")
         print(
             "| size | dtype | "

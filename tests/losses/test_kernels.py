@@ -184,6 +184,46 @@ def test_row_pass_on_a_chunk_of_logits(kernel_backend):
         torch.testing.assert_close(value_only, loss)
 
 
+@pytest.mark.parametrize("beta", [1e-3, 0.1, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_jsd_with_vanishing_probabilities(kernel_backend, beta, temperature):
+    """JSD's mixture m = beta p_t + (1 - beta) p_s over probabilities that run from 1
+    through float32's subnormal range to exact zeros (logits spread over 0 .. -150 / T and
+    the two sides in opposite orders), where m underflows while p_s > 0: values and
+    gradients stay finite and equal the float64 reference."""
+    c = 160
+    ramp = torch.linspace(0.0, -150.0 * temperature, c)
+    student = torch.stack(
+        [ramp, ramp.flip(0), ramp[torch.randperm(c, generator=torch.Generator().manual_seed(1))]]
+    )
+    teacher = torch.stack([ramp.flip(0), ramp, ramp + 3.0])
+    student = student.requires_grad_()
+    loss = kd_loss(
+        student, teacher, temperature, "jsd", "none", jsd_beta=beta, implementation="fused"
+    )
+    expected = ref_kd_per_sample(student, teacher, temperature, "jsd", beta)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    loss.sum().backward()
+    assert torch.isfinite(student.grad).all()
+    expected_grad = _reference_grad(student, teacher, temperature, "jsd", beta, torch.ones(3))
+    torch.testing.assert_close(student.grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_over_a_wide_range_of_logit_scales(kernel_backend, beta):
+    """native.c's exp-free JSD mixture (log1p of the probability ratio) against the
+    reference over logit scales 1e-3 .. 1e3."""
+    for seed, scale in enumerate((1e-3, 0.1, 1.0, 10.0, 100.0, 1000.0)):
+        student = _logits((4, 257), 30 + seed, scale).requires_grad_()
+        teacher = _logits((4, 257), 40 + seed, scale)
+        loss = kd_loss(student, teacher, 1.0, "jsd", "none", jsd_beta=beta, implementation="fused")
+        expected = ref_kd_per_sample(student, teacher, 1.0, "jsd", beta)
+        torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=1e-6)
+        loss.sum().backward()
+        expected_grad = _reference_grad(student, teacher, 1.0, "jsd", beta, torch.ones(4))
+        torch.testing.assert_close(student.grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------
 # Selection and fallback
 # ---------------------------------------------------------------------------------------

@@ -9,8 +9,12 @@ ragged chunks, masks and a fully masked batch.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kdkit import KDLossConfig, compute_student_loss, kd_loss
 from kdkit.losses.linear import (
@@ -18,7 +22,10 @@ from kdkit.losses.linear import (
     compute_student_loss_linear_distributed,
     linear_kd_loss,
 )
+from kdkit.losses.sparse import sparse_divergence
+from kdkit.losses.sparse_rows import sparse_row_pass
 from kdkit.sparse import SparseLogits, sparse_topk
+from reference import ref_sparse_grad, ref_sparse_kd_per_position
 
 TAILS = [
     ("kldiv", "bucket"),
@@ -265,3 +272,139 @@ def test_uncovered_positions_raise_as_the_logits_path():
         compute_student_loss_linear(h, w, teacher, targets, config)
     assert str(fused.value) == str(ref.value)
     assert isinstance(teacher, SparseLogits)
+
+
+# -- the closed-form row pass (src/kdkit/losses/sparse_rows.py) --------------------------
+
+ROW_LOSSES = [
+    ("kldiv", 0.5, "bucket"),
+    ("soft_ce", 0.5, "bucket"),
+    ("reverse_kl", 0.5, "bucket"),
+    ("jsd", 0.5, "bucket"),
+    ("jsd", 0.1, "bucket"),
+    ("jsd", 0.9, "bucket"),
+    ("jsd", 0.0, "bucket"),  # exactly kldiv
+    ("jsd", 1.0, "bucket"),  # exactly reverse_kl
+    ("kldiv", 0.5, "renormalize"),
+    ("soft_ce", 0.5, "renormalize"),
+]
+
+
+def _autograd_rows(student, teacher, temperature, loss_type, beta, tail):
+    """The value of ``sparse_divergence`` and its autograd gradient (the old chunk pass)."""
+    s = student.detach().clone().requires_grad_()
+    rows = sparse_divergence(s, teacher, temperature, loss_type, beta, tail)
+    (grad,) = torch.autograd.grad(rows.sum(), s)
+    return rows.detach(), grad
+
+
+def _closed_rows(student, teacher, temperature, loss_type, beta, tail):
+    loss = torch.empty(student.shape[0], dtype=student.dtype)
+    grad = torch.full_like(student, float("nan"))  # every entry must be written
+    sparse_row_pass(student, teacher, temperature, loss_type, beta, tail, loss, grad)
+    value_only = torch.empty_like(loss)
+    sparse_row_pass(student, teacher, temperature, loss_type, beta, tail, value_only, None)
+    assert torch.equal(value_only, loss)
+    return loss, grad
+
+
+def _assert_rows_equal(student, teacher, temperature, loss_type, beta, tail, rtol=1e-10):
+    ref_loss, ref_grad = _autograd_rows(student, teacher, temperature, loss_type, beta, tail)
+    loss, grad = _closed_rows(student, teacher, temperature, loss_type, beta, tail)
+    # floor: float64 rounding of the O(1) terms whose difference a tiny gradient is
+    _close(loss, ref_loss, rtol, floor=1e-14 * max(1.0, temperature**2))
+    _close(grad, ref_grad, rtol, floor=1e-14 * max(1.0, temperature))
+    return loss, grad
+
+
+def _row_problem(n, v, k, seed, capture=1.0, scale=2.0):
+    student = _randn((n, v), seed, scale, torch.float64)
+    teacher = sparse_topk(_randn((n, v), seed + 1, scale, torch.float64), k, capture)
+    return student, teacher
+
+
+@pytest.mark.parametrize("loss_type,beta,tail", ROW_LOSSES)
+@pytest.mark.parametrize("temperature,capture", [(1.0, 1.0), (0.5, 0.5), (2.5, 1.0), (0.7, 2.0)])
+def test_closed_form_row_pass_equals_autograd(loss_type, beta, tail, temperature, capture):
+    """Every loss type x tail x temperature (with re-tempering where T != T_c): the value
+    and the student gradient equal sparse_divergence's autograd (float64, 1e-10), and
+    the value the independent float64 reference of tests/reference.py."""
+    student, teacher = _row_problem(7, 23, 5, seed=31, capture=capture)
+    loss, grad = _assert_rows_equal(student, teacher, temperature, loss_type, beta, tail)
+    expected = ref_sparse_kd_per_position(student, teacher, temperature, loss_type, tail, beta)
+    _close(loss, expected, 1e-10)
+    if loss_type in ("kldiv", "soft_ce") or (loss_type, beta) == ("jsd", 0.0):
+        ones = torch.ones(student.shape[0], dtype=torch.float64)
+        _close(grad, ref_sparse_grad(student, teacher, temperature, tail, ones), 1e-10)
+
+
+@pytest.mark.parametrize("loss_type,beta,tail", ROW_LOSSES)
+def test_closed_form_edge_rows(loss_type, beta, tail):
+    """K = V (no tail: the outside classes get exactly 0), -inf student logits inside and
+    outside the top-k, a teacher with a zero-probability kept class, a repeated index."""
+    v = 9
+    student, teacher = _row_problem(4, v, v, seed=41)  # K = V
+    _assert_rows_equal(student, teacher, 1.0, loss_type, beta, tail)
+    student, teacher = _row_problem(6, v, 3, seed=43)
+    student[0, teacher.indices[0, 1]] = -math.inf  # a kept class the student masks
+    student[1, :] = -math.inf  # every class outside the top-k masked ...
+    student[1, teacher.indices[1]] = _randn((3,), 44, 1.0, torch.float64)  # ... not these
+    student[2, (teacher.indices[2, 0] + 1) % v] = -math.inf  # one class outside masked
+    if loss_type != "reverse_kl" and (loss_type, beta) != ("jsd", 1.0):  # else infinite
+        teacher.logprobs[3, 2] = -math.inf  # the teacher gives a kept class no mass
+    teacher.indices[4, 2] = teacher.indices[4, 0]  # hand-edited: a repeated index
+    ref_loss, ref_grad = _autograd_rows(student, teacher, 1.0, loss_type, beta, tail)
+    finite = torch.isfinite(ref_loss)
+    loss, grad = _closed_rows(student, teacher, 1.0, loss_type, beta, tail)
+    assert torch.equal(torch.isfinite(loss), finite)
+    _close(loss[finite], ref_loss[finite], 1e-10)
+    _close(grad[finite], ref_grad[finite], 1e-10, floor=1e-300)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    v=st.integers(1, 40),
+    k_frac=st.floats(0.0, 1.0),
+    case=st.sampled_from(ROW_LOSSES),
+    temperature=st.sampled_from([0.3, 1.0, 4.0]),
+    scale=st.floats(0.1, 8.0),
+    seed=st.integers(0, 10_000),
+)
+def test_closed_form_row_pass_property(n, v, k_frac, case, temperature, scale, seed):
+    loss_type, beta, tail = case
+    k = max(1, round(k_frac * v))
+    student, teacher = _row_problem(n, v, k, seed, capture=1.0, scale=scale)
+    _assert_rows_equal(student, teacher, temperature, loss_type, beta, tail)
+
+
+@pytest.mark.parametrize("loss_type,beta,tail", [c for c in ROW_LOSSES if c[1] in (0.1, 0.5)])
+def test_gradcheck_linear_kd_loss_sparse_teacher(loss_type, beta, tail):
+    """Finite differences of the whole linear path (scale, soft-cap, bias, ragged chunks)
+    through the closed-form gradient, at a re-tempered temperature."""
+    dtype = torch.float64
+    h = _randn((2, 3, 4), 51, 1.0, dtype).requires_grad_()
+    w = _randn((7, 4), 52, 0.6, dtype).requires_grad_()
+    b = _randn((7,), 53, 0.5, dtype).requires_grad_()
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    teacher = sparse_topk(_randn((2, 3, 7), 54, 2.0, dtype), 3, 1.5, mask)
+
+    def fn(h_, w_, b_):
+        return linear_kd_loss(
+            h_,
+            w_,
+            teacher,
+            2.0,
+            loss_type,
+            "mean",
+            student_bias=b_,
+            jsd_beta=beta,
+            sparse_tail=tail,
+            retemper=True,
+            softcap=3.0,
+            logit_scale=1.2,
+            chunk_elements=2 * 7 + 1,
+        )
+
+    assert torch.autograd.gradcheck(fn, (h, w, b), nondet_tol=1e-12)

@@ -43,11 +43,12 @@ def scratch_bytes_per_element(
 ) -> int:
     """Scratch bytes per chunk logit: three buffers of the compute dtype (student logits,
     teacher logits, gradient), a ``logsumexp`` temporary, and the row kernel's own
-    scratch (none for the native and Triton kernels, a few buffers for torch ops; for a
-    sparse teacher the autograd graph of its per-chunk divergence: four more)."""
+    scratch (none for the native and Triton kernels, a few buffers for torch ops; a
+    sparse teacher's closed-form row pass uses the gradient buffer for ``s / T``, or one
+    of its own when values only are asked, where there is no gradient buffer)."""
     item = torch.empty((), dtype=dtype).element_size()
     if sparse:
-        return 8 * item
+        return 4 * item
     extra = torch_ops.scratch_bytes_per_element("jsd", dtype, True) if backend.chunked else 0
     return 4 * item + extra
 
@@ -91,6 +92,69 @@ class PassResult(NamedTuple):
     grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
+class _Buffers(NamedTuple):
+    """The outputs and scratch of one pass: per-row results ``[N]``, parameter gradients
+    (``None`` where not wanted) and the chunk buffers ``[rows, V]``."""
+
+    kd_rows: torch.Tensor
+    ce_rows: torch.Tensor
+    confidence: torch.Tensor | None  # None: neither known nor computed
+    computed_confidence: bool  # filled chunk by chunk
+    max_s: torch.Tensor  # row maxima: a row is bad iff its maximum is not finite
+    max_t: torch.Tensor
+    grad_h: torch.Tensor | None
+    grad_w: torch.Tensor | None  # accumulated in the compute dtype, cast at the end
+    grad_b: torch.Tensor | None
+    z_s: torch.Tensor
+    z_t: torch.Tensor | None  # None: no teacher needed; width 0 for a sparse teacher
+    g: torch.Tensor | None  # None: no gradient
+    scratch: torch.Tensor
+
+
+def _buffers(
+    plan: Plan,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    want: tuple[bool, bool, bool],
+    grads_needed: bool,
+    values: bool,
+) -> _Buffers:
+    num_rows, dtype, vocab, device = hidden.shape[0], plan.dtype, plan.vocab, hidden.device
+    confidence = plan.confidence
+    computed = confidence is None and values and plan.with_confidence
+    if computed:
+        confidence = torch.empty(num_rows, dtype=dtype, device=device)
+    grad_w = grad_b = None
+    if grads_needed and want[1]:
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=device)
+    if grads_needed and want[2] and bias is not None:
+        grad_b = torch.zeros(bias.shape, dtype=dtype, device=device)
+    rows = plan.rows_per_chunk
+    dense = getattr(plan.teacher, "dense", True)
+    z_t = None
+    if plan.kd or values:
+        z_t = torch.empty(rows, vocab if dense else 0, dtype=dtype, device=device)
+    scratch = (
+        z_t if z_t is not None and dense else torch.empty(rows, vocab, dtype=dtype, device=device)
+    )
+    return _Buffers(
+        kd_rows=torch.zeros(num_rows, dtype=dtype, device=device),
+        ce_rows=torch.zeros(num_rows, dtype=dtype, device=device),
+        confidence=confidence,
+        computed_confidence=computed,
+        max_s=torch.zeros(num_rows, dtype=dtype, device=device),
+        max_t=torch.zeros(num_rows, dtype=dtype, device=device),
+        grad_h=torch.empty_like(hidden) if grads_needed and want[0] else None,
+        grad_w=grad_w,
+        grad_b=grad_b,
+        z_s=torch.empty(rows, vocab, dtype=dtype, device=device),
+        z_t=z_t,
+        g=torch.empty(rows, vocab, dtype=dtype, device=device) if grads_needed else None,
+        scratch=scratch,
+    )
+
+
 def _chunk_loop(
     plan: Plan,
     hidden: torch.Tensor,
@@ -109,95 +173,116 @@ def _chunk_loop(
     and bias (``want``) are accumulated; ``values`` also computes the per-row values.
     """
     num_rows = hidden.shape[0]
-    dtype, vocab = plan.dtype, plan.vocab
-    device = hidden.device
-    layer = OutputLayer(hidden, weight, bias, vocab, plan.logit_scale, plan.softcap)
+    layer = OutputLayer(hidden, weight, bias, plan.vocab, plan.logit_scale, plan.softcap)
     grads_needed = any(want) and (kd_coef is not None or ce_coef is not None)
-    kd_rows = torch.zeros(num_rows, dtype=dtype, device=device)
-    ce_rows = torch.zeros(num_rows, dtype=dtype, device=device)
-    confidence = plan.confidence
-    computed_confidence = confidence is None and values and plan.with_confidence
-    if computed_confidence:
-        confidence = torch.empty(num_rows, dtype=dtype, device=device)
-    # Row maxima (one reduction per chunk); rows are bad iff the maximum is not finite.
-    max_s = torch.zeros(num_rows, dtype=dtype, device=device)
-    max_t = torch.zeros(num_rows, dtype=dtype, device=device)
-    kd_scale = _RowScale(kd_coef)
-    ce_scale = _RowScale(ce_coef)
-    grad_h = torch.empty_like(hidden) if grads_needed and want[0] else None
-    grad_w = None
-    if grads_needed and want[1]:
-        # accumulated in the compute dtype (float32 for half weights), cast at the end
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=device)
-    grad_b = None
-    if grads_needed and want[2] and bias is not None:
-        grad_b = torch.zeros(bias.shape, dtype=dtype, device=device)
-    need_teacher = plan.kd or values
-
-    rows = plan.rows_per_chunk
-    z_s = torch.empty(rows, vocab, dtype=dtype, device=device)
-    dense = getattr(plan.teacher, "dense", True)
-    width = vocab if dense else 0
-    z_t = torch.empty(rows, width, dtype=dtype, device=device) if need_teacher else None
-    g = torch.empty(rows, vocab, dtype=dtype, device=device) if grads_needed else None
-    scratch = (
-        z_t if z_t is not None and dense else torch.empty(rows, vocab, dtype=dtype, device=device)
+    buf = _buffers(plan, hidden, weight, bias, want, grads_needed, values)
+    step = _ChunkStep(
+        plan,
+        layer,
+        buf,
+        _RowScale(kd_coef),
+        _RowScale(ce_coef),
+        kd_grad=plan.kd and grads_needed and kd_coef is not None,
+        ce_grad=ce_coef is not None,
+        ce_needed=plan.targets is not None and (values or (grads_needed and ce_coef is not None)),
+        values=values,
     )
-    kd_grad = plan.kd and grads_needed and kd_coef is not None
-    ce_needed = plan.targets is not None and (values or (grads_needed and ce_coef is not None))
-    for start in range(0, num_rows, rows):
-        stop = min(start + rows, num_rows)
+    for start in range(0, num_rows, plan.rows_per_chunk):
+        step(start, min(start + plan.rows_per_chunk, num_rows))
+    grad_w, grad_b = buf.grad_w, buf.grad_b
+    if grad_w is not None and grad_w.dtype != weight.dtype:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None and bias is not None and grad_b.dtype != bias.dtype:
+        grad_b = grad_b.to(bias.dtype)
+    confidence = buf.confidence
+    if confidence is None:
+        confidence = torch.zeros(num_rows, dtype=plan.dtype, device=hidden.device)
+    bad_s, bad_t = ~torch.isfinite(buf.max_s), ~torch.isfinite(buf.max_t)
+    return PassResult(
+        buf.kd_rows, buf.ce_rows, confidence, bad_s, bad_t, (buf.grad_h, grad_w, grad_b)
+    )
+
+
+class _ChunkStep:
+    """The work of one chunk of rows ``start:stop`` of :func:`_chunk_loop`: the student's
+    logits, the teacher's chunk, the divergence and cross-entropy (values and/or their
+    coefficient-weighted gradient ``d/dz``), then the chain rule to the parameters."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        layer: OutputLayer,
+        buf: _Buffers,
+        kd_scale: _RowScale,
+        ce_scale: _RowScale,
+        *,
+        kd_grad: bool,
+        ce_grad: bool,
+        ce_needed: bool,
+        values: bool,
+    ) -> None:
+        self.plan, self.layer, self.buf = plan, layer, buf
+        self.kd_scale, self.ce_scale = kd_scale, ce_scale
+        self.kd_grad, self.ce_grad, self.ce_needed, self.values = (
+            kd_grad,
+            ce_grad,
+            ce_needed,
+            values,
+        )
+
+    def __call__(self, start: int, stop: int) -> None:
+        plan, buf, values = self.plan, self.buf, self.values
         n = stop - start
-        zs = layer.logits(start, stop, z_s[:n])
+        zs = self.layer.logits(start, stop, buf.z_s[:n])
         if values:
-            torch.amax(zs, dim=-1, out=max_s[start:stop])
+            torch.amax(zs, dim=-1, out=buf.max_s[start:stop])
         teacher_chunk = None
-        if z_t is not None:
-            teacher_chunk = plan.teacher.chunk(start, stop, z_t[:n])
+        if buf.z_t is not None:
+            teacher_chunk = plan.teacher.chunk(start, stop, buf.z_t[:n])
             if values:
-                plan.teacher.row_max(teacher_chunk, max_t[start:stop])
-            if computed_confidence:
-                confidence[start:stop] = plan.teacher.confidence(teacher_chunk)  # type: ignore[index]
-        gc = None if g is None else g[:n]
-        if plan.kd and (values or kd_grad):
+                plan.teacher.row_max(teacher_chunk, buf.max_t[start:stop])
+            if buf.computed_confidence:
+                assert buf.confidence is not None
+                buf.confidence[start:stop] = plan.teacher.confidence(teacher_chunk)
+        gc = None if buf.g is None else buf.g[:n]
+        if plan.kd and (values or self.kd_grad):
             plan.teacher.row_pass(
                 zs,
                 teacher_chunk,
                 plan.temperature,
                 plan.loss_type,
                 plan.beta,
-                kd_rows[start:stop],
-                gc if kd_grad else None,
+                buf.kd_rows[start:stop],
+                gc if self.kd_grad else None,
             )
         if gc is not None:
-            if kd_grad:
-                kd_scale(gc, start, stop)
+            if self.kd_grad:
+                self.kd_scale(gc, start, stop)
             else:
                 gc.zero_()
-        if ce_needed:
-            y = plan.targets[start:stop]  # type: ignore[index]
-            lse = torch.logsumexp(zs, dim=-1)
-            if values:
-                ce_rows[start:stop] = lse - zs.gather(1, y.unsqueeze(1)).squeeze(1)
-            if gc is not None and ce_coef is not None:
-                # d CE / dz = softmax(z) - onehot(y), times the row's coefficient
-                p = scratch[:n]
-                torch.sub(zs, lse.unsqueeze(1), out=p).exp_()
-                p.scatter_add_(1, y.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-                ce_scale(p, start, stop)
-                gc.add_(p)
+        if self.ce_needed:
+            self._cross_entropy(zs, gc, start, stop)
         if gc is None:
-            continue
-        layer.chain(gc, zs, scratch[:n])
-        _accumulate(layer, start, stop, gc, grad_h, grad_w, grad_b)
-    if grad_w is not None and grad_w.dtype != weight.dtype:
-        grad_w = grad_w.to(weight.dtype)
-    if grad_b is not None and grad_b.dtype != bias.dtype:  # type: ignore[union-attr]
-        grad_b = grad_b.to(bias.dtype)  # type: ignore[union-attr]
-    if confidence is None:
-        confidence = torch.zeros(num_rows, dtype=dtype, device=device)
-    bad_s, bad_t = ~torch.isfinite(max_s), ~torch.isfinite(max_t)
-    return PassResult(kd_rows, ce_rows, confidence, bad_s, bad_t, (grad_h, grad_w, grad_b))
+            return
+        self.layer.chain(gc, zs, buf.scratch[:n])
+        _accumulate(self.layer, start, stop, gc, buf.grad_h, buf.grad_w, buf.grad_b)
+
+    def _cross_entropy(
+        self, zs: torch.Tensor, gc: torch.Tensor | None, start: int, stop: int
+    ) -> None:
+        """CE values of the chunk, and ``ce_coef * d CE / dz`` added into ``gc``."""
+        assert self.plan.targets is not None
+        y = self.plan.targets[start:stop]
+        lse = torch.logsumexp(zs, dim=-1)
+        if self.values:
+            self.buf.ce_rows[start:stop] = lse - zs.gather(1, y.unsqueeze(1)).squeeze(1)
+        if gc is not None and self.ce_grad:
+            # d CE / dz = softmax(z) - onehot(y), times the row's coefficient
+            p = self.buf.scratch[: stop - start]
+            torch.sub(zs, lse.unsqueeze(1), out=p).exp_()
+            p.scatter_add_(1, y.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+            self.ce_scale(p, start, stop)
+            gc.add_(p)
 
 
 class _RowScale:
@@ -249,10 +334,11 @@ def _accumulate(
         if weight.dtype == dtype:
             torch.mm(g, weight, out=grad_h[start:stop])
         else:
-            acc = None
+            acc: torch.Tensor | None = None
             for v0, v1 in row_blocks(vocab, weight.shape[1]):
                 part = g[:, v0:v1] @ weight[v0:v1].to(dtype)
                 acc = part if acc is None else acc.add_(part)
+            assert acc is not None  # vocab >= 1
             grad_h[start:stop] = acc
     if grad_w is not None:
         h_c = h if h.dtype == grad_w.dtype else h.to(grad_w.dtype)
@@ -311,7 +397,9 @@ class LinearDivergence(torch.autograd.Function):
         )
 
     @staticmethod
-    def backward(ctx: Any, g_kd: torch.Tensor | None, g_ce: torch.Tensor | None, *_: Any):
+    def backward(
+        ctx: Any, g_kd: torch.Tensor | None, g_ce: torch.Tensor | None, *_: Any
+    ) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "the fused linear KD loss does not support double backward (create_graph=True)"

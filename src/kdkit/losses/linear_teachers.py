@@ -16,7 +16,8 @@ import torch
 
 from kdkit.losses import kernels
 from kdkit.losses.kernels import torch_ops
-from kdkit.losses.sparse import sparse_confidence, sparse_divergence
+from kdkit.losses.sparse import sparse_confidence
+from kdkit.losses.sparse_rows import sparse_row_pass
 from kdkit.losses.student_terms import teacher_confidence
 from kdkit.sparse import SparseLogits
 
@@ -199,9 +200,9 @@ class SparseTeacher:
     """A cached top-k teacher (:class:`kdkit.sparse.SparseLogits`), positions flattened.
 
     The maths is :mod:`kdkit.losses.sparse`'s, per chunk: ``row_pass`` is
+    :func:`~kdkit.losses.sparse_rows.sparse_row_pass`, the value of
     :func:`~kdkit.losses.sparse.sparse_divergence` on the chunk's student logits and its
-    gradient one local ``autograd.grad`` of the row sum (rows are independent, so that
-    is each row's own gradient); ``confidence`` is
+    gradient in closed form (no autograd graph); ``confidence`` is
     :func:`~kdkit.losses.sparse.sparse_confidence`.
     """
 
@@ -248,13 +249,9 @@ class SparseTeacher:
         loss_out: torch.Tensor,
         grad_out: torch.Tensor | None,
     ) -> None:
-        with torch.enable_grad():
-            s = student.detach().requires_grad_(grad_out is not None)
-            rows = sparse_divergence(s, chunk, temperature, loss_type, beta, self.sparse_tail)
-            loss_out.copy_(rows.detach())
-            if grad_out is not None:
-                (grad,) = torch.autograd.grad(rows.sum(), s)
-                grad_out.copy_(grad)
+        sparse_row_pass(
+            student, chunk, temperature, loss_type, beta, self.sparse_tail, loss_out, grad_out
+        )
 
 
 def teacher_source(

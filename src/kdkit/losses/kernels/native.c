@@ -11,7 +11,9 @@
  *
  * Per row: (1) max of s and t; (2) e = exp((x - max) / T) into a per-thread scratch row,
  * and their sums; (3) loss terms (reverse_kl/jsd keep p_s and log p_s - log r in the
- * scratch); (4) the gradient from the scratch.  s and t are read three times, the
+ * scratch; jsd's log m is logaddexp(log beta + log p_t, log(1 - beta) + log p_s) with
+ * the larger term's log and log1p(min / max) of the two probabilities already at hand: no
+ * exp, one division per class, #24); (4) the gradient from the scratch.  s and t are read three times, the
  * gradient written once.  Rows are handed out in blocks from one atomic counter to the
  * threads of one call (pthreads, or OpenMP if built with KDKIT_USE_OPENMP), so a thread
  * the OS descheduled does not hold the others back.
@@ -100,23 +102,24 @@ static inline float kd_expf(float x) {
     return x < lo ? 0.0f : y;
 }
 
-/* log(1 + y) for y in [0, 1]: 2 atanh(y / (2 + y)), series to s^15 (< 2e-9 relative). */
-static inline float kd_log1pf_01(float y) {
-    float s = y / (2.0f + y), s2 = s * s;
+/* log(1 + mn / mx) for 0 <= mn <= mx, mx > 0: 2 atanh(u) with u = mn / (2 mx + mn) in
+ * [0, 1/3] (one division, no exp), series to u^15 (< 2e-9 relative). */
+static inline float kd_log1p_ratiof(float mn, float mx) {
+    float u = mn / (2.0f * mx + mn), u2 = u * u;
     float q = 1.0f / 15.0f;
-    q = q * s2 + 1.0f / 13.0f;
-    q = q * s2 + 1.0f / 11.0f;
-    q = q * s2 + 1.0f / 9.0f;
-    q = q * s2 + 1.0f / 7.0f;
-    q = q * s2 + 1.0f / 5.0f;
-    q = q * s2 + 1.0f / 3.0f;
-    return 2.0f * s * (1.0f + q * s2);
+    q = q * u2 + 1.0f / 13.0f;
+    q = q * u2 + 1.0f / 11.0f;
+    q = q * u2 + 1.0f / 9.0f;
+    q = q * u2 + 1.0f / 7.0f;
+    q = q * u2 + 1.0f / 5.0f;
+    q = q * u2 + 1.0f / 3.0f;
+    return 2.0f * u * (1.0f + q * u2);
 }
 
 #define F_EXP(x) kd_expf(x)
-#define F_LOG1P_EXP(x) kd_log1pf_01(kd_expf(x)) /* x <= 0 */
+#define F_LOG1P_RATIO(mn, mx) kd_log1p_ratiof(mn, mx)
 #define D_EXP(x) exp(x)
-#define D_LOG1P_EXP(x) log1p(exp(x))
+#define D_LOG1P_RATIO(mn, mx) log1p((mn) / (mx))
 
 /* ---- the row pass ------------------------------------------------------------------ */
 
@@ -139,7 +142,7 @@ struct ctx {
  * two rows of A: es = exp((s - max_s) / T) (then p_s), et = exp((t - max_t) / T) (then
  * log p_s - log r for reverse_kl / jsd).
  */
-#define DEFINE_ROW(NAME, IN, A, LOAD, STORE, EXP, LOG1P_EXP)                               \
+#define DEFINE_ROW(NAME, IN, A, LOAD, STORE, EXP, LOG1P_RATIO)                             \
     static void NAME(const ctx_t *c, int64_t r, void *scratch) {                           \
         const int64_t C = c->C;                                                            \
         const IN *restrict s = (const IN *)c->s + r * C;                                   \
@@ -201,17 +204,20 @@ struct ctx {
                     g[j] = STORE(ps > zero ? temp * ps * (et[j] - (A)acc) : zero);         \
                 }                                                                          \
             }                                                                              \
-        } else { /* jsd, 0 < beta < 1: log m = logaddexp(log b + log p_t, log(1-b) + log p_s) */ \
-            const A beta = (A)c->beta;                                                     \
+        } else { /* jsd, 0 < beta < 1: log m = log max + log(1 + min / max) (see above) */ \
+            const A beta = (A)c->beta, omb = (A)(1 - c->beta);                             \
             const A lb = (A)log(c->beta), l1b = (A)log1p(-c->beta);                        \
             _Pragma("omp simd reduction(+ : acc, acc2)")                                   \
             for (int64_t j = 0; j < C; j++) {                                              \
                 A lps = (LOAD(s[j]) - ms) * inv_t - lzs;                                   \
                 A lpt = (LOAD(t[j]) - mt) * inv_t - lzt;                                   \
-                A a = lb + lpt, b = l1b + lps;                                             \
-                A mx = a > b ? a : b, mn = a > b ? b : a;                                  \
-                A lm = mx > -INFINITY ? mx + LOG1P_EXP(mn - mx) : zero;                    \
-                A pt = et[j] * rzt, ps = es[j] * rzs, d = lps - lm;                        \
+                A pt = et[j] * rzt, ps = es[j] * rzs;                                      \
+                A a = beta * pt, b = omb * ps, la = lb + lpt, lb_ = l1b + lps;             \
+                int first = a > b;                                                         \
+                A mx = first ? a : b, mn = first ? b : a, lmx = first ? la : lb_;          \
+                A lm = lmx + (mx > zero ? LOG1P_RATIO(mn, mx) : zero);                     \
+                lm = lmx > -INFINITY ? lm : zero;                                          \
+                A d = lps - lm;                                                            \
                 acc += pt > zero ? pt * (lpt - lm) : zero;                                 \
                 acc2 += ps > zero ? ps * d : zero;                                         \
                 es[j] = ps;                                                                \
@@ -230,14 +236,14 @@ struct ctx {
         ((A *)c->loss)[r] = (A)(c->temp * c->temp * value);                                \
     }
 
-DEFINE_ROW(row_f32_f32, float, float, ID_LOAD, F_STORE, F_EXP, F_LOG1P_EXP)
-DEFINE_ROW(row_f32_f64, float, double, ID_LOAD, F_STORE, D_EXP, D_LOG1P_EXP)
-DEFINE_ROW(row_f64_f64, double, double, ID_LOAD, D_STORE, D_EXP, D_LOG1P_EXP)
-DEFINE_ROW(row_bf16_f32, uint16_t, float, BF_LOAD, BF_STORE, F_EXP, F_LOG1P_EXP)
-DEFINE_ROW(row_bf16_f64, uint16_t, double, BF_LOAD, BF_STORE, D_EXP, D_LOG1P_EXP)
+DEFINE_ROW(row_f32_f32, float, float, ID_LOAD, F_STORE, F_EXP, F_LOG1P_RATIO)
+DEFINE_ROW(row_f32_f64, float, double, ID_LOAD, F_STORE, D_EXP, D_LOG1P_RATIO)
+DEFINE_ROW(row_f64_f64, double, double, ID_LOAD, D_STORE, D_EXP, D_LOG1P_RATIO)
+DEFINE_ROW(row_bf16_f32, uint16_t, float, BF_LOAD, BF_STORE, F_EXP, F_LOG1P_RATIO)
+DEFINE_ROW(row_bf16_f64, uint16_t, double, BF_LOAD, BF_STORE, D_EXP, D_LOG1P_RATIO)
 #if HAVE_F16
-DEFINE_ROW(row_f16_f32, _Float16, float, H_LOAD, H_STORE, F_EXP, F_LOG1P_EXP)
-DEFINE_ROW(row_f16_f64, _Float16, double, H_LOAD, H_STORE, D_EXP, D_LOG1P_EXP)
+DEFINE_ROW(row_f16_f32, _Float16, float, H_LOAD, H_STORE, F_EXP, F_LOG1P_RATIO)
+DEFINE_ROW(row_f16_f64, _Float16, double, H_LOAD, H_STORE, D_EXP, D_LOG1P_RATIO)
 #endif
 
 static void *worker(void *arg) {

@@ -168,7 +168,7 @@ def _build(source: bytes, compiler: str, target: Path) -> None:
                 os.unlink(leftover)
 
 
-ARGTYPES = [
+ARGTYPES: list[Any] = [
     ctypes.c_void_p,  # student
     ctypes.c_void_p,  # teacher
     ctypes.c_int64,  # rows

@@ -71,8 +71,8 @@ def row_pass(
     dtype = loss_out.dtype
     if workspace is None:
         workspace = Workspace(n, num_classes, dtype, student.device, loss_type == "jsd")
-    in_grad = grad_out is not None and grad_out.dtype == dtype
-    x = grad_out if in_grad else workspace.x[:n]
+    x = grad_out if grad_out is not None and grad_out.dtype == dtype else workspace.x[:n]
+    in_grad = x is grad_out
     lps, lpt, z = workspace.log_ps[:n], workspace.log_pt[:n], workspace.zero[:n]
     _scaled_log_softmax(student, temperature, x, lps)
     _scaled_log_softmax(teacher, temperature, x, lpt)

@@ -26,7 +26,7 @@ MAX_BLOCK = 4096
 
 
 @triton.jit
-def _log1p_01(y):
+def _log1p_01(y):  # type: ignore[no-untyped-def]
     """log(1 + y) for y in [0, 1] without the rounding of 1 + y: 2 atanh(y / (2 + y))."""
     s = y / (2.0 + y)
     s2 = s * s
@@ -41,7 +41,7 @@ def _log1p_01(y):
 
 
 @triton.jit
-def _row_pass_kernel(
+def _row_pass_kernel(  # type: ignore[no-untyped-def]
     s_ptr,
     t_ptr,
     loss_ptr,
