@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from kdkit.cli import main
 from kdkit.data import ManifestRecord, write_manifest
@@ -83,3 +84,58 @@ def test_sparse_cache_trains_with_noise_at_its_capture_temperature(sparse_run, t
     root, base = sparse_run
     argv = ["train-student", *base, "--output_dir", str(tmp_path / "s"), "--cache", str(root / "c")]
     assert main([*argv, "--augment", "noise", "--temperature", "1"]) == 0
+
+
+# -- #26.5: a dump in which every position is masked ---------------------------------------
+
+L, V = 7, 40
+
+
+class _TokenLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Embedding(V, V)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(V, V, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)
+
+
+def _items(n: int, start: int = 0, real: bool = False) -> list[dict]:
+    mask = torch.ones(L, dtype=torch.long) if real else torch.zeros(L, dtype=torch.long)
+    return [
+        {"input_ids": torch.arange(L) * (i + 1) % V, "attention_mask": mask, "path": f"d/{i}"}
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_every_position_masked_gives_a_valid_empty_cache(tmp_path, capsys, top_k):
+    """#26.5: the committed cache could not be opened (a 1-byte file for 0 positions)."""
+    from kdkit.cache import dump_teacher_logits, load_cache_index, load_cached_logits, verify_cache
+
+    d = tmp_path / "c"
+    kw = {"input_key": "input_ids", "progress": False, "batch_size": 4, "top_k": top_k}
+    with pytest.warns(UserWarning, match=r"every position of the 3 cached samples .* is masked"):
+        dump_teacher_logits({"t": _TokenLM()}, _items(3), d, **kw)
+    index = load_cache_index(d)
+    assert index.num_samples == 3 and index.num_positions == 0
+    verify_cache(d)
+    assert index.lengths(["d/0", "d/2"]).tolist() == [0, 0]
+    got = load_cached_logits(["d/0", "d/1"], d, teacher="t")
+    assert tuple(got.shape) == (2, 0, V)
+    assert main(["cache", "verify", str(d)]) == 0
+    dump_teacher_logits({"t": _TokenLM()}, _items(2, start=3, real=True), d, **kw)  # a later dump
+    verify_cache(d)
+    index = load_cache_index(d)
+    assert index.num_samples == 5 and index.num_positions == 2 * L
+    full = load_cached_logits(["d/3", "d/0"], d, teacher="t")
+    assert tuple(full.shape) == (2, L, V)
+    if top_k is None:
+        want = torch.log_softmax(_TokenLM()(torch.arange(L) * 4 % V), -1)
+        torch.testing.assert_close(torch.log_softmax(full[0], -1), want)
+        assert (full[1] == 0).all()  # the empty sample is all padding
+    else:
+        assert full.mask.sum(-1).tolist() == [L, 0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +246,14 @@ def _write_locked(
     )
     with eval_mode(*models.values()), torch.no_grad():
         writer.consume(produce(writer))
-    return writer.commit()
+    index = writer.commit()
+    if index.is_sequence and index.num_samples and index.num_positions == 0:
+        warnings.warn(
+            f"every position of the {index.num_samples} cached samples in {root} is masked "
+            "(attention mask or lengths all 0): the cache holds no teacher outputs",
+            stacklevel=3,
+        )
+    return index
 
 
 def _loader(data: Any, batch_size: int, num_workers: int) -> Any:
