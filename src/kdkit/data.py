@@ -212,6 +212,18 @@ def _load_features(file: Path) -> np.ndarray:
     return array
 
 
+def _check_split(split: object) -> None:
+    """``split``: ``None``, a split name or a sequence of names (``TypeError`` naming
+    ``split`` otherwise: an integer is not a split name)."""
+    names = [split] if isinstance(split, str) or split is None else split
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(
+        isinstance(n, str) for n in names if split is not None
+    ):
+        raise TypeError(
+            f"split must be None, a split name or a list of names (strings), got {split!r}"
+        )
+
+
 class ManifestDataset(Dataset):
     """Samples listed in a manifest, features loaded lazily from ``.npy``/``.npz`` files.
 
@@ -244,6 +256,7 @@ class ManifestDataset(Dataset):
         split: str | Sequence[str] | None = None,
         domains: Iterable[int] | None = None,
     ) -> None:
+        _check_split(split)
         self.manifest = Path(manifest)
         self.root = self.manifest.resolve().parent
         self._first: tuple[Path, tuple[int, ...]] | None = None

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any
 
-from kdkit.cli.common import CONFIG_ERRORS, is_rank_zero, message, setup_logging
+from kdkit.cli.common import CONFIG_ERRORS, debugging, is_rank_zero, message, setup_logging
 from kdkit.cli.flags import add_flags, train_flags
 
 __all__ = ["add_subcommand", "build_config"]
@@ -176,6 +176,8 @@ def _cmd_distill_lm(args: argparse.Namespace) -> int:
     try:
         result = distill_lm(config)
     except CONFIG_ERRORS as exc:  # bad data, different tokenizers: before any training
+        if debugging(args):
+            raise
         args._parser.error(message(exc))
     if is_rank_zero():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
