@@ -139,3 +139,123 @@ def test_every_position_masked_gives_a_valid_empty_cache(tmp_path, capsys, top_k
         assert (full[1] == 0).all()  # the empty sample is all padding
     else:
         assert full.mask.sum(-1).tolist() == [L, 0]
+
+
+# -- #22.1: the rest of the attack on sparse caches -------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", ["kldiv", "soft_ce", "reverse_kl", "jsd"])
+def test_k_equal_v_is_the_dense_path(loss_type):
+    """K = V keeps every class: value and gradient equal the dense path to float64 rounding."""
+    from kdkit import kd_loss
+    from kdkit.losses.linear import linear_kd_loss
+    from kdkit.sparse import sparse_topk
+
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(3, 5, 11, generator=g, dtype=torch.float64) * 3
+    sparse = sparse_topk(t, 11)
+    tails = ["bucket"] + (["renormalize"] if loss_type in ("kldiv", "soft_ce") else [])
+    for tail in tails:
+        s1 = torch.randn(3, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+        s2 = s1.detach().clone().requires_grad_(True)
+        a = kd_loss(s1, sparse, 2.0, loss_type=loss_type, sparse_tail=tail, retemper=True)
+        b = kd_loss(s2, t, 2.0, loss_type=loss_type)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-12, atol=1e-12)
+    h = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(11, 4, generator=g, dtype=torch.float64)
+    a = linear_kd_loss(h, w, sparse_topk(t, 11, temperature=1.0), 1.0, loss_type=loss_type)
+    b = linear_kd_loss(h, w, t, 1.0, loss_type=loss_type)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [0, -2, 6])
+def test_hand_built_k_outside_one_to_v(k):
+    from kdkit.sparse import SparseLogits
+
+    n = max(k, 0)
+    with pytest.raises(
+        ValueError, match=rf"^SparseLogits top_k={n} must be in \[1, vocab_size=5\]"
+    ):
+        SparseLogits(torch.zeros(2, n, dtype=torch.long), torch.zeros(2, n), torch.zeros(2), 5)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_teacher_outputs_at_a_sparse_dump(tmp_path, value):
+    from kdkit.cache import dump_teacher_logits
+
+    class Bad(_TokenLM):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x).clone()
+            y[0, 1, 2] = value
+            return y
+
+    with pytest.raises(
+        ValueError, match=r"'t' produced NaN or Inf logits for 1 sample\(s\): 'd/0'"
+    ):
+        dump_teacher_logits(
+            {"t": Bad()},
+            _items(2, real=True),
+            tmp_path / "c",
+            input_key="input_ids",
+            progress=False,
+            top_k=3,
+        )
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_ragged_lengths_in_one_batch_are_one_line(tmp_path):
+    """Items of different lengths without padding: torch's stack message named nothing."""
+    from kdkit.cache import dump_teacher_logits
+
+    items = [{"input_ids": torch.arange(n) % V, "path": f"r/{i}"} for i, n in enumerate([5, 7, 3])]
+    with pytest.raises(
+        ValueError,
+        match=r"^items of one batch differ in the shape of 'input_ids': \(5,\) for 'r/0' and "
+        r"\(7,\) for 'r/1'; pad sequences",
+    ):
+        dump_teacher_logits(
+            {"t": _TokenLM()},
+            items,
+            tmp_path / "c",
+            input_key="input_ids",
+            progress=False,
+            top_k=3,
+        )
+    one = dump_teacher_logits(  # one per batch is fine: lengths come from the items
+        {"t": _TokenLM()},
+        items,
+        tmp_path / "c",
+        input_key="input_ids",
+        progress=False,
+        top_k=3,
+        batch_size=1,
+    )
+    assert one.lengths(["r/0", "r/1", "r/2"]).tolist() == [5, 7, 3]
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/passwd", "sub/../../x.bin"])
+def test_a_manifest_pointing_outside_the_cache_is_refused(tmp_path, name):
+    import json
+
+    from kdkit.cache import CacheError, dump_teacher_logits, load_cache_index
+
+    d = tmp_path / "c"
+    dump_teacher_logits(
+        {"t": _TokenLM()},
+        _items(2, real=True),
+        d,
+        input_key="input_ids",
+        progress=False,
+        top_k=3,
+    )
+    manifest = json.loads((d / "manifest.json").read_text())
+    old = manifest["teachers"]["t"]["file"]
+    (tmp_path / "outside.bin").write_bytes((d / old).read_bytes())
+    manifest["teachers"]["t"]["file"] = name
+    manifest["files"][name] = manifest["files"].pop(old)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"invalid|outside"):
+        load_cache_index(d)

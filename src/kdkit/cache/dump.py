@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from kdkit._lock import directory_lock
 from kdkit._modes import eval_mode
@@ -258,11 +258,36 @@ def _write_locked(
 
 def _loader(data: Any, batch_size: int, num_workers: int) -> Any:
     """``data`` itself if it is a DataLoader, else an unshuffled DataLoader over it."""
-    return (
-        data
-        if isinstance(data, DataLoader)
-        else DataLoader(data, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    if isinstance(data, DataLoader):
+        return data
+    return DataLoader(
+        data, batch_size=batch_size, num_workers=num_workers, shuffle=False, collate_fn=_collate
     )
+
+
+def _collate(items: list[Any]) -> Any:
+    """``default_collate``, with a one-line ``ValueError`` for ragged tensors (items whose
+    tensors differ in shape: torch's message names neither the field nor the samples)."""
+    if items and all(isinstance(it, Mapping) for it in items):
+        for field, first in items[0].items():
+            if not isinstance(first, torch.Tensor):
+                continue
+            for i, it in enumerate(items[1:], start=1):
+                other = it.get(field)
+                if isinstance(other, torch.Tensor) and other.shape != first.shape:
+                    raise ValueError(
+                        f"items of one batch differ in the shape of {field!r}: "
+                        f"{tuple(first.shape)} for {_item_name(items[0], 0)} and "
+                        f"{tuple(other.shape)} for {_item_name(it, i)}; pad sequences to one "
+                        "length and mark the real positions with mask_field (attention_mask) "
+                        "or lengths_field, or pass a DataLoader with your own collate_fn"
+                    )
+    return default_collate(items)
+
+
+def _item_name(item: Mapping[str, Any], i: int) -> str:
+    key = item.get("path", item.get("key"))
+    return repr(key) if isinstance(key, str) else f"item {i} of the batch"
 
 
 def _progress(loader: Any, enabled: bool) -> Any:
