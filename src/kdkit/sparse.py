@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -182,14 +183,16 @@ class SparseLogits:
         """Move every tensor like :meth:`torch.Tensor.to` (a dtype applies to the floats only)."""
 
         # Integer tensors never pass through a dtype (float16 cannot hold index 2049).
-        where = [a.device if isinstance(a, torch.Tensor) else a for a in args]
-        where = [a for a in where if not isinstance(a, torch.dtype)]
-        where_kw = {k: v for k, v in kwargs.items() if k != "dtype"}
+        devices = [a.device if isinstance(a, torch.Tensor) else a for a in args]
+        where: list[Any] = [a for a in devices if not isinstance(a, torch.dtype)]
+        where_kw: dict[str, Any] = {k: v for k, v in kwargs.items() if k != "dtype"}
+        every: list[Any] = list(args)
+        every_kw: dict[str, Any] = dict(kwargs)
 
         def move(t: torch.Tensor) -> torch.Tensor:
             if t.is_floating_point():
-                return t.to(*args, **kwargs)  # type: ignore[arg-type]
-            return t.to(*where, **where_kw)  # type: ignore[arg-type]
+                return t.to(*every, **every_kw)
+            return t.to(*where, **where_kw)
 
         return dataclasses.replace(
             self,
