@@ -259,3 +259,20 @@ def test_a_manifest_pointing_outside_the_cache_is_refused(tmp_path, name):
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match=r"invalid|outside"):
         load_cache_index(d)
+
+
+def test_a_sparse_and_a_dense_cached_teacher_are_not_fused(sparse_run, tmp_path, capsys):
+    """Fusion asked of a sparse teacher: exit 2 before training (was exit 1)."""
+    root, base = sparse_run
+    run = root / "t"
+    dump = ["dump-teacher", "--manifest", str(root / "m.jsonl"), "--no-progress"]
+    both = tmp_path / "both"
+    argv = [*dump, "--teacher", f"t={run}", "--teacher", f"u={run}", "--top_k", "t=2"]
+    assert main([*argv, "--cache", str(both)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "s"
+    argv = ["train-student", *base, "--output_dir", str(out), "--cache", str(both)]
+    assert main([*argv, "--teacher", "t,u", "--temperature", "1"]) == 2
+    line = _one_line(capsys)
+    assert "teacher 't' is sparse (top-k): sparse teachers cannot be fused (--teacher t,u)" in line
+    assert main([*argv, "--teacher", "u", "--temperature", "1"]) == 0  # the dense one alone

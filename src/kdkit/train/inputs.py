@@ -261,7 +261,7 @@ def _check_sparse_selection(
 ) -> None:
     """A sparse cached teacher is used alone, unmixed, at its capture temperature.
 
-    Sparse teachers are never fused (with a live teacher either) and mixup mixes dense
+    Sparse teachers are never fused (with other cached or live teachers) and mixup mixes dense
     logits; both are refused here, before any work, as is a KD temperature other than
     the capture temperature (the classification loop has no ``retemper``).
 
@@ -281,6 +281,11 @@ def _check_sparse_selection(
         raise InputError(
             f"{where}: sparse teachers cannot be fused, with a live teacher (--teacher_model) "
             "either; use the sparse teacher alone, or dump the live teacher into the cache"
+        )
+    if len(names) > 1:
+        raise InputError(
+            f"{where}: sparse teachers cannot be fused (--teacher {','.join(names)}); choose "
+            "one teacher, or fuse dense teachers only"
         )
     if config.augment is not None and Augmentation(config.augment).has_mixup:
         raise InputError(
