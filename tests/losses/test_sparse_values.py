@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kdkit import KDLossConfig, compute_student_loss, kd_loss
-from kdkit._validation.sparse import sparse_value_problems
+from kdkit._validation.sparse import check_sparse_finite, sparse_value_problems
 from kdkit.losses.linear import linear_kd_loss
 from kdkit.sparse import SparseLogits, sparse_topk
 
@@ -101,6 +101,11 @@ def test_real_captures_pass_in_every_dtype(dtype):
     for scale in (0.1, 3.0, 30.0):
         s = sparse_topk(torch.randn(4, 16, 5000) * scale, 64).to(dtype)
         kd_loss(torch.randn(4, 16, 5000), s, 1.0)  # does not raise
+    v = 2**18  # the worst case: near-uniform over a large vocabulary (largest entropy)
+    flat = torch.randn(2, v) * 1e-3
+    for k in (1, 4096, v):
+        s = sparse_topk(flat, k).to(dtype)
+        check_sparse_finite(s)  # does not raise
 
 
 def test_the_tail_check_changes_the_loss_it_guards():
