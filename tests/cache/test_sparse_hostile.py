@@ -276,3 +276,39 @@ def test_a_sparse_and_a_dense_cached_teacher_are_not_fused(sparse_run, tmp_path,
     line = _one_line(capsys)
     assert "teacher 't' is sparse (top-k): sparse teachers cannot be fused (--teacher t,u)" in line
     assert main([*argv, "--teacher", "u", "--temperature", "1"]) == 0  # the dense one alone
+
+
+def test_float16_at_a_hot_capture_temperature_warns(tmp_path):
+    """At T_c = 1000 float16 log-probabilities lose the teacher (KD loss off by ~20 %)."""
+    import warnings
+
+    from kdkit.cache import dump_teacher_logits
+
+    kw = {"input_key": "input_ids", "progress": False, "top_k": 3}
+    with pytest.warns(UserWarning, match=r"\['t'\] captured at a temperature above 100 with"):
+        dump_teacher_logits(
+            {"t": _TokenLM()},
+            _items(2, real=True),
+            tmp_path / "a",
+            dtype="float16",
+            capture_temperature=1000.0,
+            **kw,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dump_teacher_logits(
+            {"t": _TokenLM()},
+            _items(2, real=True),
+            tmp_path / "b",
+            dtype="float32",
+            capture_temperature=1000.0,
+            **kw,
+        )
+        dump_teacher_logits(
+            {"t": _TokenLM()},
+            _items(2, real=True),
+            tmp_path / "c",
+            dtype="float16",
+            capture_temperature=4.0,
+            **kw,
+        )

@@ -234,6 +234,7 @@ def _write_locked(
         check_new_cache_dir(root)
     fingerprints = {name: teacher_fingerprint(m) for name, m in models.items()}
     check_against_cache(root, old, fingerprints, ensemble_defs, target.dtype, target.sparse)
+    _warn_float16_hot_capture(target.dtype, target.sparse)
     writer = CacheWriter(
         root,
         old,
@@ -254,6 +255,23 @@ def _write_locked(
             stacklevel=3,
         )
     return index
+
+
+FLOAT16_CAPTURE_TEMPERATURE = 100.0
+"""Above this capture temperature float16 log-probabilities lose the teacher: they keep
+about 3 significant digits and the KD loss (scaled by ``T**2``) moves by > 0.3 %."""
+
+
+def _warn_float16_hot_capture(dtype: str, sparse: Mapping[str, Any]) -> None:
+    hot = sorted(n for n, spec in sparse.items() if spec.temperature > FLOAT16_CAPTURE_TEMPERATURE)
+    if dtype == "float16" and hot:
+        warnings.warn(
+            f"sparse teacher(s) {hot} captured at a temperature above "
+            f"{FLOAT16_CAPTURE_TEMPERATURE:g} with dtype='float16': the near-uniform "
+            "log-probabilities differ below float16's precision (the KD loss moves by more "
+            "than 0.3 %); use dtype='float32'",
+            stacklevel=4,
+        )
 
 
 def _loader(data: Any, batch_size: int, num_workers: int) -> Any:
