@@ -133,3 +133,16 @@ def test_sparse_topk_bad_temperature_and_logits():
         sparse_topk(torch.randn(2, V), 2, temperature=0.0)
     with pytest.raises(TypeError, match=r"^sparse_topk: logits must be a floating tensor"):
         sparse_topk(torch.arange(7), 2)
+
+
+@pytest.mark.parametrize(
+    "kind,message", [("positive", "log-probabilities above 0"), ("tail", "tail")]
+)
+def test_confidence_weights_of_a_bad_sparse_teacher(kind, message):
+    """``compute_confidence_weights`` gave weights above 1 (7.4 for log q = 2) or NaN silently."""
+    from kdkit import compute_confidence_weights
+
+    with pytest.raises(ValueError, match=rf"^teacher_logits \(sparse\): .*{message}"):
+        compute_confidence_weights(_edit(kind), "pmax")
+    weights, _ = compute_confidence_weights(_teacher(), "pmax")
+    assert ((weights > 0) & (weights <= 1)).all()
