@@ -276,7 +276,7 @@ def compute_confidence_weights(
     check_choice("weighting", weighting, WEIGHTINGS)
     threshold = check_fraction("threshold", threshold)
 
-    if sparse:  # the top-1 stored probability; padding positions are left out
+    if isinstance(teacher_logits, SparseLogits):  # the top-1 stored probability; no padding
         check_sparse_finite(teacher_logits)  # NaN or log q > 0 would give weights > 1
         confidence = sparse_confidence(teacher_logits, compute_dtype(teacher_logits.logprobs))
         weights = confidence_weights(confidence, weighting, threshold)
