@@ -271,7 +271,7 @@ class ManifestDataset(Dataset):
             and (keep_domains is None or r.domain in keep_domains)
         ]
         self.records = [r for _, r in kept]
-        self._lines = [n for n, _ in kept]  # manifest line of each record, for errors
+        self._lines = {r.path: n for n, r in kept}  # the manifest line of a path, for errors
         if not self.records:
             present = sorted({r.split for r in records})
             raise ValueError(
@@ -287,7 +287,8 @@ class ManifestDataset(Dataset):
         file = Path(record.path)
         if not file.is_absolute():
             file = self.root / file
-        where = f"{self.manifest}:{self._lines[index]}"
+        line = self._lines.get(record.path)
+        where = f"{self.manifest}:{line}" if line is not None else str(self.manifest)
         try:
             array = _load_features(file)
         except (ValueError, FileNotFoundError) as exc:

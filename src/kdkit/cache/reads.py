@@ -71,8 +71,9 @@ class RecordReads(IndexState):
             ),
         )
         if problems:
+            what = "; ".join(problem for _, problem in problems)
             raise CacheError(
-                f"cache file {info['file']!r} in {self.path} holds {'; '.join(what for _, what in problems)} "
+                f"cache file {info['file']!r} in {self.path} holds {what} "
                 "(corrupted; run verify_cache)"
             )
         return block[inverse.reshape(-1)]
