@@ -206,3 +206,91 @@ def test_real_sigint_exits_130_with_one_line(tmp_path):
     assert last.startswith("kdkit train-teacher: interrupted at epoch ") and last.endswith(
         "; resume with --resume"
     ), err
+
+
+# -- #26, low: exit 2 for bad input seen once a run starts, --debug inside a run -------------
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("low")
+    manifest = _data(root / "d")
+    assert main(["train-teacher", *_args(manifest, root / "t")]) == 0
+    return manifest, root / "t"
+
+
+@pytest.mark.parametrize(
+    "top_k,message",
+    [
+        ("5", r"top_k for teacher 't' must be <= its 2 classes, got 5"),
+        ("zz=1", r"top_k names teachers \['zz'\] that are not passed in teachers \['t'\]"),
+    ],
+)
+def test_bad_top_k_exits_2(teacher_run, tmp_path, capsys, top_k, message):
+    import re
+
+    manifest, run = teacher_run
+    capsys.readouterr()
+    argv = ["dump-teacher", "--manifest", str(manifest), "--teacher", f"t={run}", "--no-progress"]
+    assert main([*argv, "--cache", str(tmp_path / "c"), "--top_k", top_k]) == 2
+    assert re.search(message, _one_line(capsys))
+
+
+def test_capture_temperature_negative_exits_2(teacher_run, tmp_path, capsys):
+    manifest, run = teacher_run
+    capsys.readouterr()
+    argv = ["dump-teacher", "--manifest", str(manifest), "--teacher", f"t={run}", "--top_k", "1"]
+    assert main([*argv, "--cache", str(tmp_path / "c"), "--capture_temperature", "-1"]) == 2
+    assert "--capture_temperature must be a finite number > 0, got -1.0" in _one_line(capsys)
+
+
+def test_missing_live_teacher_exits_2_before_the_run(teacher_run, tmp_path, capsys):
+    manifest, _ = teacher_run
+    capsys.readouterr()
+    out = tmp_path / "s"
+    argv = [*_args(manifest, out), "--teacher_model", f"x={tmp_path / 'missing'}"]
+    assert main(["train-student", *argv]) == 2
+    line = _one_line(capsys)
+    assert "teacher x=" in line and "missing does not exist" in line, line
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback_of_errors_inside_a_run(teacher_run, tmp_path, capsys):
+    """``--debug`` used to print the same one line for errors raised by the run itself."""
+    manifest, run = teacher_run
+    argv = ["dump-teacher", "--manifest", str(manifest), "--teacher", f"t={run}", "--no-progress"]
+    with pytest.raises(ValueError, match="must be <= its 2 classes"):
+        main(["--debug", *argv, "--cache", str(tmp_path / "c"), "--top_k", "5"])
+    student = [*_args(manifest, tmp_path / "s"), "--cache", str(tmp_path / "nocache")]
+    assert main(["train-student", *student]) in (1, 2)
+    capsys.readouterr()
+    with pytest.raises(Exception, match="nocache"):
+        main(
+            [
+                "--debug",
+                "train-student",
+                *_args(manifest, tmp_path / "s2"),
+                "--cache",
+                str(tmp_path / "nocache"),
+            ]
+        )
+
+
+def test_one_dimensional_hidden_states_name_hidden_size():
+    from kdkit.losses.linear import linear_kd_loss
+
+    with pytest.raises(ValueError, match=r"^student_hidden must have shape \[B, hidden_size\]"):
+        linear_kd_loss(torch.randn(4), torch.randn(7, 4), torch.randn(7), temperature=1.0)
+    with pytest.raises(ValueError, match=r"^teacher_hidden must have shape \[B, hidden_size\]"):
+        linear_kd_loss(
+            torch.randn(2, 4), torch.randn(7, 4), torch.randn(4), teacher_weight=torch.randn(7, 4)
+        )
+
+
+@pytest.mark.parametrize("split", [3, ["train", 3], 2.0])
+def test_an_integer_split_is_refused(tmp_path, split):
+    from kdkit.data import ManifestDataset
+
+    manifest = _data(tmp_path / "d")
+    with pytest.raises(TypeError, match=r"^split must be None, a split name or a list of names"):
+        ManifestDataset(manifest, split=split)

@@ -28,7 +28,9 @@ CSV (header required)::
 from __future__ import annotations
 
 import csv
+import io
 import json
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ __all__ = [
     "ArrayDataset",
     "ManifestDataset",
     "ManifestRecord",
+    "manifest_lines",
     "read_manifest",
     "write_manifest",
 ]
@@ -92,43 +95,61 @@ def read_manifest(path: str | Path) -> list[ManifestRecord]:
 
     Raises:
         FileNotFoundError: the manifest does not exist.
-        ValueError: an unknown extension, a malformed line (named by line number), a
-            missing ``path``/``label``, a non-integer label or domain, duplicate paths.
+        ValueError: an unknown extension, a line that is not UTF-8 or malformed (named by
+            line number), a missing ``path``/``label``, a non-integer label or domain,
+            duplicate paths.
     """
+    return [record for _, record in manifest_lines(path)]
+
+
+def _manifest_text(path: Path) -> str:
+    """The manifest's text (a UTF-8 BOM is accepted); a non-UTF-8 byte names its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); save the manifest "
+            "as UTF-8"
+        ) from None
+
+
+def manifest_lines(path: str | Path) -> list[tuple[int, ManifestRecord]]:
+    """:func:`read_manifest` with each record's line number (for error messages)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
     suffix = path.suffix.lower()
-    records: list[ManifestRecord] = []
+    records: list[tuple[int, ManifestRecord]] = []
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open(encoding="utf-8-sig") as f:  # a UTF-8 BOM is accepted
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{where}: each line must be a JSON object")
-                records.append(_record(row, where))
+        for number, line in enumerate(_manifest_text(path).split("\n"), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: each line must be a JSON object")
+            records.append((number, _record(row, where)))
     elif suffix == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as f:  # spreadsheets write a BOM
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or not set(_REQUIRED) <= set(reader.fieldnames):
-                raise ValueError(
-                    f"{path}: the CSV header must name at least {list(_REQUIRED)}, "
-                    f"got {reader.fieldnames}"
-                )
-            for number, row in enumerate(reader, start=2):
-                records.append(_record(row, f"{path}:{number}"))
+        reader = csv.DictReader(io.StringIO(_manifest_text(path), newline=""))
+        if reader.fieldnames is None or not set(_REQUIRED) <= set(reader.fieldnames):
+            raise ValueError(
+                f"{path}: the CSV header must name at least {list(_REQUIRED)}, "
+                f"got {reader.fieldnames}"
+            )
+        for row in reader:
+            number = reader.line_num
+            records.append((number, _record(row, f"{path}:{number}")))
     else:
         raise ValueError(f"manifest {str(path)!r} must end in .jsonl, .json, .ndjson or .csv")
     seen: set[str] = set()
-    for record in records:
+    for number, record in records:
         if record.path in seen:
-            raise ValueError(f"{path}: duplicate path {record.path!r}")
+            raise ValueError(f"{path}:{number}: duplicate path {record.path!r}")
         seen.add(record.path)
     return records
 
@@ -150,14 +171,57 @@ def write_manifest(path: str | Path, records: Iterable[ManifestRecord]) -> Path:
     return path
 
 
+def _has_npy_magic(file: Path) -> bool:
+    with file.open("rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
 def _load_features(file: Path) -> np.ndarray:
-    if file.suffix.lower() == ".npz":
-        with np.load(file, allow_pickle=False) as archive:
-            names = list(archive.keys())
-            if len(names) != 1:
-                raise ValueError(f"{file}: an .npz feature file must hold one array, got {names}")
-            return archive[names[0]]
-    return np.load(file, allow_pickle=False)
+    """The numeric array of a ``.npy`` (or one-array ``.npz``) file; ``ValueError`` naming
+    the file for anything else (pickled objects are never loaded, and numpy's advice to
+    load them is not passed on)."""
+    try:
+        if file.suffix.lower() == ".npz":
+            with np.load(file, allow_pickle=False) as archive:
+                names = list(archive.keys())
+                array = archive[names[0]] if len(names) == 1 else None
+        else:
+            array = np.load(file, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"feature file {str(file)!r} does not exist") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        text = str(exc)
+        if file.suffix.lower() == ".npy" and not _has_npy_magic(file):
+            reason = "is not an .npy file (no NUMPY header)"
+        elif "pickle" in text or "Object arrays" in text:
+            reason = "holds Python objects (pickled data), which kdkit never loads"
+        elif "could only read" in text or "not fully written" in text or isinstance(exc, EOFError):
+            reason = "is truncated (fewer bytes than its header declares)"
+        else:
+            reason = f"is not a readable .npy/.npz array ({' '.join(text.split()[:12])})"
+        raise ValueError(
+            f"feature file {str(file)!r} {reason}; save numeric arrays with np.save"
+        ) from None
+    if array is None:
+        raise ValueError(
+            f"feature file {str(file)!r} is an .npz holding {len(names)} arrays {names}, not one"
+        )
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        kind = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+        raise ValueError(f"feature file {str(file)!r} holds {kind} values, not numbers")
+    return array
+
+
+def _check_split(split: object) -> None:
+    """``split``: ``None``, a split name or a sequence of names (``TypeError`` naming
+    ``split`` otherwise: an integer is not a split name)."""
+    names = [split] if isinstance(split, str) or split is None else split
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(
+        isinstance(n, str) for n in names if split is not None
+    ):
+        raise TypeError(
+            f"split must be None, a split name or a list of names (strings), got {split!r}"
+        )
 
 
 class ManifestDataset(Dataset):
@@ -192,18 +256,22 @@ class ManifestDataset(Dataset):
         split: str | Sequence[str] | None = None,
         domains: Iterable[int] | None = None,
     ) -> None:
+        _check_split(split)
         self.manifest = Path(manifest)
         self.root = self.manifest.resolve().parent
         self._first: tuple[Path, tuple[int, ...]] | None = None
-        records = read_manifest(self.manifest)
+        lines = manifest_lines(self.manifest)
+        records = [record for _, record in lines]
         splits = None if split is None else ({split} if isinstance(split, str) else set(split))
         keep_domains = None if domains is None else set(domains)
-        self.records = [
-            r
-            for r in records
+        kept = [
+            (n, r)
+            for n, r in lines
             if (splits is None or r.split in splits)
             and (keep_domains is None or r.domain in keep_domains)
         ]
+        self.records = [r for _, r in kept]
+        self._lines = {r.path: n for n, r in kept}  # the manifest line of a path, for errors
         if not self.records:
             present = sorted({r.split for r in records})
             raise ValueError(
@@ -219,13 +287,20 @@ class ManifestDataset(Dataset):
         file = Path(record.path)
         if not file.is_absolute():
             file = self.root / file
-        features = torch.from_numpy(np.asarray(_load_features(file), dtype=np.float32))
+        line = self._lines.get(record.path)
+        where = f"{self.manifest}:{line}" if line is not None else str(self.manifest)
+        try:
+            array = _load_features(file)
+        except (ValueError, FileNotFoundError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        features = torch.from_numpy(np.asarray(array, dtype=np.float32))
         if self._first is None:  # the shape every other sample must have
             self._first = (file, tuple(features.shape))
         elif tuple(features.shape) != self._first[1]:
             raise ValueError(
-                f"{file}: features of shape {tuple(features.shape)}, but {self._first[0]} "
-                f"has {self._first[1]}; every sample of a data set needs the same shape"
+                f"{where}: {file}: features of shape {tuple(features.shape)}, but "
+                f"{self._first[0]} has {self._first[1]}; every sample of a data set needs "
+                "the same shape"
             )
         return _sample_item(features, record.label, record.domain, record.path)
 

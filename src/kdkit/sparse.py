@@ -69,13 +69,24 @@ def sparse_topk(
     """The top-``k`` of ``log_softmax(logits / temperature)`` over the full vocabulary.
 
     Computed in float32 (float64 stays float64).  ``logits`` ``[..., V]`` must be finite
-    (the cache's dump checks that first, naming the samples).
+    (the cache's dump checks that first, naming the samples); ``1 <= k <= V``.
 
     Example:
         >>> s = sparse_topk(torch.randn(3, 5, 11), 4)
         >>> s.indices.shape, s.tail_logprob.shape, s.vocab_size
         (torch.Size([3, 5, 4]), torch.Size([3, 5]), 11)
     """
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim < 1:
+        got = (
+            f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else logits
+        )
+        raise TypeError(f"sparse_topk: logits must be a floating tensor [..., V], got {got!r}")
+    v = int(logits.shape[-1])
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= v:
+        raise ValueError(f"sparse_topk: k must be an integer in [1, V={v}], got {k!r}")
+    t = temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < math.inf):
+        raise ValueError(f"sparse_topk: temperature must be a finite number > 0, got {t!r}")
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     log_q = torch.log_softmax(logits.detach().to(dtype) / temperature, dim=-1)
     values, indices = log_q.topk(k, dim=-1, sorted=True)
@@ -173,11 +184,17 @@ class SparseLogits:
     def to(self, *args: Any, **kwargs: Any) -> SparseLogits:
         """Move every tensor like :meth:`torch.Tensor.to` (a dtype applies to the floats only)."""
 
+        # Integer tensors never pass through a dtype (float16 cannot hold index 2049).
+        devices = [a.device if isinstance(a, torch.Tensor) else a for a in args]
+        where: list[Any] = [a for a in devices if not isinstance(a, torch.dtype)]
+        where_kw: dict[str, Any] = {k: v for k, v in kwargs.items() if k != "dtype"}
+        every: list[Any] = list(args)
+        every_kw: dict[str, Any] = dict(kwargs)
+
         def move(t: torch.Tensor) -> torch.Tensor:
             if t.is_floating_point():
-                return t.to(*args, **kwargs)
-            moved = t.to(*args, **kwargs)
-            return moved.to(t.dtype)
+                return t.to(*every, **every_kw)
+            return t.to(*where, **where_kw)
 
         return dataclasses.replace(
             self,

@@ -627,6 +627,11 @@ def _repeat_index(rec):
     rec["indices"][2, 1] = rec["indices"][2, 0]
 
 
+def _zero_mass(rec):
+    rec["logprobs"][2, :] = -np.inf
+    rec["tail"][2] = -np.inf
+
+
 def _negative_tail_mass(rec):
     rec["logprobs"][1, :] = np.log(0.9)
 
@@ -647,6 +652,18 @@ SPARSE_CASES = [
         r"topk-big-g1\.bin.*outside \[0, 50\)",
     ),
     ("sparse-index-repeated", "read", records(_repeat_index), r"topk-big-g1\.bin.*repeated"),
+    (  # #26.8: the tail says 0.5 more than the top-k leaves; verify used to pass it
+        "sparse-tail-inconsistent",
+        "read",
+        records(_assign("tail", 4, np.log(0.5))),
+        r"topk-big-g1\.bin.*tail inconsistent with its top-k",
+    ),
+    (  # #26.3/#26.8: zero mass (top-k and tail all -inf)
+        "sparse-zero-mass",
+        "read",
+        records(_zero_mass),
+        r"topk-big-g1\.bin.*no probability mass",
+    ),
     (
         "sparse-tail-mass-negative",
         "read",

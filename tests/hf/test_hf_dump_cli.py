@@ -251,6 +251,8 @@ BAD = [
     ("vocab_too_large", "vocab_size 49 is larger than the output rows of teacher(s) {{'t': 48}}"),
     ("different_vocabularies", "the teachers have different vocabularies (output classes"),
     ("temperature_without_top_k", "--capture_temperature applies to sparse teachers"),
+    ("top_k_above_vocab", "top_k for teacher 't' must be <= its 48 classes, got 49"),  # #26 low
+    ("top_k_unknown_teacher", "--top_k names teachers that are not given: ['zz']"),
 ]
 
 
@@ -284,6 +286,10 @@ def test_bad_input_one_line_exit_2(tmp_path, dirs, capsys, case, message):
         teachers.append(f"p={dirs['padded']}")
     elif case == "temperature_without_top_k":
         extra = ["--capture_temperature", "2"]
+    elif case == "top_k_above_vocab":
+        extra = ["--top_k", str(VOCAB + 1)]
+    elif case == "top_k_unknown_teacher":
+        extra = ["--top_k", "zz=2"]
     if case == "lm_flags_with_manifest":
         argv = ["dump-teacher", "--manifest", str(data), "--teacher", teachers[0]]
         argv += ["--cache", str(tmp_path / "cache"), "--max_length", "4", "--vocab_size", "9"]

@@ -70,7 +70,7 @@ def check_linear_inputs(
     Vocabularies that differ need ``vocab_size`` (<= both); without it, a ValueError
     naming both sizes and the argument.
     """
-    hidden = check_logits("student_hidden", student_hidden)
+    hidden = check_logits("student_hidden", student_hidden, "hidden_size")
     student_vocab = _check_layer("student", hidden, student_weight, student_bias)
     if isinstance(teacher, SparseLogits):
         return _check_linear_sparse(hidden, student_vocab, teacher, teacher_weight, vocab_size)
@@ -82,7 +82,7 @@ def check_linear_inputs(
         teacher_vocab = int(teacher.shape[-1])
     else:
         name = "teacher_hidden"
-        teacher = check_logits(name, teacher)
+        teacher = check_logits(name, teacher, "hidden_size")
         teacher_vocab = _check_layer("teacher", teacher, teacher_weight, teacher_bias)
     if teacher.shape[:-1] != hidden.shape[:-1]:
         raise ValueError(

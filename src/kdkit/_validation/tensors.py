@@ -109,10 +109,11 @@ def check_factory_kwargs(spec: str, factory: Callable[..., Any], kwargs: Mapping
         )
 
 
-def check_logits(name: str, logits: object) -> torch.Tensor:
-    """Raise unless ``logits`` is a floating tensor with at least 1 dimension.
+def check_logits(name: str, logits: object, last: str = "num_classes") -> torch.Tensor:
+    """Raise unless ``logits`` is a floating tensor with at least 2 dimensions.
 
-    Shape ``[..., C]`` with classes on the last dimension; ``C`` must be >= 1.
+    Shape ``[..., C]`` with classes on the last dimension; ``C`` must be >= 1.  ``last``
+    names the last dimension in the message (``hidden_size`` for hidden states).
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
@@ -123,11 +124,12 @@ def check_logits(name: str, logits: object) -> torch.Tensor:
         )
     if logits.ndim < 2:
         raise ValueError(
-            f"{name} must have shape [B, num_classes] (or [..., num_classes]), "
+            f"{name} must have shape [B, {last}] (or [..., {last}]), "
             f"got shape {tuple(logits.shape)}"
         )
     if logits.shape[-1] == 0:
-        raise ValueError(f"{name} must have at least one class, got shape {tuple(logits.shape)}")
+        what = "one class" if last == "num_classes" else f"{last} >= 1"
+        raise ValueError(f"{name} must have at least {what}, got shape {tuple(logits.shape)}")
     return logits
 
 

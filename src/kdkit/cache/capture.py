@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kdkit.cache._format import shown
+from kdkit.errors import InputError
 from kdkit.sparse import sparse_topk
 
 
@@ -172,7 +173,7 @@ def capture(
     if spec is None:
         return Captured(c, np_lengths, logits=y.to("cpu", torch.float32))
     if spec.top_k > c:
-        raise ValueError(f"top_k for teacher {name!r} must be <= its {c} classes, got {spec.top_k}")
+        raise InputError(f"top_k for teacher {name!r} must be <= its {c} classes, got {spec.top_k}")
     s = sparse_topk(y, spec.top_k, spec.temperature)
     return Captured(
         c,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from kdkit._lock import directory_lock
 from kdkit._modes import eval_mode
@@ -233,6 +234,7 @@ def _write_locked(
         check_new_cache_dir(root)
     fingerprints = {name: teacher_fingerprint(m) for name, m in models.items()}
     check_against_cache(root, old, fingerprints, ensemble_defs, target.dtype, target.sparse)
+    _warn_float16_hot_capture(target.dtype, target.sparse)
     writer = CacheWriter(
         root,
         old,
@@ -245,16 +247,65 @@ def _write_locked(
     )
     with eval_mode(*models.values()), torch.no_grad():
         writer.consume(produce(writer))
-    return writer.commit()
+    index = writer.commit()
+    if index.is_sequence and index.num_samples and index.num_positions == 0:
+        warnings.warn(
+            f"every position of the {index.num_samples} cached samples in {root} is masked "
+            "(attention mask or lengths all 0): the cache holds no teacher outputs",
+            stacklevel=3,
+        )
+    return index
+
+
+FLOAT16_CAPTURE_TEMPERATURE = 100.0
+"""Above this capture temperature float16 log-probabilities lose the teacher: they keep
+about 3 significant digits and the KD loss (scaled by ``T**2``) moves by > 0.3 %."""
+
+
+def _warn_float16_hot_capture(dtype: str, sparse: Mapping[str, Any]) -> None:
+    hot = sorted(n for n, spec in sparse.items() if spec.temperature > FLOAT16_CAPTURE_TEMPERATURE)
+    if dtype == "float16" and hot:
+        warnings.warn(
+            f"sparse teacher(s) {hot} captured at a temperature above "
+            f"{FLOAT16_CAPTURE_TEMPERATURE:g} with dtype='float16': the near-uniform "
+            "log-probabilities differ below float16's precision (the KD loss moves by more "
+            "than 0.3 %); use dtype='float32'",
+            stacklevel=4,
+        )
 
 
 def _loader(data: Any, batch_size: int, num_workers: int) -> Any:
     """``data`` itself if it is a DataLoader, else an unshuffled DataLoader over it."""
-    return (
-        data
-        if isinstance(data, DataLoader)
-        else DataLoader(data, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    if isinstance(data, DataLoader):
+        return data
+    return DataLoader(
+        data, batch_size=batch_size, num_workers=num_workers, shuffle=False, collate_fn=_collate
     )
+
+
+def _collate(items: list[Any]) -> Any:
+    """``default_collate``, with a one-line ``ValueError`` for ragged tensors (items whose
+    tensors differ in shape: torch's message names neither the field nor the samples)."""
+    if items and all(isinstance(it, Mapping) for it in items):
+        for field, first in items[0].items():
+            if not isinstance(first, torch.Tensor):
+                continue
+            for i, it in enumerate(items[1:], start=1):
+                other = it.get(field)
+                if isinstance(other, torch.Tensor) and other.shape != first.shape:
+                    raise ValueError(
+                        f"items of one batch differ in the shape of {field!r}: "
+                        f"{tuple(first.shape)} for {_item_name(items[0], 0)} and "
+                        f"{tuple(other.shape)} for {_item_name(it, i)}; pad sequences to one "
+                        "length and mark the real positions with mask_field (attention_mask) "
+                        "or lengths_field, or pass a DataLoader with your own collate_fn"
+                    )
+    return default_collate(items)
+
+
+def _item_name(item: Mapping[str, Any], i: int) -> str:
+    key = item.get("path", item.get("key"))
+    return repr(key) if isinstance(key, str) else f"item {i} of the batch"
 
 
 def _progress(loader: Any, enabled: bool) -> Any:

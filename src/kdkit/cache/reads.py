@@ -9,7 +9,9 @@ tensors is :mod:`kdkit.cache.batches`.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from kdkit._validation.sparse import mass_tolerance, sparse_value_problems
 from kdkit.cache._format import DTYPES, CacheError, is_sparse, position_dtype
 from kdkit.cache.index_state import IndexState
 
@@ -54,28 +56,24 @@ class RecordReads(IndexState):
 
         Raises :class:`CacheError` naming the file for indices out of ``[0, V)`` or repeated
         within a position, NaN/+inf values, log-probabilities or a tail above 0, or top-k
-        probabilities summing to more than 1 (a negative tail mass)."""
+        probabilities summing to more than 1 (a negative tail mass), or a tail that does not
+        complete the top-k mass to 1 (:func:`kdkit._validation.sparse.sparse_value_problems`)."""
         info = self.manifest["teachers"][teacher]
         unique, inverse = np.unique(positions, return_inverse=True)
         block = self._teacher_map(teacher)[unique]
-        idx, lp, tail = block["indices"], block["logprobs"], block["tail"]  # stored dtypes
-        problems = []
-        v = int(info["num_classes"])
-        if idx.size and (int(idx.max()) >= v or int(idx.min()) < 0):
-            problems.append(f"class indices outside [0, {v})")
-        ordered = np.sort(idx, axis=1)
-        if idx.shape[1] > 1 and (ordered[:, 1:] == ordered[:, :-1]).any():
-            problems.append("a class index repeated within a position")
-        if np.isnan(lp).any() or np.isnan(tail).any() or (lp > 1e-3).any() or (tail > 1e-3).any():
-            problems.append("NaN or log-probabilities above 0")
-        else:
-            tol = 1e-2 if info["dtype"] == "float16" else 1e-4
-            total = np.exp(lp.astype(np.float32)).sum(axis=1, dtype=np.float64)
-            if (total > 1 + tol).any():
-                problems.append("top-k probabilities summing to more than 1 (a negative tail mass)")
+        problems = sparse_value_problems(
+            torch.from_numpy(block["indices"].astype(np.int64)),
+            torch.from_numpy(block["logprobs"].astype(np.float32)),
+            torch.from_numpy(block["tail"].astype(np.float32)),
+            int(info["num_classes"]),
+            tolerance=mass_tolerance(
+                torch.float16 if info["dtype"] == "float16" else torch.float32
+            ),
+        )
         if problems:
+            what = "; ".join(problem for _, problem in problems)
             raise CacheError(
-                f"cache file {info['file']!r} in {self.path} holds {'; '.join(problems)} "
+                f"cache file {info['file']!r} in {self.path} holds {what} "
                 "(corrupted; run verify_cache)"
             )
         return block[inverse.reshape(-1)]

@@ -477,6 +477,10 @@ class CacheWriter:
 
         Without a position axis a sample is one position (``offsets`` is ``None``)."""
         p = n if offsets is None else int(offsets[-1])
+        if p == 0:  # every position masked: an empty file (np.memmap would write 1 byte)
+            (self.root / fname).write_bytes(b"")
+            fsync_file(self.root / fname)
+            return
         mm = np.memmap(self.root / fname, dtype=dtype, mode="w+", shape=(p,))
         p_old = 0
         if cached:

@@ -22,6 +22,7 @@ __all__ = [
     "TRUST_FLAG",
     "Parser",
     "choice",
+    "debugging",
     "floats",
     "ints",
     "is_rank_zero",
@@ -140,16 +141,27 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def debugging(args: argparse.Namespace) -> bool:
+    """Whether ``--debug`` was given (:func:`kdkit.cli.main.main` records it on ``args``)."""
+    return bool(getattr(args, "_debug", False))
+
+
 def report_run_error(args: argparse.Namespace, exc: Exception) -> int:
-    """A dump's own failure as one line on stderr and exit status 1.
+    """A run's own failure as one line on stderr; exit status 2 for bad input seen once
+    the run started (:class:`kdkit.errors.InputError`), else 1.
 
     Bad settings (:data:`CONFIG_ERRORS`), ``OSError`` and the cache's ``CacheError`` are
-    reported; anything else is a bug and is raised again (``--debug`` shows it).
+    reported; anything else is a bug and is raised again, as is every error under
+    ``--debug`` (the traceback).
     """
+    from kdkit.errors import InputError
+
+    if debugging(args):
+        raise exc
     if not isinstance(exc, (*CONFIG_ERRORS, OSError)) and type(exc).__name__ != "CacheError":
         raise exc
     print(f"{args._parser.prog}: error: {message(exc)}", file=sys.stderr)
-    return 1
+    return 2 if isinstance(exc, InputError) else 1
 
 
 def top_k_spec(text: str) -> tuple[str | None, int]:

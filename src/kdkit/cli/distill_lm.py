@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any
 
-from kdkit.cli.common import CONFIG_ERRORS, is_rank_zero, message, setup_logging
+from kdkit.cli.common import CONFIG_ERRORS, debugging, is_rank_zero, message, setup_logging
 from kdkit.cli.flags import add_flags, config_flags, train_flags
 
 __all__ = ["add_subcommand", "build_config"]
@@ -218,6 +218,8 @@ def _cmd_distill_lm(args: argparse.Namespace) -> int:
     try:
         result = distill_lm(config)
     except CONFIG_ERRORS as exc:  # bad data, different tokenizers: before any training
+        if debugging(args):
+            raise
         args._parser.error(message(exc))
     except DirectoryLockedError as exc:  # another run holds --output_dir
         print(f"{args._parser.prog}: error: {message(exc)}", file=sys.stderr)

@@ -222,6 +222,13 @@ def _load_inputs(
     if vocab_size is None:
         vocab_size = default_vocab_size(tokenizer, {n: output_size(m) for n, m in models.items()})
     check_vocab_size(models, vocab_size)
+    for name, model in models.items():  # top_k above the classes: before the cache exists
+        k = flags.top_k.get(name) if isinstance(flags.top_k, dict) else flags.top_k
+        classes = vocab_size or output_size(model)
+        if k is not None and k > classes:
+            raise ValueError(
+                f"top_k for teacher {name!r} must be <= its {classes} classes, got {k}"
+            )
     rows = min(m.get_input_embeddings().num_embeddings for m in models.values())
     if vocab_size is not None and vocab_size < rows:
         check_token_ids(samples, vocab_size, f"--data {args.data}", "--vocab_size")

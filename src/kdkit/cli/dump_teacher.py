@@ -76,6 +76,9 @@ def _dump_manifest(args: argparse.Namespace) -> int:
         fused = dict(args.fused) if args.fused else None
         top_k = top_k_option(args.top_k)
         args.capture_temperature = capture_temperature_option(args.capture_temperature, top_k)
+        from kdkit.cache.dump_checks import check_top_k
+
+        check_top_k(top_k, args.capture_temperature, list(teachers))
     except CONFIG_ERRORS as exc:
         args._parser.error(message(exc))
     setup_logging()

@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, extras = parser.parse_known_args(argv)
         args._parser = _find_subparser(parser, args)
+        args._debug = debug  # commands re-raise their run errors under --debug
         if extras:
             args._parser.error(f"unrecognized arguments: {' '.join(extras)}")
         func: Callable[[argparse.Namespace], int] = args.func

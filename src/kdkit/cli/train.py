@@ -10,7 +10,6 @@ flag or value exits with status 2 and a one-line message; a failure of the run i
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from kdkit.cli.common import (
@@ -18,6 +17,7 @@ from kdkit.cli.common import (
     TRUST_FLAG,
     is_rank_zero,
     message,
+    report_run_error,
     setup_logging,
 )
 from kdkit.cli.flags import add_flags, train_flags
@@ -89,23 +89,23 @@ def _train(args: argparse.Namespace, student: bool) -> int:
     from kdkit._validation import check_device, check_factory_kwargs
     from kdkit.models import load_factory
     from kdkit.train.outputs import check_output_dir
+    from kdkit.train.teachers import check_teacher_location, split_teacher_spec
 
     try:
         check_device(config.device, "--device")
+        for spec in config.teacher_model or []:
+            check_teacher_location(*split_teacher_spec(spec))
         check_factory_kwargs(config.model, load_factory(config.model), config.model_kwargs)
         if is_rank_zero():  # rank 0 owns the directory (and may have written to it)
             check_output_dir(config)  # the run checks again under the directory's lock
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         args._parser.error(message(exc))
     setup_logging()
     run = train_student if student else train_teacher
     try:
         result = run(config)
-    except CONFIG_ERRORS as exc:
-        from kdkit.errors import InputError
-
-        print(f"{args._parser.prog}: error: {message(exc)}", file=sys.stderr)
-        return 2 if isinstance(exc, InputError) else 1  # bad input seen at the first step
+    except CONFIG_ERRORS as exc:  # InputError (bad input seen at the first step): exit 2
+        return report_run_error(args, exc)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items() if "/" not in k)
     state = "finished" if result.completed else f"stopped after epoch {len(result.history)}"
     if is_rank_zero():  # under torchrun only rank 0 reports

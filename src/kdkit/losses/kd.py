@@ -45,6 +45,7 @@ from kdkit._validation import (
     check_mask,
     check_non_negative,
     check_same_shape,
+    check_sparse_finite,
     check_sparse_options,
     check_sparse_teacher,
     compute_dtype,
@@ -257,7 +258,8 @@ def compute_confidence_weights(
 
     Raises:
         TypeError, ValueError: bad ``teacher_logits``, ``weighting`` or ``threshold``, or
-            teacher rows with NaN, +inf or no finite entry.
+            teacher rows with NaN, +inf or no finite entry (a sparse teacher: see
+            :func:`kdkit._validation.sparse.check_sparse_finite`).
 
     Example:
         >>> t = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
@@ -272,9 +274,8 @@ def compute_confidence_weights(
     check_choice("weighting", weighting, WEIGHTINGS)
     threshold = check_fraction("threshold", threshold)
 
-    if isinstance(
-        teacher_logits, SparseLogits
-    ):  # the top-1 stored probability; padding positions are left out
+    if isinstance(teacher_logits, SparseLogits):  # the top-1 stored probability; no padding
+        check_sparse_finite(teacher_logits)  # NaN or log q > 0 would give weights > 1
         confidence = sparse_confidence(teacher_logits, compute_dtype(teacher_logits.logprobs))
         weights = confidence_weights(confidence, weighting, threshold)
         real = teacher_logits.mask

@@ -239,6 +239,7 @@ def _open_teacher(
             f"cache {config.cache} holds {index.num_classes}-class logits but the student has "
             f"{num_classes} classes"
         )
+    _check_sparse_selection(config, index, names, live=not fuse)
     missing = index.missing_keys(list(keys))
     if missing:
         examples = ", ".join(repr(k) for k in missing[:5])
@@ -257,3 +258,49 @@ def _open_teacher(
         config.fusion_weights if several else None,
     )
     return TeacherSource(index, selected, strategy, None if weights is None else list(weights))
+
+
+def _check_sparse_selection(
+    config: TrainConfig, index: CacheIndex, names: Sequence[str], live: bool
+) -> None:
+    """A sparse cached teacher is used alone, unmixed, at its capture temperature.
+
+    Sparse teachers are never fused (with other cached or live teachers) and mixup mixes dense
+    logits; both are refused here, before any work, as is a KD temperature other than
+    the capture temperature (the classification loop has no ``retemper``).
+
+    Raises:
+        InputError: naming the cache, the teacher and what to change (CLI exit 2).
+    """
+    from kdkit._validation import check_capture_temperature
+    from kdkit.augment import Augmentation
+    from kdkit.errors import InputError
+
+    known = index.manifest["teachers"]
+    sparse = [n for n in names if n in known and index.is_sparse(n)]
+    if not sparse:
+        return
+    where = f"cache {config.cache} teacher {sparse[0]!r} is sparse (top-k)"
+    if live:
+        raise InputError(
+            f"{where}: sparse teachers cannot be fused, with a live teacher (--teacher_model) "
+            "either; use the sparse teacher alone, or dump the live teacher into the cache"
+        )
+    if len(names) > 1:
+        raise InputError(
+            f"{where}: sparse teachers cannot be fused (--teacher {','.join(names)}); choose "
+            "one teacher, or fuse dense teachers only"
+        )
+    if config.augment is not None and Augmentation(config.augment).has_mixup:
+        raise InputError(
+            f"{where}: --augment mixup mixes dense logits and cannot mix a sparse teacher; "
+            "drop mixup, or dump the teacher dense (without --top_k)"
+        )
+    capture = float(known[sparse[0]]["capture_temperature"])
+    try:
+        check_capture_temperature(capture, float(config.kd.temperature), False)
+    except ValueError:
+        raise InputError(
+            f"{where}, captured at temperature {capture!r}: train with --temperature "
+            f"{capture!r} (KD temperature {config.kd.temperature!r} given)"
+        ) from None

@@ -37,6 +37,7 @@ from kdkit.sparse import SparseLogits
 __all__ = [
     "LiveTeacher",
     "Teachers",
+    "check_teacher_location",
     "load_teacher_model",
     "open_live_teachers",
     "split_teacher_spec",
@@ -56,6 +57,15 @@ def split_teacher_spec(text: str) -> tuple[str, str]:
     if not sep or not name or not location:
         raise ValueError(f"expected NAME=RUN_DIR or NAME=WEIGHTS.safetensors, got {text!r}")
     return name, location
+
+
+def check_teacher_location(name: str, location: str | Path) -> None:
+    """``FileNotFoundError`` naming the teacher when ``location`` does not exist."""
+    if not Path(location).exists():
+        raise FileNotFoundError(
+            f"teacher {name}={location}: {location} does not exist (expected a kdkit "
+            "run directory or a .safetensors weights file)"
+        )
 
 
 def load_teacher_model(
@@ -87,11 +97,7 @@ def load_teacher_model(
     from kdkit.models import build_model, load_factory, resolve_model_kwargs
     from kdkit.train.checkpoints import load_model_from_run, load_weights
 
-    if not Path(location).exists():
-        raise FileNotFoundError(
-            f"teacher {name}={location}: {location} does not exist (expected a kdkit "
-            "run directory or a .safetensors weights file)"
-        )
+    check_teacher_location(name, location)
     if Path(location).is_dir():
         trust = trust_factories or ([factory] if factory else False)
         return load_model_from_run(location, which=checkpoint, trust_factories=trust)
