@@ -42,11 +42,12 @@ demo: install-demo
 test: install
 	$(PY) -m pytest
 
+# ruff (lint + format) and mypy over src/kdkit (config: [tool.mypy] in pyproject.toml).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
-# mypy over src/kdkit (config: [tool.mypy] in pyproject.toml); joins `lint` once clean.
 typecheck: install
 	$(VENV)/bin/mypy
 

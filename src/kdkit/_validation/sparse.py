@@ -180,7 +180,7 @@ def check_sparse_finite(teacher: SparseLogits, mask: torch.Tensor | None = None)
     some probability mass, indices distinct in ``[0, V)``, top-k + tail mass 1 within
     :func:`mass_tolerance`): ``check_finite``'s rule for sparse teachers (one host
     transfer); raise a one-line ``ValueError`` naming the field."""
-    real = teacher.mask if mask is None else teacher.mask & mask.to(torch.bool)  # type: ignore[operator]
+    real = teacher.mask if mask is None else teacher.mask & mask.to(torch.bool)
     problems = sparse_value_problems(
         teacher.indices,
         teacher.logprobs,

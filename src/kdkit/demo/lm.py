@@ -87,16 +87,16 @@ class LMDemoConfig:
 
     output_dir: str = "kdkit-lm-demo"
     quick: bool = False
-    seeds: int | None = None
+    seeds: int = None  # type: ignore[assignment]  # None: the default, set below
     progress: bool = True
-    corpus_chars: int | None = None
-    vocab_size: int | None = None
-    block: int | None = None
-    teacher_steps: int | None = None
-    student_steps: int | None = None
+    corpus_chars: int = None  # type: ignore[assignment]  # None: the default, set below
+    vocab_size: int = None  # type: ignore[assignment]  # None: the default, set below
+    block: int = None  # type: ignore[assignment]  # None: the default, set below
+    teacher_steps: int = None  # type: ignore[assignment]  # None: the default, set below
+    student_steps: int = None  # type: ignore[assignment]  # None: the default, set below
     temperature: float = 1.0
     kd_alpha: float = 0.8
-    workers: int | None = None
+    workers: int = None  # type: ignore[assignment]  # None: the default, set below
 
     def __post_init__(self) -> None:
         defaults = {
@@ -154,7 +154,9 @@ class _Curve:
             def __init__(self) -> None:
                 self.points: list[tuple[int, float]] = []
 
-            def on_step_end(self, args, state, control, model=None, **kwargs):
+            def on_step_end(
+                self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+            ) -> None:
                 if state.global_step % every == 0:
                     self.points.append(
                         (state.global_step, evaluate_lm(model, blocks)["perplexity"])
@@ -169,7 +171,9 @@ def _quiet_bar() -> Any:
     class QuietBar(ProgressCallback):
         """The Trainer's progress bar without its printed log dictionaries."""
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
+        ) -> None:
             return None
 
     return QuietBar

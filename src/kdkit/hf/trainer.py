@@ -329,9 +329,9 @@ class DistillationTrainer(transformers.Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         """Keep ``sample_id`` (cache keys) and ``prompt_length`` through the column filter."""
         super()._set_signature_columns_if_needed()
-        keep = ("sample_id", "prompt_length")
-        missing = [k for k in keep if k not in self._signature_columns]
-        self._signature_columns = [*self._signature_columns, *missing]
+        columns: list[str] = list(self.__dict__.get("_signature_columns") or [])
+        missing = [k for k in ("sample_id", "prompt_length") if k not in columns]
+        self._signature_columns = [*columns, *missing]
 
     # -- schedule and teacher ---------------------------------------------------------
 

@@ -216,7 +216,7 @@ class SparseTeacher:
         self.indices = teacher.indices.reshape(-1, k)
         self.logprobs = teacher.logprobs.detach().reshape(-1, k)
         self.tail = teacher.tail_logprob.detach().reshape(-1)
-        self.mask = teacher.mask.reshape(-1)  # type: ignore[union-attr]
+        self.mask = teacher.mask.reshape(-1)
 
     def chunk(self, start: int, stop: int, out: torch.Tensor) -> SparseLogits:
         t = self.teacher
