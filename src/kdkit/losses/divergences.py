@@ -52,10 +52,8 @@ def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     the backward pass.
     """
     p = log_p.exp()
-    support = p > 0
-    log_p = torch.where(support, log_p, 0.0)
-    log_q = torch.where(support, log_q, 0.0)
-    return (p * (log_p - log_q)).sum(dim=-1)
+    outside = p == 0  # masked_fill: cheaper than torch.where with a scalar on small inputs
+    return (p * (log_p.masked_fill(outside, 0.0) - log_q.masked_fill(outside, 0.0))).sum(dim=-1)
 
 
 def per_position_divergence(
@@ -64,16 +62,21 @@ def per_position_divergence(
     temperature: float,
     loss_type: str,
     jsd_beta: float = 0.5,
+    *,
+    scaled: bool = True,
 ) -> torch.Tensor:
     """``T**2 * D`` for every position with the plain autograd formula: ``[..., C] -> [...]``.
 
     ``student`` and ``teacher`` are already in the compute dtype and the teacher is
     detached.  Terms where the first argument's probability is exactly zero contribute
     zero.  ``'jsd'`` at ``jsd_beta`` 0 and 1 is exactly ``'kldiv'`` and ``'reverse_kl'``.
+    ``scaled=False`` returns ``D`` itself, for a caller that applies ``T**2`` after its
+    reduction (one op on a scalar instead of one per position).
     """
     log_ps = F.log_softmax(student / temperature, dim=-1)
     log_pt = F.log_softmax(teacher / temperature, dim=-1)
-    return log_prob_divergence(log_ps, log_pt, loss_type, jsd_beta) * (temperature * temperature)
+    value = log_prob_divergence(log_ps, log_pt, loss_type, jsd_beta)
+    return value * (temperature * temperature) if scaled else value
 
 
 def log_prob_divergence(
@@ -90,7 +93,7 @@ def log_prob_divergence(
         return kl(log_ps, log_pt)
     if loss_type == "soft_ce":
         pt = log_pt.exp()
-        return -(pt * torch.where(pt > 0, log_ps, 0.0)).sum(dim=-1)
+        return -(pt * log_ps.masked_fill(pt == 0, 0.0)).sum(dim=-1)
     # jsd, 0 < beta < 1: log m = logsumexp(log beta + log p_t, log(1 - beta) + log p_s)
     # Where both are -inf (class masked in both) m = 0 and both KL terms are masked;
     # 0 there keeps logaddexp's gradient from becoming NaN.
@@ -129,12 +132,15 @@ def divergence(
     implementation: str,
     *,
     chunk_elements: int | None = None,
+    scaled: bool = True,
 ) -> torch.Tensor:
     """Per-position divergence ``[..., C] -> [...]`` by the fused or the plain path.
 
     Takes the logits in their own dtypes (the fused path never makes a full-size cast)
     and returns the compute dtype.  The teacher is detached here.  ``chunk_elements``
     sets the fused path's chunk size (default: sized by :mod:`kdkit.losses.fused`).
+    ``scaled=False`` leaves ``T**2`` out on the plain path (the fused path always
+    includes it; see :func:`use_fused`).
     """
     dtype = compute_dtype(student_logits, teacher_logits, temperature=temperature)
     teacher = teacher_logits.detach()
@@ -149,31 +155,40 @@ def divergence(
             chunk_elements=chunk_elements,
         )
     return per_position_divergence(
-        student_logits.to(dtype), teacher.to(dtype), temperature, loss_type, jsd_beta
+        student_logits.to(dtype), teacher.to(dtype), temperature, loss_type, jsd_beta, scaled=scaled
     )
 
 
 def reduce(
-    per_position: torch.Tensor, reduction: str, mask: torch.Tensor | None = None
+    per_position: torch.Tensor,
+    reduction: str,
+    mask: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """Apply ``reduction`` to per-position losses ``[B, ...]``; empty input gives 0.
 
     With a boolean ``mask`` of valid positions, invalid positions count as exact zeros
     (also in the gradient) and ``'mean'`` divides by the number of valid positions.
+    ``scale`` multiplies the result (``reduce(x, r, m, c) == c * reduce(x, r, m)`` up to
+    rounding); it is folded into the division by the count where there is one, so that a
+    ``T**2`` factor costs no op per position.
     """
     if mask is not None:
         per_position = torch.where(mask, per_position, 0.0)
     if reduction == "none":
-        return per_position
+        return per_position * scale if scale != 1.0 else per_position
     total = per_position.sum()
     if reduction == "sum":
-        return total
+        return total * scale if scale != 1.0 else total
     if reduction == "batchmean":
         count = per_position.shape[0] if per_position.ndim > 0 else 1
     elif mask is not None:  # mean over the valid positions, without a host transfer
-        return total / mask.sum().clamp_min(1).to(total.dtype)
+        mean = total / mask.sum().clamp_min(1).to(total.dtype)
+        return mean * scale if scale != 1.0 else mean
     else:  # mean over every position
         count = per_position.numel()
+    if scale != 1.0:
+        return total * (scale / max(count, 1))
     return total / max(count, 1)
 
 
@@ -190,7 +205,12 @@ def divergence_loss(
     implementation: str,
     chunk_elements: int | None = None,
 ) -> torch.Tensor:
-    """:func:`kdkit.losses.kd.kd_loss` on validated arguments (see its documentation)."""
+    """:func:`kdkit.losses.kd.kd_loss` on validated arguments (see its documentation).
+
+    On the plain path ``T**2`` is applied after the reduction (:func:`reduce`'s
+    ``scale``): one op on a scalar instead of one per position and autograd node.
+    """
+    fused = use_fused(student_logits, loss_type, implementation)
     per_position = divergence(
         student_logits,
         teacher_logits,
@@ -199,18 +219,27 @@ def divergence_loss(
         jsd_beta,
         implementation,
         chunk_elements=chunk_elements,
+        scaled=fused,
     )
+    loss = reduce(per_position, reduction, mask, 1.0 if fused else temperature * temperature)
     if check_finite:
         # On the plain path a NaN or +inf in either input row, or a row without a finite
         # entry, makes that row's divergence NaN (masked rows included: log_softmax
         # propagates it) and an infinite KD makes it +inf, so one check of the [...] values
         # stands for the [..., C] row checks, which then run only to name what is wrong.
-        # The fused kernels may skip a NaN entry in a row maximum: there the row checks
-        # always run.  Either way one device-to-host transfer.
-        fused = use_fused(student_logits, loss_type, implementation)
-        if fused or not bool(torch.isfinite(per_position.detach()).all()):
+        # Without a mask the reduced loss (a sum of the [...] values times a positive
+        # factor) is finite exactly when every value is, or overflowed, in which case the
+        # row checks run and find nothing: reading it is the whole check.  The fused
+        # kernels may skip a NaN entry in a row maximum: there the row checks always run.
+        # Either way one device-to-host transfer.
+        if fused:
+            suspect = True
+        elif mask is None and reduction != "none":
+            suspect = not math.isfinite(float(loss.detach()))
+        else:
+            suspect = not bool(torch.isfinite(per_position.detach()).all())
+        if suspect:
             _raise_for_non_finite(per_position, student_logits, teacher_logits, mask, loss_type)
-    loss = reduce(per_position, reduction, mask)
     return loss.to(result_dtype(student_logits, teacher_logits))
 
 
