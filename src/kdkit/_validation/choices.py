@@ -71,6 +71,9 @@ def is_real_number(value: object) -> bool:
 
 
 def _as_float(name: str, value: object) -> float:
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, without the ABC check (small inputs)
+        return float(cast(SupportsFloat, value))
     if isinstance(value, torch.Tensor) and value.requires_grad:
         raise TypeError(
             f"{name} is a tensor that requires grad, but kdkit uses it as a constant (a "

@@ -155,8 +155,18 @@ def divergence(
             chunk_elements=chunk_elements,
         )
     return per_position_divergence(
-        student_logits.to(dtype), teacher.to(dtype), temperature, loss_type, jsd_beta, scaled=scaled
+        _as_dtype(student_logits, dtype),
+        _as_dtype(teacher, dtype),
+        temperature,
+        loss_type,
+        jsd_beta,
+        scaled=scaled,
     )
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without the cost of the call when it is a no-op (small inputs)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def reduce(
@@ -240,7 +250,7 @@ def divergence_loss(
             suspect = not bool(torch.isfinite(per_position.detach()).all())
         if suspect:
             _raise_for_non_finite(per_position, student_logits, teacher_logits, mask, loss_type)
-    return loss.to(result_dtype(student_logits, teacher_logits))
+    return _as_dtype(loss, result_dtype(student_logits, teacher_logits))
 
 
 def _raise_for_non_finite(
