@@ -88,7 +88,8 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_check_finite_names_bad_rows_for_every_reduction(case, reduction, with_mask):
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_check_finite_names_bad_rows_for_every_reduction(case, reduction, with_mask, impl):
     which, value, message = BAD[case]
     student, teacher = _inputs(masked_classes=False)
     student, teacher = student.float(), teacher.float()
@@ -100,19 +101,33 @@ def test_check_finite_names_bad_rows_for_every_reduction(case, reduction, with_m
     # a mask that excludes the bad row: bad *inputs* still raise (rows of the logits)
     mask = (torch.arange(32) != 5) if with_mask else None
     with pytest.raises(ValueError, match=message):
-        kd_loss(student, teacher, 4.0, reduction=reduction, mask=mask)
+        kd_loss(student, teacher, 4.0, reduction=reduction, mask=mask, implementation=impl)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_check_finite_names_infinite_kd_for_every_reduction(reduction):
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_check_finite_names_infinite_kd_for_every_reduction(reduction, impl):
     student, teacher = _inputs(masked_classes=False)
     student[7, 2] = -math.inf  # the teacher has probability > 0 there: KL = +inf
+    student, teacher = student.float(), teacher.float()
     with pytest.raises(ValueError, match=r"infinite in 1 row\(s\).*7"):
-        kd_loss(student.float(), teacher.float(), 4.0, reduction=reduction)
+        kd_loss(student, teacher, 4.0, reduction=reduction, implementation=impl)
     # masked out, the infinite position reaches neither loss nor gradient: allowed
     mask = torch.arange(32) != 7
-    loss = kd_loss(student.float(), teacher.float(), 4.0, reduction=reduction, mask=mask)
+    loss = kd_loss(student, teacher, 4.0, reduction=reduction, mask=mask, implementation=impl)
     assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fused_probe_overflow_is_not_an_error(dtype):
+    # Row maxima near the dtype's largest value: their sum overflows, the row checks then
+    # run and clear it; the loss equals the reference.
+    big = torch.finfo(dtype).max / 2
+    student = torch.zeros(64, 5, dtype=dtype)
+    student[:, 0] = big
+    teacher = student.clone()
+    loss = kd_loss(student, teacher, 1.0, implementation="fused")
+    torch.testing.assert_close(loss, torch.zeros((), dtype=torch.float32))
 
 
 def test_overflowing_sum_of_finite_losses_is_not_an_error():

@@ -240,10 +240,11 @@ def divergence_loss(
         # Without a mask the reduced loss (a sum of the [...] values times a positive
         # factor) is finite exactly when every value is, or overflowed, in which case the
         # row checks run and find nothing: reading it is the whole check.  The fused
-        # kernels may skip a NaN entry in a row maximum: there the row checks always run.
-        # Either way one device-to-host transfer.
+        # kernels may skip a NaN entry in a row maximum, so there the inputs' row maxima
+        # are summed into the read (a bad row makes its maximum NaN or +-inf).  Either way
+        # one device-to-host transfer; the row checks run only on a non-finite read.
         if fused:
-            suspect = True
+            suspect = not math.isfinite(_fused_probe(student_logits, teacher_logits, loss))
         elif mask is None and reduction != "none":
             suspect = not math.isfinite(float(loss.detach()))
         else:
@@ -251,6 +252,16 @@ def divergence_loss(
         if suspect:
             _raise_for_non_finite(per_position, student_logits, teacher_logits, mask, loss_type)
     return _as_dtype(loss, result_dtype(student_logits, teacher_logits))
+
+
+def _fused_probe(student: torch.Tensor, teacher: torch.Tensor, loss: torch.Tensor) -> float:
+    """One number that is finite if no row of either input holds NaN or +inf or no finite
+    entry and the (reduced) loss is finite; a non-finite one can also be an overflow of
+    the sums, which the row checks then clear.  One device-to-host transfer."""
+    dtype = compute_dtype(student, teacher)
+    probe = student.detach().amax(dim=-1).sum(dtype=dtype)
+    probe = probe + teacher.detach().amax(dim=-1).sum(dtype=dtype)
+    return float(probe + loss.detach().sum(dtype=dtype))
 
 
 def _raise_for_non_finite(

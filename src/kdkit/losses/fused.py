@@ -159,8 +159,9 @@ def fused_divergence(
     need_grad = torch.is_grad_enabled() and student.requires_grad
     loss_type = kernels.canonical(loss_type, jsd_beta)
     num_classes = student.shape[-1]
-    flat_student = student.reshape(-1, num_classes)
-    flat_teacher = teacher.detach().reshape(-1, num_classes)
+    flat = student.ndim == 2  # no reshape calls for [N, C] (they cost on small inputs)
+    flat_student = student if flat else student.reshape(-1, num_classes)
+    flat_teacher = teacher.detach() if flat else teacher.detach().reshape(-1, num_classes)
     chosen = kernels.select_backend(
         flat_student, flat_teacher, dtype, backend, temperature=temperature
     )
@@ -179,4 +180,4 @@ def fused_divergence(
         need_grad,
         chosen,
     )
-    return per_row.reshape(student.shape[:-1])
+    return per_row if flat else per_row.reshape(student.shape[:-1])
