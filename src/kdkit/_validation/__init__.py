@@ -76,6 +76,7 @@ from kdkit._validation.sparse import (
 )
 from kdkit._validation.tensors import (
     FLOAT64_ABOVE_TEMPERATURE,
+    as_dtype,
     bad_rows,
     check_device,
     check_factory_kwargs,
@@ -103,6 +104,7 @@ __all__ = [
     "REDUCTIONS",
     "SPARSE_TAILS",
     "WEIGHTINGS",
+    "as_dtype",
     "bad_rows",
     "check_bool",
     "check_capture_temperature",

@@ -20,6 +20,7 @@ from kdkit._validation.choices import check_non_negative
 
 __all__ = [
     "FLOAT64_ABOVE_TEMPERATURE",
+    "as_dtype",
     "bad_rows",
     "check_device",
     "check_factory_kwargs",
@@ -180,6 +181,12 @@ def compute_dtype(*tensors: torch.Tensor, temperature: float | None = None) -> t
     if temperature is not None and temperature > FLOAT64_ABOVE_TEMPERATURE:
         return torch.float64
     return torch.float32
+
+
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, skipping the call when it would be a no-op (a few
+    microseconds each, which add up on small inputs)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def result_dtype(*tensors: torch.Tensor) -> torch.dtype:

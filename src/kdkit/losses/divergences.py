@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkit._validation import (
+    as_dtype,
     bad_rows,
     compute_dtype,
     raise_bad_rows,
@@ -155,18 +156,13 @@ def divergence(
             chunk_elements=chunk_elements,
         )
     return per_position_divergence(
-        _as_dtype(student_logits, dtype),
-        _as_dtype(teacher, dtype),
+        as_dtype(student_logits, dtype),
+        as_dtype(teacher, dtype),
         temperature,
         loss_type,
         jsd_beta,
         scaled=scaled,
     )
-
-
-def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor.to(dtype)`` without the cost of the call when it is a no-op (small inputs)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def reduce(
@@ -251,7 +247,7 @@ def divergence_loss(
             suspect = not bool(torch.isfinite(per_position.detach()).all())
         if suspect:
             _raise_for_non_finite(per_position, student_logits, teacher_logits, mask, loss_type)
-    return _as_dtype(loss, result_dtype(student_logits, teacher_logits))
+    return as_dtype(loss, result_dtype(student_logits, teacher_logits))
 
 
 def _fused_probe(student: torch.Tensor, teacher: torch.Tensor, loss: torch.Tensor) -> float:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkit._validation import (
+    as_dtype,
     bad_rows,
     check_sparse_options,
     check_student_loss_args,
@@ -206,7 +207,7 @@ def _teacher_selection(
         mask = teacher_logits.mask
         keep = mask if domain_mask is None else domain_mask & mask
         return teacher_logits, confidence, teacher_bad, keep
-    teacher = teacher_logits.detach().to(dtype)
+    teacher = as_dtype(teacher_logits.detach(), dtype)
     confidence = teacher_confidence(teacher)
     return teacher, confidence, bad_rows(teacher).any().to(dtype), domain_mask
 
@@ -241,7 +242,7 @@ def student_loss_terms(
         teacher_logits.logprobs if isinstance(teacher_logits, SparseLogits) else teacher_logits
     )
     dtype = compute_dtype(student_logits, teacher_values, temperature=config.temperature)
-    student = student_logits.to(dtype)
+    student = as_dtype(student_logits, dtype)
     valid = targets != ignore_index
     ce_sum, out_of_range = _cross_entropy_sum(student, targets, valid, ignore_index)
 
@@ -382,7 +383,7 @@ def finish_student_loss(
     kd = kd_mean(terms.kd_sum, terms.kd_weight_sum, alpha)
     coverage = terms.selected_count / count
     avg_confidence = terms.confidence_sum / count
-    total = combine(ce, kd, alpha).to(dtype)
+    total = as_dtype(combine(ce, kd, alpha), dtype)
     if tensor_stats:
         return total, stats_dict(
             total.detach(), ce.detach(), kd.detach(), coverage, avg_confidence, alpha
