@@ -74,8 +74,10 @@ def per_position_divergence(
     ``scaled=False`` returns ``D`` itself, for a caller that applies ``T**2`` after its
     reduction (one op on a scalar instead of one per position).
     """
-    log_ps = F.log_softmax(student / temperature, dim=-1)
-    log_pt = F.log_softmax(teacher / temperature, dim=-1)
+    if temperature != 1.0:  # x / 1 is exact: skip the op (and its autograd node) at T = 1
+        student, teacher = student / temperature, teacher / temperature
+    log_ps = F.log_softmax(student, dim=-1)
+    log_pt = F.log_softmax(teacher, dim=-1)
     value = log_prob_divergence(log_ps, log_pt, loss_type, jsd_beta)
     return value * (temperature * temperature) if scaled else value
 
