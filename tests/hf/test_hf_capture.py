@@ -104,3 +104,27 @@ def test_trainer_refuses_a_cache_of_other_data(tmp_path):
     cache = dump_lm_teacher(tiny_llama(3, seed=1), samples[:5], tmp_path / "c", top_k=4)
     with pytest.raises(ValueError, match="3 missing from the cache"):
         _cache_trainer(tmp_path, cache, 4, 1, KDLossConfig())
+
+
+def test_a_records_own_attention_mask_reaches_the_teacher(tmp_path, one_torch_thread):
+    """A left-padded record (its own zeros in ``attention_mask``) is captured as the live
+    teacher of the trainer sees it: with that mask, not with its pads attended (#22)."""
+    teacher = tiny_llama(2, seed=1).eval()
+    ids = [0, 0, 0, 5, 6, 7, 8]
+    own = [0, 0, 0, 1, 1, 1, 1]
+    samples = [
+        {"sample_id": "left", "input_ids": ids, "attention_mask": own},
+        {"sample_id": "plain", "input_ids": [9, 10, 11]},
+    ]
+    index = dump_lm_teacher(teacher, samples, tmp_path / "cache", dtype="float32")
+    cached = load_cached_logits(
+        [lm_cache_key(s["sample_id"], s["input_ids"]) for s in samples], index
+    )
+    with torch.no_grad():
+        live = teacher(input_ids=torch.tensor([ids]), attention_mask=torch.tensor([own])).logits[0]
+        attended = teacher(input_ids=torch.tensor([ids])).logits[0]
+        plain = teacher(input_ids=torch.tensor([[9, 10, 11]])).logits[0]
+    real = torch.tensor(own, dtype=torch.bool)
+    torch.testing.assert_close(cached[0, : len(ids)][real], live[real], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(live[real], attended[real], atol=1e-4)  # the mask matters here
+    torch.testing.assert_close(cached[1, :3], plain, rtol=1e-5, atol=1e-5)

@@ -65,8 +65,14 @@ class _Logits(nn.Module):
         self.model = model
         self.vocab_size = vocab_size
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids).logits  # causal: right padding is harmless
+    def forward(self, teacher_input: torch.Tensor) -> torch.Tensor:
+        """``teacher_input`` ``[B, L, 2]``: the token ids and the attention mask the teacher
+        sees (:func:`_collate`), as the trainer's live teacher sees them; ``[B, L]``: ids."""
+        if teacher_input.ndim == 3:
+            ids, mask = teacher_input[..., 0], teacher_input[..., 1]
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        else:
+            logits = self.model(input_ids=teacher_input).logits  # causal: right pads harmless
         if self.vocab_size is not None:
             logits = logits[..., : self.vocab_size]
         return logits.float()
@@ -76,12 +82,20 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     length = max(len(s["input_ids"]) for s in samples)
     ids = torch.zeros((len(samples), length), dtype=torch.long)
     mask = torch.zeros((len(samples), length), dtype=torch.long)
+    seen = torch.zeros((len(samples), length), dtype=torch.long)  # what the teacher attends
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         ids[i, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
-        mask[i, :n] = 1
+        mask[i, :n] = 1  # every token is stored (the trainer masks the record's pads itself)
+        own = s.get("attention_mask")
+        seen[i, :n] = 1 if own is None else torch.as_tensor(own, dtype=torch.long)
     keys = [lm_cache_key(s["sample_id"], s["input_ids"]) for s in samples]
-    return {"input_ids": ids, "attention_mask": mask, "key": keys}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "teacher_input": torch.stack([ids, seen], dim=-1),
+        "key": keys,
+    }
 
 
 def check_vocab_size(models: Mapping[str, nn.Module], vocab_size: int | None) -> dict[str, int]:
@@ -176,7 +190,7 @@ def dump_lm_teacher(
         {n: _Logits(m, vocab_size).to(device) for n, m in models.items()},
         loader,
         cache_dir,
-        input_key="input_ids",
+        input_key="teacher_input",
         key_field="key",
         top_k=top_k,
         dtype=dtype,
