@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -41,7 +42,13 @@ def test_lm_demo_tiny(tmp_path, one_torch_thread):
     assert -20 < result.teacher_metrics["teacher_loglik"] < 0
     report = result.report_path.read_text()
     assert "## Results" in report and "layer-dropped init + KD" in report
-    assert "on-policy KD (GKD)" in report and "teacher log-lik" in report
+    assert "KD, then on-policy KD (GKD)" in report and "teacher log-lik" in report
+    assert "KD (cross-tokenizer, map)" in report and "aligned coverage" in report
+    coverage = result.summary["KD (cross-tokenizer, map)"]["coverage"][0]
+    assert 0.2 < coverage < 1  # longer teacher tokens: some student targets unaligned
+    xtok = tmp_path / "lm" / "teacher-xtok"
+    assert (xtok / "config.json").is_file()
+    assert json.loads((xtok / "config.json").read_text())["vocab_size"] == 450  # 1.5 x 300
     for png in ("perplexity_curves.png", "kd_losses.png"):
         assert (tmp_path / "lm" / png).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "lm" / "teacher" / "config.json").is_file()
