@@ -42,7 +42,7 @@ __all__ = [
 ON_POLICY_CONDITION: str = "KD, then on-policy KD (GKD)"
 """The demo's on-policy condition (module docstring)."""
 
-KD_FRACTION: float = 0.5
+KD_FRACTION: float = 0.75
 """The share of the on-policy row's student steps trained off-policy first."""
 
 ON_POLICY_FRACTION: float = 0.5
