@@ -111,7 +111,7 @@ class LMDemoConfig:
             "vocab_size": (512, 2048),
             "block": (32, 64),
             "teacher_steps": (20, 400),
-            "student_steps": (12, 160),
+            "student_steps": (12, 140),
             "xtok_teacher_steps": (6, 80),
         }
         for name, (quick, full) in defaults.items():
@@ -569,9 +569,12 @@ def _results_lines(config: LMDemoConfig, table: str, summary: Summary) -> list[s
     init = summary["layer-dropped init + KD"]["perplexity"][0]
     ll = {c: summary[c]["teacher_loglik"][0] for c in ("CE only", "KD (live teacher)")}
     on, xt = summary[ON_POLICY_CONDITION], summary[CROSS_TOKENIZER_CONDITION]
+    on_ll, kd_ll = round(on["teacher_loglik"][0], 2), round(ll["KD (live teacher)"], 2)
     verdict = (
-        "beats" if on["perplexity"][0] < kd else "does not beat"
-    ) + f" off-policy KD on held-out perplexity ({on['perplexity'][0]:.2f} vs {kd:.2f})"
+        f"{'beats' if on['perplexity'][0] < kd else 'does not beat'} off-policy KD on "
+        f"held-out perplexity ({on['perplexity'][0]:.2f} vs {kd:.2f}), and its samples are "
+        f"{'more' if on_ll > kd_ll else 'not more'} teacher-like ({on_ll:.2f} vs {kd_ll:.2f})"
+    )
     return [
         *(quick_note("steps", "kdkit demo --lm") if config.quick else []),
         table,
