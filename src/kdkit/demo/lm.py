@@ -1,4 +1,4 @@
-"""The language-model demo (``kdkit demo --lm``): a tiny Llama teacher, students three ways.
+"""The language-model demo (``kdkit demo --lm``): a tiny Llama teacher, students seven ways.
 
 Pipeline (CPU, offline, nothing downloaded; ``transformers``, ``tokenizers`` and
 ``matplotlib`` from ``kdkit[hf]`` and ``kdkit[demo]``):
@@ -9,10 +9,14 @@ Pipeline (CPU, offline, nothing downloaded; ``transformers``, ``tokenizers`` and
 3. Blocks of ``block`` tokens; the teacher (a randomly initialised Llama-style model) is
    trained with CE on all training blocks; the students see only the first quarter of
    them (the regime where a teacher trained on more data has something to give).
-4. The same small student (the teacher's width, half its layers) trained six ways,
-   each over several seeds: CE only (``transformers.Trainer``); KD from the live teacher
-   (:class:`~kdkit.hf.DistillationTrainer`); on-policy KD (:mod:`kdkit.demo.lm_on_policy`);
-   KD from the teacher's top-8 and top-64 caches; the teacher's layers 0, 2, ... as the
+   A second tokenizer (1.5x the vocabulary) and the teacher rebuilt for it, trained
+   briefly (:mod:`kdkit.demo.lm_cross_tokenizer`).
+4. The same small student (the teacher's width, half its layers) trained seven ways
+   (:func:`kdkit.demo.lm_train.train_run`), each over several seeds: CE only
+   (``transformers.Trainer``); KD from the live teacher
+   (:class:`~kdkit.hf.DistillationTrainer`); KD then on-policy KD
+   (:mod:`kdkit.demo.lm_on_policy`); cross-tokenizer KD from the second teacher; KD from
+   the teacher's top-8 and top-64 caches; the teacher's layers 0, 2, ... as the
    initialisation (:func:`~kdkit.hf.student_from_teacher`) + KD.
 5. Held-out perplexity, next-token accuracy and the teacher's log-likelihood of each
    model's samples (mean ± std over seeds, last step; no model selection), ``report.md``.
