@@ -3,7 +3,7 @@
 The demo's students train on the first quarter of the train blocks; the validation split
 here is the train blocks they never see (the rest of the train files), never the held-out
 files of the demo's report.  Each candidate ``(KD_FRACTION, lambda)`` trains the demo's
-student (full settings, seed 0) and reports validation perplexity and the teacher's
+student (full settings but ``--steps``, default 160 as in docs/decisions.md; seed 0) and reports validation perplexity and the teacher's
 log-likelihood of its samples on validation prompts; ``KD_FRACTION = 1`` is the plain KD
 row.  Needs a finished demo directory (its ``teacher/``)::
 
@@ -20,7 +20,7 @@ from pathlib import Path
 CANDIDATES = ((1.0, 0.5), (0.5, 0.5), (0.75, 0.5), (0.5, 1.0))
 
 
-def _run(job: tuple[str, float, float]) -> dict:
+def _run(job: tuple[str, float, float, int]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
@@ -32,7 +32,7 @@ def _run(job: tuple[str, float, float]) -> dict:
 
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
-    out, fraction, lam = Path(job[0]), job[1], job[2]
+    out, fraction, lam, steps = Path(job[0]), job[1], job[2], job[3]
     lop.KD_FRACTION, lop.ON_POLICY_FRACTION = fraction, lam
     config = LMDemoConfig(output_dir=str(out / "schedule"), progress=False, workers=1)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "teacher")
@@ -44,7 +44,7 @@ def _run(job: tuple[str, float, float]) -> dict:
     student = demo_llama(len(tokenizer), 2, config.block, seed=0)
     metrics, _, _, _ = train_run(
         lop.ON_POLICY_CONDITION, student, teacher, students, validation, config,
-        config.student_steps, 0, out / "schedule" / f"f{fraction}-l{lam}", tokenizer,
+        steps, 0, out / "schedule" / f"f{fraction}-l{lam}", tokenizer,
     )  # fmt: skip
     loglik = lop.teacher_loglik_of_samples(student, teacher, validation, config.block, 0)
     return {"kd_fraction": fraction, "lambda": lam, **metrics, "teacher_loglik": loglik}
@@ -54,8 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demo_dir")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=160, help="student steps (docs: 160)")
     args = parser.parse_args()
-    jobs = [(args.demo_dir, f, lam) for f, lam in CANDIDATES]
+    jobs = [(args.demo_dir, f, lam, args.steps) for f, lam in CANDIDATES]
     with ProcessPoolExecutor(args.workers) as pool:
         for row in pool.map(_run, jobs):
             print(json.dumps(row))
