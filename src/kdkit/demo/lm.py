@@ -1,4 +1,4 @@
-"""The language-model demo (``kdkit demo --lm``): a tiny Llama teacher, students three ways.
+"""The language-model demo (``kdkit demo --lm``): a tiny Llama teacher, students seven ways.
 
 Pipeline (CPU, offline, nothing downloaded; ``transformers``, ``tokenizers`` and
 ``matplotlib`` from ``kdkit[hf]`` and ``kdkit[demo]``):
@@ -9,10 +9,14 @@ Pipeline (CPU, offline, nothing downloaded; ``transformers``, ``tokenizers`` and
 3. Blocks of ``block`` tokens; the teacher (a randomly initialised Llama-style model) is
    trained with CE on all training blocks; the students see only the first quarter of
    them (the regime where a teacher trained on more data has something to give).
-4. The same small student (the teacher's width, half its layers) trained six ways,
-   each over several seeds: CE only (``transformers.Trainer``); KD from the live teacher
-   (:class:`~kdkit.hf.DistillationTrainer`); on-policy KD (:mod:`kdkit.demo.lm_on_policy`);
-   KD from the teacher's top-8 and top-64 caches; the teacher's layers 0, 2, ... as the
+   A second tokenizer (1.5x the vocabulary) and the teacher rebuilt for it, trained
+   briefly (:mod:`kdkit.demo.lm_cross_tokenizer`).
+4. The same small student (the teacher's width, half its layers) trained seven ways
+   (:func:`kdkit.demo.lm_train.train_run`), each over several seeds: CE only
+   (``transformers.Trainer``); KD from the live teacher
+   (:class:`~kdkit.hf.DistillationTrainer`); KD then on-policy KD
+   (:mod:`kdkit.demo.lm_on_policy`); cross-tokenizer KD from the second teacher; KD from
+   the teacher's top-8 and top-64 caches; the teacher's layers 0, 2, ... as the
    initialisation (:func:`~kdkit.hf.student_from_teacher`) + KD.
 5. Held-out perplexity, next-token accuracy and the teacher's log-likelihood of each
    model's samples (mean ± std over seeds, last step; no model selection), ``report.md``.
@@ -35,12 +39,16 @@ import numpy as np
 import torch
 
 from kdkit._extras import require_installed
-from kdkit.demo.lm_data import blocks_of, demo_llama, evaluate_lm, stdlib_corpus, train_tokenizer
-from kdkit.demo.lm_on_policy import (
-    ON_POLICY_CONDITION,
-    on_policy_trainer,
-    teacher_loglik_of_samples,
+from kdkit.demo.lm_cross_tokenizer import (
+    CROSS_TOKENIZER_CONDITION,
+    XTOK_DIR,
+    XTOK_VOCAB_SCALE,
+    cross_teacher_model,
+    mean_coverage,
 )
+from kdkit.demo.lm_data import blocks_of, demo_llama, stdlib_corpus, train_tokenizer
+from kdkit.demo.lm_on_policy import KD_FRACTION, ON_POLICY_CONDITION, teacher_loglik_of_samples
+from kdkit.demo.lm_train import train_run
 from kdkit.demo.report import (
     Summary,
     bash_block,
@@ -73,6 +81,7 @@ LM_CONDITIONS: tuple[str, ...] = (
     "CE only",
     "KD (live teacher)",
     ON_POLICY_CONDITION,
+    CROSS_TOKENIZER_CONDITION,
     *(f"KD (top-{k} cache)" for k in CACHE_KS),
     "layer-dropped init + KD",
 )
@@ -94,6 +103,7 @@ class LMDemoConfig:
     block: int = None  # type: ignore[assignment]  # None: the default, set below
     teacher_steps: int = None  # type: ignore[assignment]  # None: the default, set below
     student_steps: int = None  # type: ignore[assignment]  # None: the default, set below
+    xtok_teacher_steps: int = None  # type: ignore[assignment]  # None: the default, set below
     temperature: float = 1.0
     kd_alpha: float = 0.8
     workers: int = None  # type: ignore[assignment]  # None: the default, set below
@@ -105,7 +115,8 @@ class LMDemoConfig:
             "vocab_size": (512, 2048),
             "block": (32, 64),
             "teacher_steps": (20, 400),
-            "student_steps": (12, 160),
+            "student_steps": (12, 140),
+            "xtok_teacher_steps": (6, 80),
         }
         for name, (quick, full) in defaults.items():
             if getattr(self, name) is None:
@@ -140,116 +151,7 @@ def check_lm_demo_extras() -> None:
         require_installed(module, extra, "kdkit demo --lm")
 
 
-# --- training ------------------------------------------------------------------------------
-
-
-class _Curve:
-    """A TrainerCallback factory recording held-out perplexity every ``every`` steps."""
-
-    @staticmethod
-    def make(blocks: list[dict[str, Any]], every: int) -> Any:
-        from transformers import TrainerCallback
-
-        class Curve(TrainerCallback):
-            def __init__(self) -> None:
-                self.points: list[tuple[int, float]] = []
-
-            def on_step_end(
-                self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
-            ) -> None:
-                if state.global_step % every == 0:
-                    self.points.append(
-                        (state.global_step, evaluate_lm(model, blocks)["perplexity"])
-                    )
-
-        return Curve()
-
-
-def _quiet_bar() -> Any:
-    from transformers.trainer_callback import ProgressCallback
-
-    class QuietBar(ProgressCallback):
-        """The Trainer's progress bar without its printed log dictionaries."""
-
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
-        ) -> None:
-            return None
-
-    return QuietBar
-
-
-def _train(
-    condition: str,
-    student: Any,
-    teacher: Any,
-    data: list[dict[str, Any]],
-    held_out: list[dict[str, Any]],
-    config: LMDemoConfig,
-    steps: int,
-    seed: int,
-    out: Path,
-    tokenizer: Any,
-) -> tuple[dict[str, float], list[tuple[int, float]], list[dict[str, Any]], str]:
-    """Train one model; return its held-out metrics, perplexity curve, training logs and
-    a one-line summary of the run."""
-    from transformers import Trainer, TrainingArguments
-
-    from kdkit.hf import CausalLMCollator, DistillationTrainer
-    from kdkit.losses.kd import KDLossConfig
-
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=16,
-        max_steps=steps,
-        learning_rate=3e-3,
-        warmup_steps=max(1, steps // 10),
-        lr_scheduler_type="cosine",
-        weight_decay=0.01,
-        use_cpu=True,
-        report_to=[],
-        logging_steps=max(1, steps // 20),
-        save_strategy="no",
-        seed=seed,
-        disable_tqdm=not config.progress,
-        dataloader_pin_memory=False,
-    )
-    curve = _Curve.make(held_out[:32] if config.quick else held_out, max(1, steps // 6))
-    common = dict(
-        train_dataset=data,
-        data_collator=CausalLMCollator(tokenizer.pad_token_id),
-        callbacks=[curve],
-    )
-    if condition == ON_POLICY_CONDITION:
-        trainer = on_policy_trainer(student, args, teacher, data, config, tokenizer, [curve])
-    elif teacher is None:
-        trainer = Trainer(student, args, **common)
-    elif isinstance(teacher, (str, Path)):  # a top-k cache of dump_lm_teacher
-        kd = KDLossConfig(temperature=config.temperature, kd_alpha=config.kd_alpha)
-        common["data_collator"] = CausalLMCollator(tokenizer.pad_token_id, cache_keys=True)
-        trainer = DistillationTrainer(
-            student, args, teacher_cache=teacher, kd_config=kd, processing_class=tokenizer, **common
-        )
-    else:
-        kd = KDLossConfig(temperature=config.temperature, kd_alpha=config.kd_alpha)
-        trainer = DistillationTrainer(
-            student, args, teacher=teacher, kd_config=kd, processing_class=tokenizer, **common
-        )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    # One line per run here, not one per log: no printer, and a bar that prints no logs.
-    trainer.remove_callback(PrinterCallback)
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_quiet_bar())
-    began = time.perf_counter()
-    trainer.train()
-    metrics = evaluate_lm(student, held_out)
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    line = (
-        f"{condition:<24} seed {seed}: held-out perplexity {metrics['perplexity']:.2f}, "
-        f"accuracy {metrics['accuracy']:.3f} ({time.perf_counter() - began:.1f} s)"
-    )
-    return metrics, curve.points, logs, line
+# --- the student runs ---------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +167,7 @@ class _StudentJob:
 
 
 def _run_student(job: _StudentJob) -> tuple[Any, ...]:
-    """Train the student of ``job`` (in this process or a worker): ``_train``'s result.
+    """Train the student of ``job`` (in this process or a worker): ``train_run``'s result.
 
     Everything comes from the files the demo wrote (the teacher and its tokenizer in
     ``teacher/``, the caches) and the seeds, so a run gives the same numbers in any process.
@@ -288,8 +190,11 @@ def _run_student(job: _StudentJob) -> tuple[Any, ...]:
     for k in CACHE_KS:
         if condition == f"KD (top-{k} cache)":
             teacher = out / f"cache-top{k}"
+    if condition == CROSS_TOKENIZER_CONDITION:
+        xtok = AutoModelForCausalLM.from_pretrained(out / XTOK_DIR, local_files_only=True)
+        teacher = (xtok.eval(), PreTrainedTokenizerFast.from_pretrained(out / XTOK_DIR))
     slug = condition.lower().replace(" ", "-").replace("(", "").replace(")", "")
-    result = _train(
+    result = train_run(
         condition,
         student,
         teacher,
@@ -303,6 +208,8 @@ def _run_student(job: _StudentJob) -> tuple[Any, ...]:
     )
     loglik = teacher_loglik_of_samples(student, scorer, job.held_out, config.block, job.seed)
     result[0]["teacher_loglik"] = loglik
+    if condition == CROSS_TOKENIZER_CONDITION:
+        result[0]["coverage"] = mean_coverage(result[2])
     return result
 
 
@@ -330,6 +237,7 @@ class _Corpus:
     """Step 1: the tokenizer and the token blocks of the demo."""
 
     tokenizer: Any
+    texts: tuple[list[str], list[str]]  # train and held-out files
     train_files: int
     held_files: int
     train_blocks: list[dict[str, Any]]
@@ -344,6 +252,7 @@ def _corpus(config: LMDemoConfig, out: Path) -> _Corpus:
     train_blocks = blocks_of(train_texts, tokenizer, config.block)
     corpus = _Corpus(
         tokenizer,
+        (train_texts, held_texts),
         len(train_texts),
         len(held_texts),
         train_blocks,
@@ -370,7 +279,7 @@ def _teacher(
     """Step 2: the teacher trained with CE on all blocks, saved to ``out/teacher`` with the
     tokenizer; the teacher (in eval mode), its held-out metrics and perplexity curve."""
     teacher = demo_llama(len(corpus.tokenizer), 4, config.block, seed=1000)
-    metrics, curve, _, line = _train(
+    metrics, curve, _, line = train_run(
         "teacher",
         teacher,
         None,
@@ -390,6 +299,35 @@ def _teacher(
     corpus.tokenizer.save_pretrained(out / "teacher")
     teacher.eval()
     return teacher, metrics, curve
+
+
+def _xtok_teacher(config: LMDemoConfig, out: Path, corpus: _Corpus, teacher: Any) -> dict:
+    """Step 2b (:mod:`kdkit.demo.lm_cross_tokenizer`): the second tokenizer and the teacher
+    rebuilt for it, trained briefly with CE and saved to ``out/teacher-xtok``; its facts."""
+    train_texts, held_texts = corpus.texts
+    vocab = round(XTOK_VOCAB_SCALE * config.vocab_size)
+    tokenizer = train_tokenizer(train_texts, vocab, out / XTOK_DIR)
+    model = demo_llama(len(tokenizer), 4, config.block, seed=2000)
+    copied = cross_teacher_model(teacher, corpus.tokenizer, tokenizer, model)
+    held_out = blocks_of(held_texts, tokenizer, config.block)[:128]
+    metrics, _, _, line = train_run(
+        "teacher (other tokenizer)",
+        model,
+        None,
+        blocks_of(train_texts, tokenizer, config.block),
+        held_out,
+        config,
+        config.xtok_teacher_steps,
+        2000,
+        out / "runs" / "teacher-xtok",
+        tokenizer,
+    )
+    logger.info("%s (its own tokens; %d embedding rows copied)", line, copied)
+    model.save_pretrained(out / XTOK_DIR)
+    chars = sum(len(tokenizer.decode(b["input_ids"])) for b in held_out)
+    tokens = sum(len(b["input_ids"]) for b in held_out)
+    return {"vocab": len(tokenizer), "copied_rows": copied, "chars_per_token": chars / tokens,
+            "perplexity": metrics["perplexity"]}  # fmt: skip
 
 
 def _caches(teacher: Any, corpus: _Corpus, out: Path) -> dict[int, float]:
@@ -468,13 +406,14 @@ def run_lm_demo(config: LMDemoConfig | None = None) -> LMDemoResult:
     with _one_quiet_thread():
         corpus = _corpus(config, out)
         teacher, teacher_metrics, teacher_curve = _teacher(config, out, corpus)
+        xtok = _xtok_teacher(config, out, corpus, teacher)
         cache_bytes = _caches(teacher, corpus, out)
         students = _students(config, out, corpus)
     summary = summarize(students.finals)
     table = format_lm_table(summary, teacher_metrics, config.seeds)
     plots = _plots(out, students, teacher_curve)
     wall = time.perf_counter() - start
-    facts = _facts(corpus, cache_bytes)
+    facts = {**_facts(corpus, cache_bytes), "xtok_teacher": xtok}
     table += (
         "\n\nTeacher cache, bytes per token (float16 top-k + tail): "
         + ", ".join(f"top-{k}: {v:.0f}" for k, v in cache_bytes.items())
@@ -593,6 +532,7 @@ def _report(
 
 
 def _setup_lines(config: LMDemoConfig, facts: dict[str, Any]) -> list[str]:
+    x = facts["xtok_teacher"]
     return [
         f"* Corpus: the standard library's top-level `.py` files ({facts['train_files']} "
         f"train files, {facts['held_files']} held-out files: every 10th), byte-level BPE "
@@ -611,10 +551,19 @@ def _setup_lines(config: LMDemoConfig, facts: dict[str, Any]) -> list[str]:
         + " log-probabilities (float16, plus the tail mass) per token of the students' "
         "blocks (`kdkit.hf.dump_lm_teacher`), read back as `SparseLogits` "
         "(`DistillationTrainer(teacher_cache=...)`, `sparse_tail='bucket'`).",
-        f"* {ON_POLICY_CONDITION}: blocks split into prompt (first half) and completion; "
-        "per step, with probability 0.5, the student samples the completions (T = 1, KV "
-        "cache) and the live teacher scores them (`DistillationTrainer(on_policy=...)`); "
-        "JSD (beta 0.5), kd_alpha = 1, as TRL's GKD.",
+        f"* {ON_POLICY_CONDITION}: the first {KD_FRACTION:.0%} of the student steps are "
+        "the KD row's recipe; the rest (same AdamW, one cosine schedule) split each block "
+        "into prompt (first half) and completion; per step, with probability 0.5, the "
+        "student samples the completions (T = 1, KV cache) and the live teacher scores them "
+        "(`DistillationTrainer(on_policy=...)`); JSD (beta 0.5), kd_alpha = 1, as TRL's GKD.",
+        f"* {CROSS_TOKENIZER_CONDITION}: a second byte-level BPE tokenizer trained on the "
+        f"same train files ({x['vocab']} tokens, {x['chars_per_token']:.2f} characters per "
+        "held-out token); its teacher is the teacher's layers with the embedding rows of the "
+        f"{x['copied_rows']} tokens both vocabularies spell alike, trained "
+        f"{config.xtok_teacher_steps} CE steps (held-out perplexity {x['perplexity']:.1f} "
+        "over its own tokens); the student distils it through "
+        "`DistillationTrainer(teacher_tokenizer=..., cross_tokenizer_loss='map')` (KD on "
+        "positions aligned by character offsets, over the shared vocabulary).",
     ]
 
 
@@ -623,7 +572,13 @@ def _results_lines(config: LMDemoConfig, table: str, summary: Summary) -> list[s
     kd = summary["KD (live teacher)"]["perplexity"][0]
     init = summary["layer-dropped init + KD"]["perplexity"][0]
     ll = {c: summary[c]["teacher_loglik"][0] for c in ("CE only", "KD (live teacher)")}
-    on = summary[ON_POLICY_CONDITION]
+    on, xt = summary[ON_POLICY_CONDITION], summary[CROSS_TOKENIZER_CONDITION]
+    on_ll, kd_ll = round(on["teacher_loglik"][0], 2), round(ll["KD (live teacher)"], 2)
+    verdict = (
+        f"{'beats' if on['perplexity'][0] < kd else 'does not beat'} off-policy KD on "
+        f"held-out perplexity ({on['perplexity'][0]:.2f} vs {kd:.2f}), and its samples are "
+        f"{'more' if on_ll > kd_ll else 'not more'} teacher-like ({on_ll:.2f} vs {kd_ll:.2f})"
+    )
     return [
         *(quick_note("steps", "kdkit demo --lm") if config.quick else []),
         table,
@@ -633,7 +588,10 @@ def _results_lines(config: LMDemoConfig, table: str, summary: Summary) -> list[s
         f"({100 * (init / ce - 1):+.1f} %). {ON_POLICY_CONDITION}: perplexity "
         f"{on['perplexity'][0]:.2f}, teacher log-likelihood of its samples "
         f"{on['teacher_loglik'][0]:.2f} nats/token (CE only {ll['CE only']:.2f}, KD "
-        f"{ll['KD (live teacher)']:.2f}).",
+        f"{ll['KD (live teacher)']:.2f}); it {verdict}. {CROSS_TOKENIZER_CONDITION}: "
+        f"perplexity {xt['perplexity'][0]:.2f} ({100 * (xt['perplexity'][0] / ce - 1):+.1f} "
+        f"% vs CE only), aligned coverage {100 * xt['coverage'][0]:.1f} % of the student's "
+        "target tokens (the trainer's logged `coverage`).",
     ]
 
 
