@@ -31,7 +31,7 @@ import csv
 import io
 import json
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ __all__ = [
     "ArrayDataset",
     "ManifestDataset",
     "ManifestRecord",
+    "jsonl_objects",
     "manifest_lines",
     "read_manifest",
     "write_manifest",
@@ -102,6 +103,30 @@ def read_manifest(path: str | Path) -> list[ManifestRecord]:
     return [record for _, record in manifest_lines(path)]
 
 
+def jsonl_objects(path: str | Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """The JSON objects of a JSONL file as ``(line number, "path:line", object)``.
+
+    Blank lines are skipped; a UTF-8 BOM is accepted.  The one reader of kdkit's JSONL
+    files (manifests, LM data, prompts), so every one names the file and line alike.
+
+    Raises:
+        ValueError: a line that is not UTF-8, not valid JSON or not a JSON object (named
+            ``path:line``).
+    """
+    path = Path(path)
+    for number, line in enumerate(_manifest_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+        yield number, where, row
+
+
 def _manifest_text(path: Path) -> str:
     """The manifest's text (a UTF-8 BOM is accepted); a non-UTF-8 byte names its line."""
     data = path.read_bytes()
@@ -110,8 +135,7 @@ def _manifest_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ValueError(
-            f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); save the manifest "
-            "as UTF-8"
+            f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); save the file as UTF-8"
         ) from None
 
 
@@ -123,16 +147,7 @@ def manifest_lines(path: str | Path) -> list[tuple[int, ManifestRecord]]:
     suffix = path.suffix.lower()
     records: list[tuple[int, ManifestRecord]] = []
     if suffix in (".jsonl", ".json", ".ndjson"):
-        for number, line in enumerate(_manifest_text(path).split("\n"), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: each line must be a JSON object")
+        for number, where, row in jsonl_objects(path):
             records.append((number, _record(row, where)))
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(_manifest_text(path), newline=""))

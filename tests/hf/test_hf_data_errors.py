@@ -71,3 +71,31 @@ def test_one_token_records_warn_once_with_the_count(tmp_path):
     with pytest.warns(UserWarning, match="2 one-token record") as record:
         load_lm_data(path)
     assert len(record) == 1
+
+
+@pytest.mark.parametrize("loader", ["lm", "prompts"])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (
+            b'{"input_ids": [1, 2], "prompt_length": 1}\n\xff\xfe\n',
+            r"train\.jsonl:2: not UTF-8 text",
+        ),
+        (
+            b'{"input_ids": [1, 2], "prompt_length": 1}\n[1, 2]\n',
+            r"train\.jsonl:2: each line must be a JSON object",
+        ),
+        (b'{"input_ids": [1, 2], "prompt_length": 1}\n{bad\n', r"train\.jsonl:2: not valid JSON"),
+    ],
+)
+def test_jsonl_errors_name_the_file_and_line_in_both_loaders(tmp_path, loader, content, expected):
+    """LM data and prompt files share the core JSONL reader (kdkit.data.jsonl_objects):
+    a non-UTF-8 line is one line naming file and line, not a raw codec error."""
+    from kdkit.hf import load_lm_data
+    from kdkit.hf.on_policy_data import load_prompt_data
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    load = load_lm_data if loader == "lm" else load_prompt_data
+    with pytest.raises(ValueError, match=expected):
+        load(path, None)

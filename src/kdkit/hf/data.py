@@ -11,13 +11,14 @@ Sequences longer than ``max_length`` are split into consecutive blocks (ids
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from kdkit.data import jsonl_objects
 
 __all__ = ["CausalLMCollator", "check_token_ids", "load_lm_data"]
 
@@ -45,34 +46,24 @@ def load_lm_data(
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
     samples: list[dict[str, Any]] = []
     short = untargeted = records = 0
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            ids = _record_ids(record, tokenizer, where)
-            if not ids:
-                raise ValueError(f"{where}: empty token sequence (a record needs >= 1 token)")
-            sample_id = str(record.get("id", number))
-            extra = _record_extras(record, len(ids), where)
-            step = max_length or max(len(ids), 1)
-            starts = range(0, len(ids), step)
-            blocks = []
-            for b, i in enumerate(starts):
-                suffix = f"#{b}" if len(starts) > 1 else ""
-                sample = {"input_ids": ids[i : i + step], "sample_id": sample_id + suffix}
-                sample.update({k: v[i : i + step] for k, v in extra.items()})
-                blocks.append(sample)
-            records += 1
-            short += len(ids) == 1
-            untargeted += len(ids) > 1 and not any(map(_has_target, blocks))
-            samples.extend(blocks)
+    for number, where, record in jsonl_objects(path):
+        ids = _record_ids(record, tokenizer, where)
+        if not ids:
+            raise ValueError(f"{where}: empty token sequence (a record needs >= 1 token)")
+        sample_id = str(record.get("id", number))
+        extra = _record_extras(record, len(ids), where)
+        step = max_length or max(len(ids), 1)
+        starts = range(0, len(ids), step)
+        blocks = []
+        for b, i in enumerate(starts):
+            suffix = f"#{b}" if len(starts) > 1 else ""
+            sample = {"input_ids": ids[i : i + step], "sample_id": sample_id + suffix}
+            sample.update({k: v[i : i + step] for k, v in extra.items()})
+            blocks.append(sample)
+        records += 1
+        short += len(ids) == 1
+        untargeted += len(ids) > 1 and not any(map(_has_target, blocks))
+        samples.extend(blocks)
     if not samples:
         raise ValueError(f"data file {str(path)!r} holds no samples")
     if short + untargeted == records:

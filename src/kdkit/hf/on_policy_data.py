@@ -14,13 +14,13 @@ generation (:mod:`kdkit.hf.on_policy`).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, TypeGuard
 
 import torch
 
+from kdkit.data import jsonl_objects
 from kdkit.hf.data import CausalLMCollator
 
 __all__ = ["PromptCollator", "check_prompt_dataset", "load_prompt_data", "prompt_record"]
@@ -41,25 +41,15 @@ def load_prompt_data(
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     samples: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            sample = prompt_record(record, tokenizer, where)
-            if max_length is not None and len(sample["input_ids"]) > max_length:
-                raise ValueError(
-                    f"{where}: prompt + completion have {len(sample['input_ids'])} tokens, "
-                    f"more than max_length {max_length}"
-                )
-            sample["sample_id"] = str(record.get("id", number))
-            samples.append(sample)
+    for number, where, record in jsonl_objects(path):
+        sample = prompt_record(record, tokenizer, where)
+        if max_length is not None and len(sample["input_ids"]) > max_length:
+            raise ValueError(
+                f"{where}: prompt + completion have {len(sample['input_ids'])} tokens, "
+                f"more than max_length {max_length}"
+            )
+        sample["sample_id"] = str(record.get("id", number))
+        samples.append(sample)
     if not samples:
         raise ValueError(f"data file {str(path)!r} holds no samples")
     return samples
