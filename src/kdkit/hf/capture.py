@@ -28,6 +28,7 @@ __all__ = [
     "dump_lm_teacher",
     "input_ids_fingerprint",
     "lm_cache_key",
+    "open_lm_cache",
 ]
 
 logger = logging.getLogger("kdkit.hf")
@@ -277,3 +278,34 @@ def check_lm_cache(index: Any, samples: Sequence[dict[str, Any]]) -> None:
             f"{len(samples)} samples, {' and '.join(parts)}; dump the teacher on this data "
             "with the same --max_length (kdkit dump-teacher --data, or kdkit.hf.dump_lm_teacher)"
         )
+
+
+def open_lm_cache(
+    teacher_cache: Any, cache_teacher: str | None, dataset: Any = None
+) -> tuple[Any, str | None]:
+    """The trainer's teacher cache (a path or an open ``CacheIndex``; ``None``: no cache)
+    and the name of its teacher to distil from: ``cache_teacher``, or the cache's only
+    one.  With a ``dataset``, every sample must be cached for its tokens
+    (:func:`check_lm_cache`).
+
+    Raises:
+        ValueError: ``cache_teacher`` not among the cache's teachers (or not given for a
+            cache of several); samples missing or cached for other tokens.
+    """
+    from kdkit.cache import load_cache_index
+
+    if teacher_cache is None:
+        return None, cache_teacher
+    has_index = hasattr(teacher_cache, "teacher_num_classes")  # already a CacheIndex
+    index = teacher_cache if has_index else load_cache_index(teacher_cache)
+    names = index.teachers
+    if cache_teacher is None and len(names) == 1:
+        cache_teacher = names[0]
+    elif cache_teacher not in names:
+        raise ValueError(
+            f"cache_teacher must be one of the cache's teachers {list(names)}, "
+            f"got {cache_teacher!r}"
+        )
+    if dataset is not None:
+        check_lm_cache(index, dataset)
+    return index, cache_teacher

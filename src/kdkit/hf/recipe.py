@@ -247,7 +247,7 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
     from kdkit._extras import require
 
     transformers = require("transformers", "hf", "kdkit distill-lm")
-    from kdkit.hf.data import CausalLMCollator, check_token_ids
+    from kdkit.hf.data import CausalLMCollator
     from kdkit.hf.loading import load_causal_lm
     from kdkit.hf.on_policy_data import PromptCollator
     from kdkit.hf.trainer import DistillationTrainer
@@ -268,16 +268,7 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
         )
     student = _load_student(config, teacher)
     _check_vocabularies(config, tokenizer, teacher, student)
-    cross = config.cross_tokenizer_loss is not None or config.teacher_tokenizer is not None
-    # the data's ids are the student's tokens (cross-tokenizer: the teacher re-tokenises)
-    models = [student] if teacher is None or cross else [student, teacher]
-    rows = min(m.get_input_embeddings().num_embeddings for m in models)
-    for flag, path, data in (
-        ("--data", config.data, train_data),
-        ("--eval_data", config.eval_data, eval_data),
-    ):
-        if data is not None:
-            check_token_ids(data, rows, f"{flag} {path}", "model input embeddings")
+    _check_data_ids(config, student, teacher, train_data, eval_data)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad = pad if pad is not None else (student.config.pad_token_id or 0)
     out = Path(config.output_dir)
@@ -315,6 +306,24 @@ def distill_lm(config: LMDistillConfig) -> LMDistillResult:
         trainer.save_model(str(out))
         write_settings(settings, out)
     return LMDistillResult(out, metrics, trainer)
+
+
+def _check_data_ids(
+    config: LMDistillConfig, student: Any, teacher: Any, train_data: Any, eval_data: Any
+) -> None:
+    """The data's token ids fit the models' input embeddings (the student's alone in
+    cross-tokenizer mode, where the teacher re-tokenises the text)."""
+    from kdkit.hf.data import check_token_ids
+
+    cross = config.cross_tokenizer_loss is not None or config.teacher_tokenizer is not None
+    models = [student] if teacher is None or cross else [student, teacher]
+    rows = min(m.get_input_embeddings().num_embeddings for m in models)
+    for flag, path, data in (
+        ("--data", config.data, train_data),
+        ("--eval_data", config.eval_data, eval_data),
+    ):
+        if data is not None:
+            check_token_ids(data, rows, f"{flag} {path}", "model input embeddings")
 
 
 def _check_vocabularies(

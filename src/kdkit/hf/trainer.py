@@ -241,14 +241,12 @@ class DistillationTrainer(transformers.Trainer):
         self.ignore_index = ignore_index
         self.sparse_tail = sparse_tail
         self.retemper = retemper
-        self.cache: Any = None if teacher_cache is None else self._open_cache(teacher_cache)
-        self.cache_teacher = cache_teacher
-        if self.cache is not None:
-            self.cache_teacher = self._cache_teacher_name(cache_teacher)
-            if self.train_dataset is not None:
-                from kdkit.hf.capture import check_lm_cache
+        from kdkit.hf.capture import open_lm_cache
 
-                check_lm_cache(self.cache, self.train_dataset)
+        self.cache: Any
+        self.cache, self.cache_teacher = open_lm_cache(
+            teacher_cache, cache_teacher, self.train_dataset
+        )
         from kdkit.hf.fingerprint import check_cache_tokenizer, cross_tokenizer_setup
 
         check_cache_tokenizer(self.cache, self.processing_class, cross_tokenizer_loss)
@@ -286,26 +284,6 @@ class DistillationTrainer(transformers.Trainer):
         self._alpha = 0.0
         self.on_policy = on_policy
         self.completion_source = "data"  # the last step's: 'data', 'student' or 'teacher'
-
-    @staticmethod
-    def _open_cache(teacher_cache: Any) -> Any:
-        from kdkit.cache import load_cache_index
-
-        if hasattr(teacher_cache, "teacher_num_classes"):  # already a CacheIndex
-            return teacher_cache
-        return load_cache_index(teacher_cache)
-
-    def _cache_teacher_name(self, cache_teacher: str | None) -> str:
-        """The cache's teacher to distil from: the one named, or its only one."""
-        names = self.cache.teachers
-        if cache_teacher is None and len(names) == 1:
-            return names[0]
-        if cache_teacher not in names:
-            raise ValueError(
-                f"cache_teacher must be one of the cache's teachers {list(names)}, "
-                f"got {cache_teacher!r}"
-            )
-        return cast(str, cache_teacher)
 
     def _check_top_k_cache(self) -> None:
         """Before training: the loss's own sparse checks (same messages), and a top-k
