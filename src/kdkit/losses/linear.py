@@ -76,6 +76,7 @@ from kdkit._validation import (
 )
 from kdkit.losses.divergences import reduce
 from kdkit.losses.linear_front import (
+    PreparedInputs,
     apply_pass,
     linear_teacher_confidence,
     plan_chunks,
@@ -250,20 +251,35 @@ def linear_kd_loss(
     plan = plan_chunks(prep, temperature, loss_type, jsd_beta, kd=True)
     kd_rows, _, _, bad_s, bad_t = apply_pass(prep, plan, coef)
     if check_finite:
-        infinite = torch.isinf(kd_rows.detach())
-        if flat_mask is not None:
-            infinite = infinite & flat_mask
-        # the stored log-probs are not checked; positions it lacks are
-        if isinstance(teacher, SparseLogits):
-            uncovered = (mask & ~teacher.mask) if mask is not None else torch.zeros_like(bad_t)
-            bad_t = uncovered.reshape(-1)
-        flags = torch.stack([bad_s.any(), bad_t.any(), infinite.any()]).tolist()
-        if flags[0]:
-            raise_flagged_rows(student_name(prep), bad_s)
-        if flags[1] and isinstance(teacher, SparseLogits) and mask is not None:  # 0 without a mask
-            raise_uncovered(mask, teacher)
-        if flags[1]:
-            raise_flagged_rows(prep.teacher.name, bad_t)  # type: ignore[attr-defined]
-        if flags[2]:
-            raise_infinite_kd(infinite, loss_type)
+        _raise_non_finite(prep, teacher, mask, flat_mask, kd_rows, bad_s, bad_t, loss_type)
     return reduced(kd_rows, kd_rows).to(prep.result_dtype)
+
+
+def _raise_non_finite(
+    prep: PreparedInputs,
+    teacher: torch.Tensor | SparseLogits,
+    mask: torch.Tensor | None,
+    flat_mask: torch.Tensor | None,
+    kd_rows: torch.Tensor,
+    bad_s: torch.Tensor,
+    bad_t: torch.Tensor,
+    loss_type: str,
+) -> None:
+    """``check_finite`` of :func:`linear_kd_loss` after the pass (one host transfer):
+    non-finite student or teacher rows, positions a sparse teacher lacks, infinite KD."""
+    infinite = torch.isinf(kd_rows.detach())
+    if flat_mask is not None:
+        infinite = infinite & flat_mask
+    # the stored log-probs are not checked; positions it lacks are
+    if isinstance(teacher, SparseLogits):
+        uncovered = (mask & ~teacher.mask) if mask is not None else torch.zeros_like(bad_t)
+        bad_t = uncovered.reshape(-1)
+    flags = torch.stack([bad_s.any(), bad_t.any(), infinite.any()]).tolist()
+    if flags[0]:
+        raise_flagged_rows(student_name(prep), bad_s)
+    if flags[1] and isinstance(teacher, SparseLogits) and mask is not None:  # 0 without a mask
+        raise_uncovered(mask, teacher)
+    if flags[1]:
+        raise_flagged_rows(prep.teacher.name, bad_t)  # type: ignore[attr-defined]
+    if flags[2]:
+        raise_infinite_kd(infinite, loss_type)
