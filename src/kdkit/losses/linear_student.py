@@ -478,17 +478,33 @@ def _student_terms(
         infinite=infinite,
     )
 
+    raise_flags = _flag_raiser(setup, out_of_range, valid, bad_s, bad_t, infinite)
+    return terms, raise_flags, total(kd_rows, ce_rows)
+
+
+def _flag_raiser(
+    setup: _StudentSetup,
+    out_of_range: torch.Tensor,
+    valid: torch.Tensor,
+    bad_s: torch.Tensor,
+    bad_t: torch.Tensor,
+    infinite: torch.Tensor | None,
+) -> Callable[[Any], None]:
+    """The ``raise_flags`` of :func:`_student_terms`: given the (all-reduced) flags of
+    :class:`StudentLossTerms`, raise the first problem with the rows that have it."""
+    prep, targets, config, _, _, ignore_index = setup
+
     def raise_flags(flags: Any) -> None:
         if flags[0]:
             raise_out_of_range_targets(targets, out_of_range, prep.vocab, ignore_index)
         if flags[1]:
             raise_flagged_rows(student_name(prep), bad_s)
-        if flags[2] and sparse:
+        if flags[2] and isinstance(prep.teacher, SparseTeacher):
             batch_valid = valid.reshape(prep.batch_shape)
-            raise_uncovered(batch_valid, prep.teacher.teacher)  # type: ignore[attr-defined]
+            raise_uncovered(batch_valid, prep.teacher.teacher)
         if flags[2]:
             raise_flagged_rows(prep.teacher.name, bad_t)  # type: ignore[attr-defined]
         if flags[3] and infinite is not None:
             raise_infinite_kd(infinite, config.loss_type)
 
-    return terms, raise_flags, total(kd_rows, ce_rows)
+    return raise_flags
