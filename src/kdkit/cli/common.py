@@ -23,6 +23,7 @@ __all__ = [
     "Parser",
     "choice",
     "debugging",
+    "extra_missing",
     "floats",
     "ints",
     "is_rank_zero",
@@ -43,6 +44,20 @@ CONFIG_ERRORS: tuple[type[Exception], ...] = (
     ImportError,
 )
 """Errors of bad settings or input: a command reports them as one line (exit 2)."""
+
+
+def extra_missing(modules: Sequence[str], extra: str, feature: str) -> bool:
+    """Whether one of ``modules`` is not installed; if so, the one-line ``pip install``
+    advice is printed to stderr (the command then exits 1 before any work)."""
+    from kdkit._extras import require_installed
+
+    try:
+        for module in modules:
+            require_installed(module, extra, feature)
+    except ImportError as exc:
+        print(message(exc), file=sys.stderr)
+        return True
+    return False
 
 
 def message(exc: BaseException) -> str:

@@ -20,7 +20,14 @@ import os
 import sys
 from typing import Any
 
-from kdkit.cli.common import CONFIG_ERRORS, debugging, is_rank_zero, message, setup_logging
+from kdkit.cli.common import (
+    CONFIG_ERRORS,
+    debugging,
+    extra_missing,
+    is_rank_zero,
+    message,
+    setup_logging,
+)
 from kdkit.cli.flags import add_flags, config_flags, train_flags
 
 __all__ = ["add_subcommand", "build_config"]
@@ -180,13 +187,7 @@ def build_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_distill_lm(args: argparse.Namespace) -> int:
-    from kdkit._extras import require_installed
-
-    try:
-        for module in HF_MODULES:
-            require_installed(module, "hf", "kdkit distill-lm")
-    except ImportError as exc:
-        print(message(exc), file=sys.stderr)
+    if extra_missing(HF_MODULES, "hf", "kdkit distill-lm"):
         return 1
     try:
         config = build_config(args)

@@ -26,6 +26,7 @@ from typing import Any
 from kdkit.cli.common import (
     CONFIG_ERRORS,
     capture_temperature_option,
+    extra_missing,
     is_rank_zero,
     message,
     report_run_error,
@@ -88,13 +89,7 @@ def _load_teachers(
 
 def cmd_dump_lm(args: argparse.Namespace) -> int:
     """The body of ``kdkit dump-teacher --data`` (see the module docstring)."""
-    from kdkit._extras import require_installed
-
-    try:
-        for module in _MODULES:
-            require_installed(module, "hf", "kdkit dump-teacher --data")
-    except ImportError as exc:
-        print(message(exc), file=sys.stderr)
+    if extra_missing(_MODULES, "hf", "kdkit dump-teacher --data"):
         return 1
     try:
         flags = _checked_flags(args)
