@@ -26,11 +26,9 @@ The loss is ``reverse_kl`` at ``T = 1`` with ``kd_alpha = 1`` (GKD's setting) in
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -45,8 +43,9 @@ def _records(n: int, prompt: int, new: int, vocab: int) -> list[dict]:
 
 
 def _step_times(row: str, args: argparse.Namespace, out: str) -> list[float]:
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
 
+    from bench_hf_step import step_timer
     from kdkit.demo.lm_data import demo_llama
     from kdkit.hf import DistillationTrainer, OnPolicyConfig, PromptCollator
     from kdkit.losses.kd import KDLossConfig
@@ -69,12 +68,7 @@ def _step_times(row: str, args: argparse.Namespace, out: str) -> list[float]:
             return generate(*a, **{**k, "use_cache": False})
 
         student.generate = no_cache
-    stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            stamps.append(time.perf_counter())
-
+    clock = step_timer()  # the step times of bench_hf_step (end of one step to the next)
     trainer = DistillationTrainer(
         student,
         TrainingArguments(
@@ -93,10 +87,10 @@ def _step_times(row: str, args: argparse.Namespace, out: str) -> list[float]:
         train_dataset=_records(args.batch * (args.steps + 1), args.prompt, args.new, args.vocab),
         data_collator=PromptCollator(0),
         on_policy=policy,
-        callbacks=[Clock()],
+        callbacks=[clock],
     )
     trainer.train()
-    return [b - a for a, b in itertools.pairwise(stamps)]
+    return clock.times
 
 
 def main() -> None:
