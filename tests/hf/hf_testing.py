@@ -110,3 +110,25 @@ def tiny_gemma2(layers: int = 2, vocab: int = VOCAB, hidden: int = 16, seed: int
 def tiny_cohere(layers: int = 2, vocab: int = VOCAB, hidden: int = 16, seed: int = 0):
     """Cohere: its forward multiplies the logits by ``logit_scale``."""
     return _tiny_decoder("Cohere", layers, vocab, hidden, seed, logit_scale=3.0)
+
+
+def training_args(tmp_path, batch: int, accumulation: int = 1, **kwargs):
+    """The tests' ``TrainingArguments``: one CPU step, no reporters, no checkpoints, seed 0
+    (``kwargs`` override)."""
+    from transformers import TrainingArguments
+
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(kwargs)
+    return TrainingArguments(**values)

@@ -9,8 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_testing import grad_grab, lm_samples, tiny_llama
-from transformers import TrainingArguments
+from hf_testing import grad_grab, lm_samples, tiny_llama, training_args
 
 from kdkit.hf import (
     CausalLMCollator,
@@ -41,22 +40,9 @@ def prompt_samples(n: int = 8) -> list[dict]:
 
 
 def _args(tmp_path, batch, accumulation=1, **kwargs):
-    values = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        learning_rate=1e-3,
-        use_cpu=True,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        train_sampling_strategy="sequential",
+    return training_args(
+        tmp_path, batch, accumulation, **{"train_sampling_strategy": "sequential", **kwargs}
     )
-    values.update(kwargs)
-    return TrainingArguments(**values)
 
 
 def _trainer(tmp_path, batch=4, accumulation=1, on_policy=None, config=None, data=None, **kw):

@@ -9,29 +9,20 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_testing import VOCAB, grad_grab, lm_samples, reference_grads, tiny_gpt2, tiny_llama
-from transformers import TrainingArguments
+from hf_testing import (
+    VOCAB,
+    grad_grab,
+    lm_samples,
+    reference_grads,
+    tiny_gpt2,
+    tiny_llama,
+    training_args,
+)
 
 from kdkit.hf import LOG_KEYS, CausalLMCollator, DistillationTrainer
 from kdkit.losses.kd import KDLossConfig
 
-
-def _args(tmp_path, batch: int, accumulation: int = 1, **kwargs) -> TrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        learning_rate=1e-3,
-        use_cpu=True,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
-    values.update(kwargs)
-    return TrainingArguments(**values)
+_args = training_args
 
 
 def _train(tmp_path, batch, accumulation, config, make=tiny_llama, args=None, **kwargs):
