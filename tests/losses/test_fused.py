@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kdkit import KDLossConfig, compute_student_loss, kd_loss
-from kdkit.losses import divergences
+from kdkit.losses import divergences, small_batch
 from kdkit.losses.divergences import divergence_loss
 from kdkit.losses.fused import fused_divergence
 from kdkit.losses.student_terms import StudentLossInputs, checked_kd_weight, student_loss
@@ -535,7 +535,9 @@ def test_student_loss_host_transfers(count_transfers, implementation, domain):
         student, teacher, targets, config, 1, mask, implementation=implementation
     )
     loss.backward()
-    assert count_transfers["n"] == 1
+    # the one-call small-batch pass (CPU, native) reads its values through ctypes: none
+    small = implementation == "auto" and small_batch.applies(student, teacher, 4.0, "auto")
+    assert count_transfers["n"] == (0 if small else 1)
     count_transfers["n"] = 0
     loss, stats = compute_student_loss(
         student,

@@ -27,7 +27,9 @@ from kdkit._validation import (
     raise_infinite_kd,
     result_dtype,
 )
-from kdkit.losses.fused import FUSED_LOSS_TYPES, fused_divergence
+from kdkit.losses import small_batch
+from kdkit.losses.fused import FUSED_LOSS_TYPES, FUSED_MIN_ELEMENTS, fused_divergence
+from kdkit.losses.kernels import is_compiling
 
 __all__ = [
     "FUSED_MIN_ELEMENTS",
@@ -39,10 +41,6 @@ __all__ = [
     "reduce",
     "use_fused",
 ]
-
-FUSED_MIN_ELEMENTS: int = 1 << 15
-"""``'auto'`` uses the fused path from this many logits on (below it the plain path's
-few large kernels beat the per-chunk overhead)."""
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -108,14 +106,6 @@ def log_prob_divergence(
     return jsd_beta * kl(log_pt, log_m) + (1.0 - jsd_beta) * kl(log_ps, log_m)
 
 
-def _is_compiling() -> bool:
-    """True while torch.compile traces (``torch.compiler.is_compiling`` needs torch >= 2.3)."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    if is_compiling is None:  # torch 2.1/2.2
-        return bool(torch._dynamo.is_compiling())
-    return bool(is_compiling())
-
-
 def use_fused(student: torch.Tensor, loss_type: str, implementation: str) -> bool:
     """Whether :func:`divergence` takes the fused path for these inputs."""
     if implementation == "reference" or loss_type not in FUSED_LOSS_TYPES:
@@ -123,7 +113,7 @@ def use_fused(student: torch.Tensor, loss_type: str, implementation: str) -> boo
     if implementation == "fused":
         return True
     # auto: the plain path is faster on tiny inputs, and torch.compile fuses it itself.
-    return student.numel() >= FUSED_MIN_ELEMENTS and not _is_compiling()
+    return student.numel() >= FUSED_MIN_ELEMENTS and not is_compiling()
 
 
 def divergence(
@@ -216,8 +206,18 @@ def divergence_loss(
     """:func:`kdkit.losses.kd.kd_loss` on validated arguments (see its documentation).
 
     On the plain path ``T**2`` is applied after the reduction (:func:`reduce`'s
-    ``scale``): one op on a scalar instead of one per position and autograd node.
+    ``scale``): one op on a scalar instead of one per position and autograd node.  Small
+    inputs under ``'auto'`` take the one-call pass of :mod:`kdkit.losses.small_batch`
+    where it applies (:func:`_small_batch_loss`).
     """
+    if reduction != "none" and small_batch.applies(
+        student_logits, teacher_logits, temperature, implementation
+    ):
+        done = _small_batch_loss(
+            student_logits, teacher_logits, temperature, loss_type, reduction, mask, jsd_beta
+        )
+        if done is not None:
+            return done
     fused = use_fused(student_logits, loss_type, implementation)
     per_position = divergence(
         student_logits,
@@ -250,6 +250,55 @@ def divergence_loss(
         if suspect:
             _raise_for_non_finite(per_position, student_logits, teacher_logits, mask, loss_type)
     return as_dtype(loss, result_dtype(student_logits, teacher_logits))
+
+
+def _small_batch_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    loss_type: str,
+    reduction: str,
+    mask: torch.Tensor | None,
+    jsd_beta: float,
+) -> torch.Tensor | None:
+    """``kd_loss`` by the small-batch pass: alpha 1, no targets, weight 1 on the mask and
+    the reduction's divisor as ``W``; ``None`` where a check failed or the loss is not
+    finite (the caller then takes the plain path, which raises the named error)."""
+    if reduction == "batchmean":
+        divisor: float | None = float(max(student.shape[0], 1))
+    elif reduction == "sum":
+        divisor = 1.0
+    elif mask is None:  # mean over every position
+        divisor = float(max(student.numel() // student.shape[-1], 1))
+    else:  # mean over the valid positions: W = their number (0 gives an exact 0)
+        divisor = None
+
+    def reference(s: torch.Tensor) -> torch.Tensor:
+        return divergence_loss(
+            s,
+            teacher,
+            temperature,
+            loss_type,
+            reduction,
+            check_finite=False,
+            mask=mask,
+            jsd_beta=jsd_beta,
+            implementation="reference",
+        )
+
+    done = small_batch.batch_loss(
+        student,
+        teacher,
+        None,
+        mask,
+        temperature=temperature,
+        loss_type=loss_type,
+        beta=jsd_beta,
+        alpha=1.0,
+        normaliser=None if divisor is None else (0.0, divisor),
+        reference=reference,
+    )
+    return None if done is None else done[0]
 
 
 def _fused_probe(student: torch.Tensor, teacher: torch.Tensor, loss: torch.Tensor) -> float:

@@ -33,7 +33,18 @@ import torch
 from kdkit.losses import kernels
 from kdkit.losses.kernels import native, torch_ops
 
-__all__ = ["FUSED_LOSS_TYPES", "FusedDivergence", "chunk_elements_for", "fused_divergence"]
+__all__ = [
+    "FUSED_LOSS_TYPES",
+    "FUSED_MIN_ELEMENTS",
+    "FusedDivergence",
+    "chunk_elements_for",
+    "fused_divergence",
+]
+
+FUSED_MIN_ELEMENTS: int = 1 << 15
+"""``'auto'`` uses the fused path from this many logits on; below it the plain path, or
+the one-call pass of :mod:`kdkit.losses.small_batch` where that applies (per-call
+overhead, not arithmetic, is what small inputs cost)."""
 
 FUSED_LOSS_TYPES: tuple[str, ...] = ("kldiv", "soft_ce", "reverse_kl", "jsd")
 """Loss types with a fused implementation (every kdkit divergence)."""

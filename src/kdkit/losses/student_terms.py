@@ -40,6 +40,7 @@ from kdkit._validation import (
     raise_out_of_range_targets,
     result_dtype,
 )
+from kdkit.losses import small_batch
 from kdkit.losses.divergences import divergence
 from kdkit.losses.sparse import raise_uncovered, sparse_confidence, sparse_divergence
 from kdkit.sparse import SparseLogits
@@ -57,6 +58,7 @@ __all__ = [
     "kd_weight_schedule",
     "normaliser_counts",
     "raise_for_flags",
+    "small_batch_student_loss",
     "stats_dict",
     "student_loss",
     "student_loss_terms",
@@ -351,7 +353,15 @@ def student_loss(
     tensor_stats: bool,
     chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``compute_student_loss`` on validated ``inputs``, with ``alpha`` already scheduled."""
+    """``compute_student_loss`` on validated ``inputs``, with ``alpha`` already scheduled.
+
+    Small dense batches under ``'auto'`` take the one-call pass of
+    :mod:`kdkit.losses.small_batch` (:func:`small_batch_student_loss`) where it applies.
+    """
+    if not tensor_stats and chunk_elements is None:
+        done = small_batch_student_loss(inputs, alpha)
+        if done is not None:
+            return done[0], done[1]
     terms = student_loss_terms(inputs, alpha, chunk_elements=chunk_elements)
     return finish_student_loss(
         terms,
@@ -360,6 +370,62 @@ def student_loss(
         lambda flags: raise_for_flags(flags, terms, inputs),
         tensor_stats=tensor_stats,
     )
+
+
+def small_batch_student_loss(
+    inputs: StudentLossInputs,
+    alpha: float,
+    normaliser: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any], list[float]] | None:
+    """``(loss, stats, values)`` of one batch by :mod:`kdkit.losses.small_batch`, or
+    ``None`` where it does not apply, a value check failed or the loss is not finite
+    (the torch path then gives the result or the named error).
+
+    ``normaliser``: ``[N, W, ...]``, the counts of a whole accumulation step (a float64
+    CPU tensor, read by the kernel; default: the batch's own); ``values``: :data:`kdkit.losses.kernels.native.BATCH_VALUES` as floats.  The
+    loss and stats are those of :func:`student_loss` (the ``'ce_loss'`` ... stats of the
+    batch itself, over its own counts).
+    """
+    student, teacher, targets, config, domain_mask, ignore_index, implementation = inputs[:7]
+    temperature = float(config.temperature)
+    if not isinstance(teacher, torch.Tensor) or not small_batch.applies(
+        student, teacher, temperature, implementation
+    ):
+        return None
+
+    def reference(s: torch.Tensor) -> torch.Tensor:
+        terms = student_loss_terms(
+            inputs._replace(student_logits=s, implementation="reference"), alpha
+        )
+        if normaliser is None:
+            return finish_student_loss(
+                terms, alpha, s.dtype, lambda flags: None, tensor_stats=True
+            )[0]
+        counts = normaliser.to(terms.ce_sum.dtype)
+        kd = kd_mean(terms.kd_sum, counts[1], alpha)
+        return combine(terms.ce_sum / counts[0].clamp_min(1), kd, alpha)
+
+    done = small_batch.batch_loss(
+        student,
+        teacher,  # a dense tensor (small_batch.applies)
+        targets,
+        domain_mask,
+        temperature=temperature,
+        loss_type=config.loss_type,
+        beta=float(config.jsd_beta),
+        alpha=alpha,
+        weighting=config.kd_weighting,
+        threshold=float(config.confidence_threshold),
+        ignore_index=ignore_index,
+        normaliser=normaliser,
+        reference=reference,
+    )
+    if done is None:
+        return None
+    loss, values = done
+    total, ce, kd, coverage, avg_confidence = small_batch.batch_means(values, alpha, student.dtype)
+    raise_infinite_ce(ce, alpha)
+    return loss, stats_dict(total, ce, kd, coverage, avg_confidence, alpha), values
 
 
 def teacher_values(teacher: Any) -> torch.Tensor:

@@ -61,6 +61,7 @@ from kdkit.losses.student_terms import (
     kd_mean,
     normaliser_counts,
     raise_for_flags,
+    small_batch_student_loss,
     stats_dict,
     student_loss_terms,
     teacher_values,
@@ -166,7 +167,7 @@ class StepTotals:
         self.alpha = 0.0
         self.scale = float(dist.get_world_size()) if is_distributed() else 1.0
         self._sums: torch.Tensor | None = None
-        self._checked: list[tuple[StudentLossTerms, StudentLossInputs]] = []
+        self._checked: list[tuple[StudentLossTerms | None, StudentLossInputs]] = []
 
     def _counts(
         self, valid_count: torch.Tensor, kd_weight_sum: torch.Tensor, mb: MicroBatch
@@ -212,30 +213,13 @@ class StepTotals:
                 logits, mb.teacher_logits, mb.targets, self.kd, mb.domain_mask, IGNORE_INDEX, "auto"
             )
             self.alpha = checked_kd_weight(inputs, self.kd_epoch, KDLossConfig)
-            terms = student_loss_terms(inputs, self.alpha)
-            if mix is not None:  # the CE of the partners' targets (alpha 0: no divergence)
-                partner = student_loss_terms(inputs._replace(targets=mb.targets[mix.index]), 0.0)
-                ce_sum = mix.lam * terms.ce_sum + (1.0 - mix.lam) * partner.ce_sum
-                terms = terms._replace(ce_sum=ce_sum)
-            normaliser = self._counts(terms.valid_count, terms.kd_weight_sum, mb)
-            count = normaliser[0].clamp_min(1)
-            kd = kd_mean(terms.kd_sum, normaliser[1], self.alpha)
-            local = combine(terms.ce_sum / count, kd, self.alpha)
-            local = local.to(result_dtype(logits, teacher_values(mb.teacher_logits)))
-            correct = (logits.detach().argmax(dim=-1) == mb.targets).sum().to(count.dtype)
-            sums = torch.stack(
-                [
-                    terms.ce_sum.detach(),
-                    terms.kd_sum.detach(),
-                    terms.selected_count,
-                    terms.confidence_sum,
-                    correct,
-                    *terms.flags,
-                ]
-            )
-            detached = inputs._replace(student_logits=logits.detach())
-            light = terms._replace(ce_sum=terms.ce_sum.detach(), kd_sum=terms.kd_sum.detach())
-            self._checked.append((light, detached))
+            fast = self._small_batch(inputs, mb) if mix is None else None
+            if fast is not None:
+                local, sums = fast
+                assert self.normaliser is not None  # given, or set by _small_batch
+                normaliser = self.normaliser
+            else:
+                local, sums, normaliser = self._kd_loss(logits, mb, mix, inputs)
         if feature is not None:  # the mean over the step's samples: n_k / S of this mean
             weighted, values = feature
             share = _samples(mb, normaliser)[0] / normaliser[2]
@@ -243,6 +227,63 @@ class StepTotals:
             sums = torch.cat([sums, _samples(mb, sums) * values.to(sums.dtype)])
         self._sums = sums if self._sums is None else self._sums + sums
         return local if self.scale == 1.0 else self.scale * local
+
+    def _kd_loss(
+        self, logits: torch.Tensor, mb: MicroBatch, mix: Mix | None, inputs: StudentLossInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(local loss, sums, step normaliser)`` of a KD micro-batch by the torch path."""
+        terms = student_loss_terms(inputs, self.alpha)
+        if mix is not None:  # the CE of the partners' targets (alpha 0: no divergence)
+            partner = student_loss_terms(inputs._replace(targets=mb.targets[mix.index]), 0.0)
+            ce_sum = mix.lam * terms.ce_sum + (1.0 - mix.lam) * partner.ce_sum
+            terms = terms._replace(ce_sum=ce_sum)
+        normaliser = self._counts(terms.valid_count, terms.kd_weight_sum, mb)
+        count = normaliser[0].clamp_min(1)
+        kd = kd_mean(terms.kd_sum, normaliser[1], self.alpha)
+        local = combine(terms.ce_sum / count, kd, self.alpha)
+        local = local.to(result_dtype(logits, teacher_values(mb.teacher_logits)))
+        correct = (logits.detach().argmax(dim=-1) == mb.targets).sum().to(count.dtype)
+        sums = torch.stack(
+            [
+                terms.ce_sum.detach(),
+                terms.kd_sum.detach(),
+                terms.selected_count,
+                terms.confidence_sum,
+                correct,
+                *terms.flags,
+            ]
+        )
+        detached = inputs._replace(student_logits=logits.detach())
+        light = terms._replace(ce_sum=terms.ce_sum.detach(), kd_sum=terms.kd_sum.detach())
+        self._checked.append((light, detached))
+        return local, sums, normaliser
+
+    def _small_batch(
+        self, inputs: StudentLossInputs, mb: MicroBatch
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(local loss, sums)`` by the one-call pass of :mod:`kdkit.losses.small_batch`
+        (the same loss and sums as :meth:`_kd_loss`), or ``None`` where it does not apply
+        or a value check failed (then :meth:`_kd_loss` gives the result or the error).
+        Under ``torch.distributed`` it needs the step's counts first (``grad_accum > 1``)."""
+        if self.normaliser is None and is_distributed():
+            return None  # the counts of one micro-batch are summed over ranks first
+        given = None  # read by the kernel: no host read (it is a CPU tensor)
+        if self.normaliser is not None:
+            given = self.normaliser.to(torch.float64).contiguous()
+        done = small_batch_student_loss(inputs, self.alpha, given)
+        if done is None:
+            return None
+        local, _, values = done
+        ce_sum, kd_sum, valid, weight, selected, confidence, correct = values[:7]
+        dtype = local.dtype
+        if self.normaliser is None:
+            samples = float(mb.targets.shape[0])
+            self.normaliser = torch.tensor([valid, weight, samples], dtype=dtype)
+        sums = torch.tensor(
+            [ce_sum, kd_sum, selected, confidence, correct, 0, 0, 0, 0], dtype=dtype
+        )
+        self._checked.append((None, inputs._replace(student_logits=inputs.student_logits.detach())))
+        return local, sums
 
     def finish(
         self, extra: Sequence[torch.Tensor] = ()
@@ -297,6 +338,8 @@ class StepTotals:
     def _raise(self, flags: Sequence[float]) -> None:
         """The error of the first bad micro-batch of this rank, or one naming the checks."""
         for terms, inputs in self._checked:
+            if terms is None:  # the small-batch pass found nothing wrong
+                continue
             local = torch.stack(terms.flags).tolist()  # error path only
             if any(local):
                 raise_for_flags(local, terms, inputs)

@@ -68,6 +68,7 @@ __all__ = [
     "KERNEL_ENV",
     "Backend",
     "canonical",
+    "is_compiling",
     "row_pass",
     "select_backend",
     "triton_available",
@@ -113,11 +114,12 @@ def _triton(student: torch.Tensor, teacher: torch.Tensor, dtype: torch.dtype) ->
     return TORCH
 
 
-def _is_compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    if is_compiling is None:  # torch 2.1/2.2
+def is_compiling() -> bool:
+    """True while torch.compile traces (``torch.compiler.is_compiling`` needs torch >= 2.3)."""
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    if compiling is None:  # torch 2.1/2.2
         return bool(torch._dynamo.is_compiling())
-    return bool(is_compiling())
+    return bool(compiling())
 
 
 NATIVE_MAX_TEMPERATURE: float = 100.0
@@ -144,7 +146,7 @@ def select_backend(
     if name not in BACKENDS:
         source = "backend" if backend is not None else KERNEL_ENV
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    if name == "torch" or _is_compiling():
+    if name == "torch" or is_compiling():
         return TORCH
     on_cuda = student.device.type == "cuda"
     if name == "triton" or (name == "auto" and on_cuda and triton_available()):

@@ -18,6 +18,11 @@
  * threads of one call (pthreads, or OpenMP if built with KDKIT_USE_OPENMP), so a thread
  * the OS descheduled does not hold the others back.
  *
+ * kdkit_batch_pass (small batches, #24 item 2): the whole student loss of one batch --
+ * cross-entropy at T = 1, teacher confidence and KD weights, the weighted KD mean, their
+ * combination, the statistics and the value checks -- and its gradient, in one call on
+ * one thread; the KD term of each row is the row pass above (one formula).
+ *
  * No Python or torch headers: compiled at first use by kdkit.losses.kernels.native with
  * the system C compiler (about a second) and cached on disk.
  */
@@ -31,7 +36,7 @@
 #include <pthread.h>
 #endif
 
-#define KDKIT_ABI 2
+#define KDKIT_ABI 3
 
 enum { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
 enum { LT_KLDIV = 0, LT_SOFT_CE = 1, LT_REVERSE_KL = 2, LT_JSD = 3 };
@@ -379,4 +384,180 @@ int kdkit_row_pass(const void *s, const void *t, int64_t n, int64_t C, int dtype
     for (int k = 0; k < started; k++) pthread_join(ids[k], NULL);
 #endif
     return c.failed;
+}
+
+/* ---- the small-batch pass: the whole student loss of one batch (#24 item 2) -------------
+ *
+ * For rows i < n of s, t [n, C] (float or double, compute in the same type, sums in double),
+ * targets y [n] (int64, or NULL: every row valid, no CE) and keep [n] (uint8 or NULL):
+ *
+ *   valid_i = y_i != ignore_index          oor_i = valid_i and (y_i < 0 or y_i >= C)
+ *   c_i     = max softmax(t_i) (T = 1)     w_i = {1, c_i, [c_i > threshold]} (weighting 0/1/2)
+ *   w_i     = w_i if valid_i and keep_i else 0;      sel_i = w_i > 0
+ *   ce_i    = logsumexp(s_i) - s_i[clamp(y_i)]      (valid rows, alpha < 1)
+ *   l_i     = the row pass's T^2 D(p_t, p_s)         (alpha > 0)
+ *   loss    = (1 - alpha) sum_valid ce_i / max(N, 1) + alpha sum_sel w_i l_i / max(W, tiny)
+ *
+ * with (N, W) = (norm[0], norm[1]) if norm is not NULL, else (sum valid_i, sum w_i); the
+ * first term is left out at alpha = 1 and the second at alpha = 0 (value and gradient).
+ * grad (NULL: none) = d loss / d s, exactly 0 in rows that enter neither term.
+ * values[BV_*] (double): the sums below and the flags; the row checks are those of
+ * kdkit._validation.bad_rows (NaN, +inf, or no finite entry), over every row.
+ * Returns 0, -1 for an unsupported dtype, 1 if memory ran out.
+ */
+enum {
+    BV_CE_SUM, BV_KD_SUM, BV_VALID, BV_WEIGHT, BV_SELECTED, BV_CONFIDENCE, BV_CORRECT,
+    BV_OUT_OF_RANGE, BV_BAD_STUDENT, BV_BAD_TEACHER, BV_INFINITE_KD, BV_NORM_COUNT,
+    BV_NORM_WEIGHT, BV_LOSS, BV_COUNT
+};
+
+int kdkit_batch_values(void) { return BV_COUNT; }
+
+#define DEFINE_BATCH(NAME, IN, ROW, TINY)                                                   \
+    static int NAME(ctx_t *c, const int64_t *y, const uint8_t *keep, double alpha,          \
+                    int weighting, double threshold, int64_t ignore_index,                  \
+                    const double *norm, double *values) {                                   \
+        const int64_t n = c->n, C = c->C;                                                   \
+        const IN *s = (const IN *)c->s, *t = (const IN *)c->t;                              \
+        IN *grad = (IN *)c->grad;                                                           \
+        double *w = (double *)malloc((size_t)(2 * n) * sizeof(double));                    \
+        IN *scratch = (IN *)malloc((size_t)(2 * C) * sizeof(IN));                          \
+        IN *kd = (IN *)malloc((size_t)n * sizeof(IN));                                     \
+        if (!w || !scratch || !kd) {                                                        \
+            free(w);                                                                        \
+            free(scratch);                                                                  \
+            free(kd);                                                                       \
+            return 1;                                                                       \
+        }                                                                                   \
+        double *smax = w + n;                                                               \
+        double valid_n = 0, weight = 0, selected = 0, conf_sum = 0;                         \
+        int oor = 0, bad_s = 0, bad_t = 0;                                                  \
+        for (int64_t i = 0; i < n; i++) { /* (1) teacher confidence, weights, row checks */ \
+            const IN *ti = t + i * C, *si = s + i * C;                                      \
+            double mt = -INFINITY, ms = -INFINITY;                                          \
+            int nan_t = 0, nan_s = 0;                                                       \
+            for (int64_t j = 0; j < C; j++) {                                               \
+                double a = ti[j], b = si[j];                                                \
+                nan_t |= a != a;                                                            \
+                nan_s |= b != b;                                                            \
+                mt = a > mt ? a : mt;                                                       \
+                ms = b > ms ? b : ms;                                                       \
+            }                                                                               \
+            int row_bad_t = nan_t || !isfinite(mt);                                         \
+            bad_t |= row_bad_t;                                                             \
+            bad_s |= nan_s || !isfinite(ms);                                                \
+            smax[i] = ms;                                                                   \
+            double conf = NAN;                                                              \
+            if (!row_bad_t) {                                                               \
+                double z = 0;                                                               \
+                for (int64_t j = 0; j < C; j++) z += exp((double)ti[j] - mt);               \
+                conf = (double)(IN)(1 / z);                                                 \
+            }                                                                               \
+            int valid = y ? y[i] != ignore_index : 1;                                       \
+            oor |= y && valid && (y[i] < 0 || y[i] >= C);                                        \
+            double wi = weighting == 0 ? 1.0 : weighting == 1 ? conf : (conf > threshold);  \
+            wi = valid && (!keep || keep[i]) ? wi : 0.0;                                    \
+            w[i] = wi;                                                                      \
+            valid_n += valid;                                                               \
+            weight += wi;                                                                   \
+            selected += wi > 0;                                                             \
+            conf_sum += valid ? conf : 0.0;                                                 \
+        }                                                                                   \
+        const double count = norm ? norm[0] : valid_n;                                      \
+        const double wnorm = norm ? norm[1] : weight;                                       \
+        const double a_ce = alpha < 1 ? (1 - alpha) / (count > 1 ? count : 1) : 0;         \
+        const double b_kd = alpha > 0 ? alpha / (wnorm > TINY ? wnorm : TINY) : 0;         \
+        double ce_sum = 0, kd_sum = 0, correct = 0;                                         \
+        int inf_kd = 0;                                                                     \
+        c->loss = kd;                                                                       \
+        for (int64_t i = 0; i < n; i++) { /* (2) KD by the row pass, then CE, per row */    \
+            const IN *si = s + i * C;                                                       \
+            IN *g = grad ? grad + i * C : NULL;                                             \
+            int sel = w[i] > 0;                                                             \
+            if (alpha > 0) {                                                                \
+                ROW(c, i, scratch);                                                         \
+                double li = kd[i];                                                          \
+                if (sel) {                                                                  \
+                    kd_sum += w[i] * li;                                                    \
+                    inf_kd |= isinf(li);                                                    \
+                }                                                                           \
+                if (g) {                                                                    \
+                    const IN k = (IN)(sel ? b_kd * w[i] : 0);                               \
+                    for (int64_t j = 0; j < C; j++) g[j] = sel ? k * g[j] : (IN)0;         \
+                }                                                                           \
+            } else if (g) {                                                                 \
+                for (int64_t j = 0; j < C; j++) g[j] = 0;                                   \
+            }                                                                               \
+            int valid = y ? y[i] != ignore_index : 0;                                       \
+            if (y) { /* argmax (first maximum) for the training accuracy */                 \
+                int64_t arg = 0;                                                            \
+                for (int64_t j = 1; j < C; j++) arg = si[j] > si[arg] ? j : arg;            \
+                correct += arg == y[i];                                                     \
+            }                                                                               \
+            if (!valid) continue; /* CE of every valid row: a stat also at alpha = 1 */    \
+            const int64_t yi = y[i] < 0 ? 0 : y[i] >= C ? C - 1 : y[i];                     \
+            const double ms = smax[i];                                                      \
+            double z = 0;                                                                   \
+            for (int64_t j = 0; j < C; j++) z += exp((double)si[j] - ms);                   \
+            ce_sum += (double)(IN)(ms + log(z) - (double)si[yi]);                           \
+            if (g && alpha < 1) {                                                           \
+                const double rz = 1 / z;                                                    \
+                for (int64_t j = 0; j < C; j++)                                             \
+                    g[j] = (IN)((double)g[j] +                                              \
+                                a_ce * (exp((double)si[j] - ms) * rz - (j == yi)));         \
+            }                                                                               \
+        }                                                                                   \
+        const double ce = ce_sum / (count > 1 ? count : 1);                                 \
+        const double kdm = kd_sum / (wnorm > TINY ? wnorm : TINY);                          \
+        values[BV_CE_SUM] = ce_sum;                                                         \
+        values[BV_KD_SUM] = alpha > 0 ? kd_sum : 0.0;                                       \
+        values[BV_VALID] = valid_n;                                                         \
+        values[BV_WEIGHT] = weight;                                                         \
+        values[BV_SELECTED] = selected;                                                     \
+        values[BV_CONFIDENCE] = conf_sum;                                                   \
+        values[BV_CORRECT] = correct;                                                       \
+        values[BV_OUT_OF_RANGE] = oor;                                                      \
+        values[BV_BAD_STUDENT] = bad_s;                                                     \
+        values[BV_BAD_TEACHER] = bad_t;                                                     \
+        values[BV_INFINITE_KD] = alpha > 0 && inf_kd;                                       \
+        values[BV_NORM_COUNT] = count;                                                      \
+        values[BV_NORM_WEIGHT] = wnorm;                                                     \
+        values[BV_LOSS] = alpha == 0 ? ce : alpha == 1 ? kdm : (1 - alpha) * ce + alpha * kdm; \
+        free(w);                                                                            \
+        free(scratch);                                                                      \
+        free(kd);                                                                           \
+        return 0;                                                                           \
+    }
+
+DEFINE_BATCH(batch_f32, float, row_f32_f32, 1.1754943508222875e-38)
+DEFINE_BATCH(batch_f64, double, row_f64_f64, 2.2250738585072014e-308)
+
+/*
+ * Entry point of the small-batch pass.  dtype: DT_F32 or DT_F64 (s, t and grad; the compute
+ * type); loss_type: LT_*; beta only for LT_JSD; weighting: 0 none, 1 pmax, 2 threshold.
+ * y, keep, norm and grad_out may be NULL; values_out: BV_COUNT doubles.
+ */
+int kdkit_batch_pass(const void *s, const void *t, const int64_t *y, const uint8_t *keep,
+                     int64_t n, int64_t C, int dtype, double temperature, int loss_type,
+                     double beta, double alpha, int weighting, double threshold,
+                     int64_t ignore_index, const double *norm, void *grad_out,
+                     double *values_out) {
+    ctx_t c;
+    memset(&c, 0, sizeof c);
+    c.s = s;
+    c.t = t;
+    c.grad = grad_out;
+    c.n = n;
+    c.C = C;
+    c.inv_t = 1.0 / temperature;
+    c.temp = temperature;
+    c.beta = beta;
+    c.loss_type = loss_type;
+    if (dtype == DT_F32)
+        return batch_f32(&c, y, keep, alpha, weighting, threshold, ignore_index, norm,
+                         values_out);
+    if (dtype == DT_F64)
+        return batch_f64(&c, y, keep, alpha, weighting, threshold, ignore_index, norm,
+                         values_out);
+    return -1;
 }

@@ -38,8 +38,10 @@ from typing import Any
 import torch
 
 __all__ = [
+    "BATCH_VALUES",
     "LOSS_CODES",
     "available",
+    "batch_pass",
     "cache_dir",
     "info",
     "load",
@@ -48,7 +50,7 @@ __all__ = [
     "supports",
 ]
 
-ABI = 2
+ABI = 3
 """Must equal ``KDKIT_ABI`` of native.c."""
 
 FLAGS: tuple[str, ...] = (
@@ -186,6 +188,110 @@ ARGTYPES: list[Any] = [
 """ctypes signature of ``kdkit_row_pass`` in native.c."""
 
 
+BATCH_ARGTYPES: list[Any] = [
+    ctypes.c_void_p,  # student [n, C]
+    ctypes.c_void_p,  # teacher [n, C]
+    ctypes.c_void_p,  # targets [n] int64, or NULL
+    ctypes.c_void_p,  # keep [n] uint8, or NULL
+    ctypes.c_int64,  # rows
+    ctypes.c_int64,  # classes
+    ctypes.c_int,  # dtype code (float32 or float64: also the compute type)
+    ctypes.c_double,  # temperature
+    ctypes.c_int,  # loss code
+    ctypes.c_double,  # beta
+    ctypes.c_double,  # alpha
+    ctypes.c_int,  # weighting: 0 none, 1 pmax, 2 threshold
+    ctypes.c_double,  # threshold
+    ctypes.c_int64,  # ignore_index
+    ctypes.c_void_p,  # norm: 2 doubles (N, W), or NULL
+    ctypes.c_void_p,  # grad_out [n, C] or NULL
+    ctypes.c_void_p,  # values_out, BATCH_VALUES doubles
+]
+"""ctypes signature of ``kdkit_batch_pass`` in native.c."""
+
+BATCH_VALUES: tuple[str, ...] = (
+    "ce_sum",
+    "kd_sum",
+    "valid_count",
+    "kd_weight_sum",
+    "selected_count",
+    "confidence_sum",
+    "correct",
+    "out_of_range",
+    "bad_student",
+    "bad_teacher",
+    "infinite_kd",
+    "norm_count",
+    "norm_weight",
+    "loss",
+)
+"""The values ``kdkit_batch_pass`` writes, in order (``BV_*`` of native.c)."""
+
+_WEIGHTINGS = {"none": 0, "pmax": 1, "threshold": 2}
+
+
+def batch_pass(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    targets: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    *,
+    temperature: float,
+    loss_type: str,
+    beta: float,
+    alpha: float,
+    weighting: str,
+    threshold: float,
+    ignore_index: int,
+    normaliser: torch.Tensor | tuple[float, float] | None,
+    grad_out: torch.Tensor | None,
+) -> list[float]:
+    """The small-batch pass of native.c: the student loss of one batch and its gradient.
+
+    ``student``, ``teacher``: contiguous CPU ``[n, C]`` of one dtype, float32 or float64
+    (the compute dtype); ``targets``: contiguous int64 ``[n]`` or ``None`` (no CE, every
+    row valid); ``keep``: contiguous bool ``[n]`` or ``None``; ``loss_type`` canonical
+    (:func:`kdkit.losses.kernels.canonical`); ``normaliser``: the ``(N, W)`` to divide
+    by (floats, or a float64 CPU tensor whose first two entries are read by the kernel:
+    no host read here), or ``None`` for the batch's own; the values returned name the
+    ``(N, W)`` used.  ``grad_out`` (contiguous, the student's
+    dtype) receives ``d loss / d student``.  Returns :data:`BATCH_VALUES` as floats.
+    The caller (:mod:`kdkit.losses.small_batch`) checks :func:`available` first.
+    """
+    lib = load()
+    assert lib is not None  # the caller checked available()
+    values = (ctypes.c_double * len(BATCH_VALUES))()
+    norm: Any = None
+    if isinstance(normaliser, torch.Tensor):
+        norm = normaliser.data_ptr()
+    elif normaliser is not None:
+        norm = (ctypes.c_double * 2)(*normaliser)
+    status = lib.kdkit_batch_pass(
+        student.data_ptr(),
+        teacher.data_ptr(),
+        None if targets is None else targets.data_ptr(),
+        None if keep is None else keep.data_ptr(),
+        student.shape[0],
+        student.shape[1],
+        _DTYPE_CODES[student.dtype],
+        temperature,
+        LOSS_CODES[loss_type],
+        beta,
+        alpha,
+        _WEIGHTINGS[weighting],
+        threshold,
+        ignore_index,
+        norm,
+        None if grad_out is None else grad_out.data_ptr(),
+        values,
+    )
+    if status != 0:
+        raise (MemoryError if status > 0 else TypeError)(
+            f"native batch pass failed with status {status} for dtype {student.dtype}"
+        )
+    return list(values)
+
+
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.kdkit_abi() != ABI:
@@ -193,6 +299,11 @@ def _open(path: Path) -> ctypes.CDLL:
     fn = lib.kdkit_row_pass
     fn.restype = ctypes.c_int
     fn.argtypes = ARGTYPES
+    batch = lib.kdkit_batch_pass
+    batch.restype = ctypes.c_int
+    batch.argtypes = BATCH_ARGTYPES
+    if lib.kdkit_batch_values() != len(BATCH_VALUES):
+        raise RuntimeError(f"{path} returns {lib.kdkit_batch_values()} batch values")
     scale = lib.kdkit_scale_rows
     scale.restype = ctypes.c_int
     scale.argtypes = [
