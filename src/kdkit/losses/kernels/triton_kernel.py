@@ -6,6 +6,14 @@ and for ``'kldiv'``/``'soft_ce'`` the gradient ``T (p_s - p_t)`` in the same swe
 (3) for ``'reverse_kl'``/``'jsd'`` the gradient, which needs the row's KL first.  The
 student and teacher are read two or three times, the gradient written once.
 
+``'jsd'``'s mixture log m = log(beta p_t + (1 - beta) p_s) is the larger term's log plus
+log1p(min / max) of the two terms, from the probabilities p_s, p_t at hand
+(:func:`_jsd_log_mixture`, the form of native.c, #24): one division and no exponential
+beyond p_s and p_t, where the former logaddexp form took exp(min - max) on top.  Pass (2)
+thus takes two exponentials per class instead of three; pass (3) recomputes p_t, one
+exponential, as many as the exp(min - max) it replaces.  Both passes take log m from the
+same helper, so the gradient's KL(p_s || m) is the one of the value.
+
 Needs ``triton`` (``pip install kdkit[triton]``).  Runs on CUDA tensors, and on CPU
 tensors under ``TRITON_INTERPRET=1`` (set before this module is imported), which is how
 the tests check it without a GPU.
@@ -25,19 +33,45 @@ _LOSS_CODES = {"kldiv": 0, "soft_ce": 1, "reverse_kl": 2, "jsd": 3}
 MAX_BLOCK = 4096
 
 
+_TINY: tl.constexpr = tl.constexpr(2.0**-125)  # twice float32's smallest normal number
+
+
 @triton.jit
-def _log1p_01(y):  # type: ignore[no-untyped-def]
-    """log(1 + y) for y in [0, 1] without the rounding of 1 + y: 2 atanh(y / (2 + y))."""
-    s = y / (2.0 + y)
-    s2 = s * s
+def _jsd_log_mixture(ps, pt, lps, lpt, beta, one_m_beta, log_beta, log_1m_beta):  # type: ignore[no-untyped-def]
+    """log m, m = beta p_t + (1 - beta) p_s, from p_s, p_t and their logs, without an exp.
+
+    With a = beta p_t, b = (1 - beta) p_s, the larger log l = max(log beta + log p_t,
+    log(1 - beta) + log p_s) and mx / mn the larger / smaller of a, b (same side as l):
+
+        log m = l + log(1 + mn / mx) = l + 2 atanh(u),  u = mn / (2 mx + mn) in [0, 1/3],
+
+    atanh by its odd series to u^15 (relative error < 2e-9 at u = 1/3); one division,
+    as native.c's ``kd_log1p_ratiof``.  The side is chosen by the logs (so mn / mx <= 1 up
+    to rounding), which stays right where both probabilities underflowed.  The
+    denominator is floored at 2^-125: where mx is subnormal or 0 (so p_s, p_t < 2^-126 /
+    min(beta, 1 - beta)) the correction is at most under-estimated, by < log 2, and never
+    NaN, also on hardware that flushes subnormals.  A class with -inf on both sides
+    (l = -inf) gets log m = 0; its terms are dropped anyway (p == 0).  Arguments:
+    float32 blocks of one shape, or scalars.
+    """
+    la = lpt + log_beta
+    lb = lps + log_1m_beta
+    first = la > lb
+    a = beta * pt
+    b = one_m_beta * ps
+    mx = tl.where(first, a, b)
+    mn = tl.where(first, b, a)
+    lmx = tl.where(first, la, lb)
+    u = mn / tl.maximum(2.0 * mx + mn, _TINY)
+    u2 = u * u
     q = 1.0 / 15.0
-    q = q * s2 + 1.0 / 13.0
-    q = q * s2 + 1.0 / 11.0
-    q = q * s2 + 1.0 / 9.0
-    q = q * s2 + 1.0 / 7.0
-    q = q * s2 + 1.0 / 5.0
-    q = q * s2 + 1.0 / 3.0
-    return 2.0 * s * (1.0 + q * s2)
+    q = q * u2 + 1.0 / 13.0
+    q = q * u2 + 1.0 / 11.0
+    q = q * u2 + 1.0 / 9.0
+    q = q * u2 + 1.0 / 7.0
+    q = q * u2 + 1.0 / 5.0
+    q = q * u2 + 1.0 / 3.0
+    return tl.where(lmx > float("-inf"), lmx + 2.0 * u * (1.0 + q * u2), 0.0)
 
 
 @triton.jit
@@ -51,6 +85,7 @@ def _row_pass_kernel(  # type: ignore[no-untyped-def]
     inv_t,
     temp,
     beta,
+    one_m_beta,
     log_beta,
     log_1m_beta,
     LOSS: tl.constexpr,
@@ -100,18 +135,14 @@ def _row_pass_kernel(  # type: ignore[no-untyped-def]
         elif LOSS == 2:
             acc += tl.sum(tl.where(ps > 0, ps * (lps - lpt), 0.0), axis=0)
         else:
-            a = lpt + log_beta
-            b = lps + log_1m_beta
-            mx = tl.maximum(a, b)
-            mn = tl.minimum(a, b)
-            lm = tl.where(mx > neg_inf, mx + _log1p_01(tl.exp(mn - mx)), 0.0)
+            lm = _jsd_log_mixture(ps, pt, lps, lpt, beta, one_m_beta, log_beta, log_1m_beta)
             acc += tl.sum(tl.where(pt > 0, pt * (lpt - lm), 0.0), axis=0)
             acc2 += tl.sum(tl.where(ps > 0, ps * (lps - lm), 0.0), axis=0)
         if HAS_GRAD and LOSS < 2:
             g = temp * (ps - pt)
             tl.store(grad_ptr + row * row_stride + offs, g.to(grad_ptr.dtype.element_ty), mask=ok)
     if LOSS == 3:
-        value = beta * acc + (1.0 - beta) * acc2
+        value = beta * acc + one_m_beta * acc2
     else:
         value = acc
     tl.store(loss_ptr + row, temp * temp * value)
@@ -127,12 +158,9 @@ def _row_pass_kernel(  # type: ignore[no-untyped-def]
             if LOSS == 2:
                 g = temp * ps * (lps - lpt - acc)
             else:
-                a = lpt + log_beta
-                b = lps + log_1m_beta
-                mx = tl.maximum(a, b)
-                mn = tl.minimum(a, b)
-                lm = tl.where(mx > neg_inf, mx + _log1p_01(tl.exp(mn - mx)), 0.0)
-                g = temp * (1.0 - beta) * ps * (lps - lm - acc2)
+                pt = tl.exp(lpt)
+                lm = _jsd_log_mixture(ps, pt, lps, lpt, beta, one_m_beta, log_beta, log_1m_beta)
+                g = temp * one_m_beta * ps * (lps - lm - acc2)
             g = tl.where(ps > 0, g, 0.0)
             tl.store(grad_ptr + row * row_stride + offs, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
@@ -176,6 +204,7 @@ def row_pass(
         1.0 / temperature,
         float(temperature),
         float(beta),
+        1.0 - beta,  # in float64: float32's 1 - beta loses digits near beta = 1
         math.log(beta) if interior else 0.0,
         math.log1p(-beta) if interior else 0.0,
         LOSS=_LOSS_CODES[loss_type],
