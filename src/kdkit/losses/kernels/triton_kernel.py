@@ -1,7 +1,9 @@
 """The Triton backend: the row pass (see :mod:`kdkit.losses.kernels`) as one Triton kernel.
 
 One program per row; the row is swept in blocks of ``BLOCK`` classes: (1) running max
-and sum of exponentials (online softmax: one exponential per element), (2) loss terms,
+of the logits x and sum of exp((x - max) / T) (online softmax: one exponential per
+element), then log p = (x - max) / T - log z, as native.c (rounded relative to log p,
+not to x / T: at logits of a few hundred that was a relative error of 1e-5), (2) loss terms,
 and for ``'kldiv'``/``'soft_ce'`` the gradient ``T (p_s - p_t)`` in the same sweep,
 (3) for ``'reverse_kl'``/``'jsd'`` the gradient, which needs the row's KL first.  The
 student and teacher are read two or three times, the gradient written once.
@@ -97,7 +99,8 @@ def _row_pass_kernel(  # type: ignore[no-untyped-def]
     t_row = t_ptr + row * row_stride
     neg_inf = float("-inf")
 
-    # (1) online max and sum of exp((x - max) / T) for the student and the teacher.
+    # (1) online max of x and sum of exp((x - max) / T) for the student and the teacher.
+    # log p = (x - max) / T - log z: rounded relative to log p, not to x / T (#24).
     m_s = tl.full((), neg_inf, tl.float32)
     m_t = tl.full((), neg_inf, tl.float32)
     z_s = tl.zeros((), tl.float32)
@@ -105,18 +108,18 @@ def _row_pass_kernel(  # type: ignore[no-untyped-def]
     for start in range(0, num_classes, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < num_classes
-        xs = tl.load(s_row + offs, mask=ok, other=neg_inf).to(tl.float32) * inv_t
-        xt = tl.load(t_row + offs, mask=ok, other=neg_inf).to(tl.float32) * inv_t
+        xs = tl.load(s_row + offs, mask=ok, other=neg_inf).to(tl.float32)
+        xt = tl.load(t_row + offs, mask=ok, other=neg_inf).to(tl.float32)
         new_s = tl.maximum(m_s, tl.max(xs, axis=0))
         new_t = tl.maximum(m_t, tl.max(xt, axis=0))
         safe_s = tl.where(new_s == neg_inf, 0.0, new_s)  # all -inf so far: keep z at 0
         safe_t = tl.where(new_t == neg_inf, 0.0, new_t)
-        z_s = z_s * tl.exp(m_s - safe_s) + tl.sum(tl.exp(xs - safe_s), axis=0)
-        z_t = z_t * tl.exp(m_t - safe_t) + tl.sum(tl.exp(xt - safe_t), axis=0)
+        z_s = z_s * tl.exp((m_s - safe_s) * inv_t) + tl.sum(tl.exp((xs - safe_s) * inv_t), axis=0)
+        z_t = z_t * tl.exp((m_t - safe_t) * inv_t) + tl.sum(tl.exp((xt - safe_t) * inv_t), axis=0)
         m_s = new_s
         m_t = new_t
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
+    lz_s = tl.log(z_s)
+    lz_t = tl.log(z_t)
 
     # (2) loss terms; terms whose left probability is 0 contribute exactly 0.
     acc = tl.zeros((), tl.float32)
@@ -124,8 +127,8 @@ def _row_pass_kernel(  # type: ignore[no-untyped-def]
     for start in range(0, num_classes, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < num_classes
-        lps = tl.load(s_row + offs, mask=ok, other=neg_inf).to(tl.float32) * inv_t - lse_s
-        lpt = tl.load(t_row + offs, mask=ok, other=neg_inf).to(tl.float32) * inv_t - lse_t
+        lps = (tl.load(s_row + offs, mask=ok, other=neg_inf).to(tl.float32) - m_s) * inv_t - lz_s
+        lpt = (tl.load(t_row + offs, mask=ok, other=neg_inf).to(tl.float32) - m_t) * inv_t - lz_t
         ps = tl.exp(lps)
         pt = tl.exp(lpt)
         if LOSS == 0:
@@ -152,8 +155,12 @@ def _row_pass_kernel(  # type: ignore[no-untyped-def]
         for start in range(0, num_classes, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             ok = offs < num_classes
-            lps = tl.load(s_row + offs, mask=ok, other=neg_inf).to(tl.float32) * inv_t - lse_s
-            lpt = tl.load(t_row + offs, mask=ok, other=neg_inf).to(tl.float32) * inv_t - lse_t
+            lps = (
+                tl.load(s_row + offs, mask=ok, other=neg_inf).to(tl.float32) - m_s
+            ) * inv_t - lz_s
+            lpt = (
+                tl.load(t_row + offs, mask=ok, other=neg_inf).to(tl.float32) - m_t
+            ) * inv_t - lz_t
             ps = tl.exp(lps)
             if LOSS == 2:
                 g = temp * ps * (lps - lpt - acc)
