@@ -81,3 +81,69 @@ def test_masked_classes_and_half_inputs(loss_type, beta):
 def test_float64_goes_to_torch_ops():
     s = _logits((2, 5), 3, dtype=torch.float64).to(DEVICE)
     assert kernels.select_backend(s, s, torch.float64).name == "torch"
+
+
+# JSD's mixture log m = l + log1p(mn / mx) (kernel's _jsd_log_mixture) where probabilities
+# vanish; tolerances as for the native kernel (tests/losses/test_kernels.py).
+JSD_BETAS = [1e-3, 0.1, 0.5, 0.9, 0.999]
+
+
+def _check_jsd(student, teacher, temperature, beta, rtol, atol):
+    """Fused Triton JSD value and gradient against the float64 reference."""
+    student = student.to(DEVICE).requires_grad_()
+    teacher = teacher.to(DEVICE)
+    assert kernels.select_backend(student, teacher, torch.float32).name == "triton"
+    loss = kd_loss(
+        student, teacher, temperature, "jsd", "none", jsd_beta=beta, implementation="fused"
+    )
+    expected = ref_kd_per_sample(student.cpu(), teacher.cpu(), temperature, "jsd", beta)
+    torch.testing.assert_close(loss.double().cpu(), expected, rtol=rtol, atol=atol)
+    loss.sum().backward()
+    grad = student.grad.cpu()
+    assert torch.isfinite(grad).all()
+    expected_grad = _reference_grad(student.cpu(), teacher.cpu(), temperature, "jsd", beta)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
+    return grad
+
+
+@pytest.mark.parametrize("beta", JSD_BETAS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_jsd_with_vanishing_probabilities(beta, temperature):
+    """Probabilities from 1 through float32's subnormal range to exact zeros (logits over
+    0 .. -150 T, the two sides in opposite orders), so both terms of m underflow, one or
+    both: values and gradients finite and equal to the float64 reference."""
+    c = 160
+    ramp = torch.linspace(0.0, -150.0 * temperature, c)
+    shuffled = ramp[torch.randperm(c, generator=torch.Generator().manual_seed(1))]
+    student = torch.stack([ramp, ramp.flip(0), shuffled])
+    teacher = torch.stack([ramp.flip(0), ramp, ramp + 3.0])
+    _check_jsd(student, teacher, temperature, beta, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", JSD_BETAS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_jsd_over_a_wide_range_of_logit_scales(beta, temperature, monkeypatch):
+    """Logit scales 1e-3 .. 1e3 (near-equal to one-hot distributions); blocks of 64
+    classes, so 257 classes take five blocks, the last one mostly masked lanes.  (Not
+    T = 4: there the float64 reference itself gives inf at scale 1e3, where a p is
+    float64-subnormal and beta p rounds to 0.)"""
+    from kdkit.losses.kernels import triton_kernel
+
+    monkeypatch.setattr(triton_kernel, "MAX_BLOCK", 64)
+    for seed, scale in enumerate((1e-3, 0.1, 1.0, 10.0, 100.0, 1000.0)):
+        student, teacher = _logits((2, 257), 30 + seed, scale), _logits((2, 257), 40 + seed, scale)
+        _check_jsd(student, teacher, temperature, beta, rtol=2e-6, atol=1e-6 * temperature**2)
+
+
+@pytest.mark.parametrize("beta", JSD_BETAS)
+def test_jsd_with_classes_masked_on_one_or_both_sides(beta):
+    """-inf logits on the teacher side only, the student side only, and both: m > 0
+    wherever one side is, a class masked on both sides contributes 0, and the gradient
+    of a class the student masks is exactly 0."""
+    student, teacher = _logits((3, 40), 11, scale=8.0), _logits((3, 40), 12, scale=8.0)
+    teacher[:, 0:6] = -math.inf
+    student[:, 6:12] = -math.inf
+    student[:, 12:16] = -math.inf
+    teacher[:, 12:16] = -math.inf
+    grad = _check_jsd(student, teacher, 1.0, beta, rtol=1e-6, atol=1e-6)
+    assert (grad[:, 6:16] == 0).all()
