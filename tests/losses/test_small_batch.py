@@ -125,7 +125,9 @@ def test_ignore_index_sequences_and_float32_equal_the_torch_path(ran, monkeypatc
     assert stats.keys() == want_stats.keys()
     for key in stats:
         assert stats[key] == pytest.approx(want_stats[key], rel=2e-6, abs=1e-7), key
-    assert stats["total_loss"] == float(loss.detach())  # the stat is the returned value, bit for bit
+    assert stats["total_loss"] == float(
+        loss.detach()
+    )  # the stat is the returned value, bit for bit
 
 
 def test_ignored_rows_and_masked_rows_get_an_exact_zero_gradient(ran):

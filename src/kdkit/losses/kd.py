@@ -160,6 +160,9 @@ def kd_loss(
             for backward; ``'auto'`` uses it from :data:`FUSED_MIN_ELEMENTS` logits on,
             outside ``torch.compile``.  Its backward is single use: for double backward
             (``create_graph=True``) or ``retain_graph=True`` pass ``'reference'``.
+            Below that size ``'auto'`` computes dense float32/float64 CPU inputs in one
+            native call (:mod:`kdkit.losses.small_batch`: the reference's values and
+            errors, a reusable backward), except for ``reduction='none'``.
 
     Shape:
         - student_logits, teacher_logits: ``[B, C]`` or ``[..., C]``, identical shapes; or
