@@ -63,6 +63,12 @@ _FLAG_SLICE = slice(
 _NORM_COUNT = native.BATCH_VALUES.index("norm_count")
 
 
+def _functorch_active() -> bool:
+    """True inside a ``torch.func`` transform (whose tensors the C call cannot read)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
 def applies(
     student: torch.Tensor, teacher: object, temperature: float, implementation: str
 ) -> bool:
@@ -77,7 +83,7 @@ def applies(
         or student.device.type != "cpu"
         or teacher.device.type != "cpu"
         or compute_dtype(student, temperature=temperature) != student.dtype
-        or torch._C._are_functorch_transforms_active()
+        or _functorch_active()
     ):
         return False
     chosen = kernels.select_backend(student, teacher, student.dtype, temperature=temperature)
