@@ -251,6 +251,21 @@ DEFINE_ROW(row_f16_f32, _Float16, float, H_LOAD, H_STORE, F_EXP, F_LOG1P_RATIO)
 DEFINE_ROW(row_f16_f64, _Float16, double, H_LOAD, H_STORE, D_EXP, D_LOG1P_RATIO)
 #endif
 
+/* The inputs of the row function (kdkit_row_pass and kdkit_batch_pass). */
+static void ctx_init(ctx_t *c, const void *s, const void *t, void *loss, void *grad, int64_t n,
+                     int64_t C, double temperature, int loss_type, double beta) {
+    c->s = s;
+    c->t = t;
+    c->loss = loss;
+    c->grad = grad;
+    c->n = n;
+    c->C = C;
+    c->inv_t = 1.0 / temperature;
+    c->temp = temperature;
+    c->beta = beta;
+    c->loss_type = loss_type;
+}
+
 static void *worker(void *arg) {
     ctx_t *c = (ctx_t *)arg;
     void *scratch = malloc(c->scratch_bytes);
@@ -351,16 +366,7 @@ int kdkit_row_pass(const void *s, const void *t, int64_t n, int64_t C, int dtype
         default: return -1;
     }
     if (n <= 0) return 0;
-    c.s = s;
-    c.t = t;
-    c.loss = loss_out;
-    c.grad = grad_out;
-    c.n = n;
-    c.C = C;
-    c.inv_t = 1.0 / temperature;
-    c.temp = temperature;
-    c.beta = beta;
-    c.loss_type = loss_type;
+    ctx_init(&c, s, t, loss_out, grad_out, n, C, temperature, loss_type, beta);
     c.scratch_bytes = (size_t)(2 * C) * (compute ? sizeof(double) : sizeof(float));
     c.block = block_elements / C > 1 ? block_elements / C : 1;
     int64_t blocks = (n + c.block - 1) / c.block;
@@ -544,15 +550,7 @@ int kdkit_batch_pass(const void *s, const void *t, const int64_t *y, const uint8
                      double *values_out) {
     ctx_t c;
     memset(&c, 0, sizeof c);
-    c.s = s;
-    c.t = t;
-    c.grad = grad_out;
-    c.n = n;
-    c.C = C;
-    c.inv_t = 1.0 / temperature;
-    c.temp = temperature;
-    c.beta = beta;
-    c.loss_type = loss_type;
+    ctx_init(&c, s, t, NULL, grad_out, n, C, temperature, loss_type, beta);
     if (dtype == DT_F32)
         return batch_f32(&c, y, keep, alpha, weighting, threshold, ignore_index, norm,
                          values_out);
