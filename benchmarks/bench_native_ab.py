@@ -7,8 +7,13 @@ before every call; the calls interleaved, median of ``--reps``.  Prints per buil
 ratio to ``naive`` of each loss type and ``jsd``/``reverse_kl`` over ``kldiv`` (the
 targets of #24 item 1), and checks both builds against each other.
 
-    git show b60e83c:src/kdkit/losses/kernels/native.c > /tmp/native_before.c
+    git show <rev>:src/kdkit/losses/kernels/native.c > /tmp/native_before.c
     python benchmarks/bench_native_ab.py --baseline /tmp/native_before.c --reps 15
+
+The baseline must have this tree's ``KDKIT_ABI`` (the ctypes signature; loading refuses
+another).  The #24 JSD A/B ran at ABI 2 (baseline ``b60e83c``); ABI 4 (the gradient's
+reduction factor, after stop 30) changed the signature, so a change across ABIs is
+measured with the two trees instead (``bench_losses.py`` run alternately in each).
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def _c_openmp() -> Callable[..., None]:
 
     def run(s, t, loss_type, loss, grad):
         lib.kdkit_row_pass(
-            s.data_ptr(), t.data_ptr(), s.shape[0], s.shape[1], 0, 0, T,
+            s.data_ptr(), t.data_ptr(), s.shape[0], s.shape[1], 0, 0, T, 1.0,
             native.LOSS_CODES[loss_type], BETA, loss.data_ptr(), grad.data_ptr(),
             torch.get_num_threads(), native.BLOCK_ELEMENTS,
         )  # fmt: skip

@@ -266,7 +266,7 @@ def test_fused_backward_is_single_use_with_clear_errors():
     student = _logits((4, 20), 18).requires_grad_()
     teacher = _logits((4, 20), 19)
     loss = kd_loss(student, teacher, implementation="fused")
-    loss.backward(retain_graph=True)
+    (0.5 * loss).backward(retain_graph=True)  # scales the saved gradient in place
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
     with pytest.raises(RuntimeError, match="implementation='reference'"):
@@ -278,6 +278,38 @@ def test_fused_backward_is_single_use_with_clear_errors():
     torch.autograd.gradgradcheck(
         lambda s: kd_loss(s, teacher.double(), implementation="reference"), (student64,)
     )
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+@pytest.mark.parametrize("shape", [(6, 50), (2, 3, 50)])
+def test_reduction_factor_folded_into_the_gradient(kernel_backend, reduction, shape):
+    # The native pass writes the gradient already scaled by the reduction's factor and the
+    # backward returns it untouched for loss.backward(); any other incoming gradient
+    # (here 0.5 * loss, a weighted sum) is divided by the factor first.  Against the
+    # reference path in float64, both ways, and with retain_graph on the untouched path.
+    student = _logits(shape, 40).double()
+    teacher = _logits(shape, 41).double()
+    weights = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(42)).double()
+
+    def grads(implementation, how):
+        x = student.clone().requires_grad_()
+        if how == "weighted":
+            loss = (kd_loss(x, teacher, 2.0, reduction="none", implementation=implementation)
+                    * weights).sum()  # fmt: skip
+        else:
+            loss = kd_loss(x, teacher, 2.0, reduction=reduction, implementation=implementation)
+            loss = 0.5 * loss if how == "half" else loss
+        loss.backward(retain_graph=True)
+        first = x.grad.clone()
+        if how == "plain" and implementation == "fused" and kernel_backend == "native":
+            loss.backward()  # the untouched buffer: a second backward is allowed, and equal
+            torch.testing.assert_close(x.grad, 2 * first, rtol=0, atol=0)
+        return first
+
+    for how in ("plain", "half", "weighted"):
+        torch.testing.assert_close(
+            grads("fused", how), grads("reference", how), rtol=1e-10, atol=1e-14
+        )
 
 
 def test_auto_dispatch(monkeypatch):

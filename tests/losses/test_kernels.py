@@ -323,7 +323,7 @@ def test_threads_follow_torch(monkeypatch, one_torch_thread):
 
     class Spy:
         def kdkit_row_pass(self, *args):
-            seen.append(args[11])
+            seen.append(args[12])  # the thread count
             return real.kdkit_row_pass(*args)
 
     monkeypatch.setitem(native._state, "lib", Spy())

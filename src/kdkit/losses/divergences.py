@@ -126,6 +126,7 @@ def divergence(
     *,
     chunk_elements: int | None = None,
     scaled: bool = True,
+    grad_scale: float = 1.0,
 ) -> torch.Tensor:
     """Per-position divergence ``[..., C] -> [...]`` by the fused or the plain path.
 
@@ -133,7 +134,8 @@ def divergence(
     and returns the compute dtype.  The teacher is detached here.  ``chunk_elements``
     sets the fused path's chunk size (default: sized by :mod:`kdkit.losses.fused`).
     ``scaled=False`` leaves ``T**2`` out on the plain path (the fused path always
-    includes it; see :func:`use_fused`).
+    includes it; see :func:`use_fused`).  ``grad_scale``: the factor the caller's
+    reduction applies to every position (see :func:`kdkit.losses.fused.fused_divergence`).
     """
     dtype = compute_dtype(student_logits, teacher_logits, temperature=temperature)
     teacher = teacher_logits.detach()
@@ -146,6 +148,7 @@ def divergence(
             dtype,
             jsd_beta=jsd_beta,
             chunk_elements=chunk_elements,
+            grad_scale=grad_scale,
         )
     return per_position_divergence(
         as_dtype(student_logits, dtype),
@@ -228,6 +231,7 @@ def divergence_loss(
         implementation,
         chunk_elements=chunk_elements,
         scaled=fused,
+        grad_scale=_reduction_factor(student_logits, reduction) if mask is None else 1.0,
     )
     loss = reduce(per_position, reduction, mask, 1.0 if fused else temperature * temperature)
     if check_finite:
@@ -250,6 +254,16 @@ def divergence_loss(
         if suspect:
             _raise_for_non_finite(per_position, student_logits, teacher_logits, mask, loss_type)
     return as_dtype(loss, result_dtype(student_logits, teacher_logits))
+
+
+def _reduction_factor(student: torch.Tensor, reduction: str) -> float:
+    """The factor ``reduce`` applies to every position without a mask (1 for ``'none'``)."""
+    positions = student.shape[:-1]
+    if reduction == "batchmean" and len(positions) > 0:
+        return 1.0 / max(positions[0], 1)
+    if reduction == "mean":
+        return 1.0 / max(math.prod(positions), 1)
+    return 1.0
 
 
 def _small_batch_loss(

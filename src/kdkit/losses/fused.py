@@ -7,7 +7,9 @@ respect to the student logits in the forward pass, with the row pass of
 :mod:`kdkit.losses.kernels` (native C kernel on CPU, Triton on CUDA, torch ops as the
 fallback), writing the gradient once into a buffer of the logits' shape and dtype.  That
 buffer is the only ``[N, C]`` tensor kept for the backward pass, which scales it in place
-by the incoming per-row gradient and returns it.  Gradients (``T`` included):
+by the incoming per-row gradient and returns it (on the native backend a reduction's
+uniform factor is folded into the buffer when it is written, so ``loss.backward()`` on
+the reduced loss returns it untouched: no second pass over ``[N, C]``).  Gradients (``T`` included):
 
 * ``'kldiv'``, ``'soft_ce'``: :math:`T (p_s - p_t)`;
 * ``'reverse_kl'``: :math:`T\, p_s (\log p_s - \log p_t - \mathrm{KL}(p_s \| p_t))`;
@@ -73,11 +75,13 @@ class FusedDivergence(torch.autograd.Function):
     :func:`kdkit.losses.kernels.canonical`), ``beta``, compute ``dtype`` (float32 or
     float64), ``chunk_elements`` (``None``: one call, for backends that are not chunked),
     ``need_grad`` (skip the gradient buffer when False) and the chosen
-    :class:`kdkit.losses.kernels.Backend`.  The backward pass is single use: it scales the
-    saved gradient in place, so a second backward through the same graph
-    (``retain_graph=True``) raises autograd's "modified by an inplace operation" error,
-    and a backward with ``create_graph=True`` (double backward) raises a ``RuntimeError``
-    naming the fix.
+    :class:`kdkit.losses.kernels.Backend`, and ``grad_scale`` (see
+    :func:`fused_divergence`).  The backward pass is single use: it scales the saved
+    gradient in place, so a second backward through the same graph
+    (``retain_graph=True``) raises autograd's "modified by an inplace operation" error
+    -- except where the incoming gradient is ``grad_scale`` on every row, when the buffer
+    is returned untouched -- and a backward with ``create_graph=True`` (double backward)
+    raises a ``RuntimeError`` naming the fix.
     """
 
     @staticmethod
@@ -92,6 +96,7 @@ class FusedDivergence(torch.autograd.Function):
         chunk_elements: int | None,
         need_grad: bool,
         backend: kernels.Backend,
+        grad_scale: float = 1.0,
     ) -> torch.Tensor:
         num_rows, num_classes = student.shape
         per_row = torch.empty(num_rows, dtype=dtype, device=student.device)
@@ -103,6 +108,8 @@ class FusedDivergence(torch.autograd.Function):
         else:
             rows_per_chunk = max(1, min(num_rows, chunk_elements // max(num_classes, 1)))
         extra: dict[str, Any] = {}
+        if grad_scale != 1.0:  # fused_divergence passes it to the native backend only
+            extra["grad_scale"] = grad_scale
         if backend.chunked:
             extra["workspace"] = torch_ops.Workspace(
                 rows_per_chunk, num_classes, dtype, student.device, loss_type == "jsd"
@@ -123,6 +130,7 @@ class FusedDivergence(torch.autograd.Function):
             ctx.save_for_backward(grad)
             ctx.rows_per_chunk = rows_per_chunk
             ctx.native = backend.name == "native"
+            ctx.grad_scale = grad_scale
         return per_row
 
     @staticmethod
@@ -133,6 +141,12 @@ class FusedDivergence(torch.autograd.Function):
                 "pass implementation='reference' to kd_loss / compute_student_loss"
             )
         (grad,) = ctx.saved_tensors
+        # The gradient already holds the reduction's factor: where every row gets exactly
+        # that (loss.backward() on the reduced loss), it is the result as it stands.
+        if _uniform(grad_rows, ctx.grad_scale):
+            return grad, None, None, None, None, None, None, None, None, None
+        if ctx.grad_scale != 1.0:
+            grad_rows = grad_rows / ctx.grad_scale
         # In place: the buffer is not needed after this (single-use backward, see class doc).
         scale = grad_rows.unsqueeze(-1)
         if grad.dtype == scale.dtype:
@@ -145,7 +159,18 @@ class FusedDivergence(torch.autograd.Function):
             step = max(1, min(ctx.rows_per_chunk, (1 << 20) // max(grad.shape[-1], 1)))
             for start in range(0, grad.shape[0], step):
                 grad[start : start + step].mul_(scale[start : start + step])
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def _uniform(grad_rows: torch.Tensor, value: float) -> bool:
+    """Whether every entry of the incoming per-row gradient is ``value`` to float32
+    rounding, read without a pass: an expanded (stride 0) CPU tensor, as the backward of a
+    sum or mean gives, or a single row."""
+    if grad_rows.device.type != "cpu" or grad_rows.ndim != 1 or grad_rows.numel() == 0:
+        return False
+    if grad_rows.numel() != 1 and grad_rows.stride(0) != 0:
+        return False
+    return abs(float(grad_rows[0]) - value) <= 1e-7 * abs(value)
 
 
 def fused_divergence(
@@ -158,8 +183,15 @@ def fused_divergence(
     jsd_beta: float = 0.5,
     chunk_elements: int | None = None,
     backend: str | None = None,
+    grad_scale: float = 1.0,
 ) -> torch.Tensor:
     """Per-position fused divergence ``[..., C] -> [...]`` in ``dtype``.
+
+    ``grad_scale``: the factor a reduction will apply to every position (``1 / B`` for
+    ``'batchmean'``).  The native backend folds it into the gradient it writes, and the
+    backward then returns that buffer as it is when the incoming per-row gradient is that
+    factor everywhere (``loss.backward()`` on the reduced loss): no pass over ``[N, C]``.
+    Any other incoming gradient is divided by it first.  Other backends ignore it.
 
     ``student`` and ``teacher`` keep their own dtypes (no full-size cast is made); the
     computation runs in ``dtype`` and the gradient buffer has the student's dtype.
@@ -190,5 +222,6 @@ def fused_divergence(
         chunk_elements,
         need_grad,
         chosen,
+        grad_scale if chosen.name == "native" else 1.0,
     )
     return per_row if flat else per_row.reshape(student.shape[:-1])

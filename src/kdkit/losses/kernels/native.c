@@ -36,7 +36,7 @@
 #include <pthread.h>
 #endif
 
-#define KDKIT_ABI 3
+#define KDKIT_ABI 4
 
 enum { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
 enum { LT_KLDIV = 0, LT_SOFT_CE = 1, LT_REVERSE_KL = 2, LT_JSD = 3 };
@@ -136,6 +136,7 @@ struct ctx {
     void *loss, *grad;
     int64_t n, C, block, next;
     double inv_t, temp, beta;
+    double gscale; /* the gradient's factor (a reduction's 1 / B, say); the loss has none */
     int loss_type;
     int failed;
     size_t scratch_bytes;
@@ -154,7 +155,7 @@ struct ctx {
         const IN *restrict t = (const IN *)c->t + r * C;                                   \
         A *restrict es = (A *)scratch;                                                     \
         A *restrict et = es + C;                                                           \
-        const A inv_t = (A)c->inv_t, temp = (A)c->temp, zero = 0;                          \
+        const A inv_t = (A)c->inv_t, temp = (A)(c->temp * c->gscale), zero = 0;           \
         A ms = -INFINITY, mt = -INFINITY;                                                  \
         _Pragma("omp simd reduction(max : ms, mt)")                                        \
         for (int64_t j = 0; j < C; j++) {                                                  \
@@ -262,6 +263,7 @@ static void ctx_init(ctx_t *c, const void *s, const void *t, void *loss, void *g
     c->C = C;
     c->inv_t = 1.0 / temperature;
     c->temp = temperature;
+    c->gscale = 1.0;
     c->beta = beta;
     c->loss_type = loss_type;
 }
@@ -344,11 +346,13 @@ int kdkit_scale_rows(void *grad, const float *scale, int64_t n, int64_t C, int d
 
 /*
  * Entry point.  dtype: DT_* of s, t and grad_out; compute: 0 float, 1 double (loss_out's
- * type); loss_type: LT_*; beta only for LT_JSD (0 < beta < 1); grad_out may be NULL.
+ * type); loss_type: LT_*; beta only for LT_JSD (0 < beta < 1); grad_out may be NULL;
+ * grad_scale multiplies grad_out (not loss_out): a reduction's factor, folded in.
  * Returns 0, or -1 for an unsupported dtype, 1 if memory for the scratch ran out.
  */
 int kdkit_row_pass(const void *s, const void *t, int64_t n, int64_t C, int dtype, int compute,
-                   double temperature, int loss_type, double beta, void *loss_out,
+                   double temperature, double grad_scale, int loss_type, double beta,
+                   void *loss_out,
                    void *grad_out, int num_threads, int64_t block_elements) {
     ctx_t c;
     memset(&c, 0, sizeof c);
@@ -367,6 +371,7 @@ int kdkit_row_pass(const void *s, const void *t, int64_t n, int64_t C, int dtype
     }
     if (n <= 0) return 0;
     ctx_init(&c, s, t, loss_out, grad_out, n, C, temperature, loss_type, beta);
+    c.gscale = grad_scale;
     c.scratch_bytes = (size_t)(2 * C) * (compute ? sizeof(double) : sizeof(float));
     c.block = block_elements / C > 1 ? block_elements / C : 1;
     int64_t blocks = (n + c.block - 1) / c.block;

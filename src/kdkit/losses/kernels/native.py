@@ -50,7 +50,7 @@ __all__ = [
     "supports",
 ]
 
-ABI = 3
+ABI = 4
 """Must equal ``KDKIT_ABI`` of native.c."""
 
 FLAGS: tuple[str, ...] = (
@@ -178,6 +178,7 @@ ARGTYPES: list[Any] = [
     ctypes.c_int,  # dtype code
     ctypes.c_int,  # compute: 0 float, 1 double
     ctypes.c_double,  # temperature
+    ctypes.c_double,  # grad_scale: a factor of grad_out only
     ctypes.c_int,  # loss code
     ctypes.c_double,  # beta
     ctypes.c_void_p,  # loss_out
@@ -389,8 +390,10 @@ def row_pass(
     grad_out: torch.Tensor | None,
     *,
     workspace: object = None,
+    grad_scale: float = 1.0,
 ) -> None:
-    """The row pass (see :func:`kdkit.losses.kernels.row_pass`) by the native kernel."""
+    """The row pass (see :func:`kdkit.losses.kernels.row_pass`) by the native kernel;
+    ``grad_scale`` multiplies ``grad_out`` (not ``loss_out``) inside the pass."""
     lib = load()
     if lib is None:
         raise RuntimeError(f"the native kernel is not available: {info().get('reason')}")
@@ -405,6 +408,7 @@ def row_pass(
         _DTYPE_CODES[student.dtype],
         int(loss_out.dtype == torch.float64),
         float(temperature),
+        float(grad_scale),
         LOSS_CODES[loss_type],
         float(beta),
         loss_out.data_ptr(),
