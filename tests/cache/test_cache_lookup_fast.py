@@ -180,3 +180,79 @@ def test_finite_check_fast_path_is_exact(tmp_path):
     wide = torch.full((4, 3), 1e300, dtype=torch.float64)  # finite in float64, inf in float32
     with pytest.raises(ValueError, match="NaN or Inf"):
         dump_teacher_logits(Fixed(wide), items, tmp_path / "w", progress=False)
+
+
+def test_memo_fast_path_equals_the_normalised_lookup(tmp_path):
+    """A list of remembered keys skips normalisation; anything else takes the full path."""
+    from kdkit.cache.lookup import rows_and_keys
+
+    items = make_items(12)
+    dump_teacher_logits(make_teacher(0), items, tmp_path, progress=False)
+    index, fresh = load_cache_index(tmp_path), load_cache_index(tmp_path)
+    fresh.memo_size = 0  # never remembers: always normalises and hashes
+    keys = paths(items)
+    index.rows(keys)  # fills the memo
+    assert len(index._memo) == 12
+    odd = [
+        "./clips/00003.wav",
+        "clips\\00004.wav",
+        "clips//00005.wav",
+        Path("clips/00006.wav"),
+        "clips/../clips/00007.wav",
+        np.str_("clips/00008.wav"),
+    ]
+    for batch in (keys[::-1], keys[:3] * 4, odd, [*odd, *keys], tuple(keys)):
+        rows, norm = rows_and_keys(index, batch)
+        want_rows, want_norm = rows_and_keys(fresh, batch)
+        np.testing.assert_array_equal(rows, want_rows)
+        assert list(norm) == want_norm
+        assert all(type(k) in (str, np.str_) for k in norm)
+    with pytest.raises(KeyError, match=r"1 of 3 keys are not in the cache at .*'nope.wav'"):
+        rows_and_keys(index, [keys[0], "nope.wav", keys[1]])
+    with pytest.raises(KeyError, match=r"1 of 1 keys"):
+        rows_and_keys(index, [["clips/00000.wav"]])  # unhashable: normalised to its str
+    with pytest.raises(TypeError, match="single string"):
+        rows_and_keys(index, "clips/00000.wav")
+    assert rows_and_keys(index, [])[0].shape == (0,)
+    got = load_cached_logits(keys[::-1], index)
+    torch.testing.assert_close(got, expected(make_teacher(0), items[::-1]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("small", [True, False])
+def test_small_and_sorted_reads_give_the_same_rows(tmp_path, monkeypatch, dtype, small):
+    """Both branches of ``read``: the rows in the order asked, repeats and all, as float32."""
+    import kdkit.cache.reads as reads
+
+    items = make_items(30)
+    index = dump_teacher_logits(make_teacher(0), items, tmp_path, progress=False, dtype=dtype)
+    monkeypatch.setattr(reads, "SMALL_READ_BYTES", 1 << 30 if small else 0)
+    name = index.teachers[0]
+    stored = np.asarray(index._teacher_map(name))
+    rows = np.array([7, 3, 3, 29, 0, 7, 15], dtype=np.int64)
+    got = index.read(name, rows)
+    assert got.dtype == np.float32 and got.flags.writeable
+    np.testing.assert_array_equal(got, stored[rows].astype(np.float32))
+    got[:] = 0  # a copy: the map is untouched
+    assert np.asarray(index._teacher_map(name))[rows].any()
+    assert index.read(name, rows[:0]).shape == (0, stored.shape[1])
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_non_finite_stored_row_is_named_by_both_reads(tmp_path, monkeypatch, small):
+    import kdkit.cache.reads as reads
+    from kdkit.cache._format import CacheError
+
+    items = make_items(10)
+    index = dump_teacher_logits(make_teacher(0), items, tmp_path, progress=False)
+    name = index.teachers[0]
+    info = index.manifest["teachers"][name]
+    data = np.memmap(tmp_path / info["file"], dtype=np.float32, mode="r+")
+    data.reshape(10, -1)[6, 2] = np.nan
+    data.flush()
+    del data
+    index = load_cache_index(tmp_path)
+    monkeypatch.setattr(reads, "SMALL_READ_BYTES", 1 << 30 if small else 0)
+    with pytest.raises(CacheError, match=rf"{info['file']!r}.*NaN/Inf at row\(s\) \[6\]"):
+        index.read(name, np.array([6, 1, 6], dtype=np.int64))
+    assert np.isfinite(index.read(name, np.array([1, 5], dtype=np.int64))).all()

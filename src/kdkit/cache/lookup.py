@@ -3,12 +3,14 @@
 A lookup of ``B`` keys is vectorised: the keys are normalised and hashed (BLAKE2b-128)
 and found with one ``np.searchsorted`` in the memory-mapped sorted hash index.  Mixed
 into :class:`~kdkit.cache.index.CacheIndex` (:class:`KeyLookup`); the functions here
-raise ``KeyError`` for keys that are not cached.
+raise ``KeyError`` for keys that are not cached.  A batch whose keys are all in the memo
+is looked up as given, without normalising or hashing it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -108,7 +110,22 @@ def keys_to_rows(index: KeyLookup, keys: Iterable[object]) -> np.ndarray:
 
 
 def rows_and_keys(index: KeyLookup, keys: Iterable[object]) -> tuple[np.ndarray, list[str]]:
-    """:func:`keys_to_rows` and the normalised keys (normalised once)."""
+    """:func:`keys_to_rows` and the normalised keys (normalised once).
+
+    A list of keys that are all remembered (:attr:`KeyLookup.memo_size`) is looked up as
+    given, without normalising it: the memo holds normalised keys only, and a key equal
+    to a normalised key is normalised already (:func:`~kdkit.cache._format.normalize_key`
+    leaves it unchanged), so rows and keys are those of the normalised lookup.
+    """
+    memo = getattr(index, "_memo", None)
+    if memo and type(keys) is list:  # the batch of a training step, seen before
+        get = memo.get
+        try:
+            rows = np.array([get(k, -1) for k in keys], dtype=np.int64)
+        except TypeError:  # an unhashable key: normalised below (to its str)
+            rows = None
+        if rows is not None and len(rows) and rows.min() >= 0:
+            return rows, cast(list[str], keys)  # every key is a normalised memo key
     if isinstance(keys, (str, bytes)):
         raise TypeError(f"paths must be a sequence of keys, got a single string {keys!r}")
     if isinstance(keys, torch.Tensor):
