@@ -361,3 +361,73 @@ def test_augmented_view_with_accumulation_trains(tmp_path):
         _config(tmp_path, "aug", batch_size=8, grad_accum=2, augment=["noise"]), train_data=TRAIN
     )
     assert result.history
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kd_alpha": 0.6, "kd_weighting": "threshold", "confidence_threshold": 0.3},
+        {"kd_alpha": 0.7, "kd_weighting": "pmax", "loss_type": "jsd"},
+        {"kd_alpha": 1.0, "kd_weighting": "none"},
+        {"kd_alpha": 0.0, "kd_weighting": "pmax"},
+        {"kd_alpha": 0.5, "kd_weighting": "pmax", "mask": True},
+    ],
+)
+def test_one_micro_batch_stats_of_the_small_batch_pass_equal_the_tensor_finish(
+    monkeypatch, options, dtype
+):
+    """A step of one micro-batch by the small-batch pass reports the pass's own means
+    (no tensor arithmetic in ``finish``): bit for bit the stats, accuracy and extra values
+    that ``finish``'s tensor arithmetic gives on the same sums, and
+    ``compute_student_loss``'s stats; the torch path (``KDKIT_KERNEL=torch``, its sums
+    added in another order) to rounding."""
+    options = dict(options)
+    masked = options.pop("mask", False)
+    config = KDLossConfig(temperature=3.0, **options)
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(11, 6, dtype=dtype, generator=gen)
+    t = torch.randn(11, 6, dtype=dtype, generator=gen)
+    y = torch.randint(0, 6, (11,), generator=gen)
+    y[3] = -100  # an ignored sample
+    mask = torch.rand(11, generator=gen) > 0.4 if masked else None
+    extra = [torch.tensor(True), torch.tensor(2.5, dtype=torch.float64)]
+    results = []
+    for kernel, known in (("auto", True), ("auto", False), ("torch", False)):
+        monkeypatch.setenv("KDKIT_KERNEL", kernel)
+        totals = StepTotals(None, config, 3.0)
+        loss = totals.loss(s.clone().requires_grad_(), _micro(None, y, t, mask))
+        assert (totals._known is not None) == (kernel == "auto")
+        if not known:
+            totals._known = None  # finish's tensor arithmetic on the same sums
+        results.append((loss.detach(), *totals.finish(extra)))
+    fast, tensors, slow = results
+    assert fast == tensors  # loss, stats, accuracy, extra values
+    torch.testing.assert_close(fast[0], slow[0])
+    assert fast[1].keys() == slow[1].keys() and fast[3] == slow[3]
+    for key, value in fast[1].items():
+        assert value == pytest.approx(slow[1][key], rel=1e-5, abs=1e-6), key
+    assert fast[2] == slow[2]  # the accuracy: integer counts
+    monkeypatch.setenv("KDKIT_KERNEL", "auto")
+    _, stats = compute_student_loss(s, t, y, config, current_epoch=3.0, domain_mask=mask)
+    assert fast[1] == stats
+
+
+def test_a_second_micro_batch_or_feature_stats_take_the_tensor_finish():
+    config = KDLossConfig(temperature=2.0, kd_alpha=0.5)
+    gen = torch.Generator().manual_seed(6)
+    micro = [
+        _micro(
+            None, torch.randint(0, 4, (5,), generator=gen), torch.randn(5, 4, generator=gen), None
+        )
+        for _ in range(2)
+    ]
+    totals = StepTotals(step_normaliser(micro, config, torch.float32), config, 0.0)
+    for mb in micro:
+        totals.loss(torch.randn(5, 4, generator=gen, requires_grad=True), mb)
+    assert totals._known is None  # a given normaliser: the step's counts, not the batch's
+    totals = StepTotals(None, config, 0.0, ("feature_loss",))
+    feature = (torch.tensor(0.25), torch.tensor([0.25]))
+    totals.loss(torch.randn(5, 4, generator=gen, requires_grad=True), micro[0], feature=feature)
+    stats, _, _ = totals.finish()
+    assert stats["feature_loss"] == pytest.approx(0.25)

@@ -139,13 +139,14 @@ def batch_loss(
     ignore_index: int = -100,
     normaliser: torch.Tensor | tuple[float, float] | None = None,
     reference: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[torch.Tensor, list[float]] | None:
-    """``(loss, values)`` of one batch by the small-batch pass, or ``None`` where a
+) -> tuple[torch.Tensor, list[float], tuple[float, float, float, float, float]] | None:
+    """``(loss, values, means)`` of one batch by the small-batch pass, or ``None`` where a
     value check failed or the loss is not finite (the caller then takes the torch path).
 
     ``student``, ``teacher``: ``[..., C]`` (see :func:`applies`); ``targets``,
     ``keep``: ``[...]`` or ``None``; ``values``: :data:`native.BATCH_VALUES` as floats;
-    ``reference``: the same loss of a student by the torch path (double backward only).
+    ``means``: :func:`batch_means` of them; ``reference``: the same loss of a student by
+    the torch path (double backward only).
     """
     num_classes = student.shape[-1]
     flat_student = student.detach().reshape(-1, num_classes).contiguous()
@@ -174,7 +175,8 @@ def batch_loss(
         return None
     if grad is not None:
         grad = grad.view(student.shape)
-    return PrecomputedLoss.apply(student, means[0], grad, student.dtype, reference), values
+    loss = PrecomputedLoss.apply(student, means[0], grad, student.dtype, reference)
+    return loss, values, means
 
 
 def batch_means(
@@ -191,7 +193,18 @@ def batch_means(
     the batch's own ``N`` (``N`` and ``W``: those the pass divided by, given or its own).
     """
     with np.errstate(over="ignore"):  # a sum beyond float32 becomes inf, as in torch
-        return _means(values, alpha, np.float64 if dtype == torch.float64 else np.float32)
+        return _means(values, alpha, _real(dtype))
+
+
+def count_ratio(total: float, count: float, dtype: torch.dtype) -> float:
+    """``total / max(count, 1)`` in ``dtype`` (``float(a / b.clamp_min(1))`` of 0-d
+    tensors: a batch's accuracy, coverage and mean confidence)."""
+    real = _real(dtype)
+    return float(real(total) / max(real(count), real(1)))
+
+
+def _real(dtype: torch.dtype) -> Any:
+    return np.float64 if dtype == torch.float64 else np.float32
 
 
 def _means(

@@ -361,7 +361,9 @@ def student_loss(
     if not tensor_stats and chunk_elements is None:
         done = small_batch_student_loss(inputs, alpha)
         if done is not None:
-            return done[0], done[1]
+            loss, (total, ce, kd, coverage, avg_confidence), _ = done
+            raise_infinite_ce(ce, alpha)
+            return loss, stats_dict(total, ce, kd, coverage, avg_confidence, alpha)
     terms = student_loss_terms(inputs, alpha, chunk_elements=chunk_elements)
     return finish_student_loss(
         terms,
@@ -376,15 +378,17 @@ def small_batch_student_loss(
     inputs: StudentLossInputs,
     alpha: float,
     normaliser: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, Any], list[float]] | None:
-    """``(loss, stats, values)`` of one batch by :mod:`kdkit.losses.small_batch`, or
+) -> tuple[torch.Tensor, tuple[float, float, float, float, float], list[float]] | None:
+    """``(loss, means, values)`` of one batch by :mod:`kdkit.losses.small_batch`, or
     ``None`` where it does not apply, a value check failed or the loss is not finite
     (the torch path then gives the result or the named error).
 
     ``normaliser``: ``[N, W, ...]``, the counts of a whole accumulation step (a float64
-    CPU tensor, read by the kernel; default: the batch's own); ``values``: :data:`kdkit.losses.kernels.native.BATCH_VALUES` as floats.  The
-    loss and stats are those of :func:`student_loss` (the ``'ce_loss'`` ... stats of the
-    batch itself, over its own counts).
+    CPU tensor, read by the kernel; default: the batch's own); ``means``: ``(total,
+    ce, kd, coverage, avg_confidence)``
+    (:func:`~kdkit.losses.small_batch.batch_means`: the values of the stats of
+    :func:`student_loss`, over the batch's own counts); ``values``:
+    :data:`kdkit.losses.kernels.native.BATCH_VALUES` as floats.
     """
     student, teacher, targets, config, domain_mask, ignore_index, implementation = inputs[:7]
     temperature = float(config.temperature)
@@ -422,10 +426,8 @@ def small_batch_student_loss(
     )
     if done is None:
         return None
-    loss, values = done
-    total, ce, kd, coverage, avg_confidence = small_batch.batch_means(values, alpha, student.dtype)
-    raise_infinite_ce(ce, alpha)
-    return loss, stats_dict(total, ce, kd, coverage, avg_confidence, alpha), values
+    loss, values, means = done
+    return loss, means, values
 
 
 def teacher_values(teacher: Any) -> torch.Tensor:

@@ -53,6 +53,7 @@ from kdkit._validation import compute_dtype, raise_infinite_ce, result_dtype
 from kdkit.augment import Mix
 from kdkit.losses.distributed import is_distributed
 from kdkit.losses.kd import KDLossConfig
+from kdkit.losses.small_batch import count_ratio
 from kdkit.losses.student_terms import (
     StudentLossInputs,
     StudentLossTerms,
@@ -168,6 +169,8 @@ class StepTotals:
         self.scale = float(dist.get_world_size()) if is_distributed() else 1.0
         self._sums: torch.Tensor | None = None
         self._checked: list[tuple[StudentLossTerms | None, StudentLossInputs]] = []
+        self._calls = 0
+        self._known: tuple[tuple[float, ...], float, torch.dtype] | None = None
 
     def _counts(
         self, valid_count: torch.Tensor, kd_weight_sum: torch.Tensor, mb: MicroBatch
@@ -220,6 +223,7 @@ class StepTotals:
                 normaliser = self.normaliser
             else:
                 local, sums, normaliser = self._kd_loss(logits, mb, mix, inputs)
+        self._calls += 1
         if feature is not None:  # the mean over the step's samples: n_k / S of this mean
             weighted, values = feature
             share = _samples(mb, normaliser)[0] / normaliser[2]
@@ -273,12 +277,13 @@ class StepTotals:
         done = small_batch_student_loss(inputs, self.alpha, given)
         if done is None:
             return None
-        local, _, values = done
+        local, means, values = done
         ce_sum, kd_sum, valid, weight, selected, confidence, correct = values[:7]
         dtype = local.dtype
-        if self.normaliser is None:
+        if self.normaliser is None:  # one micro-batch: its means are the step's stats
             samples = float(mb.targets.shape[0])
             self.normaliser = torch.tensor([valid, weight, samples], dtype=dtype)
+            self._known = (means, count_ratio(correct, valid, dtype), dtype)
         sums = torch.tensor(
             [ce_sum, kd_sum, selected, confidence, correct, 0, 0, 0, 0], dtype=dtype
         )
@@ -298,6 +303,8 @@ class StepTotals:
         """
         sums, normaliser = self._sums, self.normaliser
         assert sums is not None and normaliser is not None  # set by the first loss() call
+        if self._known is not None and self._calls == 1 and not self.feature_names:
+            return self._finish_known(extra)
         if is_distributed():
             sums = sums.clone()
             dist.all_reduce(sums)
@@ -327,6 +334,19 @@ class StepTotals:
         stats = stats_dict(values[0], values[1], values[2], values[3], values[4], alpha)
         stats.update(zip(self.feature_names, values[10 : len(head)]))
         return stats, values[5], values[len(head) :]
+
+    def _finish_known(
+        self, extra: Sequence[torch.Tensor]
+    ) -> tuple[dict[str, float], float, list[float]]:
+        """:meth:`finish` of a step of one micro-batch that the small-batch pass computed:
+        its stats are the pass's means (:func:`kdkit.losses.small_batch.batch_means`,
+        bit-equal to the tensor arithmetic of :meth:`finish`), so only ``extra`` is read
+        (not distributed: the pass then waits for the step's counts)."""
+        assert self._known is not None
+        (total, ce, kd, coverage, confidence), accuracy, dtype = self._known
+        values = torch.stack([e.to("cpu", dtype) for e in extra]).tolist() if extra else []
+        raise_infinite_ce(ce, self.alpha)  # (the pass found no bad input)
+        return stats_dict(total, ce, kd, coverage, confidence, self.alpha), accuracy, values
 
     def non_finite_logits(self) -> int | None:
         """Index of the first micro-batch with non-finite student logits (error path)."""
