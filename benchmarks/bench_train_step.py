@@ -211,20 +211,17 @@ def with_loader(steps: dict, repeats: int) -> tuple[float, float]:
     """Median ``next(loader)`` + ``_train_step`` of the plain KD run and the CE run."""
     from kdkit.train.epoch import _train_step
 
-    loaded = {
-        name: (steps[name][0], [iter(steps[name][0].loader)])
-        for name in ("plain (fp32, grad_accum 1)", "CE run (no teacher)")
-    }
-    times: dict[str, list[float]] = {name: [] for name in loaded}
+    names = ("plain (fp32, grad_accum 1)", "CE run (no teacher)")
+    iters = {name: iter(steps[name][0].loader) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(repeats + 20):
-        order = list(loaded.items())
-        for name, (run, it) in order[i % 2 :] + order[: i % 2]:
+        for name in names[i % 2 :] + names[: i % 2]:
+            run = steps[name][0]
             start = time.perf_counter()
-            try:
-                batch = next(it[0])
-            except StopIteration:  # a new epoch
-                it[0] = iter(run.loader)
-                batch = next(it[0])
+            batch = next(iters[name], None)
+            if batch is None:  # a new epoch
+                iters[name] = iter(run.loader)
+                batch = next(iters[name])
             _train_step(run, [batch], 10.0, 1.0)
             if i >= 20:
                 times[name].append(time.perf_counter() - start)

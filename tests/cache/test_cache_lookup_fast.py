@@ -207,6 +207,11 @@ def test_memo_fast_path_equals_the_normalised_lookup(tmp_path):
         np.testing.assert_array_equal(rows, want_rows)
         assert list(norm) == want_norm
         assert all(type(k) in (str, np.str_) for k in norm)
+    import kdkit.cache.lookup as lookup
+
+    with pytest.MonkeyPatch.context() as patch:  # a remembered batch is not normalised
+        patch.setattr(lookup, "normalize_keys", lambda keys: pytest.fail("normalised"))
+        np.testing.assert_array_equal(rows_and_keys(index, keys[::-1])[0], np.arange(12)[::-1])
     with pytest.raises(KeyError, match=r"1 of 3 keys are not in the cache at .*'nope.wav'"):
         rows_and_keys(index, [keys[0], "nope.wav", keys[1]])
     with pytest.raises(KeyError, match=r"1 of 1 keys"):

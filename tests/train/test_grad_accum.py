@@ -426,6 +426,11 @@ def test_a_second_micro_batch_or_feature_stats_take_the_tensor_finish():
     for mb in micro:
         totals.loss(torch.randn(5, 4, generator=gen, requires_grad=True), mb)
     assert totals._known is None  # a given normaliser: the step's counts, not the batch's
+    totals = StepTotals(None, config, 0.0)  # a second micro-batch after a batch of its own
+    totals.loss(torch.randn(5, 4, generator=gen, requires_grad=True), micro[0])
+    assert totals._known is not None
+    totals.loss(torch.randn(5, 4, generator=gen, requires_grad=True), micro[1])
+    assert totals._known is None  # the tensor finish sums both
     totals = StepTotals(None, config, 0.0, ("feature_loss",))
     feature = (torch.tensor(0.25), torch.tensor([0.25]))
     totals.loss(torch.randn(5, 4, generator=gen, requires_grad=True), micro[0], feature=feature)

@@ -10,7 +10,7 @@ is looked up as given, without normalising or hashing it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,8 +58,7 @@ class KeyLookup(IndexState):
             rows = self._rows_of_hashes(hash_keys(keys))
             self._remember(keys, rows)
             return rows
-        get = memo.get
-        rows = np.array([get(k, -1) for k in keys], dtype=np.int64)
+        rows = self._memo_rows(keys)
         miss = np.flatnonzero(rows < 0)
         if len(miss):
             missed = [keys[i] for i in miss.tolist()]
@@ -67,6 +66,11 @@ class KeyLookup(IndexState):
             rows[miss] = found
             self._remember(missed, found)
         return rows
+
+    def _memo_rows(self, keys: Sequence[Any]) -> np.ndarray:
+        """Rows of ``keys`` in the memo, ``-1`` where absent (``TypeError``: unhashable)."""
+        get = self._memo.get
+        return np.array([get(k, -1) for k in keys], dtype=np.int64)
 
     def _remember(self, keys: Sequence[str], rows: np.ndarray) -> None:
         limit = self.memo_size
@@ -117,11 +121,9 @@ def rows_and_keys(index: KeyLookup, keys: Iterable[object]) -> tuple[np.ndarray,
     to a normalised key is normalised already (:func:`~kdkit.cache._format.normalize_key`
     leaves it unchanged), so rows and keys are those of the normalised lookup.
     """
-    memo = getattr(index, "_memo", None)
-    if memo and type(keys) is list:  # the batch of a training step, seen before
-        get = memo.get
+    if index._memo and type(keys) is list:  # the batch of a training step, seen before
         try:
-            rows = np.array([get(k, -1) for k in keys], dtype=np.int64)
+            rows = index._memo_rows(keys)
         except TypeError:  # an unhashable key: normalised below (to its str)
             rows = None
         if rows is not None and len(rows) and rows.min() >= 0:

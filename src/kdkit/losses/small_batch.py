@@ -199,7 +199,10 @@ def batch_means(
 def count_ratio(total: float, count: float, dtype: torch.dtype) -> float:
     """``total / max(count, 1)`` in ``dtype`` (``float(a / b.clamp_min(1))`` of 0-d
     tensors: a batch's accuracy, coverage and mean confidence)."""
-    real = _real(dtype)
+    return _ratio(total, count, _real(dtype))
+
+
+def _ratio(total: float, count: float, real: Any) -> float:
     return float(real(total) / max(real(count), real(1)))
 
 
@@ -210,11 +213,12 @@ def _real(dtype: torch.dtype) -> Any:
 def _means(
     values: list[float], alpha: float, real: Any
 ) -> tuple[float, float, float, float, float]:
-    ce_sum, kd_sum, valid, _, selected, confidence = (real(v) for v in values[:6])
-    own = max(valid, real(1))
+    ce_sum, kd_sum, _, _, selected, confidence = (real(v) for v in values[:6])
     count = max(real(values[_NORM_COUNT]), real(1))
     kd_weight = real(values[_NORM_COUNT + 1])
     ce = ce_sum / count
     kd = kd_sum / max(kd_weight, real(np.finfo(real).tiny)) if alpha > 0 else real(0)
     total = real(ce if alpha == 0 else kd if alpha == 1 else (1.0 - alpha) * ce + alpha * kd)
-    return float(total), float(ce), float(kd), float(selected / own), float(confidence / own)
+    valid = values[2]
+    coverage, avg_confidence = _ratio(selected, valid, real), _ratio(confidence, valid, real)
+    return float(total), float(ce), float(kd), coverage, avg_confidence

@@ -169,7 +169,6 @@ class StepTotals:
         self.scale = float(dist.get_world_size()) if is_distributed() else 1.0
         self._sums: torch.Tensor | None = None
         self._checked: list[tuple[StudentLossTerms | None, StudentLossInputs]] = []
-        self._calls = 0
         self._known: tuple[tuple[float, ...], float, torch.dtype] | None = None
 
     def _counts(
@@ -223,7 +222,8 @@ class StepTotals:
                 normaliser = self.normaliser
             else:
                 local, sums, normaliser = self._kd_loss(logits, mb, mix, inputs)
-        self._calls += 1
+        if feature is not None or self._sums is not None:  # stats of more than the pass
+            self._known = None
         if feature is not None:  # the mean over the step's samples: n_k / S of this mean
             weighted, values = feature
             share = _samples(mb, normaliser)[0] / normaliser[2]
@@ -303,7 +303,7 @@ class StepTotals:
         """
         sums, normaliser = self._sums, self.normaliser
         assert sums is not None and normaliser is not None  # set by the first loss() call
-        if self._known is not None and self._calls == 1 and not self.feature_names:
+        if self._known is not None:
             return self._finish_known(extra)
         if is_distributed():
             sums = sums.clone()
@@ -338,14 +338,14 @@ class StepTotals:
     def _finish_known(
         self, extra: Sequence[torch.Tensor]
     ) -> tuple[dict[str, float], float, list[float]]:
-        """:meth:`finish` of a step of one micro-batch that the small-batch pass computed:
+        """:meth:`finish` of a step of one micro-batch that the small-batch pass computed
+        (without feature KD; not distributed: the pass then waits for the step's counts):
         its stats are the pass's means (:func:`kdkit.losses.small_batch.batch_means`,
-        bit-equal to the tensor arithmetic of :meth:`finish`), so only ``extra`` is read
-        (not distributed: the pass then waits for the step's counts)."""
+        bit-equal to the tensor arithmetic of :meth:`finish`), so only ``extra`` is read.
+        An infinite CE made the pass's total infinite, so the torch path took it."""
         assert self._known is not None
         (total, ce, kd, coverage, confidence), accuracy, dtype = self._known
         values = torch.stack([e.to("cpu", dtype) for e in extra]).tolist() if extra else []
-        raise_infinite_ce(ce, self.alpha)  # (the pass found no bad input)
         return stats_dict(total, ce, kd, coverage, confidence, self.alpha), accuracy, values
 
     def non_finite_logits(self) -> int | None:
